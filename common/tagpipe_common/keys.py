@@ -1,0 +1,56 @@
+"""The Redis key layout. Nothing else in tagpipe spells a Redis key.
+
+- `{p}:result:{item_id}`: the one result of an item (JSON), with a TTL. Written
+  with SET NX, so the first result wins and a redelivery cannot change it.
+- `{p}:job:{job_id}`: job hash (total, done, failed, cancelled, state, ...).
+- `{p}:job:{job_id}:results`: a Redis Stream of result JSON; its entry ids are
+  the resumable cursor of `GET /v1/jobs/{id}/results`.
+- `{p}:blob:{item_id}`: uploaded image bytes waiting for the downloader.
+- `{p}:notify`: pub/sub channel; each message is a finished item's routing info.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RedisKeys:
+    prefix: str = "tagpipe"
+
+    def result(self, item_id: str) -> str:
+        return f"{self.prefix}:result:{item_id}"
+
+    def job(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}"
+
+    def job_results(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}:results"
+
+    def job_urls(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}:urls"
+
+    def idempotency(self, key: str) -> str:
+        return f"{self.prefix}:idem:{key}"
+
+    def blob(self, item_id: str) -> str:
+        return f"{self.prefix}:blob:{item_id}"
+
+    @property
+    def notify_channel(self) -> str:
+        return f"{self.prefix}:notify"
+
+
+# Job hash fields, shared by the writer (Lua in results.py) and the readers.
+JOB_TOTAL = "total"
+JOB_DONE = "done"
+JOB_FAILED = "failed"
+JOB_CANCELLED = "cancelled"
+JOB_STATE = "state"
+JOB_CREATED_AT = "created_at"
+JOB_SUBMITTED = "submitted"
+
+JOB_STATE_SUBMITTING = "submitting"
+JOB_STATE_RUNNING = "running"
+JOB_STATE_COMPLETED = "completed"
+JOB_STATE_CANCELLED = "cancelled"

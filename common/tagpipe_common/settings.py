@@ -1,0 +1,82 @@
+"""Settings shared by every component, and the one way components load theirs.
+
+Each component subclasses `CommonSettings` in its own `settings.py` (one class
+per component, prefix `TAGPIPE_`), and builds it in `main()` with
+`load_settings()`, which turns a bad value into one clear line naming the
+environment variable and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Literal, TypeVar
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "TAGPIPE_"
+
+
+class CommonSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+
+    nats_url: str = Field("nats://127.0.0.1:4222", description="NATS server(s), comma-separated")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL")
+    prefix: Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,30}$")] = "tagpipe"
+    result_ttl_s: Annotated[int, Field(ge=60, le=30 * 86400)] = 86400
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_json: bool = True
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] = 0  # 0: no metrics listener
+
+    # JetStream policy: set on purpose, since the server defaults bite (see README).
+    ack_wait_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    max_deliver: Annotated[int, Field(ge=2, le=100)] = 5
+    max_ack_pending: Annotated[int, Field(ge=1, le=100_000)] = 1000
+    dedupe_window_s: Annotated[float, Field(ge=1, le=86400)] = 120.0
+    max_msg_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 8 * 1024 * 1024
+    stream_max_msgs: Annotated[int, Field(ge=-1)] = -1
+    stream_replicas: Annotated[int, Field(ge=1, le=5)] = 1
+
+    @field_validator("nats_url")
+    @classmethod
+    def _nats_scheme(cls, v: str) -> str:
+        for url in v.split(","):
+            if not url.strip().startswith(("nats://", "tls://", "ws://", "wss://")):
+                raise ValueError(f"{url!r} is not a nats:// or tls:// URL")
+        return v
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, v: str) -> str:
+        if not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"{v!r} is not a redis://, rediss:// or unix:// URL")
+        return v
+
+    @property
+    def nats_servers(self) -> list[str]:
+        return [u.strip() for u in self.nats_url.split(",") if u.strip()]
+
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+def describe_errors(cls: type[BaseSettings], exc: ValidationError) -> list[str]:
+    """One human line per invalid setting, naming the environment variable."""
+    prefix = str(cls.model_config.get("env_prefix", ""))
+    lines = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "?"
+        var = f"{prefix}{field}".upper()
+        got = err.get("input")
+        lines.append(f"invalid setting {var}={got!r}: {err['msg']}")
+    return lines
+
+
+def load_settings(cls: type[S], **overrides: object) -> S:
+    """Build settings from the environment or stop start-up with a clear message."""
+    try:
+        return cls(**overrides)
+    except ValidationError as exc:
+        for line in describe_errors(cls, exc):
+            print(f"{cls.__name__}: {line}", file=sys.stderr)
+        raise SystemExit(2) from None

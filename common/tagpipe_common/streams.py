@@ -1,0 +1,146 @@
+"""Stream and consumer setup, and backlog reads: the one place both the operator
+and the local runner (`tagpipe up`) go through. Services only publish and consume.
+
+Settings here are explicit because JetStream's defaults bite: MaxAckPending
+silently stalls delivery, MaxDeliver is unlimited, and the dedupe window is only
+two minutes. See the README's "JetStream policy" section.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from nats.aio.msg import Msg
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.client import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from tagpipe_common.settings import CommonSettings
+from tagpipe_common.subjects import LANES, Lane, Stage, stage_names
+
+
+@dataclass(frozen=True)
+class StreamPolicy:
+    prefix: str = "tagpipe"
+    ack_wait_s: float = 30.0
+    max_deliver: int = 5
+    max_ack_pending: int = 1000
+    max_waiting: int = 512
+    dedupe_window_s: float = 120.0
+    max_msg_bytes: int = 8 * 1024 * 1024
+    max_msgs: int = -1
+    replicas: int = 1
+    # Downloads can be slow; the downloader also extends leases with in_progress().
+    ack_wait_overrides: dict[Stage, float] = field(default_factory=lambda: {Stage.DOWNLOAD: 60.0})
+
+    @classmethod
+    def from_settings(cls, s: CommonSettings) -> StreamPolicy:
+        return cls(
+            prefix=s.prefix,
+            ack_wait_s=s.ack_wait_s,
+            max_deliver=s.max_deliver,
+            max_ack_pending=s.max_ack_pending,
+            dedupe_window_s=s.dedupe_window_s,
+            max_msg_bytes=s.max_msg_bytes,
+            max_msgs=s.stream_max_msgs,
+            replicas=s.stream_replicas,
+        )
+
+    def stream_config(self, stage: Stage) -> StreamConfig:
+        names = stage_names(stage, self.prefix)
+        return StreamConfig(
+            name=names.stream,
+            subjects=names.subjects,
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            discard=DiscardPolicy.NEW,  # a full queue refuses new work instead of losing old work
+            duplicate_window=self.dedupe_window_s,
+            max_msg_size=self.max_msg_bytes,
+            max_msgs=self.max_msgs,
+            num_replicas=self.replicas,
+        )
+
+    def consumer_config(self, stage: Stage, lane: Lane) -> ConsumerConfig:
+        names = stage_names(stage, self.prefix)
+        return ConsumerConfig(
+            durable_name=names.consumer(lane),
+            filter_subject=names.subject(lane),
+            deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=self.ack_wait_overrides.get(stage, self.ack_wait_s),
+            max_deliver=self.max_deliver,
+            max_ack_pending=self.max_ack_pending,
+            max_waiting=self.max_waiting,
+        )
+
+
+async def ensure_streams(js: JetStreamContext, policy: StreamPolicy) -> None:
+    """Create or update every stream and durable consumer. Safe to call repeatedly."""
+    for stage in Stage:
+        cfg = policy.stream_config(stage)
+        assert cfg.name is not None
+        try:
+            await js.stream_info(cfg.name)
+        except NotFoundError:
+            await js.add_stream(cfg)
+        else:
+            await js.update_stream(cfg)
+        for lane in LANES:
+            # CONSUMER.CREATE with an existing durable's name updates the
+            # editable fields (ack_wait, max_deliver, ...) on nats-server 2.10+.
+            await js.add_consumer(cfg.name, policy.consumer_config(stage, lane))
+
+
+async def delete_streams(js: JetStreamContext, prefix: str) -> list[str]:
+    """Remove a pipeline's streams (deletionPolicy: Delete). Returns what was deleted."""
+    deleted = []
+    for stage in Stage:
+        name = stage_names(stage, prefix).stream
+        try:
+            await js.delete_stream(name)
+        except NotFoundError:
+            continue
+        deleted.append(name)
+    return deleted
+
+
+async def consumer_backlog(js: JetStreamContext, stage: Stage, lane: Lane, prefix: str) -> int:
+    """KEDA's lag: pending plus delivered-but-unacked (waiting for redelivery).
+
+    Read through the JetStream API, which the consumer leader answers, never a
+    monitoring endpoint of an arbitrary node (stale follower reads, keda#3860).
+    Raises NotFoundError when the consumer is missing: callers must hold, not
+    guess (keda#7668 scaled to max on exactly that).
+    """
+    names = stage_names(stage, prefix)
+    info = await js.consumer_info(names.stream, names.consumer(lane))
+    return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+
+
+async def stage_backlog(js: JetStreamContext, stage: Stage, prefix: str) -> int:
+    total = 0
+    for lane in LANES:
+        total += await consumer_backlog(js, stage, lane, prefix)
+    return total
+
+
+def delivery_count(msg: Msg) -> int:
+    return int(msg.metadata.num_delivered or 1)
+
+
+def is_final_delivery(msg: Msg, max_deliver: int) -> bool:
+    """True on the last attempt JetStream will make.
+
+    A message that reaches MaxDeliver stays in the stream, unseen, by design; so
+    a worker that fails on the final attempt writes an error result and acks
+    instead of NAKing, and the item is never lost in limbo.
+    """
+    return delivery_count(msg) >= max_deliver
