@@ -1,0 +1,68 @@
+"""The model manifest: what a model directory promises about its model.
+
+Both tiers read it: the downloader takes the resize/crop geometry (it ships
+uint8 crops, the cheapest thing to move), and inference takes the normalisation,
+layout and output shape. One model directory therefore fully defines a model,
+and swapping models is configuration, not code (like a Triton/KServe repository).
+
+A model directory holds `manifest.json`, the ONNX file and a labels file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MANIFEST_FILE = "manifest.json"
+
+
+class PreprocessSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    resize: Annotated[int, Field(ge=8, le=4096)]  # shorter side after resize
+    crop: Annotated[int, Field(ge=8, le=4096)]  # centre crop, square
+    interpolation: Literal["bicubic", "bilinear", "nearest", "lanczos"] = "bicubic"
+    # Applied by inference to [0, 1] pixels: (x - mean) / std, per channel (RGB).
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+class TensorSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+    dtype: Literal["float32", "float16"] = "float32"
+
+
+class ModelManifest(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
+    version: Annotated[str, Field(min_length=1, max_length=64)]
+    file: str = "model.onnx"
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    labels_file: str = "labels.txt"
+    num_classes: Annotated[int, Field(ge=1)]
+    input: TensorSpec
+    output: TensorSpec
+    output_kind: Literal["logits", "probabilities"] = "logits"
+    preprocess: PreprocessSpec
+
+    @classmethod
+    def load(cls, model_dir: Path) -> ModelManifest:
+        return cls.model_validate_json((model_dir / MANIFEST_FILE).read_bytes())
+
+    def save(self, model_dir: Path) -> None:
+        (model_dir / MANIFEST_FILE).write_text(self.model_dump_json(indent=2) + "\n")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
