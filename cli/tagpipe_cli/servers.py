@@ -104,9 +104,12 @@ def nats_server(data_dir: Path, port: int | None = None) -> ServerProcess:
     argv = [
         find_binary("nats-server"),
         "--jetstream",
-        "--store_dir", str(data_dir),
-        "--addr", "127.0.0.1",
-        "--port", str(port),
+        "--store_dir",
+        str(data_dir),
+        "--addr",
+        "127.0.0.1",
+        "--port",
+        str(port),
     ]
     return ServerProcess("nats", argv, port, data_dir, data_dir.parent / f"nats-{port}.log")
 
@@ -115,12 +118,18 @@ def redis_server(data_dir: Path, port: int | None = None, persist: bool = True) 
     port = port or free_port()
     argv = [
         find_binary("redis-server"),
-        "--bind", "127.0.0.1",
-        "--port", str(port),
-        "--dir", str(data_dir),
-        "--save", "",
-        "--appendonly", "yes" if persist else "no",
-        "--daemonize", "no",
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dir",
+        str(data_dir),
+        "--save",
+        "",
+        "--appendonly",
+        "yes" if persist else "no",
+        "--daemonize",
+        "no",
     ]
     return ServerProcess("redis", argv, port, data_dir, data_dir.parent / f"redis-{port}.log")
 

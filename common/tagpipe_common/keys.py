@@ -6,6 +6,7 @@
 - `{p}:job:{job_id}:results`: a Redis Stream of result JSON; its entry ids are
   the resumable cursor of `GET /v1/jobs/{id}/results`.
 - `{p}:blob:{item_id}`: uploaded image bytes waiting for the downloader.
+- `{p}:request:{request_id}`: a real-time request's item ids, with a TTL.
 - `{p}:notify`: pub/sub channel; each message is a finished item's routing info.
 """
 
@@ -35,6 +36,10 @@ class RedisKeys:
 
     def blob(self, item_id: str) -> str:
         return f"{self.prefix}:blob:{item_id}"
+
+    def request(self, request_id: str) -> str:
+        """A real-time request's item ids (JSON list), so its results can be fetched later."""
+        return f"{self.prefix}:request:{request_id}"
 
     @property
     def notify_channel(self) -> str:

@@ -10,8 +10,9 @@ cannot produce a second result, count twice, or notify twice.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from redis.asyncio import Redis
 
@@ -93,7 +94,10 @@ class ResultStore:
         return [None if r is None else TagResult.from_json(r) for r in raws]
 
     async def job_state(self, job_id: str) -> str | None:
-        raw = await self.redis.hget(self.keys.job(job_id), K.JOB_STATE)
+        # redis-py types hget as sync-or-async; this client is async.
+        raw = await cast(
+            Awaitable[bytes | str | None], self.redis.hget(self.keys.job(job_id), K.JOB_STATE)
+        )
         if raw is None:
             return None
         return raw.decode() if isinstance(raw, bytes) else str(raw)

@@ -9,7 +9,7 @@ environment variable and exits with status 2.
 from __future__ import annotations
 
 import sys
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -72,7 +72,7 @@ def describe_errors(cls: type[BaseSettings], exc: ValidationError) -> list[str]:
     return lines
 
 
-def load_settings(cls: type[S], **overrides: object) -> S:
+def load_settings(cls: type[S], **overrides: Any) -> S:
     """Build settings from the environment or stop start-up with a clear message."""
     try:
         return cls(**overrides)

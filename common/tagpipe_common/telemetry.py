@@ -69,7 +69,9 @@ def setup_logging(component: str, level: str = "INFO", json_lines: bool = True) 
     if json_lines:
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter(f"%(asctime)s {component} %(levelname)s %(message)s"))
+        handler.setFormatter(
+            logging.Formatter(f"%(asctime)s {component} %(levelname)s %(message)s")
+        )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
