@@ -19,6 +19,7 @@ class ErrorCode(StrEnum):
     DOWNLOAD_TIMEOUT = "download_timeout"
     CONNECTION_ERROR = "connection_error"
     TOO_MANY_REDIRECTS = "too_many_redirects"
+    REDIRECT_LOOP = "redirect_loop"
     TOO_LARGE = "too_large"
     # Content (downloader)
     NOT_AN_IMAGE = "not_an_image"
