@@ -1,0 +1,103 @@
+"""The capacity planner's arithmetic on inputs whose answers are known by hand."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+from tagpipe_cli import plan, rates
+from tagpipe_cli.plan import PlanInputs, mixed_rate, plan_capacity, replicas_for
+from tagpipe_cli.rates import Rate, StageRates
+
+
+def _rates(
+    thumb: float = 100.0, phone: float = 25.0, cpu: float = 100.0, t4: float = 1000.0
+) -> StageRates:
+    return StageRates(
+        download={"thumb": Rate(thumb, "test"), "phone": Rate(phone, "test")},
+        cpu_inference=Rate(cpu, "test"),
+        gpu_inference=Rate(t4, "test"),
+    )
+
+
+def test_mixed_rate_is_time_weighted() -> None:
+    # 80% at 10 ms + 20% at 40 ms = 16 ms per image -> 62.5 img/s, not the 85 of an average.
+    assert mixed_rate(
+        {"thumb": 100.0, "phone": 25.0}, {"thumb": 0.8, "phone": 0.2}
+    ) == pytest.approx(62.5)
+
+
+def test_replicas_round_up_but_not_on_float_noise() -> None:
+    assert replicas_for(100.0, 50.0) == 2
+    assert replicas_for(100.1, 50.0) == 3
+    assert replicas_for(0.0, 50.0) == 1
+
+
+def test_plan_known_inputs() -> None:
+    inp = PlanInputs(
+        rate=5000.0,
+        mix={"thumb": 0.8, "phone": 0.2},
+        rates=_rates(),
+        target_util=0.5,  # provision 10,000 img/s
+        gpu_node_cores=16,
+        cpu_node_cores=16,
+        reserved_cores=1.0,
+    )
+    p = plan_capacity(inp)
+    assert p.provisioned_rate == pytest.approx(10_000.0)
+    gpu, cpu = p.scenarios
+    dl = gpu.stages[0]
+    assert dl.replicas == 160  # 10,000 / 62.5
+    # GPU: 10 T4 replicas on 10 nodes; each node has 16 - 1 - 2 = 13 spare cores.
+    assert gpu.stages[1].replicas == 10
+    assert gpu.gpu_nodes == 10
+    # 130 downloaders on GPU nodes, 30 left over -> 15 per CPU node -> 2 nodes.
+    assert gpu.cpu_nodes == 2
+    # CPU: 100 inference replicas x 2 cores at 7 per node = 15 nodes; downloaders 160/15 = 11.
+    assert cpu.stages[1].replicas == 100
+    assert cpu.cpu_nodes == 15 + 11
+    assert cpu.gpu_nodes == 0
+
+
+def test_plan_rejects_bad_mix() -> None:
+    with pytest.raises(ValueError, match="sum"):
+        plan_capacity(PlanInputs(rate=1.0, mix={"thumb": 0.5}, rates=_rates()))
+    with pytest.raises(ValueError, match="no rate"):
+        plan_capacity(PlanInputs(rate=1.0, mix={"tiff": 1.0}, rates=_rates()))
+
+
+def _args(tmp_path: Path, *extra: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    plan.add_parser(parser.add_subparsers())
+    return parser.parse_args(["plan", "--results-dir", str(tmp_path), *extra])
+
+
+def test_rates_precedence_flag_then_measured_then_default(tmp_path: Path) -> None:
+    (tmp_path / "inference-cpu.json").write_text(
+        '{"machine": {"cores": 2}, "runs": [{"batch": 1, "images_per_s": 90.5},'
+        ' {"batch": 32, "images_per_s": 120.25}]}'
+    )
+    resolved = rates.resolve(_args(tmp_path, "--download-rate", "thumb=200"))
+    assert resolved.download["thumb"] == Rate(200.0, "flag")
+    assert resolved.download["phone"].value == rates.DEFAULT_DOWNLOAD["phone"]
+    assert resolved.download["phone"].source.startswith("assumed")
+    assert resolved.cpu_inference.value == 120.25  # the best measured setting
+    assert "measured" in resolved.cpu_inference.source
+
+
+def test_cli_json_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = _args(tmp_path, "--rate", "6250", "--json", "--cpu-infer-rate", "125")
+    assert args.func(args) == 0
+    import json
+
+    out = json.loads(capsys.readouterr().out)
+    cpu = out["scenarios"][1]
+    assert cpu["stages"][1]["replicas"] == 72  # 6250 / 0.7 / 125 = 71.4
+    assert out["rate"] == 6250
+
+
+def test_cli_bad_mix_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = _args(tmp_path, "--mix", "thumb")
+    assert args.func(args) == 2
+    assert "not class=share" in capsys.readouterr().out
