@@ -63,3 +63,16 @@ async def redis(redis_proc: ServerProcess) -> AsyncIterator[Redis]:
 @pytest.fixture
 def store(redis: Redis) -> ResultStore:
     return ResultStore(redis, RedisKeys(), ttl_s=600)
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    """The default model directory built by `make model` (or TAGPIPE_TEST_MODEL_DIR)."""
+    import os
+
+    path = Path(os.environ.get("TAGPIPE_TEST_MODEL_DIR", "models/efficientnet-lite0"))
+    if not path.is_absolute() and not path.exists():
+        path = Path(__file__).resolve().parent.parent / path  # pytest run from elsewhere
+    if not (path / "manifest.json").is_file():
+        pytest.fail(f"no model at {path}: run `make model` first", pytrace=False)
+    return path

@@ -1,0 +1,83 @@
+"""`tagpipe-inference`: load the model, then serve the infer stream until SIGTERM.
+
+Exit status: 0 after a clean SIGTERM (the batch in flight is finished and acked),
+2 when the settings or the model directory are wrong (one clear line on stderr).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from redis.asyncio import Redis
+from tagpipe_common.keys import RedisKeys
+from tagpipe_common.nats_io import connect_nats
+from tagpipe_common.results import ResultStore
+from tagpipe_common.settings import load_settings
+from tagpipe_common.telemetry import setup_logging, setup_tracing
+
+from tagpipe_inference.model import Model, ModelLoadError, load_model
+from tagpipe_inference.settings import InferenceSettings
+from tagpipe_inference.worker import InferenceWorker
+
+log = logging.getLogger("tagpipe_inference")
+
+
+def load(settings: InferenceSettings) -> Model:
+    model = load_model(
+        settings.model_dir,
+        providers=settings.provider_list,
+        intra_op_threads=settings.intra_op_threads,
+        inter_op_threads=settings.inter_op_threads,
+        allow_spinning=settings.allow_spinning,
+    )
+    # Warm up at the largest batch: the first real one must not pay for allocations.
+    model.warm_up(settings.max_batch)
+    return model
+
+
+async def serve(settings: InferenceSettings, model: Model) -> None:
+    nc = await connect_nats(settings.nats_servers, "tagpipe-inference")
+    redis = Redis.from_url(settings.redis_url)
+    store = ResultStore(redis, RedisKeys(settings.prefix), ttl_s=settings.result_ttl_s)
+    worker = InferenceWorker(settings, model, nc.jetstream(), store)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.stop)
+    runner = None
+    if settings.health_port:
+        from tagpipe_inference.health import start_health
+
+        def ready() -> bool:
+            return model.ready and not worker.stopping and nc.is_connected
+
+        runner = await start_health(settings.health_host, settings.health_port, ready)
+    try:
+        await worker.subscribe()
+        log.info("consuming", extra={"fields": {"event": "started", "prefix": settings.prefix}})
+        await worker.run()
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        await nc.flush()  # the last acks must leave before the connection closes
+        await nc.close()
+        await redis.aclose()
+    log.info("stopped", extra={"fields": {"event": "stopped", "batches": worker.batches}})
+
+
+def main() -> None:
+    settings = load_settings(InferenceSettings)
+    setup_logging("inference", settings.log_level, settings.log_json)
+    setup_tracing("tagpipe-inference")
+    try:
+        model = load(settings)
+    except ModelLoadError as exc:
+        print(f"tagpipe-inference: cannot serve model: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    asyncio.run(serve(settings, model))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""Inference worker settings (environment variables prefixed TAGPIPE_)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from tagpipe_common.settings import CommonSettings
+
+# Preference order; intersected at start-up with what this onnxruntime build offers.
+DEFAULT_PROVIDERS = "TensorrtExecutionProvider,CUDAExecutionProvider,CPUExecutionProvider"
+
+
+class InferenceSettings(CommonSettings):
+    model_dir: Path = Field(Path("models/efficientnet-lite0"), description="model directory")
+    providers: str = Field(DEFAULT_PROVIDERS, description="execution providers, by preference")
+    intra_op_threads: Annotated[int, Field(ge=0, le=256)] = 0  # 0: onnxruntime's default
+    inter_op_threads: Annotated[int, Field(ge=0, le=256)] = 0
+    # Spinning threads burn the CPU between batches, which starves the event loop
+    # that fetches the next batch on small machines (see bench/results).
+    allow_spinning: bool = False
+    max_batch: Annotated[int, Field(ge=1, le=1024)] = 32
+    max_wait_ms: Annotated[float, Field(ge=0, le=10_000)] = 20.0
+    # Batches in flight: one running in onnxruntime, the next fetched and prepared.
+    pipeline_depth: Annotated[int, Field(ge=1, le=8)] = 2
+    health_port: Annotated[int, Field(ge=0, le=65535)] = 8080  # 0: no health listener
+    health_host: str = "0.0.0.0"
+    nak_delay_s: Annotated[float, Field(ge=0, le=3600)] = 2.0
+    store_retry_s: Annotated[float, Field(ge=0, le=600)] = 5.0  # Redis down: retry this long
+    # Test hook only: exit right after storing results, before acking (crash tests).
+    crash_before_ack: bool = False
+
+    @field_validator("providers")
+    @classmethod
+    def _providers_listed(cls, v: str) -> str:
+        if not [p for p in v.split(",") if p.strip()]:
+            raise ValueError("name at least one execution provider")
+        return v
+
+    @property
+    def provider_list(self) -> list[str]:
+        return [p.strip() for p in self.providers.split(",") if p.strip()]

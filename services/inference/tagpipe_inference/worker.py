@@ -1,0 +1,273 @@
+"""The inference worker: JetStream in, dynamic batches through the model, Redis out.
+
+- One durable pull consumer per lane, shared by every replica; the real-time lane
+  is always polled first, so real-time items jump the bulk queue.
+- Dynamic batching: up to `max_batch` images, waiting at most `max_wait_ms` after
+  the first one arrives for more to join.
+- Pipelining: the session runs in its own single thread while the event loop
+  fetches, decodes and normalises the next batch, so it never waits on NATS/Redis.
+- Exactly-once results on at-least-once delivery: results are stored (SET NX in
+  `ResultStore`) before any ack; a redelivered item's duplicate is acked, not stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.client import JetStreamContext
+from redis.exceptions import RedisError
+from tagpipe_common.errors import ErrorCode
+from tagpipe_common.messages import TagResult
+from tagpipe_common.results import ResultStore
+from tagpipe_common.streams import is_final_delivery
+from tagpipe_common.subjects import LANES, Stage, stage_names
+from tagpipe_common.telemetry import log_item_timings
+
+from tagpipe_inference.items import Decoded, Rejected, decode, error_result, ok_result, stack
+from tagpipe_inference.model import F32, Model
+from tagpipe_inference.settings import InferenceSettings
+
+log = logging.getLogger(__name__)
+
+PullSub = JetStreamContext.PullSubscription
+# How long a fetch may linger just to look at a lane that may be empty.
+_PEEK_S = 0.002
+
+
+@dataclass
+class Batch:
+    msgs: list[Msg]
+    fetched_at: float
+    good: list[tuple[Msg, Decoded]] = field(default_factory=list)
+    bad: list[tuple[Msg, Rejected]] = field(default_factory=list)
+
+
+class StoreUnavailable(RuntimeError):
+    """Redis stayed unreachable for the whole retry window."""
+
+
+class InferenceWorker:
+    def __init__(
+        self, settings: InferenceSettings, model: Model, js: JetStreamContext, store: ResultStore
+    ) -> None:
+        self.settings = settings
+        self.model = model
+        self.js = js
+        self.store = store
+        self.batches = 0  # batches that reached the model (tests assert on it)
+        self.items = 0
+        self.duplicates = 0
+        self._subs: list[PullSub] = []
+        self._stopping = asyncio.Event()
+        # One thread: batches reach the session back to back, never concurrently.
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ort")
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(settings.pipeline_depth)
+
+    async def subscribe(self) -> None:
+        names = stage_names(Stage.INFER, self.settings.prefix)
+        for lane in LANES:  # LANES order is the polling priority
+            sub = await self.js.pull_subscribe_bind(
+                durable=names.consumer(lane), stream=names.stream
+            )
+            self._subs.append(sub)
+
+    def stop(self) -> None:
+        """Stop fetching; the batches in flight are finished and acked."""
+        self._stopping.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    async def run(self) -> None:
+        if not self._subs:
+            await self.subscribe()
+        try:
+            while not self._stopping.is_set():
+                await self._slots.acquire()
+                msgs = await self._collect()
+                if not msgs:
+                    self._slots.release()
+                    continue
+                task = asyncio.create_task(self._handle(msgs))
+                self._inflight.add(task)
+                task.add_done_callback(self._inflight.discard)
+        finally:
+            if self._inflight:
+                await asyncio.gather(*self._inflight, return_exceptions=True)
+            for sub in self._subs:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+            self._subs.clear()
+            self._pool.shutdown(wait=True)
+
+    # -- fetching ---------------------------------------------------------------
+
+    async def _fetch(self, sub: PullSub, n: int, wait_s: float) -> list[Msg]:
+        try:
+            return await sub.fetch(n, timeout=max(wait_s, 0.001))
+        except (TimeoutError, NatsTimeoutError):
+            return []
+
+    async def _collect(self) -> list[Msg]:
+        """Up to max_batch messages, real-time first, waiting max_wait after the first."""
+        max_batch = self.settings.max_batch
+        max_wait = self.settings.max_wait_ms / 1000.0
+        got: list[Msg] = []
+        deadline: float | None = None
+        peek_only = True  # first peek at every lane, so a busy bulk lane never waits on idle rt
+        while len(got) < max_batch and not self._stopping.is_set():
+            for sub in self._subs:
+                need = max_batch - len(got)
+                if need <= 0:
+                    break
+                if deadline is None:
+                    wait = _PEEK_S if peek_only else max(max_wait, _PEEK_S)
+                else:
+                    wait = min(deadline - time.monotonic(), _PEEK_S)
+                msgs = await self._fetch(sub, need, wait)
+                if msgs and deadline is None:
+                    deadline = time.monotonic() + max_wait
+                got.extend(msgs)
+            peek_only = False
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+        return got
+
+    # -- one batch ----------------------------------------------------------------
+
+    async def _handle(self, msgs: list[Msg]) -> None:
+        try:
+            await self._process(Batch(msgs, fetched_at=time.time()))
+        except Exception:
+            log.exception("batch failed; its messages will be redelivered")
+            for m in msgs:
+                with contextlib.suppress(Exception):
+                    await m.nak(delay=self.settings.nak_delay_s)
+        finally:
+            self._slots.release()
+
+    async def _process(self, batch: Batch) -> None:
+        crop = self.model.manifest.preprocess.crop
+        for m in batch.msgs:
+            d = decode(m.data, crop)
+            if isinstance(d, Decoded):
+                batch.good.append((m, d))
+            else:
+                batch.bad.append((m, d))
+        results: list[tuple[Msg, TagResult]] = self._rejections(batch)
+        to_nak: list[Msg] = []
+        if batch.good:
+            ok, to_nak = await self._infer(batch)
+            results += ok
+        if results:
+            await self._store([r for _, r in results])
+        if self.settings.crash_before_ack:
+            os._exit(3)  # test hook: results are stored, acks never sent
+        for m, r in results:
+            if r.code == ErrorCode.BAD_TENSOR:
+                await m.term()
+            else:
+                await m.ack()
+        for m in to_nak:
+            await m.nak(delay=self.settings.nak_delay_s)
+        for m, rej in batch.bad:
+            if rej.ref is None:
+                log.error("dropping an unattributable message: %s", rej.reason)
+                await m.term()
+
+    def _rejections(self, batch: Batch) -> list[tuple[Msg, TagResult]]:
+        now = time.time()
+        out = []
+        for m, rej in batch.bad:
+            if rej.ref is not None:
+                log.warning("bad tensor for %s: %s", rej.ref.item_id, rej.reason)
+                out.append((m, error_result(rej.ref, ErrorCode.BAD_TENSOR, rej.reason, now)))
+        return out
+
+    async def _infer(self, batch: Batch) -> tuple[list[tuple[Msg, TagResult]], list[Msg]]:
+        """Run the good items; returns (results to store, messages to NAK)."""
+        loop = asyncio.get_running_loop()
+        pixels = stack([d for _, d in batch.good])
+        x = await asyncio.to_thread(self.model.preprocess, pixels)  # overlaps the running batch
+        t0 = time.perf_counter()
+        try:
+            scores: F32 = await loop.run_in_executor(self._pool, self.model.run, x)
+        except Exception as exc:  # onnxruntime's errors are untyped
+            log.error("inference failed for a batch of %d: %s", len(batch.good), exc)
+            return self._inference_failed(batch, str(exc))
+        infer_ms = (time.perf_counter() - t0) * 1000.0
+        self.batches += 1
+        self.items += len(batch.good)
+        log.info(
+            "batch done",
+            extra={"fields": {"event": "batch", "size": len(batch.good), "inference_ms": infer_ms}},
+        )
+        done = time.time()
+        out = []
+        for (m, d), row in zip(batch.good, scores, strict=True):
+            opts = d.task.options
+            tags = self.model.top_k(row, opts.top_k, opts.min_score)
+            result = ok_result(
+                d.task,
+                tags,
+                model=self.model.name,
+                version=self.model.version,
+                fetched_at=batch.fetched_at,
+                inference_ms=infer_ms,
+                finished_at=done,
+            )
+            out.append((m, result))
+        return out, []
+
+    def _inference_failed(
+        self, batch: Batch, reason: str
+    ) -> tuple[list[tuple[Msg, TagResult]], list[Msg]]:
+        final, retry = [], []
+        now = time.time()
+        for m, d in batch.good:
+            if is_final_delivery(m, self.settings.max_deliver):
+                msg = f"inference failed on every delivery: {reason}"
+                final.append((m, error_result(d.task, ErrorCode.INFERENCE_ERROR, msg, now)))
+            else:
+                retry.append(m)
+        return final, retry
+
+    async def _store(self, results: list[TagResult]) -> None:
+        """One pipeline per batch; retry with backoff while Redis is away, then give up."""
+        delay, deadline = 0.1, time.monotonic() + self.settings.store_retry_s
+        while True:
+            try:
+                firsts = await self.store.record_many(results)
+                break
+            except (RedisError, OSError) as exc:
+                if time.monotonic() + delay > deadline:
+                    raise StoreUnavailable(f"result store unavailable: {exc}") from exc
+                log.warning("result store unavailable, retrying in %.1fs: %s", delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        for r, first in zip(results, firsts, strict=True):
+            if not first:
+                self.duplicates += 1
+                log.info("duplicate result for %s ignored (redelivery)", r.item_id)
+                continue
+            log_item_timings(
+                log,
+                {
+                    "item_id": r.item_id,
+                    "request_id": r.request_id,
+                    "job_id": r.job_id,
+                    "status": r.status,
+                    "code": r.code,
+                    **r.timings.model_dump(exclude_none=True),
+                },
+            )
