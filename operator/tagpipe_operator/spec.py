@@ -1,0 +1,184 @@
+"""The TagPipeline spec as typed models.
+
+The CRD (`crds/tagpipelines.tagpipe.io.yaml`) is the source of truth for the
+shape, the validation and the defaults; the API server applies them before the
+operator ever sees an object. These models repeat the defaults so that the
+operator renders the same thing from an object the API server did not default
+(kmock, a hand-written dict), and `tests/unit/test_crd.py` fails if the two drift.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from tagpipe_operator.scaling import ScalingPolicy
+
+T4_PRODUCT = "Tesla-T4"
+GPU_RESOURCE = "nvidia.com/gpu"
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+
+
+class _Model(BaseModel):
+    # Unknown fields are ignored, not refused: the API server already validated
+    # the object, and an older operator must tolerate a newer CRD's fields.
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, frozen=True)
+
+
+class SecretRef(_Model):
+    name: str
+    key: str = "url"
+
+
+class ModelSource(_Model):
+    name: str
+    version: str
+    storage_uri: str | None = None
+    volume: dict[str, Any] | None = None
+    sub_path: str = ""
+
+
+class NatsSpec(_Model):
+    url: str
+    credentials_secret_ref: SecretRef | None = None
+    prefix: str = "tagpipe"
+
+
+class RedisSpec(_Model):
+    url: str
+    credentials_secret_ref: SecretRef | None = None
+
+
+class Replicas(_Model):
+    min: int = 1
+    max: int = 10
+
+
+class Autoscaling(_Model):
+    target_backlog_per_replica: int = 20
+    activation_backlog: int = 0
+    scale_up_stabilization_seconds: int = 0
+    scale_down_stabilization_seconds: int = 300
+    max_scale_up_step: int = 4
+    scale_to_zero: bool = False
+
+
+class EnvVar(_Model):
+    name: str
+    value: str | None = None
+    value_from: dict[str, Any] | None = None
+
+
+class StageSpec(_Model):
+    image: str = ""
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    resources: dict[str, Any] | None = None
+    node_selector: dict[str, str] | None = None
+    tolerations: list[dict[str, Any]] | None = None
+    affinity: dict[str, Any] | None = None
+    env: list[EnvVar] = Field(default_factory=list)
+    replicas: Replicas = Replicas()
+    autoscaling: Autoscaling = Autoscaling()
+
+    def scaling_policy(self) -> ScalingPolicy:
+        a = self.autoscaling
+        return ScalingPolicy(
+            min_replicas=self.replicas.min,
+            max_replicas=max(self.replicas.max, self.replicas.min),
+            target_backlog=a.target_backlog_per_replica,
+            activation_backlog=a.activation_backlog,
+            scale_up_window_s=float(a.scale_up_stabilization_seconds),
+            scale_down_window_s=float(a.scale_down_stabilization_seconds),
+            max_scale_up_step=a.max_scale_up_step,
+            scale_to_zero=a.scale_to_zero,
+        )
+
+
+class ServiceSpec(_Model):
+    type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "ClusterIP"
+    port: int = 80
+
+
+# Per-stage default classes, so a partly given block (`replicas: {max: 3}`)
+# gets the same stage-specific defaults for the rest as the API server gives it.
+class GatewayReplicas(Replicas):
+    min: int = 2
+    max: int = 4
+
+
+class GatewayAutoscaling(Autoscaling):
+    target_backlog_per_replica: int = 2000
+
+
+class DownloaderReplicas(Replicas):
+    max: int = 20
+
+
+class InferenceReplicas(Replicas):
+    max: int = 4
+
+
+class InferenceAutoscaling(Autoscaling):
+    target_backlog_per_replica: int = 64
+
+
+class GatewaySpec(StageSpec):
+    image: str = "ghcr.io/tagpipe/gateway:0.1.0"
+    replicas: GatewayReplicas = GatewayReplicas()
+    autoscaling: GatewayAutoscaling = GatewayAutoscaling()
+    service: ServiceSpec = ServiceSpec()
+    api_key_secret_ref: SecretRef | None = None
+
+
+class DownloadLimits(_Model):
+    max_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 50_000_000
+    timeout_seconds: int = 20
+    concurrency: int = 32
+
+
+class DownloaderSpec(StageSpec):
+    image: str = "ghcr.io/tagpipe/downloader:0.1.0"
+    replicas: DownloaderReplicas = DownloaderReplicas()
+    limits: DownloadLimits = DownloadLimits()
+
+
+class Batching(_Model):
+    max_batch: int = 32
+    max_wait_ms: int = 10
+
+
+class InferenceSpec(StageSpec):
+    image: str = "ghcr.io/tagpipe/inference:0.1.0"
+    replicas: InferenceReplicas = InferenceReplicas()
+    autoscaling: InferenceAutoscaling = InferenceAutoscaling()
+    gpu: int = 1
+    batching: Batching = Batching()
+
+
+class TagPipelineSpec(_Model):
+    model: ModelSource
+    nats: NatsSpec
+    redis: RedisSpec
+    gateway: GatewaySpec = GatewaySpec()
+    downloader: DownloaderSpec = DownloaderSpec()
+    inference: InferenceSpec = InferenceSpec()
+    deletion_policy: Literal["Retain", "Delete"] = "Retain"
+
+    def stage(self, name: str) -> StageSpec:
+        stages: dict[str, StageSpec] = {
+            "gateway": self.gateway,
+            "downloader": self.downloader,
+            "inference": self.inference,
+        }
+        return stages[name]
+
+
+STAGES: tuple[str, ...] = ("gateway", "downloader", "inference")
+
+
+def parse_spec(spec: Any) -> TagPipelineSpec:
+    """Typed spec from a CR's `spec` (a kopf.Spec or a plain dict)."""
+    return TagPipelineSpec.model_validate(dict(spec))
