@@ -1,0 +1,39 @@
+"""`tagpipe-gateway`: settings validated first, then uvicorn serves the app."""
+
+from __future__ import annotations
+
+import logging
+
+import uvicorn
+from tagpipe_common.settings import load_settings
+from tagpipe_common.telemetry import setup_logging, setup_tracing
+
+from tagpipe_gateway.app import create_app
+from tagpipe_gateway.auth import ApiKeys
+from tagpipe_gateway.settings import GatewaySettings
+
+log = logging.getLogger("tagpipe_gateway")
+
+
+def main() -> None:
+    settings = load_settings(GatewaySettings)
+    setup_logging("gateway", settings.log_level, settings.log_json)
+    setup_tracing("tagpipe-gateway")
+    try:
+        keys = ApiKeys.load(settings.api_keys.get_secret_value(), settings.api_keys_file)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"GatewaySettings: cannot load API keys: {exc}") from None
+    app = create_app(settings, keys)
+    log.info("gateway listening on %s:%d", settings.host, settings.port)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,  # keep our JSON logging
+        access_log=False,
+        timeout_graceful_shutdown=10,
+    )
+
+
+if __name__ == "__main__":
+    main()

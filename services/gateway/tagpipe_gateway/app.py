@@ -1,0 +1,50 @@
+"""The FastAPI application: routers, problem handlers, metrics, lifespan."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from tagpipe_gateway import __version__
+from tagpipe_gateway.auth import ApiKeys
+from tagpipe_gateway.metrics import install_middleware
+from tagpipe_gateway.problems import install_handlers
+from tagpipe_gateway.routes import health, jobs, tags
+from tagpipe_gateway.runtime import Runtime
+from tagpipe_gateway.settings import GatewaySettings
+
+DESCRIPTION = """\
+Tag images with an image classifier, one request at a time (`/v1/tags`) or in
+bulk jobs of any size (`/v1/jobs`).
+
+Errors are RFC 9457 `application/problem+json` documents; match on their `code`.
+Send the API key as `Authorization: Bearer <key>` (health and metrics are open).
+"""
+
+
+def create_app(settings: GatewaySettings, api_keys: ApiKeys | None = None) -> FastAPI:
+    keys = api_keys if api_keys is not None else ApiKeys(())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime = await Runtime.start(settings, keys)
+        app.state.runtime = runtime
+        try:
+            yield
+        finally:
+            await runtime.close()
+
+    app = FastAPI(
+        title="tagpipe",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    install_handlers(app)
+    install_middleware(app)
+    app.include_router(health.router)
+    app.include_router(tags.router)
+    app.include_router(jobs.router)
+    return app

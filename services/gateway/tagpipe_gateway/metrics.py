@@ -1,0 +1,53 @@
+"""Prometheus metrics of the gateway, and the middleware that counts requests."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from fastapi import FastAPI, Request, Response
+from prometheus_client import Counter, Histogram
+from tagpipe_common.messages import TagResult
+
+REQUESTS = Counter(
+    "tagpipe_gateway_requests_total",
+    "HTTP requests by route template, method and status",
+    ["route", "method", "status"],
+)
+ITEMS = Counter(
+    "tagpipe_gateway_items_total",
+    "Items seen finished by this gateway, by lane, final status and code",
+    ["lane", "status", "code"],
+)
+LATENCY = Histogram(
+    "tagpipe_gateway_item_latency_seconds",
+    "End to end: item submitted at the gateway to result written",
+    ["lane"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 1800, 7200),
+)
+BACKPRESSURE = Counter(
+    "tagpipe_gateway_backpressure_total",
+    "Real-time rejections (429) and bulk pauses caused by the download backlog",
+    ["kind"],
+)
+
+
+def observe_item(result: TagResult) -> None:
+    ITEMS.labels(result.lane.value, result.status, result.code or "").inc()
+    LATENCY.labels(result.lane.value).observe(max(0.0, result.finished_at - result.submitted_at))
+
+
+def install_middleware(app: FastAPI) -> None:
+    @app.middleware("http")
+    async def count_requests(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = request.scope.get("route")
+            # The template, never the raw path: ids in paths would explode cardinality.
+            path = getattr(route, "path", "unmatched")
+            REQUESTS.labels(path, request.method, str(status)).inc()

@@ -1,0 +1,216 @@
+"""RFC 9457 problem details: the one place exceptions become HTTP errors.
+
+Every error response is `application/problem+json` with a stable `code`
+(also the last segment of `type`), so clients match on the code, never on the
+human-readable title or detail.
+"""
+
+from __future__ import annotations
+
+import logging
+from enum import StrEnum
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+import redis.exceptions
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+TYPE_BASE = "https://tagpipe.dev/problems/"
+
+
+class ProblemCode(StrEnum):
+    UNAUTHORIZED = "unauthorized"
+    VALIDATION_ERROR = "validation_error"
+    TOO_MANY_URLS = "too_many_urls"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    BACKLOG_FULL = "backlog_full"
+    TIMEOUT = "timeout"
+    NOT_FOUND = "not_found"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    CONFLICT = "conflict"
+    REDIS_UNAVAILABLE = "redis_unavailable"
+    NATS_UNAVAILABLE = "nats_unavailable"
+    INTERNAL = "internal"
+
+
+class Problem(BaseModel):
+    """The body of every error response."""
+
+    type: str = Field(examples=[TYPE_BASE + "validation_error"])
+    title: str
+    status: int
+    code: ProblemCode
+    detail: str | None = None
+    instance: str | None = None
+    request_id: str | None = None
+    errors: list[dict[str, Any]] | None = Field(
+        default=None, description="Per-field validation errors: field (dotted path) and message"
+    )
+
+
+class ProblemError(Exception):
+    """Raise this anywhere in a route; the handler renders it."""
+
+    def __init__(
+        self,
+        status: int,
+        code: ProblemCode,
+        title: str,
+        detail: str | None = None,
+        *,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
+        super().__init__(detail or title)
+        self.status = status
+        self.code = code
+        self.title = title
+        self.detail = detail
+        self.headers = headers or {}
+        self.extra = extra
+
+
+def problem_response(
+    status: int,
+    code: ProblemCode,
+    title: str,
+    detail: str | None = None,
+    *,
+    instance: str | None = None,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> JSONResponse:
+    body = Problem(
+        type=TYPE_BASE + code.value,
+        title=title,
+        status=status,
+        code=code,
+        detail=detail,
+        instance=instance,
+        **extra,
+    ).model_dump(exclude_none=True)
+    return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_MEDIA_TYPE)
+
+
+def field_path(loc: tuple[Any, ...] | list[Any]) -> str:
+    """`("body", "urls", 3)` -> `body.urls[3]`: the field a client has to fix."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+_STATUS_CODES = {
+    401: ProblemCode.UNAUTHORIZED,
+    404: ProblemCode.NOT_FOUND,
+    405: ProblemCode.METHOD_NOT_ALLOWED,
+    409: ProblemCode.CONFLICT,
+    413: ProblemCode.PAYLOAD_TOO_LARGE,
+    415: ProblemCode.UNSUPPORTED_MEDIA_TYPE,
+    422: ProblemCode.VALIDATION_ERROR,
+    429: ProblemCode.BACKLOG_FULL,
+}
+
+_NATS_DOWN = (
+    nats.errors.NoServersError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.TimeoutError,
+    nats.errors.OutboundBufferLimitError,
+    nats.js.errors.ServiceUnavailableError,
+    nats.js.errors.NoStreamResponseError,
+)
+
+
+def install_handlers(app: FastAPI) -> None:
+    async def on_problem(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ProblemError)
+        return problem_response(
+            exc.status,
+            exc.code,
+            exc.title,
+            exc.detail,
+            instance=request.url.path,
+            headers=exc.headers,
+            **exc.extra,
+        )
+
+    async def on_validation(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        errors = [{"field": field_path(e["loc"]), "message": e["msg"]} for e in exc.errors()]
+        fields = ", ".join(e["field"] for e in errors)
+        return problem_response(
+            422,
+            ProblemCode.VALIDATION_ERROR,
+            "Request validation failed",
+            f"invalid field(s): {fields}",
+            instance=request.url.path,
+            errors=errors,
+        )
+
+    async def on_http(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        code = _STATUS_CODES.get(exc.status_code, ProblemCode.INTERNAL)
+        return problem_response(
+            exc.status_code,
+            code,
+            str(exc.detail),
+            instance=request.url.path,
+            headers=dict(exc.headers or {}),
+        )
+
+    async def on_redis(request: Request, exc: Exception) -> JSONResponse:
+        log.warning("redis unavailable: %s", exc)
+        return problem_response(
+            503,
+            ProblemCode.REDIS_UNAVAILABLE,
+            "Result store unavailable",
+            "Redis cannot be reached; retry later",
+            instance=request.url.path,
+            headers={"Retry-After": "2"},
+        )
+
+    async def on_nats(request: Request, exc: Exception) -> JSONResponse:
+        log.warning("nats unavailable: %s", exc)
+        return problem_response(
+            503,
+            ProblemCode.NATS_UNAVAILABLE,
+            "Work queue unavailable",
+            "NATS JetStream cannot be reached; retry later",
+            instance=request.url.path,
+            headers={"Retry-After": "2"},
+        )
+
+    async def on_crash(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return problem_response(
+            500, ProblemCode.INTERNAL, "Internal error", instance=request.url.path
+        )
+
+    app.add_exception_handler(ProblemError, on_problem)
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(StarletteHTTPException, on_http)
+    app.add_exception_handler(redis.exceptions.ConnectionError, on_redis)
+    app.add_exception_handler(redis.exceptions.TimeoutError, on_redis)
+    for exc_type in _NATS_DOWN:
+        app.add_exception_handler(exc_type, on_nats)
+    app.add_exception_handler(Exception, on_crash)
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` entries documenting the problem+json errors a route returns."""
+    return {
+        s: {"model": Problem, "content": {PROBLEM_MEDIA_TYPE: {}}, "description": "Problem"}
+        for s in statuses
+    }

@@ -1,0 +1,254 @@
+"""Bulk jobs: submit, status, results (resumable NDJSON), cancel."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from tagpipe_common.messages import TagResult, TaskOptions
+
+from tagpipe_gateway.deps import PrincipalDep, RuntimeDep
+from tagpipe_gateway.intake import NDJSON_TYPES, Spool, spool_json_array, spool_ndjson, spool_path
+from tagpipe_gateway.problems import ProblemCode, ProblemError, problem_responses
+from tagpipe_gateway.runtime import Runtime
+from tagpipe_gateway.schemas import JobCreated, JobStatus
+
+router = APIRouter(prefix="/v1/jobs", tags=["bulk"])
+
+_CURSOR = re.compile(r"^\d{1,20}-\d{1,20}$")
+_NDJSON_EXAMPLE = (
+    '{"url": "https://images.example.com/cat.jpg", "id": "sku-1"}\n'
+    '{"url": "https://images.example.com/coffee.png", "id": "sku-2"}\n'
+)
+_BODY_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/x-ndjson": {
+                "schema": {"type": "string"},
+                "example": _NDJSON_EXAMPLE,
+            },
+            "application/json": {
+                "schema": {
+                    "type": "array",
+                    "items": {
+                        "anyOf": [{"type": "string"}, {"$ref": "#/components/schemas/JobItem"}]
+                    },
+                },
+                "example": [
+                    "https://images.example.com/cat.jpg",
+                    {"url": "https://images.example.com/coffee.png", "id": "sku-2"},
+                ],
+            },
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"file": {"type": "string", "format": "binary"}},
+                    "required": ["file"],
+                }
+            },
+        },
+    }
+}
+
+
+def _job_id(principal: str, idem_key: str | None) -> str:
+    if idem_key is None:
+        return "j-" + secrets.token_hex(8)
+    # Derived, so a retried submission maps to the same job and the same item ids.
+    return "j-" + hashlib.sha256(f"{principal}\0{idem_key}".encode()).hexdigest()[:16]
+
+
+def _created(status: JobStatus, reused: bool) -> JobCreated:
+    base = f"/v1/jobs/{status.job_id}"
+    return JobCreated(
+        job_id=status.job_id,
+        state=status.state,
+        total=status.total,
+        status_url=base,
+        results_url=base + "/results",
+        reused=reused,
+    )
+
+
+async def _body_chunks(request: Request) -> AsyncIterator[bytes]:
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith("multipart/form-data"):
+        # Starlette spools file parts to disk past 1 MiB, so this stays bounded too.
+        form = await request.form(max_files=1)
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise ProblemError(
+                422,
+                ProblemCode.VALIDATION_ERROR,
+                "Request validation failed",
+                "invalid field(s): body.file",
+                errors=[{"field": "body.file", "message": "a `file` part is required"}],
+            )
+        while chunk := await upload.read(1 << 16):
+            yield chunk
+        return
+    async for chunk in request.stream():
+        yield chunk
+
+
+async def _spool(request: Request, rt: Runtime, job_id: str) -> tuple[int, Any]:
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    path = spool_path(rt.settings.spool_dir, job_id)
+    try:
+        with path.open("w") as out:
+            spool = Spool(out, rt.settings.max_job_items, rt.settings.max_url_length)
+            if ctype == "application/json":
+                await spool_json_array(_body_chunks(request), spool)
+            elif ctype in NDJSON_TYPES or ctype == "multipart/form-data":
+                await spool_ndjson(_body_chunks(request), spool)
+            else:
+                raise ProblemError(
+                    415,
+                    ProblemCode.UNSUPPORTED_MEDIA_TYPE,
+                    "Unsupported media type",
+                    "send application/json (an array) or application/x-ndjson",
+                )
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    if spool.count == 0:
+        path.unlink(missing_ok=True)
+        raise ProblemError(
+            422,
+            ProblemCode.VALIDATION_ERROR,
+            "Request validation failed",
+            "invalid field(s): body",
+            errors=[{"field": "body", "message": "the job has no items"}],
+        )
+    return spool.count, path
+
+
+@router.post(
+    "",
+    response_model=JobCreated,
+    status_code=202,
+    summary="Submit a bulk job",
+    description=(
+        "A JSON array of URLs or `{url, id}` objects, or NDJSON (one object, JSON string or "
+        "bare URL per line; also as a multipart `file`). The body is streamed to disk and "
+        "validated; the job id comes back as soon as it is read, and items are published in "
+        "the background. `id` is your item id: a repeated id is one item. A URL repeated "
+        "within a job ends as error `duplicate_url` naming the first item. With an "
+        "`Idempotency-Key`, a retried submission returns the same job (200, `reused`)."
+    ),
+    responses={
+        200: {"model": JobCreated, "description": "Idempotent replay"},
+        **problem_responses(401, 409, 413, 415, 422, 503),
+    },
+    openapi_extra=_BODY_DOC,
+)
+async def submit_job(
+    request: Request,
+    response: Response,
+    rt: RuntimeDep,
+    principal: PrincipalDep,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+    top_k: Annotated[int, Query(ge=1, le=100)] = 5,
+    min_score: Annotated[float, Query(ge=0.0, le=1.0)] = 0.0,
+) -> JobCreated:
+    job_id = _job_id(principal, idempotency_key)
+    idem = rt.keys.idempotency(f"{principal}:{idempotency_key}") if idempotency_key else None
+    if idem is not None and not await rt.redis.set(idem, job_id, nx=True, ex=rt.settings.job_ttl_s):
+        status = await rt.jobs.status(job_id)
+        if status is None:
+            raise ProblemError(
+                409,
+                ProblemCode.CONFLICT,
+                "Submission in progress",
+                "a submission with this Idempotency-Key is still uploading",
+            )
+        response.status_code = 200
+        return _created(status, reused=True)
+    try:
+        total, path = await _spool(request, rt, job_id)
+    except BaseException:
+        if idem is not None:
+            await rt.redis.delete(idem)
+        raise
+    options = TaskOptions(top_k=top_k, min_score=min_score)
+    await rt.jobs.create(job_id, total, options)
+    rt.jobs.start_submission(job_id, path, options)
+    status = await rt.jobs.status(job_id)
+    assert status is not None
+    return _created(status, reused=False)
+
+
+async def _status_or_404(rt: Runtime, job_id: str) -> JobStatus:
+    status = await rt.jobs.status(job_id)
+    if status is None:
+        raise ProblemError(404, ProblemCode.NOT_FOUND, "Unknown job", f"no job {job_id}")
+    return status
+
+
+@router.get(
+    "/{job_id}",
+    response_model=JobStatus,
+    summary="Job progress",
+    responses=problem_responses(401, 404, 503),
+)
+async def job_status(job_id: str, rt: RuntimeDep, _: PrincipalDep) -> JobStatus:
+    return await _status_or_404(rt, job_id)
+
+
+@router.get(
+    "/{job_id}/results",
+    response_model=TagResult,
+    response_class=StreamingResponse,
+    summary="Job results as NDJSON",
+    description=(
+        "One result per line (the schema below), each with a `cursor`. Pass the last "
+        "cursor you read as `cursor` to resume after it. Results appear as items finish."
+    ),
+    responses={
+        200: {"content": {"application/x-ndjson": {}}},
+        **problem_responses(401, 404, 422, 503),
+    },
+)
+async def job_results(
+    job_id: str,
+    rt: RuntimeDep,
+    _: PrincipalDep,
+    cursor: Annotated[
+        str | None, Query(description="Resume after this cursor", examples=["1764072000000-0"])
+    ] = None,
+    limit: Annotated[int | None, Query(ge=1, le=10_000_000)] = None,
+) -> StreamingResponse:
+    if cursor is not None and not _CURSOR.match(cursor):
+        raise ProblemError(
+            422,
+            ProblemCode.VALIDATION_ERROR,
+            "Request validation failed",
+            "invalid field(s): query.cursor",
+            errors=[{"field": "query.cursor", "message": "not a cursor from this API"}],
+        )
+    status = await _status_or_404(rt, job_id)
+    return StreamingResponse(
+        rt.jobs.iter_results(job_id, cursor, limit),
+        media_type="application/x-ndjson",
+        headers={"Tagpipe-Job-State": status.state},
+    )
+
+
+@router.delete(
+    "/{job_id}",
+    response_model=JobStatus,
+    summary="Cancel a job",
+    description="Items not started yet end as `cancelled`; finished ones keep their results.",
+    responses=problem_responses(401, 404, 503),
+)
+async def cancel_job(job_id: str, rt: RuntimeDep, _: PrincipalDep) -> JobStatus:
+    status = await rt.jobs.cancel(job_id)
+    if status is None:
+        raise ProblemError(404, ProblemCode.NOT_FOUND, "Unknown job", f"no job {job_id}")
+    return status

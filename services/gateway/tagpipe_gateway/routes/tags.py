@@ -1,0 +1,273 @@
+"""Real-time tagging: `POST /v1/tags` and `GET /v1/results/{request_id}`."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from tagpipe_common.messages import DownloadTask, TagResult, TaskOptions
+from tagpipe_common.subjects import Lane
+
+from tagpipe_gateway.deps import PrincipalDep, RuntimeDep
+from tagpipe_gateway.intake import check_url
+from tagpipe_gateway.metrics import BACKPRESSURE, observe_item
+from tagpipe_gateway.problems import ProblemCode, ProblemError, problem_responses
+from tagpipe_gateway.runtime import Runtime
+from tagpipe_gateway.schemas import ItemResult, TagRequest, TagResponse
+
+router = APIRouter(prefix="/v1", tags=["real-time"])
+
+_BODY_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": TagRequest.model_json_schema(),
+                "examples": {
+                    "one": {"value": {"url": "https://images.example.com/cat.jpg"}},
+                    "several": {
+                        "value": {
+                            "urls": [
+                                "https://images.example.com/cat.jpg",
+                                "https://images.example.com/coffee.png",
+                            ],
+                            "top_k": 3,
+                        }
+                    },
+                },
+            },
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"file": {"type": "string", "format": "binary"}},
+                    "required": ["file"],
+                }
+            },
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+async def _read_limited(request: Request, limit: int) -> bytes:
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ProblemError(
+                413,
+                ProblemCode.PAYLOAD_TOO_LARGE,
+                "Upload too large",
+                f"an upload may be at most {limit} bytes",
+            )
+    return bytes(body)
+
+
+def _field_error(field: tuple[str | int, ...], message: str, kind: str = "value_error") -> None:
+    raise RequestValidationError([{"loc": field, "msg": message, "type": kind}])
+
+
+async def _parse_json(request: Request, rt: Runtime) -> tuple[list[str], TaskOptions]:
+    raw = await _read_limited(request, 1024 * 1024)
+    try:
+        req = TagRequest.model_validate_json(raw or b"null")
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]
+        ) from None
+    urls = req.all_urls()
+    if not urls:
+        _field_error(("body", "url"), "give `url` or a non-empty `urls`", "missing")
+    limit = rt.settings.max_urls_per_request
+    if len(urls) > limit:
+        raise ProblemError(
+            422,
+            ProblemCode.TOO_MANY_URLS,
+            "Too many URLs",
+            f"at most {limit} URLs per request; submit a job for more",
+            errors=[{"field": "body.urls", "message": f"at most {limit} items"}],
+        )
+    for i, url in enumerate(urls):
+        if (why := check_url(url, rt.settings.max_url_length)) is not None:
+            loc: tuple[str | int, ...] = (
+                ("body", "url")
+                if req.url and i == 0
+                else ("body", "urls", i - (1 if req.url else 0))
+            )
+            _field_error(loc, why)
+    return urls, req.options()
+
+
+async def _parse_uploads(request: Request, rt: Runtime) -> list[bytes]:
+    ctype = request.headers.get("content-type", "")
+    limit = rt.settings.max_upload_bytes
+    if ctype.startswith("multipart/form-data"):
+        form = await request.form(max_files=rt.settings.max_urls_per_request)
+        files = [f for f in form.getlist("file") if not isinstance(f, str)]
+        if not files:
+            _field_error(("body", "file"), "a multipart upload needs a `file` part", "missing")
+        blobs = []
+        for f in files:
+            data = await f.read(limit + 1)
+            if len(data) > limit:
+                raise ProblemError(
+                    413,
+                    ProblemCode.PAYLOAD_TOO_LARGE,
+                    "Upload too large",
+                    f"an upload may be at most {limit} bytes",
+                )
+            blobs.append(data)
+        return blobs
+    data = await _read_limited(request, limit)
+    if not data:
+        _field_error(("body",), "the upload is empty", "missing")
+    return [data]
+
+
+def _options_from_query(request: Request) -> TaskOptions:
+    try:
+        return TaskOptions.model_validate(
+            {k: v for k, v in request.query_params.items() if k in ("top_k", "min_score")}
+        )
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**e, "loc": ("query", *e["loc"])} for e in exc.errors()]
+        ) from None
+
+
+@router.post(
+    "/tags",
+    response_model=TagResponse,
+    summary="Tag images now",
+    description=(
+        "Send one URL or several (`application/json`), or upload one image "
+        "(`multipart/form-data` part `file`, or a raw `image/*` body; `top_k` and "
+        "`min_score` as query parameters). Waits up to the configured timeout; on "
+        "timeout returns 504 with the `request_id` for `GET /v1/results/{request_id}`."
+    ),
+    responses=problem_responses(401, 413, 415, 422, 429, 503, 504),
+    openapi_extra=_BODY_DOC,
+)
+async def tag_images(request: Request, rt: RuntimeDep, _: PrincipalDep) -> TagResponse:
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    blobs: list[bytes] = []
+    if ctype == "application/json":
+        urls, options = await _parse_json(request, rt)
+    elif (
+        ctype == "multipart/form-data"
+        or ctype.startswith("image/")
+        or ctype == "application/octet-stream"
+    ):
+        blobs = await _parse_uploads(request, rt)
+        urls, options = [], _options_from_query(request)
+    else:
+        raise ProblemError(
+            415,
+            ProblemCode.UNSUPPORTED_MEDIA_TYPE,
+            "Unsupported media type",
+            "send application/json, multipart/form-data or an image/* body",
+        )
+    backlog = await rt.backlog.get()
+    if backlog > rt.settings.realtime_backlog_limit:
+        BACKPRESSURE.labels("realtime_429").inc()
+        raise ProblemError(
+            429,
+            ProblemCode.BACKLOG_FULL,
+            "Too many images waiting",
+            f"download backlog is {backlog} (limit {rt.settings.realtime_backlog_limit})",
+            headers={"Retry-After": "2"},
+        )
+    return await _run_request(rt, urls, blobs, options)
+
+
+async def _run_request(
+    rt: Runtime, urls: list[str], blobs: list[bytes], options: TaskOptions
+) -> TagResponse:
+    request_id = uuid.uuid4().hex
+    tasks: list[DownloadTask] = []
+    for i, url in enumerate(urls):
+        tasks.append(
+            DownloadTask(
+                item_id=f"{request_id}-{i}",
+                request_id=request_id,
+                lane=Lane.REALTIME,
+                url=url,
+                options=options,
+            )
+        )
+    for j, _blob in enumerate(blobs):
+        item_id = f"{request_id}-{len(urls) + j}"
+        tasks.append(
+            DownloadTask(
+                item_id=item_id,
+                request_id=request_id,
+                lane=Lane.REALTIME,
+                blob_key=rt.keys.blob(item_id),
+                options=options,
+            )
+        )
+    index = [[t.item_id, t.source] for t in tasks]
+    async with rt.redis.pipeline(transaction=False) as pipe:
+        pipe.set(rt.keys.request(request_id), json.dumps(index), ex=rt.settings.result_ttl_s)
+        for t, blob in zip(tasks[len(urls) :], blobs, strict=True):
+            pipe.set(t.blob_key or "", blob, ex=rt.settings.blob_ttl_s)
+        await pipe.execute()
+    # Register before publishing: a result may be written before publish returns.
+    waiter = rt.notifier.register(request_id, [t.item_id for t in tasks])
+    try:
+        await rt.publisher.publish_many(tasks)
+    except BaseException:
+        rt.notifier.unregister(waiter)
+        raise
+    rt.backlog.note_published(len(tasks))
+    results = await rt.notifier.wait(waiter, rt.settings.realtime_timeout_s)
+    response = _response(request_id, index, results)
+    if not response.complete:
+        raise ProblemError(
+            504,
+            ProblemCode.TIMEOUT,
+            "Results not ready in time",
+            f"fetch them later from /v1/results/{request_id}",
+            request_id=request_id,
+        )
+    for r in results:
+        if r is not None:
+            observe_item(r)
+    return response
+
+
+def _response(
+    request_id: str, index: list[list[str]], results: list[TagResult | None]
+) -> TagResponse:
+    items = [
+        ItemResult.of(i, item_id, source, r)
+        for i, ((item_id, source), r) in enumerate(zip(index, results, strict=True))
+    ]
+    return TagResponse(
+        request_id=request_id, complete=all(r is not None for r in results), items=items
+    )
+
+
+@router.get(
+    "/results/{request_id}",
+    response_model=TagResponse,
+    summary="Results of a real-time request",
+    description="For a request that timed out (504): items not finished yet are `pending`.",
+    responses=problem_responses(401, 404, 503),
+)
+async def get_results(request_id: str, rt: RuntimeDep, _: PrincipalDep) -> TagResponse:
+    raw = await rt.redis.get(rt.keys.request(request_id))
+    if raw is None:
+        raise ProblemError(
+            404,
+            ProblemCode.NOT_FOUND,
+            "Unknown request id",
+            f"no request {request_id} (or its results expired)",
+        )
+    index: list[list[str]] = json.loads(raw)
+    results = await rt.store.get_many([item_id for item_id, _ in index])
+    return _response(request_id, index, results)

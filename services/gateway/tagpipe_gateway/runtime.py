@@ -1,0 +1,58 @@
+"""Everything a request needs, built once per process in the app's lifespan."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from nats.aio.client import Client
+from nats.js.client import JetStreamContext
+from redis.asyncio import Redis
+from tagpipe_common.keys import RedisKeys
+from tagpipe_common.nats_io import connect_nats
+from tagpipe_common.results import ResultStore
+
+from tagpipe_gateway.auth import ApiKeys
+from tagpipe_gateway.jobs import JobManager
+from tagpipe_gateway.queue import BacklogCache, Publisher
+from tagpipe_gateway.settings import GatewaySettings
+from tagpipe_gateway.waiters import Notifier
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    settings: GatewaySettings
+    api_keys: ApiKeys
+    nc: Client
+    js: JetStreamContext
+    redis: Redis
+    keys: RedisKeys
+    store: ResultStore
+    publisher: Publisher
+    backlog: BacklogCache
+    notifier: Notifier
+    jobs: JobManager
+
+    @classmethod
+    async def start(cls, settings: GatewaySettings, api_keys: ApiKeys) -> Runtime:
+        nc = await connect_nats(settings.nats_servers, "tagpipe-gateway")
+        js = nc.jetstream()
+        redis = Redis.from_url(settings.redis_url, health_check_interval=10)
+        keys = RedisKeys(settings.prefix)
+        store = ResultStore(redis, keys, ttl_s=settings.result_ttl_s)
+        publisher = Publisher(js, settings.prefix)
+        backlog = BacklogCache(js, settings.prefix, settings.backlog_cache_s)
+        notifier = Notifier(redis, store, keys.notify_channel)
+        await notifier.start()
+        jobs = JobManager(redis, store, keys, publisher, backlog, settings)
+        return cls(
+            settings, api_keys, nc, js, redis, keys, store, publisher, backlog, notifier, jobs
+        )
+
+    async def close(self) -> None:
+        await self.jobs.close()
+        await self.notifier.stop()
+        await self.nc.close()
+        await self.redis.aclose()

@@ -1,0 +1,169 @@
+"""Request and response bodies of the public API (with OpenAPI examples)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from tagpipe_common.messages import StageTimings, Tag, TagResult, TaskOptions
+
+CAT_URL = "https://images.example.com/cat.jpg"
+ItemStatus = Literal["ok", "error", "pending"]
+JobState = Literal["submitting", "running", "completed", "cancelled"]
+
+
+class TagRequest(BaseModel):
+    """One URL or several; `url` and `urls` may not both be empty."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"url": CAT_URL},
+                {"urls": [CAT_URL, "https://images.example.com/coffee.png"], "top_k": 3},
+            ]
+        },
+    )
+
+    url: Annotated[str, Field(min_length=1)] | None = None
+    urls: list[Annotated[str, Field(min_length=1)]] | None = None
+    top_k: Annotated[int, Field(ge=1, le=100)] = 5
+    min_score: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+
+    def all_urls(self) -> list[str]:
+        return ([self.url] if self.url is not None else []) + list(self.urls or [])
+
+    def options(self) -> TaskOptions:
+        return TaskOptions(top_k=self.top_k, min_score=self.min_score)
+
+
+class ItemResult(BaseModel):
+    """One item's outcome; `pending` only from GET /v1/results before it finished."""
+
+    index: int
+    item_id: str
+    source: str | None = None
+    status: ItemStatus
+    code: str | None = None
+    message: str | None = None
+    tags: list[Tag] = Field(default_factory=list)
+    model: str | None = None
+    model_version: str | None = None
+    timings: StageTimings | None = None
+
+    @classmethod
+    def of(cls, index: int, item_id: str, source: str, result: TagResult | None) -> ItemResult:
+        if result is None:
+            return cls(index=index, item_id=item_id, source=source, status="pending")
+        return cls(
+            index=index,
+            item_id=item_id,
+            source=result.source or source,
+            status=result.status,
+            code=result.code,
+            message=result.message,
+            tags=result.tags,
+            model=result.model,
+            model_version=result.model_version,
+            timings=result.timings,
+        )
+
+
+_TAGS_EXAMPLE: dict[str, Any] = {
+    "request_id": "3f1c9a0e5b7d4e21a1b2c3d4e5f60718",
+    "complete": True,
+    "items": [
+        {
+            "index": 0,
+            "item_id": "3f1c9a0e5b7d4e21a1b2c3d4e5f60718-0",
+            "source": CAT_URL,
+            "status": "ok",
+            "tags": [
+                {"label": "Egyptian cat", "score": 0.61, "class_id": 285},
+                {"label": "tabby", "score": 0.21, "class_id": 281},
+            ],
+            "model": "efficientnet-lite0",
+        }
+    ],
+}
+
+
+class TagResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [_TAGS_EXAMPLE]})
+
+    request_id: str
+    complete: bool
+    items: list[ItemResult]
+
+
+class JobItem(BaseModel):
+    """One line of a bulk job: a URL and an optional client item id."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: Annotated[str, Field(min_length=1)]
+    id: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+
+
+class JobCreated(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "job_id": "j-9b2f0c1d2e3f4a5b",
+                    "state": "submitting",
+                    "total": 1000000,
+                    "status_url": "/v1/jobs/j-9b2f0c1d2e3f4a5b",
+                    "results_url": "/v1/jobs/j-9b2f0c1d2e3f4a5b/results",
+                    "reused": False,
+                }
+            ]
+        }
+    )
+
+    job_id: str
+    state: JobState
+    total: int | None
+    status_url: str
+    results_url: str
+    reused: bool = Field(False, description="True when an Idempotency-Key matched an earlier job")
+
+
+class JobStatus(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "job_id": "j-9b2f0c1d2e3f4a5b",
+                    "state": "running",
+                    "total": 500,
+                    "submitted": 500,
+                    "done": 310,
+                    "failed": 12,
+                    "cancelled": 0,
+                    "finished": 322,
+                    "rate_per_s": 41.5,
+                    "eta_s": 4.3,
+                    "created_at": 1764072000.0,
+                }
+            ]
+        }
+    )
+
+    job_id: str
+    state: JobState
+    total: int | None = Field(description="Number of items; known once the upload is read")
+    submitted: int = Field(description="Items published to the work queue so far")
+    done: int
+    failed: int
+    cancelled: int
+    finished: int
+    rate_per_s: float | None = Field(description="Finished items per second since creation")
+    eta_s: float | None = Field(description="Seconds left at the current rate")
+    created_at: float
+    finished_at: float | None = None
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, str] = Field(default_factory=dict)

@@ -1,0 +1,46 @@
+"""Gateway settings: validated once at start-up in `main()` (TAGPIPE_ prefix)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, SecretStr, model_validator
+from tagpipe_common.settings import CommonSettings
+
+
+class GatewaySettings(CommonSettings):
+    host: str = "0.0.0.0"
+    port: Annotated[int, Field(ge=1, le=65535)] = 8080
+
+    # Comma-separated keys; an entry `sha256:<hex>` is already a digest, so the
+    # secret never needs to hold plain keys. Empty (and no file): auth is off.
+    api_keys: SecretStr = SecretStr("")
+    api_keys_file: Path | None = None
+
+    max_urls_per_request: Annotated[int, Field(ge=1, le=1000)] = 32
+    max_upload_bytes: Annotated[int, Field(ge=1024)] = 16 * 1024 * 1024
+    max_url_length: Annotated[int, Field(ge=16, le=65536)] = 4096
+    realtime_timeout_s: Annotated[float, Field(gt=0, le=600)] = 30.0
+    blob_ttl_s: Annotated[int, Field(ge=10)] = 600
+
+    # Backpressure: real-time requests get 429 above the first limit; bulk
+    # submission pauses above the second, which must be lower so that a big job
+    # never pushes real-time traffic into 429s.
+    realtime_backlog_limit: Annotated[int, Field(ge=1)] = 5000
+    bulk_backlog_limit: Annotated[int, Field(ge=1)] = 2000
+    backlog_cache_s: Annotated[float, Field(ge=0, le=60)] = 1.0
+    # Bulk publishes in flight at once (one batch awaited before the next).
+    bulk_batch_size: Annotated[int, Field(ge=1, le=10_000)] = 256
+    max_job_items: Annotated[int, Field(ge=1)] = 10_000_000
+    job_ttl_s: Annotated[int, Field(ge=60)] = 7 * 86400
+    spool_dir: Path | None = None  # where bulk uploads are spooled (default: system temp)
+
+    @model_validator(mode="after")
+    def _limits_ordered(self) -> GatewaySettings:
+        if self.bulk_backlog_limit > self.realtime_backlog_limit:
+            raise ValueError(
+                "bulk_backlog_limit must not exceed realtime_backlog_limit, "
+                "or bulk jobs could starve real-time requests"
+            )
+        return self

@@ -1,0 +1,116 @@
+"""Waiting for real-time results: one Redis subscription per gateway process.
+
+The ResultStore publishes `{item_id, request_id}` on the notify channel when a
+result is written. This process holds one subscription and wakes the waiter of
+that request. A waiter is registered before its items are published, so a fast
+result cannot slip past; results themselves are then read with one MGET.
+Pub/sub is fire-and-forget (a reconnect can drop a message), so a waiter also
+re-reads the store every `poll_s`, which bounds the cost of a lost notification.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+
+from redis.asyncio import Redis
+from tagpipe_common.messages import TagResult
+from tagpipe_common.results import ResultStore
+
+log = logging.getLogger(__name__)
+
+
+class Waiter:
+    def __init__(self, request_id: str, item_ids: Sequence[str]) -> None:
+        self.request_id = request_id
+        self.item_ids = list(item_ids)
+        self.pending = set(item_ids)
+        self.event = asyncio.Event()
+
+    def notify(self, item_id: str) -> None:
+        self.pending.discard(item_id)
+        if not self.pending:
+            self.event.set()
+
+
+class Notifier:
+    def __init__(self, redis: Redis, store: ResultStore, channel: str, poll_s: float = 1.0):
+        self.redis = redis
+        self.store = store
+        self.channel = channel
+        self.poll_s = poll_s
+        self._waiters: dict[str, Waiter] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._subscribed = asyncio.Event()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._listen(), name="notifier")
+        # Wait for the first SUBSCRIBE so no request can publish before we listen.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._subscribed.wait(), 5.0)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _listen(self) -> None:
+        while True:
+            try:
+                pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+                await pubsub.subscribe(self.channel)
+                self._subscribed.set()
+                try:
+                    async for msg in pubsub.listen():
+                        self._dispatch(msg.get("data"))
+                finally:
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a Redis restart: resubscribe; waiters poll meanwhile
+                log.warning("notify subscription lost (%s); resubscribing", exc)
+                await asyncio.sleep(0.5)
+
+    def _dispatch(self, data: object) -> None:
+        if not isinstance(data, bytes | str):
+            return
+        try:
+            note = json.loads(data)
+        except ValueError:
+            return
+        waiter = self._waiters.get(str(note.get("request_id")))
+        if waiter is not None:
+            waiter.notify(str(note.get("item_id")))
+
+    def register(self, request_id: str, item_ids: Sequence[str]) -> Waiter:
+        waiter = Waiter(request_id, item_ids)
+        self._waiters[request_id] = waiter
+        return waiter
+
+    def unregister(self, waiter: Waiter) -> None:
+        self._waiters.pop(waiter.request_id, None)
+
+    async def wait(self, waiter: Waiter, timeout_s: float) -> list[TagResult | None]:
+        """Results in item order; None for items still unfinished at the deadline."""
+        deadline = time.monotonic() + timeout_s
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(waiter.event.wait(), min(remaining, self.poll_s))
+                if waiter.event.is_set():
+                    break
+                # Poll: covers a notification lost to a reconnect.
+                results = await self.store.get_many(waiter.item_ids)
+                if all(r is not None for r in results):
+                    return results
+            return await self.store.get_many(waiter.item_ids)
+        finally:
+            self.unregister(waiter)
