@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 PullSub = JetStreamContext.PullSubscription
 # How long a fetch may linger just to look at a lane that may be empty.
-_PEEK_S = 0.002
+_PEEK_S = 0.01
 
 
 @dataclass

@@ -1,0 +1,292 @@
+"""The inference worker against real NATS JetStream, real Redis and the real model.
+
+One loaded model is shared by the in-process tests (module scope); the crash and
+shutdown tests run the real `python -m tagpipe_inference` in a subprocess.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import httpx
+import numpy as np
+import numpy.typing as npt
+import pytest
+from nats.js.client import JetStreamContext
+from PIL import Image
+from redis.asyncio import Redis
+from skimage import data
+from tagpipe_cli.servers import ServerProcess, free_port
+from tagpipe_common import keys as K
+from tagpipe_common.keys import RedisKeys
+from tagpipe_common.manifest import ModelManifest
+from tagpipe_common.messages import InferenceTask, TagResult
+from tagpipe_common.results import ResultStore
+from tagpipe_common.streams import StreamPolicy, consumer_backlog
+from tagpipe_common.subjects import HDR_MSG_ID, Lane, Stage, stage_names
+from tagpipe_inference.model import Model, load_model
+from tagpipe_inference.settings import InferenceSettings
+from tagpipe_inference.worker import InferenceWorker
+
+pytestmark = pytest.mark.integration
+INFER = stage_names(Stage.INFER)
+KEYS = RedisKeys()
+
+
+@pytest.fixture(scope="module")
+def model(model_dir: Path) -> Model:
+    m = load_model(model_dir, intra_op_threads=2)
+    m.warm_up(4)
+    return m
+
+
+def crop(image: npt.NDArray[np.uint8], manifest: ModelManifest) -> npt.NDArray[np.uint8]:
+    """What the downloader does: bicubic resize of the shorter side, centre crop."""
+    pre = manifest.preprocess
+    im = Image.fromarray(image).convert("RGB")
+    scale = pre.resize / min(im.size)
+    im = im.resize((round(im.width * scale), round(im.height * scale)), Image.Resampling.BICUBIC)
+    left, top = (im.width - pre.crop) // 2, (im.height - pre.crop) // 2
+    return np.asarray(im.crop((left, top, left + pre.crop, top + pre.crop)), dtype=np.uint8)
+
+
+def make_task(item_id: str, pixels: npt.NDArray[np.uint8], lane: Lane = Lane.BULK) -> InferenceTask:
+    owner = {"job_id": "job-1"} if lane is Lane.BULK else {"request_id": f"req-{item_id}"}
+    return InferenceTask(
+        item_id=item_id, lane=lane, shape=pixels.shape, pixels=pixels.tobytes(), **owner
+    )
+
+
+async def publish(js: JetStreamContext, task: InferenceTask, wire: bytes | None = None) -> None:
+    data = task.to_wire() if wire is None else wire
+    await js.publish(INFER.subject(task.lane), data, headers={HDR_MSG_ID: task.item_id})
+
+
+def noise(seed: int, size: int = 224) -> npt.NDArray[np.uint8]:
+    return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+def settings_for(
+    nats_proc: ServerProcess, redis_proc: ServerProcess, model_dir: Path, **kw: object
+) -> InferenceSettings:
+    base: dict[str, object] = {
+        "nats_url": nats_proc.url,
+        "redis_url": redis_proc.url,
+        "model_dir": model_dir,
+        "max_batch": 4,
+        "max_wait_ms": 20.0,
+        "max_deliver": 3,
+        "health_port": 0,
+        "intra_op_threads": 2,
+    }
+    return InferenceSettings(**{**base, **kw})  # type: ignore[arg-type]
+
+
+async def wait_until(cond: Callable[[], Awaitable[bool]], timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.05)
+
+
+async def backlog(js: JetStreamContext) -> int:
+    return sum([await consumer_backlog(js, Stage.INFER, lane, "tagpipe") for lane in Lane])
+
+
+@contextlib.asynccontextmanager
+async def running(worker: InferenceWorker) -> AsyncIterator[InferenceWorker]:
+    await worker.subscribe()
+    task = asyncio.create_task(worker.run())
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 30)
+
+
+async def results_for(store: ResultStore, ids: list[str]) -> list[TagResult]:
+    async def all_there() -> bool:
+        return all(r is not None for r in await store.get_many(ids))
+
+    await wait_until(all_there)
+    return [r for r in await store.get_many(ids) if r is not None]
+
+
+@pytest.fixture
+def make_worker(
+    js: JetStreamContext,
+    store: ResultStore,
+    model: Model,
+    nats_proc: ServerProcess,
+    redis_proc: ServerProcess,
+    model_dir: Path,
+) -> Callable[..., InferenceWorker]:
+    def make(**kw: object) -> InferenceWorker:
+        return InferenceWorker(
+            settings_for(nats_proc, redis_proc, model_dir, **kw), model, js, store
+        )
+
+    return make
+
+
+async def test_photos_are_tagged_from_jetstream_to_redis(
+    js: JetStreamContext,
+    store: ResultStore,
+    model: Model,
+    make_worker: Callable[..., InferenceWorker],
+) -> None:
+    cat = make_task("chelsea", crop(data.chelsea(), model.manifest), Lane.REALTIME)  # type: ignore[no-untyped-call]
+    cup = make_task("coffee", crop(data.coffee(), model.manifest))  # type: ignore[no-untyped-call]
+    for t in (cat, cup):
+        await publish(js, t)
+    async with running(make_worker()):
+        by_id = {r.item_id: r for r in await results_for(store, ["chelsea", "coffee"])}
+    cat_r, cup_r = by_id["chelsea"], by_id["coffee"]
+    assert cat_r.status == cup_r.status == "ok"
+    assert cat_r.request_id == "req-chelsea" and cup_r.job_id == "job-1"
+    assert len(cat_r.tags) == 5 and cat_r.model == "efficientnet-lite0"
+    # ImageNet's domestic cat classes are ids 281..285 (tabby, tiger, Persian, Siamese, Mau).
+    assert any(281 <= (t.class_id or 0) <= 285 for t in cat_r.tags), cat_r.tags
+    assert any("espresso" in t.label or "cup" in t.label for t in cup_r.tags), cup_r.tags
+    assert cat_r.timings.inference_ms is not None and cat_r.timings.inference_ms > 0
+    assert cat_r.timings.infer_queue_ms is not None
+    assert await backlog(js) == 0
+
+
+async def test_waiting_items_fill_batches_realtime_first(
+    js: JetStreamContext, store: ResultStore, make_worker: Callable[..., InferenceWorker]
+) -> None:
+    bulk = [make_task(f"b{i}", noise(i)) for i in range(6)]
+    rt = [make_task(f"r{i}", noise(100 + i), Lane.REALTIME) for i in range(4)]
+    for t in bulk + rt:  # bulk queued first, yet real-time must be served first
+        await publish(js, t)
+    async with running(make_worker(max_batch=4)) as w:
+        results = await results_for(store, [t.item_id for t in bulk + rt])
+        await wait_until(lambda: _zero(backlog(js)))
+    assert w.batches == math.ceil(10 / 4)
+    assert w.items == 10
+    done = {r.item_id: r.finished_at for r in results}
+    assert max(done[t.item_id] for t in rt) < min(done[t.item_id] for t in bulk)
+
+
+async def _zero(n: Awaitable[int]) -> bool:
+    return await n == 0
+
+
+async def test_a_poison_message_gets_an_error_and_does_not_block(
+    js: JetStreamContext,
+    store: ResultStore,
+    redis: Redis,
+    make_worker: Callable[..., InferenceWorker],
+) -> None:
+    await redis.hset(KEYS.job("job-1"), mapping={K.JOB_TOTAL: 4, K.JOB_STATE: "running"})
+    first, last = make_task("ok-1", noise(1)), make_task("ok-2", noise(2))
+    short = make_task("short", noise(3))
+    wrong = make_task("wrong-size", noise(4, size=200))
+    await publish(js, first)
+    await publish(js, short, wire=short.to_wire()[:-10])  # pixels cut short
+    await publish(js, make_task("garbage", noise(5)), wire=b"\x00garbage, not a frame")
+    await publish(js, wrong)
+    await publish(js, last)
+    async with running(make_worker(max_batch=2)):
+        results = await results_for(store, ["ok-1", "short", "wrong-size", "ok-2"])
+        await wait_until(lambda: _zero(backlog(js)))
+    by_id = {r.item_id: r for r in results}
+    assert by_id["ok-1"].status == by_id["ok-2"].status == "ok"
+    for bad in ("short", "wrong-size"):
+        assert (by_id[bad].status, by_id[bad].code) == ("error", "bad_tensor")
+    job = await redis.hgetall(KEYS.job("job-1"))
+    assert job[b"done"] == b"2" and job[b"failed"] == b"2"
+    assert job[b"state"] == b"completed"
+    assert await store.get("garbage") is None  # no owner to report to: dropped (term), logged
+
+
+def worker_env(
+    nats_proc: ServerProcess, redis_proc: ServerProcess, model_dir: Path, **extra: str
+) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TAGPIPE_")}
+    env.update(
+        TAGPIPE_NATS_URL=nats_proc.url,
+        TAGPIPE_REDIS_URL=redis_proc.url,
+        TAGPIPE_MODEL_DIR=str(model_dir.resolve()),
+        TAGPIPE_MAX_BATCH="4",
+        TAGPIPE_MAX_DELIVER="3",
+        TAGPIPE_HEALTH_PORT="0",
+        TAGPIPE_INTRA_OP_THREADS="1",
+    )
+    return {**env, **extra}
+
+
+async def test_a_crash_between_store_and_ack_yields_exactly_one_result(
+    js: JetStreamContext,
+    store: ResultStore,
+    redis: Redis,
+    policy: StreamPolicy,
+    make_worker: Callable[..., InferenceWorker],
+    nats_proc: ServerProcess,
+    redis_proc: ServerProcess,
+    model_dir: Path,
+) -> None:
+    await redis.hset(KEYS.job("job-1"), mapping={K.JOB_TOTAL: 1, K.JOB_STATE: "running"})
+    await publish(js, make_task("once", noise(7)))
+    env = worker_env(nats_proc, redis_proc, model_dir, TAGPIPE_CRASH_BEFORE_ACK="1")
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "tagpipe_inference", env=env)
+    assert await asyncio.wait_for(proc.wait(), 60) == 3  # the test hook's os._exit
+    assert (await store.get("once")) is not None
+    info = await js.consumer_info(INFER.stream, INFER.consumer(Lane.BULK))
+    assert info.num_ack_pending == 1  # stored but never acked: JetStream will redeliver
+    async with running(make_worker()) as w:
+        await wait_until(lambda: _zero(backlog(js)), timeout_s=policy.ack_wait_s + 20)
+    assert w.duplicates == 1 and w.items == 1
+    job = await redis.hgetall(KEYS.job("job-1"))
+    assert job[b"done"] == b"1"  # counted once
+    assert await redis.xlen(KEYS.job_results("job-1")) == 1
+
+
+async def test_sigterm_finishes_the_batch_in_flight_and_exits_0(
+    js: JetStreamContext,
+    store: ResultStore,
+    nats_proc: ServerProcess,
+    redis_proc: ServerProcess,
+    model_dir: Path,
+) -> None:
+    port = free_port()
+    env = worker_env(nats_proc, redis_proc, model_dir, TAGPIPE_HEALTH_PORT=str(port))
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "tagpipe_inference", env=env)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+
+            async def ready() -> bool:
+                with contextlib.suppress(httpx.HTTPError):
+                    return (await http.get("/readyz")).status_code == 200
+                return False
+
+            await wait_until(ready, timeout_s=60)
+            assert (await http.get("/healthz")).status_code == 200
+        ids = [f"t{i}" for i in range(40)]
+        for i, item_id in enumerate(ids):
+            await publish(js, make_task(item_id, noise(i)))
+
+        async def some_done() -> bool:
+            return any(r is not None for r in await store.get_many(ids))
+
+        await wait_until(some_done)
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    stored = sum(r is not None for r in await store.get_many(ids))
+    # Every item is either stored-and-acked or still owned by JetStream, never both/neither.
+    assert stored >= 1
+    assert stored + await backlog(js) == len(ids)
