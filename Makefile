@@ -55,5 +55,15 @@ run: venv ## the whole stack on this machine (tagpipe up)
 e2e: venv ## tests against a real cluster (KUBECONFIG); skipped otherwise
 	$(BIN)/pytest -q e2e $(PYTEST_ARGS)
 
+IMAGE_PREFIX ?= ghcr.io/tagpipe/
+IMAGE_TAG ?= 0.1.0
+INFERENCE_BUILD_ARGS ?=
+images: ## build the four images (needs a Docker engine; INFERENCE_BUILD_ARGS for the CPU variant)
+	@docker info >/dev/null 2>&1 || { echo "make images: no Docker engine reachable ('docker info' failed); build where Docker runs, e.g. the e2e workflow" >&2; exit 1; }
+	docker build -f operator/Dockerfile -t $(IMAGE_PREFIX)operator:$(IMAGE_TAG) .
+	docker build -f services/gateway/Dockerfile -t $(IMAGE_PREFIX)gateway:$(IMAGE_TAG) .
+	docker build -f services/downloader/Dockerfile -t $(IMAGE_PREFIX)downloader:$(IMAGE_TAG) .
+	docker build -f services/inference/Dockerfile $(INFERENCE_BUILD_ARGS) -t $(IMAGE_PREFIX)inference:$(IMAGE_TAG) .
+
 clean:
 	rm -rf .tagpipe .pytest_cache .mypy_cache .ruff_cache
