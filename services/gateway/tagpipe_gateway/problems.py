@@ -211,6 +211,10 @@ def install_handlers(app: FastAPI) -> None:
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses=` entries documenting the problem+json errors a route returns."""
     return {
-        s: {"model": Problem, "content": {PROBLEM_MEDIA_TYPE: {}}, "description": "Problem"}
+        s: {
+            "model": Problem,  # registers the schema in components
+            "content": {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+            "description": "Problem (RFC 9457)",
+        }
         for s in statuses
     }

@@ -16,7 +16,7 @@ from tagpipe_gateway.deps import PrincipalDep, RuntimeDep
 from tagpipe_gateway.intake import NDJSON_TYPES, Spool, spool_json_array, spool_ndjson, spool_path
 from tagpipe_gateway.problems import ProblemCode, ProblemError, problem_responses
 from tagpipe_gateway.runtime import Runtime
-from tagpipe_gateway.schemas import JobCreated, JobStatus
+from tagpipe_gateway.schemas import JobCreated, JobItem, JobStatus
 
 router = APIRouter(prefix="/v1/jobs", tags=["bulk"])
 
@@ -36,9 +36,7 @@ _BODY_DOC: dict[str, Any] = {
             "application/json": {
                 "schema": {
                     "type": "array",
-                    "items": {
-                        "anyOf": [{"type": "string"}, {"$ref": "#/components/schemas/JobItem"}]
-                    },
+                    "items": {"anyOf": [{"type": "string"}, JobItem.model_json_schema()]},
                 },
                 "example": [
                     "https://images.example.com/cat.jpg",
@@ -195,7 +193,7 @@ async def _status_or_404(rt: Runtime, job_id: str) -> JobStatus:
     "/{job_id}",
     response_model=JobStatus,
     summary="Job progress",
-    responses=problem_responses(401, 404, 503),
+    responses=problem_responses(401, 404, 422, 503),
 )
 async def job_status(job_id: str, rt: RuntimeDep, _: PrincipalDep) -> JobStatus:
     return await _status_or_404(rt, job_id)
@@ -245,7 +243,7 @@ async def job_results(
     response_model=JobStatus,
     summary="Cancel a job",
     description="Items not started yet end as `cancelled`; finished ones keep their results.",
-    responses=problem_responses(401, 404, 503),
+    responses=problem_responses(401, 404, 422, 503),
 )
 async def cancel_job(job_id: str, rt: RuntimeDep, _: PrincipalDep) -> JobStatus:
     status = await rt.jobs.cancel(job_id)

@@ -257,7 +257,7 @@ def _response(
     response_model=TagResponse,
     summary="Results of a real-time request",
     description="For a request that timed out (504): items not finished yet are `pending`.",
-    responses=problem_responses(401, 404, 503),
+    responses=problem_responses(401, 404, 422, 503),
 )
 async def get_results(request_id: str, rt: RuntimeDep, _: PrincipalDep) -> TagResponse:
     raw = await rt.redis.get(rt.keys.request(request_id))

@@ -1,0 +1,262 @@
+"""The gateway in-process (httpx ASGITransport) against real NATS and Redis.
+
+No downloader or inference runs here: where a test needs results, it plays the
+worker itself through the real queue and the real ResultStore.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from nats.js.client import JetStreamContext
+from redis.asyncio import Redis
+from tagpipe_cli.servers import ServerProcess
+from tagpipe_common.keys import RedisKeys
+from tagpipe_common.messages import DownloadTask, Tag, TagResult
+from tagpipe_common.results import ResultStore
+from tagpipe_common.subjects import Lane, Stage, stage_names
+from tagpipe_gateway.app import create_app
+from tagpipe_gateway.auth import ApiKeys, parse_entries
+from tagpipe_gateway.settings import GatewaySettings
+
+pytestmark = pytest.mark.integration
+
+KEY = "test-key-123"
+DOWNLOAD = stage_names(Stage.DOWNLOAD)
+
+
+@pytest.fixture
+async def client(
+    nats_proc: ServerProcess, redis_proc: ServerProcess, js: JetStreamContext
+) -> AsyncIterator[httpx.AsyncClient]:
+    settings = GatewaySettings(
+        nats_url=nats_proc.url,
+        redis_url=redis_proc.url,
+        realtime_timeout_s=1.5,
+        realtime_backlog_limit=20,
+        bulk_backlog_limit=20,
+        backlog_cache_s=0,
+        bulk_batch_size=4,
+    )
+    app = create_app(settings, ApiKeys(tuple(parse_entries(KEY))))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://gw", headers={"Authorization": f"Bearer {KEY}"}
+        ) as c:
+            yield c
+
+
+async def pull_tasks(js: JetStreamContext, lane: Lane, n: int) -> list[DownloadTask]:
+    sub = await js.pull_subscribe(DOWNLOAD.subject(lane), durable=DOWNLOAD.consumer(lane))
+    tasks: list[DownloadTask] = []
+    while len(tasks) < n:
+        for msg in await sub.fetch(n - len(tasks), timeout=5):
+            tasks.append(DownloadTask.from_json(msg.data))
+            await msg.ack()
+    return tasks
+
+
+async def wait_status(c: httpx.AsyncClient, job_id: str, **want: object) -> dict[str, object]:
+    for _ in range(100):
+        body: dict[str, object] = (await c.get(f"/v1/jobs/{job_id}")).json()
+        if all(body.get(k) == v for k, v in want.items()):
+            return body
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"job never reached {want}: {body}")
+
+
+def ok_result(task: DownloadTask, label: str = "tabby") -> TagResult:
+    return TagResult(**task.ref(), status="ok", tags=[Tag(label=label, score=0.9)], source=task.url)
+
+
+async def test_missing_or_wrong_key_is_401_and_health_stays_open(client: httpx.AsyncClient) -> None:
+    for headers in ({"Authorization": ""}, {"Authorization": "Bearer wrong"}):
+        r = await client.post("/v1/tags", json={"url": "http://x/a.jpg"}, headers=headers)
+        assert r.status_code == 401
+        assert r.headers["content-type"] == "application/problem+json"
+        assert r.json()["code"] == "unauthorized"
+        assert KEY not in r.text
+    assert (await client.get("/healthz", headers={"Authorization": ""})).status_code == 200
+    ready = await client.get("/readyz", headers={"Authorization": ""})
+    assert ready.status_code == 200, ready.text
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"urls": ["http://ok/a.jpg", "ftp://bad/b.jpg"]}, "body.urls[1]"),
+        ({"url": 5}, "body.url"),
+        ({"url": "http://ok/a.jpg", "top_k": 0}, "body.top_k"),
+        ({"url": "http://ok/a.jpg", "colour": "red"}, "body.colour"),
+        ({}, "body.url"),
+    ],
+)
+async def test_422_names_the_field(
+    client: httpx.AsyncClient, body: dict[str, object], field: str
+) -> None:
+    r = await client.post("/v1/tags", json=body)
+    assert r.status_code == 422, r.text
+    problem = r.json()
+    assert problem["code"] == "validation_error"
+    assert problem["type"].endswith("/validation_error")
+    assert field in [e["field"] for e in problem["errors"]]
+
+
+async def test_bulk_422_names_the_line(client: httpx.AsyncClient) -> None:
+    body = '{"url": "http://ok/a.jpg"}\n{"id": "x"}\n'
+    r = await client.post(
+        "/v1/jobs", content=body, headers={"Content-Type": "application/x-ndjson"}
+    )
+    assert r.status_code == 422
+    assert r.json()["errors"][0]["field"] == "line[2].url"
+    r = await client.post("/v1/jobs", json=["http://ok/a.jpg", {"url": "gopher://x"}])
+    assert r.json()["errors"][0]["field"] == "body[1].url"
+
+
+async def test_429_when_download_backlog_is_above_the_limit(
+    client: httpx.AsyncClient, js: JetStreamContext
+) -> None:
+    for i in range(25):  # nobody consumes: this is the backlog
+        await js.publish(DOWNLOAD.subject(Lane.BULK), b"{}", headers={"Nats-Msg-Id": f"b{i}"})
+    r = await client.post("/v1/tags", json={"url": "http://img.example/a.jpg"})
+    assert r.status_code == 429
+    assert r.json()["code"] == "backlog_full"
+    assert int(r.headers["Retry-After"]) >= 1
+
+
+async def test_realtime_result_arrives_through_the_notification(
+    client: httpx.AsyncClient, js: JetStreamContext, store: ResultStore
+) -> None:
+    async def worker() -> None:
+        (task,) = await pull_tasks(js, Lane.REALTIME, 1)
+        await store.record(ok_result(task, "espresso"))
+
+    w = asyncio.create_task(worker())
+    r = await client.post("/v1/tags", json={"urls": ["http://img.example/c.jpg"], "top_k": 3})
+    await w
+    assert r.status_code == 200, r.text
+    (item,) = r.json()["items"]
+    assert item["status"] == "ok"
+    assert item["tags"][0]["label"] == "espresso"
+
+
+async def test_upload_is_parked_in_redis_and_sent_as_blob_key(
+    client: httpx.AsyncClient, js: JetStreamContext, redis: Redis, store: ResultStore
+) -> None:
+    async def worker() -> bytes | None:
+        (task,) = await pull_tasks(js, Lane.REALTIME, 1)
+        assert task.url is None and task.blob_key == RedisKeys().blob(task.item_id)
+        blob: bytes | None = await redis.get(task.blob_key)
+        await store.record(ok_result(task))
+        return blob
+
+    w = asyncio.create_task(worker())
+    r = await client.post(
+        "/v1/tags?top_k=2", content=b"\x89PNG fake bytes", headers={"Content-Type": "image/png"}
+    )
+    assert r.status_code == 200, r.text
+    assert await w == b"\x89PNG fake bytes"
+
+
+async def test_504_on_timeout_then_results_by_request_id(
+    client: httpx.AsyncClient, js: JetStreamContext, store: ResultStore
+) -> None:
+    r = await client.post(
+        "/v1/tags", json={"urls": ["http://img.example/a.jpg", "http://img.example/b.jpg"]}
+    )
+    assert r.status_code == 504
+    problem = r.json()
+    assert problem["code"] == "timeout"
+    request_id = problem["request_id"]
+
+    later = (await client.get(f"/v1/results/{request_id}")).json()
+    assert later["complete"] is False
+    assert [i["status"] for i in later["items"]] == ["pending", "pending"]
+
+    for task in await pull_tasks(js, Lane.REALTIME, 2):
+        await store.record(ok_result(task))
+    later = (await client.get(f"/v1/results/{request_id}")).json()
+    assert later["complete"] is True
+    assert [i["source"] for i in later["items"]] == [
+        "http://img.example/a.jpg",
+        "http://img.example/b.jpg",
+    ]
+    assert (await client.get("/v1/results/nope")).status_code == 404
+
+
+async def test_idempotent_resubmission_returns_the_same_job(
+    client: httpx.AsyncClient, js: JetStreamContext
+) -> None:
+    lines = "".join(
+        json.dumps({"url": f"http://img.example/{i}.jpg", "id": f"c{i}"}) + "\n" for i in range(6)
+    )
+    headers = {"Content-Type": "application/x-ndjson", "Idempotency-Key": "order-42"}
+    first = await client.post("/v1/jobs", content=lines, headers=headers)
+    assert first.status_code == 202, first.text
+    second = await client.post("/v1/jobs", content=lines, headers=headers)
+    assert second.status_code == 200
+    assert second.json()["job_id"] == first.json()["job_id"]
+    assert second.json()["reused"] is True
+    await wait_status(client, first.json()["job_id"], submitted=6, state="running")
+    info = await js.consumer_info(DOWNLOAD.stream, DOWNLOAD.consumer(Lane.BULK))
+    assert info.num_pending == 6  # published once, not twice
+
+
+async def test_repeated_client_id_and_repeated_url_within_a_job(
+    client: httpx.AsyncClient, js: JetStreamContext
+) -> None:
+    items = [
+        {"url": "http://img.example/a.jpg", "id": "a"},
+        {"url": "http://img.example/a.jpg", "id": "a"},  # the same item again: a no-op
+        {"url": "http://img.example/a.jpg", "id": "b"},  # same URL, other item: duplicate_url
+        {"url": "http://img.example/c.jpg", "id": "c"},
+    ]
+    job = (await client.post("/v1/jobs", json=items)).json()
+    status = await wait_status(client, job["job_id"], state="running")
+    assert status["total"] == 3 and status["failed"] == 1
+    info = await js.consumer_info(DOWNLOAD.stream, DOWNLOAD.consumer(Lane.BULK))
+    assert info.num_pending == 2
+    lines = (await client.get(f"/v1/jobs/{job['job_id']}/results")).text.splitlines()
+    (dup,) = [json.loads(x) for x in lines]
+    assert dup["client_item_id"] == "b" and dup["code"] == "duplicate_url"
+
+
+async def test_results_resume_from_a_cursor(
+    client: httpx.AsyncClient, js: JetStreamContext, store: ResultStore
+) -> None:
+    urls = [f"http://img.example/{i}.jpg" for i in range(7)]
+    job_id = (await client.post("/v1/jobs", json=urls)).json()["job_id"]
+    await wait_status(client, job_id, submitted=7)
+    tasks = await pull_tasks(js, Lane.BULK, 7)
+    await store.record_many([ok_result(t) for t in tasks])
+    await wait_status(client, job_id, state="completed", done=7)
+
+    url = f"/v1/jobs/{job_id}/results"
+    head = [json.loads(x) for x in (await client.get(url, params={"limit": 3})).text.splitlines()]
+    assert len(head) == 3
+    rest = (await client.get(url, params={"cursor": head[-1]["cursor"]})).text.splitlines()
+    everything = head + [json.loads(x) for x in rest]
+    assert sorted(r["source"] for r in everything) == sorted(urls)
+    assert len({r["cursor"] for r in everything}) == 7
+    bad = await client.get(url, params={"cursor": "x"})
+    assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "query.cursor"
+
+
+async def test_cancel_marks_the_job_and_unknown_jobs_are_404(client: httpx.AsyncClient) -> None:
+    job_id = (await client.post("/v1/jobs", json=["http://img.example/a.jpg"])).json()["job_id"]
+    r = await client.delete(f"/v1/jobs/{job_id}")
+    assert r.status_code == 200 and r.json()["state"] == "cancelled"
+    assert (await client.get("/v1/jobs/j-nope")).json()["code"] == "not_found"
+    assert (await client.delete("/v1/jobs/j-nope")).status_code == 404
+
+
+async def test_redis_down_is_503(client: httpx.AsyncClient, redis_proc: ServerProcess) -> None:
+    redis_proc.stop()
+    r = await client.get("/v1/jobs/j-any")
+    assert r.status_code == 503
+    assert r.json()["code"] == "redis_unavailable"
