@@ -1,0 +1,265 @@
+"""The Helm chart lints, renders and every rendered manifest is one the API server accepts.
+
+helm is the real helm v4 from `make tools` (.bin/helm). Manifests are validated offline
+against the Kubernetes 1.30 OpenAPI schemas shipped by kubernetes-validate (strict: an
+unknown field is an error), and the example TagPipeline against the CRD's own schema.
+Security defaults and the operator's RBAC are checked on what helm actually renders.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from tagpipe_operator import rbac
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "tagpipe"
+CRD_FILE = ROOT / "crds" / "tagpipelines.tagpipe.io.yaml"
+K8S_VERSION = "1.30"
+# No schema ships offline for the Prometheus Operator's CRD; its shape is checked below.
+NO_OFFLINE_SCHEMA = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+VALUES = {
+    "default": [],
+    "full": ["-f", str(CHART / "ci" / "full-values.yaml")],
+    "kind": ["-f", str(CHART / "ci" / "kind-values.yaml")],
+}
+Manifest = dict[str, Any]
+
+
+def _helm() -> str:
+    local = ROOT / ".bin" / "helm"
+    if local.is_file() and os.access(local, os.X_OK):
+        return str(local)
+    found = shutil.which("helm")
+    if found is None:
+        pytest.skip("helm not found: run `make tools` (part of `make setup`) to unpack it")
+    return found
+
+
+def helm(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([_helm(), *args], capture_output=True, text=True, timeout=60)
+
+
+@functools.cache
+def _render(*args: str) -> tuple[Manifest, ...]:
+    proc = helm("template", "rel", str(CHART), "--namespace", "tp", "--include-crds", *args)
+    assert proc.returncode == 0, proc.stderr
+    return tuple(d for d in yaml.safe_load_all(proc.stdout) if d)
+
+
+def render(case: str, *extra: str) -> tuple[Manifest, ...]:
+    return _render(*VALUES[case], *extra)
+
+
+def of_kind(docs: tuple[Manifest, ...], kind: str) -> list[Manifest]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def one(docs: tuple[Manifest, ...], kind: str, name_part: str = "") -> Manifest:
+    found = [d for d in of_kind(docs, kind) if name_part in d["metadata"]["name"]]
+    assert len(found) == 1, f"{kind} *{name_part}*: {[d['metadata']['name'] for d in found]}"
+    return found[0]
+
+
+def pod_specs(docs: tuple[Manifest, ...]) -> list[tuple[str, Manifest]]:
+    out = []
+    for d in docs:
+        name = f"{d['kind']}/{d['metadata']['name']}"
+        if d["kind"] in ("Deployment", "StatefulSet", "Job"):
+            out.append((name, d["spec"]["template"]["spec"]))
+        elif d["kind"] == "Pod":
+            out.append((name, d["spec"]))
+    return out
+
+
+@pytest.mark.parametrize("case", VALUES)
+def test_helm_lint_strict(case: str) -> None:
+    proc = helm("lint", "--strict", str(CHART), *VALUES[case])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("case", VALUES)
+def test_every_manifest_validates_against_kubernetes_schemas(case: str) -> None:
+    docs = render(case)
+    checked = 0
+    for doc in docs:
+        if (doc["apiVersion"], doc["kind"]) in NO_OFFLINE_SCHEMA or doc["kind"] == "TagPipeline":
+            continue
+        try:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            path = ".".join(str(p) for p in exc.path)
+            pytest.fail(f"{doc['kind']}/{doc['metadata']['name']}: {path}: {exc.message}")
+        checked += 1
+    assert checked >= 8
+
+
+def test_service_monitor_selects_the_operator_metrics_service() -> None:
+    docs = render("full")
+    monitor = one(docs, "ServiceMonitor")
+    svc = one(docs, "Service", "operator-metrics")
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= svc["metadata"]["labels"].items()
+    assert monitor["spec"]["endpoints"][0]["port"] == svc["spec"]["ports"][0]["name"]
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+
+
+def test_crd_in_chart_is_the_one_in_crds() -> None:
+    link = CHART / "crds" / CRD_FILE.name
+    assert link.is_symlink() and link.resolve() == CRD_FILE.resolve()
+    rendered = one(render("default"), "CustomResourceDefinition")
+    assert rendered == yaml.safe_load(CRD_FILE.read_text())
+
+
+def test_packaged_chart_carries_the_crd_and_rbac_contents(tmp_path: Path) -> None:
+    proc = helm("package", str(CHART), "--destination", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    (tgz,) = tmp_path.glob("tagpipe-*.tgz")
+    with tarfile.open(tgz) as tar:
+        member = tar.getmember(f"tagpipe/crds/{CRD_FILE.name}")
+        assert member.isfile(), "the package must hold the CRD's contents, not a link"
+        data = tar.extractfile(member)
+        assert data is not None and data.read() == CRD_FILE.read_bytes()
+        assert "tagpipe/files/operator-rbac.yaml" in tar.getnames()
+
+
+def test_example_tagpipeline_validates_against_the_crd_schema() -> None:
+    crd = yaml.safe_load(CRD_FILE.read_text())
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    for case in ("full", "kind"):
+        example = one(render(case), "TagPipeline")
+        errors = list(jsonschema.Draft7Validator(schema).iter_errors(example))
+        assert not errors, [f"{list(e.absolute_path)}: {e.message}" for e in errors]
+    assert not of_kind(render("default"), "TagPipeline")
+
+
+def test_example_points_at_this_release() -> None:
+    spec = one(render("kind"), "TagPipeline")["spec"]
+    assert spec["nats"] == {"url": "nats://rel-tagpipe-nats:4222", "prefix": "photos"}
+    assert spec["redis"] == {"url": "redis://rel-tagpipe-redis:6379/0"}
+    assert spec["model"]["storageUri"] == "pvc://rel-tagpipe-models/efficientnet-lite0"
+    assert "apiKeySecretRef" not in spec["gateway"]
+    assert spec["inference"]["gpu"] == 0
+    assert spec["gateway"]["image"] == "ghcr.io/tagpipe/gateway:0.1.0"
+    full = one(render("full"), "TagPipeline")["spec"]
+    assert full["redis"]["credentialsSecretRef"] == {"name": "tagpipe-redis", "key": "url"}
+    assert full["gateway"]["apiKeySecretRef"] == {"name": "tagpipe-api-keys", "key": "keys"}
+    assert full["inference"]["image"] == "registry.example.com/tagpipe/inference:0.1.0-rc1"
+
+
+def test_operator_runs_alone_with_recreate() -> None:
+    dep = one(render("default"), "Deployment", "operator")
+    assert dep["spec"]["replicas"] == 1
+    assert dep["spec"]["strategy"] == {"type": "Recreate"}
+
+
+@pytest.mark.parametrize("case", VALUES)
+def test_strict_security_defaults_on_every_pod(case: str) -> None:
+    specs = pod_specs(render(case))
+    assert specs
+    for name, spec in specs:
+        psc = spec["securityContext"]
+        assert psc["runAsNonRoot"] is True, name
+        assert psc["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        # Only the operator talks to the Kubernetes API.
+        assert spec["automountServiceAccountToken"] is ("-operator" in name), name
+        for ctr in spec["containers"]:
+            sc = ctr["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False, name
+            assert sc["readOnlyRootFilesystem"] is True, name
+            assert sc["capabilities"]["drop"] == ["ALL"], name
+            assert {"cpu", "memory"} <= set(ctr["resources"]["requests"]), name
+            assert "memory" in ctr["resources"]["limits"], name
+
+
+def test_service_account_token_not_automounted_by_default() -> None:
+    sa = one(render("default"), "ServiceAccount")
+    assert sa["automountServiceAccountToken"] is False
+
+
+def test_config_checksum_rolls_pods_when_config_changes() -> None:
+    def checksum(*extra: str) -> str:
+        dep = one(render("default", *extra), "Deployment", "operator")
+        value: str = dep["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+        return value
+
+    assert len(checksum()) == 64
+    assert checksum() != checksum("--set", "operator.logLevel=DEBUG")
+    nats = one(render("kind"), "StatefulSet", "nats")
+    assert "checksum/config" in nats["spec"]["template"]["metadata"]["annotations"]
+
+
+def test_cluster_role_is_the_operators_rules_bound_to_its_account() -> None:
+    docs = render("default")
+    role = one(docs, "ClusterRole")
+    assert role["rules"] == [dict(r) for r in rbac.RULES]
+    binding = one(docs, "ClusterRoleBinding")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    sa = one(docs, "ServiceAccount")
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": "tp"}
+    ]
+    dep = one(docs, "Deployment", "operator")
+    assert dep["spec"]["template"]["spec"]["serviceAccountName"] == sa["metadata"]["name"]
+    assert not of_kind(render("default", "--set", "rbac.create=false"), "ClusterRole")
+
+
+def test_network_policy_opens_only_the_gateway_port() -> None:
+    policies = of_kind(render("kind"), "NetworkPolicy")
+    assert {p["spec"]["policyTypes"][0] for p in policies} == {"Ingress"}
+    gateway = one(tuple(policies), "NetworkPolicy", "gateway")
+    assert gateway["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "gateway"
+    assert gateway["spec"]["ingress"] == [{"ports": [{"port": 8080, "protocol": "TCP"}]}]
+    internal = one(tuple(policies), "NetworkPolicy", "internal")
+    (rule,) = internal["spec"]["ingress"]
+    assert rule["from"] == [
+        {"podSelector": {"matchLabels": {"app.kubernetes.io/part-of": "tagpipe"}}}
+    ]
+    assert not of_kind(render("default"), "NetworkPolicy")
+
+
+def test_bundled_nats_keeps_jetstream_on_a_pvc() -> None:
+    docs = render("kind")
+    sts = one(docs, "StatefulSet", "nats")
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    assert claim["spec"]["resources"]["requests"]["storage"] == "2Gi"
+    conf = one(docs, "ConfigMap", "nats")["data"]["nats.conf"]
+    assert "store_dir: /data" in conf and "max_payload: 8MB" in conf
+    assert not [d for d in render("default") if "nats" in d["metadata"]["name"]]
+
+
+def test_helm_test_pod_calls_gateway_readyz() -> None:
+    pod = one(render("kind"), "Pod")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    script = pod["spec"]["containers"][0]["command"][-1]
+    assert "http://ci-gateway.tp.svc:80/readyz" in script
+
+
+def test_values_schema_refuses_unsafe_or_unknown_values() -> None:
+    for bad in (
+        "operator.containerSecurityContext.privileged=true",
+        "operator.podSecurityContext.runAsNonRoot=false",
+        "images.pullPolicy=Sometimes",
+        "externalNats.url=http://nats:4222",
+        "nats.enabledd=true",
+    ):
+        proc = helm("template", "rel", str(CHART), "--set", bad)
+        assert proc.returncode != 0, bad
+        assert "schema" in proc.stderr, proc.stderr
+
+
+def test_dashboard_configmap_only_when_enabled_and_file_present() -> None:
+    has_file = (CHART / "files" / "dashboard.json").is_file()
+    names = [d["metadata"]["name"] for d in of_kind(render("full"), "ConfigMap")]
+    assert any("dashboard" in n for n in names) is has_file
+    assert not [n for n in map(str, render("default")) if "grafana_dashboard" in n]
