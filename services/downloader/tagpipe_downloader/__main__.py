@@ -1,0 +1,87 @@
+"""`tagpipe-downloader`: run the download worker with its health endpoints.
+
+SIGTERM/SIGINT stop the pulling, let in-flight items finish (bounded by
+TAGPIPE_DRAIN_TIMEOUT_S), then exit 0, so a rolling update loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+from aiohttp import web
+from redis.asyncio import Redis
+from tagpipe_common import telemetry
+from tagpipe_common.nats_io import connect_nats
+from tagpipe_common.settings import load_settings
+
+from tagpipe_downloader.fetch import Fetcher
+from tagpipe_downloader.settings import DownloaderSettings
+from tagpipe_downloader.worker import DownloadWorker
+
+log = logging.getLogger("tagpipe.downloader")
+
+
+def health_app(worker: DownloadWorker) -> web.Application:
+    async def healthz(_req: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "inflight": worker.inflight})
+
+    async def readyz(_req: web.Request) -> web.Response:
+        problems = []
+        if not worker.nc.is_connected:
+            problems.append("nats disconnected")
+        if not worker.bound:
+            problems.append("download consumers not bound")
+        try:
+            async with asyncio.timeout(1.0):
+                await worker.redis.ping()  # type: ignore[misc]
+        except Exception as exc:
+            problems.append(f"redis: {type(exc).__name__}")
+        status = 503 if problems else 200
+        return web.json_response({"ready": not problems, "problems": problems}, status=status)
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app
+
+
+async def serve(settings: DownloaderSettings) -> None:
+    nc = await connect_nats(settings.nats_servers, "tagpipe-downloader")
+    redis_client = Redis.from_url(settings.redis_url)
+    pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")
+    runner: web.AppRunner | None = None
+    try:
+        async with Fetcher(settings.fetch_config()) as fetcher:
+            worker = DownloadWorker(settings, nc, redis_client, fetcher, pool)
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, worker.stop)
+            if settings.health_port:
+                runner = web.AppRunner(health_app(worker), access_log=None)
+                await runner.setup()
+                await web.TCPSite(runner, settings.health_host, settings.health_port).start()
+            log.info("downloader started", extra={"fields": {"geometry": str(worker.geometry)}})
+            await worker.run()
+            log.info("downloader stopped cleanly")
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        with contextlib.suppress(Exception):
+            await nc.drain()
+        await redis_client.aclose()
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def main() -> None:
+    settings = load_settings(DownloaderSettings)
+    telemetry.setup_logging("downloader", settings.log_level, settings.log_json)
+    telemetry.setup_tracing("tagpipe-downloader")
+    asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

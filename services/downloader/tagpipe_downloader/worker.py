@@ -1,0 +1,308 @@
+"""The download worker: JetStream download tasks in, preprocessed uint8 crops out.
+
+One message, one outcome: either an InferenceTask is published (and
+acknowledged by JetStream) before the download message is acked, or an error
+TagResult is written through ResultStore (exactly once, SET NX) before it is
+acked. Transient faults NAK with a delay, except on the final delivery, where
+they become error results, so no item is left unseen in the stream. When Redis
+or NATS themselves are down nothing is acked: the worker retries with backoff
+and, past its budget, NAKs so JetStream redelivers later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+import nats.errors
+import redis.exceptions
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js.client import JetStreamContext
+from redis.asyncio import Redis
+from tagpipe_common import telemetry
+from tagpipe_common.errors import ErrorCode, PermanentError, RetryableError
+from tagpipe_common.keys import JOB_STATE_CANCELLED, RedisKeys
+from tagpipe_common.messages import (
+    DownloadTask,
+    InferenceTask,
+    MessageDecodeError,
+    SchemaVersionError,
+    StageTimings,
+    TagResult,
+)
+from tagpipe_common.results import ResultStore
+from tagpipe_common.streams import is_final_delivery
+from tagpipe_common.subjects import HDR_MSG_ID, HDR_SCHEMA, LANES, Lane, Stage, stage_names
+
+from tagpipe_downloader.decode import Decoded, decode_image
+from tagpipe_downloader.fetch import Fetcher
+from tagpipe_downloader.settings import DownloaderSettings
+
+log = logging.getLogger("tagpipe.downloader")
+T = TypeVar("T")
+
+_INFRA_ERRORS = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    nats.errors.Error,
+    TimeoutError,
+)
+
+
+class InfraUnavailable(Exception):
+    """Redis or NATS stayed unreachable for the whole retry budget."""
+
+
+class DownloadWorker:
+    def __init__(
+        self,
+        settings: DownloaderSettings,
+        nc: Client,
+        redis_client: Redis,
+        fetcher: Fetcher,
+        pool: ThreadPoolExecutor,
+    ) -> None:
+        self.s = settings
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream()
+        self.redis = redis_client
+        self.keys = RedisKeys(settings.prefix)
+        self.store = ResultStore(redis_client, self.keys, ttl_s=settings.result_ttl_s)
+        self.fetcher = fetcher
+        self.pool = pool
+        self.geometry = settings.geometry()
+        self.download = stage_names(Stage.DOWNLOAD, settings.prefix)
+        self.infer = stage_names(Stage.INFER, settings.prefix)
+        self._slots = asyncio.Semaphore(settings.max_inflight)
+        self._publishes = asyncio.Semaphore(settings.max_pending_publishes)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._job_states: dict[str, tuple[float, str | None]] = {}
+        self._stopping = asyncio.Event()
+        self.bound = False
+        self.tracer = telemetry.tracer("tagpipe.downloader")
+
+    # --- lifecycle --------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop pulling new work; `run` returns once in-flight items are done."""
+        self._stopping.set()
+
+    @property
+    def inflight(self) -> int:
+        return len(self._tasks)
+
+    async def run(self) -> None:
+        subs = await self._bind()
+        while not self._stopping.is_set():
+            await self._slots.acquire()  # pull only what we can start right away
+            self._slots.release()
+            free = self.s.max_inflight - len(self._tasks)
+            batch = await self._next_batch(subs, min(free, self.s.fetch_batch))
+            for msg, lane in batch:
+                await self._slots.acquire()
+                task = asyncio.create_task(self._guarded(msg, lane))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        if self._tasks:
+            log.info("draining %d in-flight items", len(self._tasks))
+            await asyncio.wait(set(self._tasks), timeout=self.s.drain_timeout_s)
+        for sub in subs.values():
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _bind(self) -> dict[Lane, JetStreamContext.PullSubscription]:
+        # Bind to the durables the operator created; never invent a consumer
+        # with default (wrong) ack_wait / max_deliver.
+        delay = 0.5
+        while True:
+            try:
+                for lane in LANES:
+                    await self.js.consumer_info(self.download.stream, self.download.consumer(lane))
+                break
+            except (nats.errors.Error, TimeoutError) as exc:
+                log.warning("download consumers not ready (%s); retrying", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+        subs = {
+            lane: await self.js.pull_subscribe_bind(
+                durable=self.download.consumer(lane), stream=self.download.stream
+            )
+            for lane in LANES
+        }
+        self.bound = True
+        return subs
+
+    async def _next_batch(
+        self, subs: dict[Lane, JetStreamContext.PullSubscription], n: int
+    ) -> list[tuple[Msg, Lane]]:
+        """Real-time first: bulk is only asked for when real-time has nothing."""
+        for i, lane in enumerate(LANES):
+            last = i == len(LANES) - 1
+            try:
+                msgs = await subs[lane].fetch(n, timeout=self.s.lane_poll_s if last else 0.02)
+            except (nats.errors.TimeoutError, TimeoutError):
+                continue
+            except nats.errors.Error as exc:
+                log.warning("fetch from %s failed: %s", lane.value, exc)
+                await asyncio.sleep(0.5)
+                return []
+            if msgs:
+                return [(m, lane) for m in msgs]
+        return []
+
+    # --- one message ------------------------------------------------------------
+
+    async def _guarded(self, msg: Msg, lane: Lane) -> None:
+        try:
+            await self._handle(msg, lane)
+        except Exception:
+            # A bug must not kill the worker; the message is redelivered after ack_wait.
+            log.exception("unexpected failure handling a download task")
+        finally:
+            self._slots.release()
+
+    async def _handle(self, msg: Msg, lane: Lane) -> None:
+        try:
+            task = DownloadTask.from_json(msg.data)
+        except (MessageDecodeError, SchemaVersionError) as exc:
+            log.error("unreadable download task, terminating it: %s", exc)
+            await msg.term()
+            return
+        item_token = telemetry.item_id_var.set(task.item_id)
+        request_token = telemetry.request_id_var.set(task.request_id)
+        job_token = telemetry.job_id_var.set(task.job_id)
+        keepalive = asyncio.create_task(self._keep_alive(msg))
+        ctx = telemetry.extract_context(msg.headers)
+        try:
+            with self.tracer.start_as_current_span("download", context=ctx) as span:
+                span.set_attribute("tagpipe.item_id", task.item_id)
+                await self._process(msg, task, lane)
+        finally:
+            keepalive.cancel()
+            telemetry.item_id_var.reset(item_token)
+            telemetry.request_id_var.reset(request_token)
+            telemetry.job_id_var.reset(job_token)
+
+    async def _keep_alive(self, msg: Msg) -> None:
+        """Extend the lease of a slow item instead of letting JetStream redeliver it."""
+        while True:
+            await asyncio.sleep(self.s.progress_interval_s)
+            with contextlib.suppress(Exception):
+                await msg.in_progress()
+
+    async def _process(self, msg: Msg, task: DownloadTask, lane: Lane) -> None:
+        timings = StageTimings(download_queue_ms=max(0.0, (time.time() - task.enqueued_at) * 1000))
+        try:
+            try:
+                if await self._cancelled(task):
+                    raise PermanentError(ErrorCode.CANCELLED, "the job was cancelled")
+                data = await self._source_bytes(task, timings)
+                decoded = await self._decode(data)
+                timings.decode_ms, timings.preprocess_ms = decoded.decode_ms, decoded.preprocess_ms
+                await self._infra(lambda: self._publish(task, lane, decoded, timings))
+            except PermanentError as exc:
+                await self._fail(task, exc.code, exc.message, timings)
+            except RetryableError as exc:
+                if not is_final_delivery(msg, self.s.max_deliver):
+                    log.info("transient %s, retrying in %.1fs", exc.code, exc.delay_s)
+                    await msg.nak(delay=exc.delay_s)
+                    return
+                await self._fail(task, exc.code, f"{exc.message} (retries exhausted)", timings)
+            try:
+                await msg.ack()
+            except _INFRA_ERRORS as exc:
+                # Redelivery is harmless: Msg-Id dedupe and SET NX absorb the repeat.
+                log.warning("ack failed (%s); the item will be redelivered", exc)
+                return  # keep the blob: the redelivery may still need it
+            await self._drop_blob(task)
+        except InfraUnavailable as exc:
+            log.warning("infrastructure unavailable, leaving the item for redelivery: %s", exc)
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=self.s.transient_nak_delay_s)
+
+    async def _cancelled(self, task: DownloadTask) -> bool:
+        if task.job_id is None:
+            return False
+        now = time.monotonic()
+        cached = self._job_states.get(task.job_id)
+        if cached is None or cached[0] < now:
+            state = await self._infra(lambda: self.store.job_state(task.job_id or ""))
+            if len(self._job_states) > 10_000:
+                self._job_states.clear()
+            cached = (now + self.s.job_state_cache_s, state)
+            self._job_states[task.job_id] = cached
+        return cached[1] == JOB_STATE_CANCELLED
+
+    async def _source_bytes(self, task: DownloadTask, timings: StageTimings) -> bytes:
+        if task.url is not None:
+            result = await self.fetcher.fetch(task.url)
+            timings.connect_ms, timings.download_ms = result.connect_ms, result.download_ms
+            return result.body
+        t0 = time.perf_counter()
+        blob = await self._infra(lambda: self.redis.get(self.keys.blob(task.item_id)))
+        timings.download_ms = (time.perf_counter() - t0) * 1000
+        if blob is None:
+            raise PermanentError(ErrorCode.BLOB_MISSING, "uploaded bytes expired or missing")
+        if len(blob) > self.s.max_bytes:
+            raise PermanentError(ErrorCode.TOO_LARGE, f"upload over {self.s.max_bytes} bytes")
+        return bytes(blob)
+
+    async def _decode(self, data: bytes) -> Decoded:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self.pool, decode_image, data, self.geometry, self.s.max_pixels
+        )
+
+    async def _publish(
+        self, task: DownloadTask, lane: Lane, decoded: Decoded, timings: StageTimings
+    ) -> None:
+        out = InferenceTask(
+            **task.ref(),
+            shape=(self.geometry.crop, self.geometry.crop, 3),
+            source=task.source,
+            options=task.options,
+            timings=timings,
+            pixels=decoded.pixels.tobytes(),
+        )
+        # Msg-Id dedupes a republish after a crash between publish and ack.
+        headers = telemetry.inject_headers({HDR_MSG_ID: task.item_id, HDR_SCHEMA: str(out.v)})
+        async with self._publishes:
+            await self.js.publish(
+                self.infer.subject(lane),
+                out.to_wire(),
+                timeout=self.s.publish_timeout_s,
+                headers=headers,
+            )
+
+    async def _fail(self, task: DownloadTask, code: str, message: str, t: StageTimings) -> None:
+        result = TagResult.error(task, code, message, source=task.source, timings=t)
+        await self._infra(lambda: self.store.record(result))
+        telemetry.log_item_timings(
+            log,
+            {"status": "error", "code": code, "source": task.source, **t.model_dump()},
+        )
+
+    async def _drop_blob(self, task: DownloadTask) -> None:
+        if task.blob_key is not None:
+            with contextlib.suppress(*_INFRA_ERRORS):
+                await self.redis.delete(self.keys.blob(task.item_id))
+
+    async def _infra(self, op: Callable[[], Awaitable[T]]) -> T:
+        """Run a Redis/NATS call, retrying with backoff while they are unreachable."""
+        deadline = time.monotonic() + self.s.infra_retry_budget_s
+        delay = 0.1
+        while True:
+            try:
+                return await op()
+            except _INFRA_ERRORS as exc:
+                if time.monotonic() + delay > deadline or self._stopping.is_set():
+                    raise InfraUnavailable(f"{type(exc).__name__}: {exc}") from exc
+                log.warning("redis/nats call failed (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)

@@ -1,0 +1,287 @@
+"""The download worker end to end: real NATS JetStream, real Redis, a real local
+aiohttp image server. Every case ends in an error result with the right code or
+in a correct tensor on the inference stream.
+
+The image server listens on 127.0.0.2 and only 127.0.0.2/32 is allowlisted, so
+127.0.0.1 (and everything else private) stays blocked, as in production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytest
+from nats.aio.client import Client
+from nats.js.client import JetStreamContext
+from PIL import Image
+from redis.asyncio import Redis
+from tagpipe_cli.servers import ServerProcess
+from tagpipe_common.keys import JOB_STATE, JOB_TOTAL, RedisKeys
+from tagpipe_common.messages import DownloadTask, InferenceTask, TagResult
+from tagpipe_common.nats_io import connect_nats
+from tagpipe_common.results import ResultStore
+from tagpipe_common.subjects import LANES, Lane, Stage, stage_names
+from tagpipe_downloader.decode import Geometry, decode_image
+from tagpipe_downloader.fetch import Fetcher
+from tagpipe_downloader.settings import DownloaderSettings
+from tagpipe_downloader.worker import DownloadWorker
+
+from bench.imageserver import ImageServer, bomb_png, exif_rotated_jpeg, make_jpeg
+
+pytestmark = pytest.mark.integration
+
+DOWNLOAD = stage_names(Stage.DOWNLOAD)
+INFER = stage_names(Stage.INFER)
+
+
+@dataclass
+class Harness:
+    js: JetStreamContext
+    store: ResultStore
+    redis: Redis
+    images: ImageServer
+    worker: DownloadWorker
+    infer_subs: dict[Lane, Any]
+    tensors: dict[str, InferenceTask] = field(default_factory=dict)
+
+    async def submit(self, url: str | None = None, *, lane: Lane = Lane.REALTIME, **kw: Any) -> str:
+        item_id = uuid.uuid4().hex
+        owner = {"job_id": kw.pop("job_id")} if "job_id" in kw else {"request_id": "r1"}
+        task = DownloadTask(item_id=item_id, url=url, lane=lane, **owner, **kw)
+        await self.js.publish(DOWNLOAD.subject(lane), task.to_json())
+        return item_id
+
+    async def outcome(self, item_id: str, timeout_s: float = 15.0) -> InferenceTask | TagResult:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                if item_id in self.tensors:
+                    return self.tensors[item_id]
+                result = await self.store.get(item_id)
+                if result is not None:
+                    return result
+                for sub in self.infer_subs.values():
+                    try:
+                        msgs = await sub.fetch(10, timeout=0.05)
+                    except TimeoutError:
+                        continue
+                    for m in msgs:
+                        t = InferenceTask.from_wire(m.data)
+                        self.tensors[t.item_id] = t
+                        await m.ack()
+
+    async def code(self, url: str, **kw: Any) -> str | None:
+        out = await self.outcome(await self.submit(url, **kw))
+        assert isinstance(out, TagResult), f"expected an error result, got a tensor for {url}"
+        assert out.status == "error"
+        return out.code
+
+    async def tensor(self, url: str | None, **kw: Any) -> np.ndarray:
+        out = await self.outcome(await self.submit(url, **kw))
+        assert isinstance(out, InferenceTask), f"expected a tensor, got {out}"
+        assert out.shape == (224, 224, 3) and len(out.pixels) == out.expected_nbytes()
+        return np.frombuffer(out.pixels, np.uint8).reshape(out.shape)
+
+
+Start = Callable[..., Awaitable[Harness]]
+
+
+@pytest.fixture
+async def start(
+    nats_proc: ServerProcess, redis_proc: ServerProcess, js: JetStreamContext, redis: Redis
+) -> AsyncIterator[Start]:
+    stack: list[tuple[DownloadWorker, asyncio.Task[None], Client, Any, ImageServer, Redis]] = []
+
+    async def _start(**overrides: Any) -> Harness:
+        cfg: dict[str, Any] = {
+            "nats_url": nats_proc.url,
+            "redis_url": redis_proc.url,
+            "allow_cidrs": "127.0.0.2/32",
+            "max_deliver": 3,  # as the `policy` fixture
+            "connect_timeout_s": 1.0,
+            "read_timeout_s": 1.0,
+            "total_timeout_s": 1.0,
+            "fetch_retries": 1,
+            "max_bytes": 2 * 1024 * 1024,
+            "transient_nak_delay_s": 0.1,
+            "progress_interval_s": 0.5,
+            "decode_workers": 2,
+            "health_port": 0,
+        }
+        settings = DownloaderSettings(**(cfg | overrides))
+        images = await ImageServer(host="127.0.0.2").__aenter__()
+        nc = await connect_nats(settings.nats_servers, "downloader-under-test")
+        wredis = Redis.from_url(settings.redis_url)
+        fetcher = await Fetcher(settings.fetch_config()).__aenter__()
+        worker = DownloadWorker(settings, nc, wredis, fetcher, ThreadPoolExecutor(2))
+        run = asyncio.create_task(worker.run())
+        stack.append((worker, run, nc, fetcher, images, wredis))
+        subs = {
+            lane: await js.pull_subscribe_bind(durable=INFER.consumer(lane), stream=INFER.stream)
+            for lane in LANES
+        }
+        store = ResultStore(redis, RedisKeys(), ttl_s=600)
+        return Harness(js, store, redis, images, worker, subs)
+
+    yield _start
+    for worker, run, nc, fetcher, images, wredis in stack:
+        worker.stop()
+        await asyncio.wait_for(run, 10)
+        await fetcher.__aexit__(None, None, None)
+        await nc.close()
+        await wredis.aclose()
+        await images.__aexit__(None, None, None)
+        worker.pool.shutdown(wait=False)
+
+
+@pytest.fixture
+async def h(start: Start) -> Harness:
+    return await start()
+
+
+def png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def mean_rgb(px: np.ndarray) -> np.ndarray:
+    return px.reshape(-1, 3).mean(axis=0)
+
+
+async def test_jpeg_with_wrong_content_type_is_accepted(h: Harness) -> None:
+    data = make_jpeg(640, 480, seed=1)
+    url = h.images.add("photo", data, content_type="text/plain")
+    px = await h.tensor(url)
+    assert np.array_equal(px, decode_image(data, Geometry(), 50_000_000).pixels)
+    task = h.tensors[next(iter(h.tensors))]
+    assert task.timings.download_ms is not None and task.timings.decode_ms is not None
+    assert task.timings.download_queue_ms is not None and task.source == url
+
+
+async def test_slow_server_times_out_on_the_final_delivery(start: Start) -> None:
+    h = await start(fetch_retries=0)
+    h.images.add("x", make_jpeg(64, 64))
+    assert await h.code(h.images.url("/slow?delay_s=3&name=x")) == "download_timeout"
+    assert len(h.images.hits["/slow"]) == 3  # one per delivery (max_deliver=3), then a result
+
+
+async def test_endless_body_is_too_large(h: Harness) -> None:
+    assert await h.code(h.images.url("/endless")) == "too_large"
+
+
+async def test_html_served_as_jpeg_is_refused(h: Harness) -> None:
+    url = h.images.add("page", b"<!doctype html><html><body>gone</body></html>", "image/jpeg")
+    assert await h.code(url) == "not_an_image"
+
+
+async def test_redirect_to_loopback_is_blocked(h: Harness) -> None:
+    h.images.add("x", make_jpeg(64, 64))
+    target = f"http://127.0.0.1:{h.images.port}/img/x"
+    assert await h.code(h.images.url(f"/redirect?to={target}")) == "blocked_address"
+
+
+async def test_redirect_to_metadata_ip_is_blocked(h: Harness) -> None:
+    url = h.images.url("/redirect?to=http://169.254.169.254/latest/meta-data/")
+    assert await h.code(url) == "blocked_address"
+
+
+async def test_redirect_loop(h: Harness) -> None:
+    assert await h.code(h.images.url("/loop/a")) == "redirect_loop"
+
+
+async def test_truncated_jpeg(h: Harness) -> None:
+    data = make_jpeg(640, 480)
+    assert await h.code(h.images.add("cut", data[: len(data) // 2])) == "decode_error"
+
+
+async def test_png_with_alpha_is_composited_on_white(h: Harness) -> None:
+    img = Image.new("RGBA", (300, 300), (0, 0, 0, 0))
+    img.paste((200, 0, 0, 255), (0, 0, 300, 150))
+    px = await h.tensor(h.images.add("alpha", png(img), "image/png"))
+    assert np.allclose(mean_rgb(px[:90]), (200, 0, 0), atol=3)
+    assert np.allclose(mean_rgb(px[-90:]), (255, 255, 255), atol=3)
+
+
+async def test_exif_rotated_jpeg_comes_out_upright(h: Harness) -> None:
+    px = await h.tensor(h.images.add("rot", exif_rotated_jpeg(1200, 600, orientation=6)))
+    assert np.allclose(mean_rgb(px[:80]), (230, 20, 20), atol=12)  # red on top
+    assert np.allclose(mean_rgb(px[-80:]), (20, 20, 230), atol=12)  # blue below
+
+
+async def test_429_with_retry_after_is_honoured(h: Harness) -> None:
+    h.images.add("ok", make_jpeg(320, 240))
+    px = await h.tensor(h.images.url("/flaky/k429/1/429?retry_after=1&name=ok"))
+    assert px.shape == (224, 224, 3)
+    first, second = h.images.hits["/flaky/k429/1/429"]
+    assert second - first >= 0.95  # waited as told, not the sub-second backoff
+
+
+async def test_decompression_bomb(h: Harness) -> None:
+    assert await h.code(h.images.add("bomb", bomb_png(20000, 20000), "image/png")) == (
+        "image_too_many_pixels"
+    )
+
+
+async def test_404(h: Harness) -> None:
+    assert await h.code(h.images.url("/status/404")) == "http_404"
+    assert len(h.images.hits["/status/404"]) == 1  # 4xx is never retried
+
+
+async def test_503_every_time_ends_as_an_error_result(start: Start) -> None:
+    h = await start(fetch_retries=0)
+    assert await h.code(h.images.url("/status/503")) == "http_503"
+    assert len(h.images.hits["/status/503"]) == 3
+
+
+async def test_uploaded_blob_is_decoded_and_deleted(h: Harness) -> None:
+    data = png(Image.new("RGB", (50, 40), (0, 200, 0)))
+    item_id = uuid.uuid4().hex
+    key = RedisKeys().blob(item_id)
+    await h.redis.set(key, data)
+    task = DownloadTask(item_id=item_id, request_id="r", blob_key=key)
+    await h.js.publish(DOWNLOAD.subject(Lane.REALTIME), task.to_json())
+    out = await h.outcome(item_id)
+    assert isinstance(out, InferenceTask) and out.source == f"upload:{item_id}"
+    assert np.allclose(mean_rgb(np.frombuffer(out.pixels, np.uint8)), (0, 200, 0), atol=2)
+    assert await h.redis.exists(key) == 0
+
+
+async def test_missing_blob(h: Harness) -> None:
+    item_id = uuid.uuid4().hex
+    task = DownloadTask(item_id=item_id, request_id="r", blob_key=RedisKeys().blob(item_id))
+    await h.js.publish(DOWNLOAD.subject(Lane.REALTIME), task.to_json())
+    out = await h.outcome(item_id)
+    assert isinstance(out, TagResult) and out.code == "blob_missing"
+
+
+async def test_cancelled_job_items_end_as_cancelled(h: Harness) -> None:
+    await h.redis.hset(RedisKeys().job("j1"), mapping={JOB_STATE: "cancelled", JOB_TOTAL: 1})
+    url = h.images.add("x", make_jpeg(64, 64))
+    assert await h.code(url, job_id="j1", lane=Lane.BULK) == "cancelled"
+    assert h.images.hits == {}  # nothing was fetched for a cancelled job
+    assert await h.redis.hget(RedisKeys().job("j1"), "cancelled") == b"1"
+
+
+async def test_bulk_items_go_to_the_bulk_infer_lane(h: Harness) -> None:
+    await h.redis.hset(RedisKeys().job("j2"), mapping={JOB_STATE: "running", JOB_TOTAL: 1})
+    item_id = await h.submit(h.images.add("x", make_jpeg(300, 200)), job_id="j2", lane=Lane.BULK)
+    out = await h.outcome(item_id)
+    assert isinstance(out, InferenceTask) and out.lane == Lane.BULK and out.job_id == "j2"
+
+
+async def test_stop_finishes_in_flight_items(h: Harness) -> None:
+    h.images.add("x", make_jpeg(64, 64))
+    item_id = await h.submit(h.images.url("/slow?delay_s=0.6&name=x"))
+    async with asyncio.timeout(5):
+        while not h.images.hits["/slow"]:  # noqa: ASYNC110 - polling a plain list
+            await asyncio.sleep(0.02)
+    h.worker.stop()  # what SIGTERM does
+    out = await h.outcome(item_id)
+    assert isinstance(out, InferenceTask)
