@@ -5,7 +5,7 @@ create or patch them. Two rules keep the operator from fighting itself:
 
 * `spec.replicas` of a Deployment is written on create only. Afterwards the
   operator's scaler is its single writer, through the `deployments/scale`
-  subresource, so `patch_body()` strips it from every converge patch.
+  subresource, and `patch_ops()` never names it.
 * Pod templates carry a checksum of the rendered configuration, so a config
   change rolls the pods and an unchanged spec patches to a no-op.
 """
@@ -37,6 +37,8 @@ API_KEYS_MOUNT = "/var/run/tagpipe/api-keys"
 GATEWAY_PORT = 8080
 METRICS_PORT = 9090
 RUN_AS = 10001
+# `<name>-gateway` must fit a 63-character Service name, and the name is a label value.
+MAX_NAME = 63 - len("-gateway")
 COMMANDS = {
     "gateway": "tagpipe-gateway",
     "downloader": "tagpipe-downloader",
@@ -305,9 +307,35 @@ def render(name: str, namespace: str, uid: str, spec: TagPipelineSpec) -> list[M
     ]
 
 
-def patch_body(manifest: Manifest) -> Manifest:
-    """The converge patch for an existing child: everything but the scaler's field."""
-    body = copy.deepcopy(manifest)
-    if body.get("kind") == "Deployment":
-        body["spec"].pop("replicas", None)
-    return body
+# What converge owns in an existing child, per kind: replaced wholesale by a JSON
+# patch, so a field removed from the spec is removed from the child too (a merge
+# patch would keep stale map keys such as an old nodeSelector entry).
+OWNED_PATHS: dict[str, tuple[str, ...]] = {
+    "Deployment": ("/spec/template",),
+    "Service": ("/spec/type", "/spec/ports", "/spec/selector"),
+    "ConfigMap": ("/data",),
+    "PodDisruptionBudget": ("/spec",),
+    "ServiceAccount": ("/automountServiceAccountToken",),
+}
+
+
+def patch_ops(manifest: Manifest) -> list[Manifest]:
+    """The converge patch (RFC 6902) for an existing child.
+
+    Never touches a Deployment's `spec.replicas` (the scaler's field) nor its
+    immutable selector. `add` on an existing member replaces it.
+    """
+    ops: list[Manifest] = [
+        {"op": "add", "path": "/metadata/labels", "value": manifest["metadata"]["labels"]},
+        {
+            "op": "add",
+            "path": "/metadata/ownerReferences",
+            "value": manifest["metadata"]["ownerReferences"],
+        },
+    ]
+    for path in OWNED_PATHS[manifest["kind"]]:
+        node: Any = manifest
+        for part in path.strip("/").split("/"):
+            node = node[part]
+        ops.append({"op": "add", "path": path, "value": copy.deepcopy(node)})
+    return ops

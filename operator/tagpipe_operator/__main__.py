@@ -1,0 +1,47 @@
+"""`tagpipe-operator`: run the TagPipeline operator (one replica, Recreate).
+
+Why one replica: kopf peering is not leader election, so two replicas could
+both scale the same Deployment. Restarts are safe because the operator keeps
+no state that matters: children converge idempotently (create or patch),
+replicas live in the Deployments, kopf's progress lives in the CR's
+annotations/status, and the scaler's lost history only delays scale-downs by
+one window (decide() never scales down before seeing a full window).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import kopf
+from prometheus_client import start_http_server
+from tagpipe_common.settings import load_settings
+
+from tagpipe_operator.handlers import register
+from tagpipe_operator.settings import OperatorSettings
+
+
+def main() -> None:
+    settings = load_settings(OperatorSettings)
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port)
+    registry, memo = kopf.OperatorRegistry(), kopf.Memo()
+    register(registry, settings, memo)
+    liveness = f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None
+    asyncio.run(
+        kopf.operator(
+            registry=registry,
+            memo=memo,
+            standalone=True,
+            clusterwide=settings.namespace is None,
+            namespaces=[settings.namespace] if settings.namespace else (),
+            liveness_endpoint=liveness,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""A small typed async Kubernetes client on aiohttp.
+
+It speaks plain REST with the credentials kopf's login produced (a
+`kopf.ConnectionInfo`), so it works the same against a real API server and
+against kmock. Only what the operator needs: get, create, merge-patch, delete,
+and the `scale` subresource. Every call it can make is listed in `rbac.py`.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import kopf
+
+Obj = dict[str, Any]
+
+# kind -> (API path prefix, plural); the only kinds the operator touches.
+KINDS: dict[str, tuple[str, str]] = {
+    "Deployment": ("/apis/apps/v1", "deployments"),
+    "Service": ("/api/v1", "services"),
+    "ConfigMap": ("/api/v1", "configmaps"),
+    "ServiceAccount": ("/api/v1", "serviceaccounts"),
+    "PodDisruptionBudget": ("/apis/policy/v1", "poddisruptionbudgets"),
+    "Secret": ("/api/v1", "secrets"),
+    "TagPipeline": ("/apis/tagpipe.io/v1alpha1", "tagpipelines"),
+}
+
+MERGE_PATCH = "application/merge-patch+json"
+JSON_PATCH = "application/json-patch+json"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, method: str, path: str, body: str) -> None:
+        super().__init__(f"{method} {path}: HTTP {status}: {body[:300]}")
+        self.status = status
+
+
+def path_for(kind: str, namespace: str, name: str | None = None, sub: str | None = None) -> str:
+    prefix, plural = KINDS[kind]
+    path = f"{prefix}/namespaces/{namespace}/{plural}"
+    if name is not None:
+        path += f"/{name}"
+    if sub is not None:
+        path += f"/{sub}"
+    return path
+
+
+@dataclass
+class KubeClient:
+    session: aiohttp.ClientSession
+    server: str
+
+    @classmethod
+    def from_connection(cls, info: kopf.ConnectionInfo, timeout_s: float = 30.0) -> KubeClient:
+        connector = aiohttp.TCPConnector(ssl=info.as_ssl_context(), limit=16)
+        session = aiohttp.ClientSession(
+            connector=connector,
+            headers=info.as_http_headers(),
+            timeout=aiohttp.ClientTimeout(total=timeout_s),
+        )
+        return cls(session=session, server=info.server.rstrip("/"))
+
+    async def close(self) -> None:
+        await self.session.close()
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        body: Obj | list[Obj] | None = None,
+        content_type: str | None = None,
+    ) -> Obj:
+        headers = {"Content-Type": content_type or "application/json"}
+        async with self.session.request(
+            method, self.server + path, json=body, headers=headers
+        ) as resp:
+            if resp.status >= 400:
+                raise ApiError(resp.status, method, path, await resp.text())
+            data = await resp.json(content_type=None)
+            return data if isinstance(data, dict) else {}
+
+    async def get(self, kind: str, namespace: str, name: str, sub: str | None = None) -> Obj | None:
+        """The object, or None when it does not exist."""
+        try:
+            return await self._call("GET", path_for(kind, namespace, name, sub))
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    async def create(self, obj: Obj) -> Obj:
+        meta = obj["metadata"]
+        return await self._call("POST", path_for(obj["kind"], meta["namespace"]), obj)
+
+    async def patch(
+        self, kind: str, namespace: str, name: str, body: Obj | list[Obj], sub: str | None = None
+    ) -> Obj:
+        """A merge patch (dict body) or a JSON patch (list of RFC 6902 operations)."""
+        path = path_for(kind, namespace, name, sub)
+        kind_of_patch = JSON_PATCH if isinstance(body, list) else MERGE_PATCH
+        return await self._call("PATCH", path, body, kind_of_patch)
+
+    async def delete(self, kind: str, namespace: str, name: str) -> None:
+        try:
+            await self._call("DELETE", path_for(kind, namespace, name))
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+
+    async def apply(self, obj: Obj, patch_body: list[Obj]) -> str:
+        """Create the object, or JSON-patch it with `patch_body` when it exists.
+
+        Returns "created" or "patched". A 409 on create (someone created it in
+        between) falls through to the patch: re-read and retry, never fail.
+        """
+        meta = obj["metadata"]
+        existing = await self.get(obj["kind"], meta["namespace"], meta["name"])
+        if existing is None:
+            try:
+                await self.create(obj)
+                return "created"
+            except ApiError as exc:
+                if exc.status != 409:
+                    raise
+        await self.patch(obj["kind"], meta["namespace"], meta["name"], patch_body)
+        return "patched"
+
+    async def scale(self, namespace: str, name: str) -> tuple[int, int] | None:
+        """(spec replicas, ready replicas) of a Deployment, or None when it is missing."""
+        dep = await self.get("Deployment", namespace, name)
+        if dep is None:
+            return None
+        spec = int(dep.get("spec", {}).get("replicas") or 0)
+        ready = int(dep.get("status", {}).get("readyReplicas") or 0)
+        return spec, ready
+
+    async def set_replicas(self, namespace: str, name: str, replicas: int) -> None:
+        """Through the `scale` subresource: the one write path for replicas."""
+        body = {"spec": {"replicas": replicas}}
+        await self.patch("Deployment", namespace, name, body, sub="scale")
+
+    async def secret_value(self, namespace: str, name: str, key: str) -> str:
+        secret = await self.get("Secret", namespace, name)
+        if secret is None or key not in secret.get("data", {}):
+            raise LookupError(f"secret {namespace}/{name} has no key {key!r}")
+        return base64.b64decode(secret["data"][key]).decode()

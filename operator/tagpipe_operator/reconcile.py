@@ -1,0 +1,199 @@
+"""The operator's I/O: converge children, read backlogs, apply scaling decisions.
+
+Handlers (`handlers.py`) stay thin and call into here; the decisions themselves
+are the pure `render()` and `decide()`. All state the scaler keeps lives in
+`Runtime.scaling`, keyed by (namespace, name, stage). It is lost on restart,
+which is safe: `decide()` refuses to scale down until it has seen a full
+scale-down window again (see scaling.py), and replicas live in the Deployments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import kopf
+import nats
+from nats.aio.client import Client
+from tagpipe_common.streams import StreamPolicy, delete_streams, ensure_streams, stage_backlog
+from tagpipe_common.subjects import Stage
+
+from tagpipe_operator import metrics
+from tagpipe_operator.kube import ApiError, KubeClient
+from tagpipe_operator.render import child_name, patch_ops, render
+from tagpipe_operator.scaling import ScalingContext, ScalingDecision, ScalingState, decide
+from tagpipe_operator.settings import OperatorSettings
+from tagpipe_operator.spec import STAGES, TagPipelineSpec
+
+log = logging.getLogger(__name__)
+
+StateKey = tuple[str, str, str]
+
+
+@dataclass
+class Runtime:
+    """Everything the handlers share, kept in kopf's memo."""
+
+    settings: OperatorSettings
+    preset: kopf.ConnectionInfo | None = None
+    """Credentials given up front (tests); otherwise the login handler finds them."""
+    connection: kopf.ConnectionInfo | None = None
+    kube: KubeClient | None = None
+    nats: dict[str, Client] = field(default_factory=dict)
+    scaling: dict[StateKey, ScalingState] = field(default_factory=dict)
+
+    def client(self) -> KubeClient:
+        if self.kube is None:
+            if self.connection is None:
+                raise kopf.TemporaryError("not logged in to the Kubernetes API yet", delay=1)
+            self.kube = KubeClient.from_connection(self.connection)
+        return self.kube
+
+    async def close(self) -> None:
+        for nc in self.nats.values():
+            with contextlib.suppress(Exception):  # a dead NATS must not block shutdown
+                await asyncio.wait_for(nc.close(), timeout=self.settings.nats_timeout_s)
+        self.nats.clear()
+        if self.kube is not None:
+            await self.kube.close()
+
+
+async def nats_url(rt: Runtime, namespace: str, spec: TagPipelineSpec) -> str:
+    ref = spec.nats.credentials_secret_ref
+    if ref is None:
+        return spec.nats.url
+    return await rt.client().secret_value(namespace, ref.name, ref.key)
+
+
+async def jetstream(rt: Runtime, url: str) -> Any:
+    """A cached connection per URL; bounded, so a dead NATS never hangs a handler."""
+    nc = rt.nats.get(url)
+    if nc is None or nc.is_closed:
+        nc = await nats.connect(
+            servers=[u.strip() for u in url.split(",")],
+            name="tagpipe-operator",
+            connect_timeout=rt.settings.nats_timeout_s,
+            max_reconnect_attempts=2,
+            allow_reconnect=True,
+        )
+        rt.nats[url] = nc
+    return nc.jetstream(timeout=rt.settings.nats_timeout_s)
+
+
+def stream_policy(rt: Runtime, spec: TagPipelineSpec) -> StreamPolicy:
+    base = StreamPolicy.from_settings(rt.settings)
+    return StreamPolicy(**{**base.__dict__, "prefix": spec.nats.prefix})
+
+
+async def converge(
+    rt: Runtime, name: str, namespace: str, uid: str, spec: TagPipelineSpec
+) -> dict[str, str]:
+    """Create or patch every child; returns {object name: 'created'|'patched'}."""
+    done: dict[str, str] = {}
+    for obj in render(name, namespace, uid, spec):
+        done[f"{obj['kind']}/{obj['metadata']['name']}"] = await rt.client().apply(
+            obj, patch_ops(obj)
+        )
+    return done
+
+
+async def ensure_pipeline_streams(rt: Runtime, namespace: str, spec: TagPipelineSpec) -> None:
+    js = await jetstream(rt, await nats_url(rt, namespace, spec))
+    await ensure_streams(js, stream_policy(rt, spec))
+
+
+async def remove_streams(rt: Runtime, namespace: str, spec: TagPipelineSpec) -> list[str]:
+    js = await jetstream(rt, await nats_url(rt, namespace, spec))
+    return await delete_streams(js, spec.nats.prefix)
+
+
+async def recreate_missing(rt: Runtime, body: kopf.Body, spec: TagPipelineSpec) -> list[str]:
+    """Drift correction: a deleted child comes back (create only; no patch storm)."""
+    meta = body["metadata"]
+    kube, recreated = rt.client(), []
+    for obj in render(meta["name"], meta["namespace"], meta["uid"], spec):
+        m = obj["metadata"]
+        if await kube.get(obj["kind"], m["namespace"], m["name"]) is not None:
+            continue
+        try:
+            await kube.create(obj)
+        except ApiError as exc:
+            if exc.status != 409:  # created in between (by converge): nothing to do
+                raise
+        else:
+            recreated.append(f"{obj['kind']}/{m['name']}")
+    return recreated
+
+
+async def read_backlogs(
+    rt: Runtime, namespace: str, spec: TagPipelineSpec
+) -> dict[str, int | None]:
+    """Backlog per operator stage; None where it could not be read (never a guess).
+
+    The gateway scales on the whole pipeline's backlog: its work per item
+    (accepting, publishing, streaming results back) follows the items in flight.
+    """
+    out: dict[str, int | None] = {"downloader": None, "inference": None, "gateway": None}
+    try:
+        async with asyncio.timeout(rt.settings.nats_timeout_s * 2):
+            js = await jetstream(rt, await nats_url(rt, namespace, spec))
+            out["downloader"] = await stage_backlog(js, Stage.DOWNLOAD, spec.nats.prefix)
+            out["inference"] = await stage_backlog(js, Stage.INFER, spec.nats.prefix)
+    except Exception as exc:  # any failure means "unknown": hold, flag, log
+        log.warning("backlog read failed for %s: %r", namespace, exc)
+    if out["downloader"] is not None and out["inference"] is not None:
+        out["gateway"] = out["downloader"] + out["inference"]
+    return out
+
+
+async def scale_stage(
+    rt: Runtime, body: kopf.Body, spec: TagPipelineSpec, stage: str, backlog: int | None
+) -> tuple[ScalingDecision, int] | None:
+    """Decide and apply one stage's replicas. None when its Deployment is missing."""
+    meta = body["metadata"]
+    ns, name = meta["namespace"], meta["name"]
+    dep = child_name(name, stage)
+    observed = await rt.client().scale(ns, dep)
+    if observed is None:
+        return None
+    current, ready = observed
+    key = (ns, name, stage)
+    ctx = ScalingContext(
+        now=time.monotonic(),
+        backlog=backlog,
+        current_replicas=current,
+        policy=spec.stage(stage).scaling_policy(),
+        state=rt.scaling.get(key, ScalingState()),
+        ready_replicas=ready,
+    )
+    decision = decide(ctx)
+    rt.scaling[key] = decision.state
+    if decision.changed:
+        await rt.client().set_replicas(ns, dep, decision.desired_replicas)
+        kopf.event(
+            body,
+            type="Normal",
+            reason=decision.reason.value,
+            message=f"{stage}: {decision.message}",
+        )
+        metrics.SCALE_EVENTS.labels(stage, decision.direction, decision.reason.value).inc()
+    labels = (ns, name, stage)
+    metrics.DESIRED.labels(*labels).set(decision.desired_replicas)
+    metrics.CURRENT.labels(*labels).set(current)
+    if backlog is not None:
+        metrics.BACKLOG.labels(*labels).set(backlog)
+    else:
+        metrics.METRICS_STALE.labels(stage).inc()
+    return decision, ready
+
+
+def forget(rt: Runtime, namespace: str, name: str) -> None:
+    for stage in STAGES:
+        rt.scaling.pop((namespace, name, stage), None)
+        for g in (metrics.BACKLOG, metrics.DESIRED, metrics.CURRENT):
+            with contextlib.suppress(KeyError):
+                g.remove(namespace, name, stage)

@@ -1,0 +1,25 @@
+"""Operator settings (TAGPIPE_ prefix), built once in `main()` and passed down."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field
+from tagpipe_common.settings import CommonSettings
+
+
+class OperatorSettings(CommonSettings):
+    scale_interval_s: Annotated[float, Field(gt=0, le=300)] = 5.0
+    """How often each TagPipeline's backlog is read and scaling decided."""
+    nats_timeout_s: Annotated[float, Field(gt=0, le=60)] = 3.0
+    """Bound on one NATS connect or backlog read; beyond it the metric counts as stale."""
+    converge_retry_s: Annotated[float, Field(gt=0, le=3600)] = 10.0
+    """Delay before kopf retries a failed converge (TemporaryError)."""
+    stream_delete_retries: Annotated[int, Field(ge=0, le=100)] = 5
+    """Attempts to delete streams (deletionPolicy Delete) before giving up with an event."""
+    stream_delete_retry_s: Annotated[float, Field(gt=0, le=600)] = 5.0
+    namespace: str | None = None
+    """Watch one namespace only; unset watches all (cluster-wide)."""
+    health_port: Annotated[int, Field(ge=0, le=65535)] = 8081
+    """kopf's liveness endpoint (/healthz); 0 disables it."""
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9090

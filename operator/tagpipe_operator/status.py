@@ -1,0 +1,131 @@
+"""The TagPipeline status: a pure function of what one reconcile tick observed.
+
+Conditions follow the Kubernetes convention (type, status, reason, message,
+lastTransitionTime), and a transition time moves only when the status flips.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tagpipe_operator.scaling import ScalingDecision
+
+
+@dataclass(frozen=True)
+class StageObservation:
+    stage: str
+    backlog: int | None
+    decision: ScalingDecision | None
+    """None when the stage's Deployment was missing this tick."""
+    ready: int
+
+
+def _condition(
+    previous: list[dict[str, Any]], type_: str, ok: bool, reason: str, message: str, now: str
+) -> dict[str, Any]:
+    status = "True" if ok else "False"
+    old = next((c for c in previous if c.get("type") == type_), None)
+    since = old["lastTransitionTime"] if old and old.get("status") == status else now
+    return {
+        "type": type_,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": since,
+    }
+
+
+def _stage_status(o: StageObservation, old: dict[str, Any], now: str) -> dict[str, Any]:
+    d = o.decision
+    return {
+        "desiredReplicas": d.desired_replicas if d else None,
+        "currentReplicas": d.current_replicas if d else None,
+        "readyReplicas": o.ready,
+        "backlog": o.backlog,
+        "lastScaleTime": now if d is not None and d.changed else old.get("lastScaleTime"),
+    }
+
+
+def _serving(o: StageObservation) -> bool:
+    """A stage serves when some pod is ready, or when it is asleep on purpose."""
+    d = o.decision
+    return d is not None and (o.ready >= 1 or d.desired_replicas == 0)
+
+
+def build_status(
+    generation: int,
+    observed: list[StageObservation],
+    previous: dict[str, Any],
+    now: str,
+    recreated: list[str] | None = None,
+) -> dict[str, Any]:
+    """The whole status block for one tick; `now` is an RFC 3339 timestamp."""
+    prev_conditions: list[dict[str, Any]] = list(previous.get("conditions") or [])
+    prev_stages: dict[str, Any] = dict(previous.get("stages") or {})
+    by_stage = {o.stage: o for o in observed}
+    not_serving = [o.stage for o in observed if not _serving(o)]
+    lagging = [
+        o.stage for o in observed if o.decision is None or o.ready < o.decision.desired_replicas
+    ]
+    limited = [
+        f"{o.stage}: {o.decision.message}"
+        for o in observed
+        if o.decision and o.decision.scaling_limited
+    ]
+    stale = [o.stage for o in observed if o.decision is None or o.decision.metrics_stale]
+    degraded_msg = ", ".join(lagging) + (f"; recreated {', '.join(recreated)}" if recreated else "")
+    conditions = [
+        _condition(
+            prev_conditions,
+            "Ready",
+            not not_serving,
+            "AllStagesServing" if not not_serving else "StagesNotServing",
+            "not serving: " + ", ".join(not_serving) if not_serving else "all stages serving",
+            now,
+        ),
+        _condition(
+            prev_conditions,
+            "Degraded",
+            bool(lagging or recreated),
+            "ReplicasNotReady" if lagging or recreated else "AsDesired",
+            degraded_msg or "every stage has its desired replicas ready",
+            now,
+        ),
+        _condition(
+            prev_conditions,
+            "ScalingLimited",
+            bool(limited),
+            "MaxOrStepReached" if limited else "WithinBounds",
+            "; ".join(limited) or "no stage is capped",
+            now,
+        ),
+        _condition(
+            prev_conditions,
+            "MetricsStale",
+            bool(stale),
+            "BacklogUnavailable" if stale else "BacklogRead",
+            "holding replicas for: " + ", ".join(stale) if stale else "backlog read",
+            now,
+        ),
+    ]
+    down, inf = by_stage.get("downloader"), by_stage.get("inference")
+    total = None
+    if down and inf and down.backlog is not None and inf.backlog is not None:
+        total = down.backlog + inf.backlog
+    return {
+        "observedGeneration": generation,
+        "backlog": total,
+        "downloaders": _ratio(down),
+        "inference": _ratio(inf),
+        "stages": {
+            o.stage: _stage_status(o, dict(prev_stages.get(o.stage) or {}), now) for o in observed
+        },
+        "conditions": conditions,
+    }
+
+
+def _ratio(o: StageObservation | None) -> str:
+    if o is None or o.decision is None:
+        return "-"
+    return f"{o.ready}/{o.decision.desired_replicas}"

@@ -1,0 +1,227 @@
+"""The operator (kopf, in-process) against kmock's in-memory API and a real NATS.
+
+kmock does no schema validation, garbage collection or admission: those are
+covered by tests/unit/test_crd.py and the rendered owner references here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import kopf
+import pytest
+from nats.aio.client import Client
+from tagpipe_cli.servers import ServerProcess
+from tagpipe_common.subjects import Lane, Stage, stage_names
+from tagpipe_operator.handlers import register
+from tagpipe_operator.kube import KubeClient
+from tagpipe_operator.settings import OperatorSettings
+
+pytestmark = pytest.mark.integration
+
+NS, NAME = "ns1", "tp1"
+PREFIX = "tpk"
+RESOURCES = {
+    "tagpipe.io/v1alpha1/tagpipelines": ("TagPipeline", True, ["status"]),
+    "apiextensions.k8s.io/v1/customresourcedefinitions": ("CustomResourceDefinition", False, []),
+    "v1/namespaces": ("Namespace", False, []),
+    "v1/events": ("Event", True, []),
+    "v1/services": ("Service", True, []),
+    "v1/configmaps": ("ConfigMap", True, []),
+    "v1/serviceaccounts": ("ServiceAccount", True, []),
+    "v1/secrets": ("Secret", True, []),
+    "apps/v1/deployments": ("Deployment", True, ["scale"]),
+    "policy/v1/poddisruptionbudgets": ("PodDisruptionBudget", True, []),
+}
+
+
+def pipeline(nats_url: str) -> dict[str, Any]:
+    fast = {"scaleUpStabilizationSeconds": 0, "scaleDownStabilizationSeconds": 2}
+    return {
+        "apiVersion": "tagpipe.io/v1alpha1",
+        "kind": "TagPipeline",
+        "metadata": {
+            "name": NAME,
+            "namespace": NS,
+            "uid": "uid-1",
+            "generation": 1,
+            "resourceVersion": "1",
+        },
+        "spec": {
+            "model": {"name": "m", "version": "1", "storageUri": "pvc://models/m"},
+            "nats": {"url": nats_url, "prefix": PREFIX},
+            "redis": {"url": "redis://127.0.0.1:6379/0"},
+            "inference": {
+                "replicas": {"min": 1, "max": 5},
+                "autoscaling": {"targetBacklogPerReplica": 10, "maxScaleUpStep": 10, **fast},
+            },
+            "downloader": {"autoscaling": fast},
+        },
+    }
+
+
+@pytest.fixture
+async def operator(kmock: Any, nats_proc: ServerProcess) -> AsyncIterator[tuple[Any, KubeClient]]:
+    # Depends on nats_proc so that the operator stops before NATS does.
+    for key, (kind, namespaced, subs) in RESOURCES.items():
+        info = kmock.resources[key]
+        info.kind, info.namespaced, info.subresources = kind, namespaced, set(subs)
+        info.verbs = {"get", "list", "watch", "create", "patch", "update", "delete"}
+    conn = kopf.ConnectionInfo(server=str(kmock.url), insecure=True)
+    settings = OperatorSettings(scale_interval_s=0.3, nats_timeout_s=2.0, converge_retry_s=0.5)
+    registry, memo = kopf.OperatorRegistry(), kopf.Memo()
+    register(registry, settings, memo, connection=conn)
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        kopf.operator(
+            registry=registry, memo=memo, standalone=True, clusterwide=True, stop_flag=stop
+        )
+    )
+    kube = KubeClient.from_connection(conn)
+    yield kmock, kube
+    await kube.close()
+    stop.set()
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.wait_for(task, timeout=10)
+
+
+async def eventually(check: Callable[[], Any], timeout: float = 20.0) -> Any:
+    """Poll until `check()` returns something truthy (or fail with the last value)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    value = None
+    while asyncio.get_running_loop().time() < deadline:
+        value = await check() if asyncio.iscoroutinefunction(check) else check()
+        if value:
+            return value
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"condition not met in {timeout}s; last value {value!r}")
+
+
+def obj(kmock: Any, resource: str, name: str) -> dict[str, Any] | None:
+    try:
+        o = kmock.objects[resource, NS, name]
+    except KeyError:
+        return None
+    return None if o.deleted else dict(o.raw)
+
+
+async def test_children_status_and_backlog_scaling(
+    operator: tuple[Any, KubeClient], nats_proc: ServerProcess, nc: Client
+) -> None:
+    kmock, kube = operator
+    await kube.create(pipeline(nats_proc.url))
+
+    dep = await eventually(lambda: obj(kmock, "apps/v1/deployments", f"{NAME}-inference"))
+    owner = dep["metadata"]["ownerReferences"][0]
+    assert (owner["kind"], owner["name"], owner["uid"], owner["controller"]) == (
+        "TagPipeline",
+        NAME,
+        "uid-1",
+        True,
+    )
+    for res, name in [
+        ("v1/services", f"{NAME}-gateway"),
+        ("v1/configmaps", f"{NAME}-config"),
+        ("v1/serviceaccounts", NAME),
+        ("apps/v1/deployments", f"{NAME}-downloader"),
+        ("policy/v1/poddisruptionbudgets", f"{NAME}-inference"),
+    ]:
+        child = await eventually(lambda r=res, n=name: obj(kmock, r, n))
+        assert child["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+
+    # A spec change patches the children: batching reaches the ConfigMap, gpu: 0
+    # removes the T4 placement and the GPU limit from the inference pods.
+    dep_before = obj(kmock, "apps/v1/deployments", f"{NAME}-inference")
+    assert dep_before["spec"]["template"]["spec"]["nodeSelector"] == {
+        "nvidia.com/gpu.product": "Tesla-T4"
+    }
+    await kube.patch(
+        "TagPipeline",
+        NS,
+        NAME,
+        {
+            "metadata": {"generation": 2},
+            "spec": {"inference": {"gpu": 0, "batching": {"maxBatch": 64}}},
+        },
+    )
+    await eventually(
+        lambda: (
+            (obj(kmock, "v1/configmaps", f"{NAME}-config") or {})
+            .get("data", {})
+            .get("TAGPIPE_MAX_BATCH")
+            == "64"
+        )
+    )
+    pod = await eventually(lambda: _pod_spec_without_gpu(kmock))
+    assert "tolerations" not in pod
+    assert "nvidia.com/gpu" not in pod["containers"][0]["resources"].get("limits", {})
+
+    # Streams were ensured in the real NATS under the pipeline's prefix.
+    js = nc.jetstream()
+    infer = stage_names(Stage.INFER, PREFIX)
+    await eventually(lambda: _has_stream(js, infer.stream))
+
+    # A status with conditions is written by the timer.
+    status = await eventually(
+        lambda: (
+            (obj(kmock, "tagpipe.io/v1alpha1/tagpipelines", NAME) or {})
+            .get("status", {})
+            .get("conditions")
+            and obj(kmock, "tagpipe.io/v1alpha1/tagpipelines", NAME)["status"]
+        )
+    )
+    types = {c["type"] for c in status["conditions"]}
+    assert types == {"Ready", "Degraded", "ScalingLimited", "MetricsStale"}
+    assert status["observedGeneration"] == 1
+
+    # Backlog of 45 on the inference stream (target 10/replica) -> 5 replicas (max 5).
+    for i in range(45):
+        await js.publish(infer.subject(Lane.BULK), b"x", headers={"Nats-Msg-Id": f"m{i}"})
+    await eventually(lambda: _replicas(kmock, "inference") == 5)
+    status = obj(kmock, "tagpipe.io/v1alpha1/tagpipelines", NAME)["status"]
+    assert status["stages"]["inference"]["backlog"] == 45
+
+    # Drain it: back to min (1) only after the 2 s scale-down window.
+    await js.purge_stream(infer.stream)
+    await eventually(lambda: _replicas(kmock, "inference") == 1)
+
+    # Replicas were written only through the scale subresource, each with an Event.
+    reqs = list(kmock)
+    scale_writes = [
+        r.data["spec"]["replicas"]
+        for r in reqs
+        if r.method == "PATCH" and r.subresource == "scale" and r.name == f"{NAME}-inference"
+    ]
+    assert scale_writes[0] == 5 and scale_writes[-1] == 1
+    assert not [
+        r
+        for r in reqs
+        if r.method == "PATCH"
+        and r.subresource is None
+        and "deployments" in str(r.url)
+        and "/spec/replicas" in r.text
+    ]
+    reasons = {r.data.get("reason") for r in reqs if r.method == "POST" and "events" in str(r.url)}
+    assert {"BacklogAboveTarget", "BacklogBelowTarget"} <= reasons
+
+
+def _pod_spec_without_gpu(kmock: Any) -> dict[str, Any] | None:
+    dep = obj(kmock, "apps/v1/deployments", f"{NAME}-inference")
+    pod = dep["spec"]["template"]["spec"] if dep else {}
+    return pod if pod and "nodeSelector" not in pod else None
+
+
+async def _has_stream(js: Any, name: str) -> bool:
+    try:
+        await js.stream_info(name)
+    except Exception:
+        return False
+    return True
+
+
+def _replicas(kmock: Any, stage: str) -> int | None:
+    dep = obj(kmock, "apps/v1/deployments", f"{NAME}-{stage}")
+    return None if dep is None else dep["spec"].get("replicas")
