@@ -9,25 +9,33 @@ The image server listens on 127.0.0.2 and only 127.0.0.2/32 is allowlisted, so
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
+import os
+import signal
+import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import numpy as np
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 from nats.aio.client import Client
 from nats.js.client import JetStreamContext
 from PIL import Image
 from redis.asyncio import Redis
-from tagpipe_cli.servers import ServerProcess
+from tagpipe_cli.servers import ServerProcess, free_port
 from tagpipe_common.keys import JOB_STATE, JOB_TOTAL, RedisKeys
 from tagpipe_common.messages import DownloadTask, InferenceTask, TagResult
 from tagpipe_common.nats_io import connect_nats
 from tagpipe_common.results import ResultStore
 from tagpipe_common.subjects import LANES, Lane, Stage, stage_names
+from tagpipe_downloader.__main__ import health_app
 from tagpipe_downloader.decode import Geometry, decode_image
 from tagpipe_downloader.fetch import Fetcher
 from tagpipe_downloader.settings import DownloaderSettings
@@ -285,3 +293,47 @@ async def test_stop_finishes_in_flight_items(h: Harness) -> None:
     h.worker.stop()  # what SIGTERM does
     out = await h.outcome(item_id)
     assert isinstance(out, InferenceTask)
+
+
+async def test_health_endpoints_follow_the_connections(h: Harness) -> None:
+    async with TestClient(TestServer(health_app(h.worker))) as client:
+        assert (await client.get("/healthz")).status == 200
+        async with asyncio.timeout(5):
+            while (await client.get("/readyz")).status != 200:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        await h.worker.nc.close()
+        resp = await client.get("/readyz")
+        assert resp.status == 503
+        assert "nats disconnected" in (await resp.json())["problems"]
+
+
+async def test_process_exits_0_on_sigterm(
+    nats_proc: ServerProcess, redis_proc: ServerProcess, js: JetStreamContext, tmp_path: Path
+) -> None:
+    port = free_port()
+    env = os.environ | {
+        "TAGPIPE_NATS_URL": nats_proc.url,
+        "TAGPIPE_REDIS_URL": redis_proc.url,
+        "TAGPIPE_HEALTH_HOST": "127.0.0.1",
+        "TAGPIPE_HEALTH_PORT": str(port),
+        "TAGPIPE_DECODE_WORKERS": "1",
+    }
+    exe = Path(sys.executable).parent / "tagpipe-downloader"
+    log = tmp_path / "downloader.log"
+    with log.open("wb") as out:
+        proc = await asyncio.create_subprocess_exec(str(exe), env=env, stderr=out)
+    try:
+        async with aiohttp.ClientSession() as http, asyncio.timeout(20):
+            while True:
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with http.get(f"http://127.0.0.1:{port}/readyz") as resp:
+                        if resp.status == 200:
+                            break
+                await asyncio.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(15):
+            assert await proc.wait() == 0, log.read_text()[-2000:]
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
