@@ -60,6 +60,14 @@ RULES: list[Rule] = [
 NAME = "tagpipe-operator"
 
 
+def allows(api_group: str, resource: str, verb: str) -> bool:
+    """Whether RULES grant `verb` on `resource` (e.g. "deployments/scale") in `api_group`."""
+    return any(
+        api_group in r["apiGroups"] and resource in r["resources"] and verb in r["verbs"]
+        for r in RULES
+    )
+
+
 def manifests() -> list[dict[str, Any]]:
     """The ClusterRole and its binding to the operator's ServiceAccount."""
     role = {

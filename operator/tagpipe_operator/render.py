@@ -32,10 +32,14 @@ API_VERSION = "tagpipe.io/v1alpha1"
 KIND = "TagPipeline"
 MANAGED_BY = "tagpipe-operator"
 CHECKSUM_ANNOTATION = "tagpipe.io/config-checksum"
+MODEL_ANNOTATION = "tagpipe.io/model"
 MODEL_MOUNT = "/models/model"
 API_KEYS_MOUNT = "/var/run/tagpipe/api-keys"
 GATEWAY_PORT = 8080
 METRICS_PORT = 9090
+HEALTH_PORT = 8081  # the workers' /healthz and /readyz
+GPU_PROVIDERS = "CUDAExecutionProvider,CPUExecutionProvider"
+CPU_PROVIDERS = "CPUExecutionProvider"
 RUN_AS = 10001
 # `<name>-gateway` must fit a 63-character Service name, and the name is a label value.
 MAX_NAME = 63 - len("-gateway")
@@ -84,32 +88,46 @@ def _meta(name: str, namespace: str, uid: str, component: str, obj_name: str) ->
 
 
 def config_data(spec: TagPipelineSpec) -> dict[str, str]:
-    """TAGPIPE_* environment shared by the components (each ignores the others' keys)."""
-    d, inf = spec.downloader, spec.inference
+    """TAGPIPE_* environment every component shares (CommonSettings fields)."""
     data = {
         "TAGPIPE_PREFIX": spec.nats.prefix,
         "TAGPIPE_LOG_JSON": "true",
         "TAGPIPE_METRICS_PORT": str(METRICS_PORT),
-        "TAGPIPE_MODEL_DIR": MODEL_MOUNT,
-        "TAGPIPE_MODEL_NAME": spec.model.name,
-        "TAGPIPE_MODEL_VERSION": spec.model.version,
-        "TAGPIPE_PORT": str(GATEWAY_PORT),
-        "TAGPIPE_DOWNLOAD_MAX_BYTES": str(d.limits.max_bytes),
-        "TAGPIPE_DOWNLOAD_MAX_PIXELS": str(d.limits.max_pixels),
-        "TAGPIPE_DOWNLOAD_TIMEOUT_S": str(d.limits.timeout_seconds),
-        "TAGPIPE_DOWNLOAD_CONCURRENCY": str(d.limits.concurrency),
-        "TAGPIPE_MAX_BATCH": str(inf.batching.max_batch),
-        "TAGPIPE_MAX_WAIT_MS": str(inf.batching.max_wait_ms),
-        "TAGPIPE_DEVICE": "cuda" if inf.gpu > 0 else "cpu",
     }
     # URLs with credentials come from Secrets as container env (which wins over envFrom).
     if spec.nats.credentials_secret_ref is None:
         data["TAGPIPE_NATS_URL"] = spec.nats.url
     if spec.redis.credentials_secret_ref is None:
         data["TAGPIPE_REDIS_URL"] = spec.redis.url
-    if spec.gateway.api_key_secret_ref is not None:
-        data["TAGPIPE_API_KEYS_FILE"] = f"{API_KEYS_MOUNT}/{spec.gateway.api_key_secret_ref.key}"
     return data
+
+
+def component_env(component: str, spec: TagPipelineSpec) -> dict[str, str]:
+    """Settings only one component reads (GatewaySettings, DownloaderSettings, ...)."""
+    if component == "gateway":
+        env = {"TAGPIPE_PORT": str(GATEWAY_PORT)}
+        ref = spec.gateway.api_key_secret_ref
+        if ref is not None:
+            env["TAGPIPE_API_KEYS_FILE"] = f"{API_KEYS_MOUNT}/{ref.key}"
+        return env
+    if component == "downloader":
+        lim = spec.downloader.limits
+        return {
+            "TAGPIPE_HEALTH_PORT": str(HEALTH_PORT),
+            "TAGPIPE_MODEL_DIR": MODEL_MOUNT,
+            "TAGPIPE_MAX_BYTES": str(lim.max_bytes),
+            "TAGPIPE_MAX_PIXELS": str(lim.max_pixels),
+            "TAGPIPE_TOTAL_TIMEOUT_S": str(lim.timeout_seconds),
+            "TAGPIPE_MAX_INFLIGHT": str(lim.concurrency),
+        }
+    inf = spec.inference
+    return {
+        "TAGPIPE_HEALTH_PORT": str(HEALTH_PORT),
+        "TAGPIPE_MODEL_DIR": MODEL_MOUNT,
+        "TAGPIPE_MAX_BATCH": str(inf.batching.max_batch),
+        "TAGPIPE_MAX_WAIT_MS": str(inf.batching.max_wait_ms),
+        "TAGPIPE_PROVIDERS": GPU_PROVIDERS if inf.gpu > 0 else CPU_PROVIDERS,
+    }
 
 
 def checksum(data: dict[str, str], *extra: Any) -> str:
@@ -182,7 +200,9 @@ def _container(component: str, stage: StageSpec, spec: TagPipelineSpec, name: st
         "imagePullPolicy": stage.image_pull_policy,
         "command": [COMMANDS[component]],
         "envFrom": [{"configMapRef": {"name": child_name(name, "config")}}],
+        # User env last: a later duplicate wins, so the spec can override anything.
         "env": _secret_env(spec)
+        + [{"name": k, "value": v} for k, v in component_env(component, spec).items()]
         + [e.model_dump(by_alias=True, exclude_none=True) for e in stage.env],
         "ports": ports,
         "resources": _resources(stage),
@@ -194,11 +214,11 @@ def _container(component: str, stage: StageSpec, spec: TagPipelineSpec, name: st
             "capabilities": {"drop": ["ALL"]},
         },
     }
-    if component == "gateway":
-        ports.insert(0, {"name": "http", "containerPort": GATEWAY_PORT})
-        probe = {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10}
-        container["livenessProbe"] = probe
-        container["readinessProbe"] = {**probe, "httpGet": {"path": "/readyz", "port": "http"}}
+    port_name = "http" if component == "gateway" else "health"
+    port = GATEWAY_PORT if component == "gateway" else HEALTH_PORT
+    ports.insert(0, {"name": port_name, "containerPort": port})
+    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        container[probe] = {"httpGet": {"path": path, "port": port_name}, "periodSeconds": 10}
     return container
 
 
@@ -244,7 +264,10 @@ def deployment(
             "template": {
                 "metadata": {
                     "labels": labels(name, component),
-                    "annotations": {CHECKSUM_ANNOTATION: checksum(data, _secret_env(spec))},
+                    "annotations": {
+                        CHECKSUM_ANNOTATION: checksum(data, _secret_env(spec)),
+                        MODEL_ANNOTATION: f"{spec.model.name}:{spec.model.version}",
+                    },
                 },
                 "spec": pod_spec,
             },

@@ -88,16 +88,16 @@ async def operator(kmock: Any, nats_proc: ServerProcess) -> AsyncIterator[tuple[
         await asyncio.wait_for(task, timeout=10)
 
 
-async def eventually(check: Callable[[], Any], timeout: float = 20.0) -> Any:
+async def eventually(check: Callable[[], Any], within: float = 20.0) -> Any:
     """Poll until `check()` returns something truthy (or fail with the last value)."""
-    deadline = asyncio.get_running_loop().time() + timeout
+    deadline = asyncio.get_running_loop().time() + within
     value = None
     while asyncio.get_running_loop().time() < deadline:
         value = await check() if asyncio.iscoroutinefunction(check) else check()
         if value:
             return value
         await asyncio.sleep(0.1)
-    raise AssertionError(f"condition not met in {timeout}s; last value {value!r}")
+    raise AssertionError(f"condition not met in {within}s; last value {value!r}")
 
 
 def obj(kmock: Any, resource: str, name: str) -> dict[str, Any] | None:

@@ -34,7 +34,11 @@ def names_field(err: jsonschema.ValidationError, field: str) -> bool:
 def test_crd_identity() -> None:
     assert CRD["metadata"]["name"] == "tagpipelines.tagpipe.io"
     names = CRD["spec"]["names"]
-    assert (names["kind"], names["plural"], names["shortNames"]) == ("TagPipeline", "tagpipelines", ["tp"])
+    assert (names["kind"], names["plural"], names["shortNames"]) == (
+        "TagPipeline",
+        "tagpipelines",
+        ["tp"],
+    )
     assert CRD["spec"]["scope"] == "Namespaced"
     assert VERSION["name"] == "v1alpha1" and VERSION["subresources"] == {"status": {}}
     assert SCHEMA["properties"]["status"]["x-kubernetes-preserve-unknown-fields"] is True
@@ -128,7 +132,10 @@ def apply_defaults(schema: dict[str, Any], obj: Any) -> Any:
 
 @pytest.mark.parametrize(
     "partial",
-    [{}, {"gateway": {"replicas": {"max": 3}}, "inference": {"autoscaling": {"scaleToZero": True}}}],
+    [
+        {},
+        {"gateway": {"replicas": {"max": 3}}, "inference": {"autoscaling": {"scaleToZero": True}}},
+    ],
 )
 def test_operator_defaults_match_the_crd(partial: dict[str, Any]) -> None:
     minimal = {

@@ -1,0 +1,50 @@
+"""RBAC: rbac.py is the one source; the generated YAML must match it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from tagpipe_operator import rbac
+from tagpipe_operator.kube import KINDS
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_generated_yaml_equals_the_data() -> None:
+    text = (ROOT / "operator" / "deploy" / "rbac.yaml").read_text()
+    assert list(yaml.safe_load_all(text)) == rbac.manifests()
+    assert text == rbac.render_yaml(), "regenerate: python -m tagpipe_operator.rbac"
+
+
+def test_no_wildcards_and_no_deletes_of_children() -> None:
+    for rule in rbac.RULES:
+        for field in ("apiGroups", "resources", "verbs"):
+            assert "*" not in rule[field]  # type: ignore[literal-required]
+    # children are removed by owner-reference garbage collection, not by us
+    assert not rbac.allows("apps", "deployments", "delete")
+    assert not rbac.allows("", "secrets", "list")  # secrets: get by name only
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_every_kind_the_client_reads_is_readable(kind: str) -> None:
+    prefix, plural = KINDS[kind]
+    group = "" if prefix == "/api/v1" else prefix.split("/")[2]
+    assert rbac.allows(group, plural, "get"), kind
+
+
+@pytest.mark.parametrize(
+    ("group", "resource", "verb"),
+    [
+        ("apps", "deployments/scale", "patch"),
+        ("apps", "deployments", "create"),
+        ("apps", "deployments", "patch"),
+        ("tagpipe.io", "tagpipelines", "watch"),
+        ("tagpipe.io", "tagpipelines/status", "patch"),
+        ("", "events", "create"),
+        ("policy", "poddisruptionbudgets", "create"),
+    ],
+)
+def test_the_calls_the_operator_makes_are_allowed(group: str, resource: str, verb: str) -> None:
+    assert rbac.allows(group, resource, verb)

@@ -1,0 +1,210 @@
+"""render(): pure manifests, checked against Kubernetes' own schemas and our rules."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from tagpipe_common.settings import CommonSettings
+from tagpipe_downloader.settings import DownloaderSettings
+from tagpipe_gateway.settings import GatewaySettings
+from tagpipe_inference.settings import InferenceSettings
+from tagpipe_operator.render import (
+    CHECKSUM_ANNOTATION,
+    COMMANDS,
+    config_data,
+    patch_ops,
+    render,
+)
+from tagpipe_operator.spec import parse_spec
+
+ROOT = Path(__file__).resolve().parents[2]
+SAMPLE = yaml.safe_load((ROOT / "crds" / "examples" / "tagpipeline.yaml").read_text())["spec"]
+MINIMAL = {
+    "model": {"name": "m", "version": "1", "storageUri": "pvc://models/dir/m"},
+    "nats": {"url": "nats://nats:4222"},
+    "redis": {"url": "redis://redis:6379/0"},
+}
+
+
+def children(spec: dict[str, Any], name: str = "tp") -> dict[tuple[str, str], dict[str, Any]]:
+    return {
+        (m["kind"], m["metadata"]["name"]): m for m in render(name, "ns", "uid-9", parse_spec(spec))
+    }
+
+
+def pod(spec: dict[str, Any], component: str) -> dict[str, Any]:
+    pod_spec: dict[str, Any] = children(spec)["Deployment", f"tp-{component}"]["spec"]["template"][
+        "spec"
+    ]
+    return pod_spec
+
+
+def env_of(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+@pytest.mark.parametrize("spec", [SAMPLE, MINIMAL], ids=["sample", "minimal"])
+def test_children_are_valid_kubernetes_objects(spec: dict[str, Any]) -> None:
+    objs = children(spec)
+    kinds = sorted(k for k, _ in objs)
+    assert kinds == sorted(
+        ["ServiceAccount", "ConfigMap", "Service"]
+        + ["Deployment"] * 3
+        + ["PodDisruptionBudget"] * 3
+    )
+    for obj in objs.values():
+        kubernetes_validate.validate(obj, "1.25.0", strict=True)  # raises on any schema error
+
+
+def test_owner_references_and_labels() -> None:
+    for obj in children(MINIMAL).values():
+        (owner,) = obj["metadata"]["ownerReferences"]
+        assert owner == {
+            "apiVersion": "tagpipe.io/v1alpha1",
+            "kind": "TagPipeline",
+            "name": "tp",
+            "uid": "uid-9",
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+        labels = obj["metadata"]["labels"]
+        assert labels["app.kubernetes.io/instance"] == "tp"
+        assert labels["app.kubernetes.io/managed-by"] == "tagpipe-operator"
+
+
+def test_inference_defaults_to_t4_gpu_nodes() -> None:
+    p = pod(MINIMAL, "inference")
+    assert p["nodeSelector"] == {"nvidia.com/gpu.product": "Tesla-T4"}
+    assert p["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    ]
+    assert p["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert "CUDAExecutionProvider" in env_of(p["containers"][0])["TAGPIPE_PROVIDERS"]
+    for other in ("gateway", "downloader"):  # only inference goes to GPU nodes
+        assert "nodeSelector" not in pod(MINIMAL, other) and "tolerations" not in pod(
+            MINIMAL, other
+        )
+
+
+def test_placement_overrides_replace_the_defaults() -> None:
+    spec = copy.deepcopy(MINIMAL)
+    spec["inference"] = {
+        "gpu": 2,
+        "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-L4"},
+        "tolerations": [
+            {"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}
+        ],
+    }
+    p = pod(spec, "inference")
+    assert p["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-L4"}
+    assert [t["key"] for t in p["tolerations"]] == ["dedicated"]
+    assert p["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 2
+
+
+def test_gpu_zero_runs_on_cpu() -> None:
+    spec = {**MINIMAL, "inference": {"gpu": 0}}
+    p = pod(spec, "inference")
+    assert "nodeSelector" not in p and "tolerations" not in p
+    assert "nvidia.com/gpu" not in p["containers"][0]["resources"].get("limits", {})
+    assert env_of(p["containers"][0])["TAGPIPE_PROVIDERS"] == "CPUExecutionProvider"
+
+
+@pytest.mark.parametrize("component", ["gateway", "downloader", "inference"])
+def test_strict_pod_security(component: str) -> None:
+    p = pod(SAMPLE, component)
+    assert p["automountServiceAccountToken"] is False
+    assert p["securityContext"]["runAsNonRoot"] is True
+    assert p["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    c = p["containers"][0]
+    assert c["command"] == [COMMANDS[component]]
+    sc = c["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]  # writable scratch
+
+
+def test_credentials_come_from_secrets_not_the_configmap() -> None:
+    objs = children(SAMPLE)
+    data = objs["ConfigMap", "tp-config"]["data"]
+    assert "TAGPIPE_NATS_URL" not in data and "TAGPIPE_REDIS_URL" not in data
+    env = env_of(pod(SAMPLE, "downloader")["containers"][0])
+    assert env["TAGPIPE_NATS_URL"] == {"secretKeyRef": {"name": "tagpipe-nats", "key": "url"}}
+    assert env["TAGPIPE_REDIS_URL"] == {"secretKeyRef": {"name": "tagpipe-redis", "key": "url"}}
+    gw = pod(SAMPLE, "gateway")
+    assert env_of(gw["containers"][0])["TAGPIPE_API_KEYS_FILE"] == "/var/run/tagpipe/api-keys/keys"
+    assert {"name": "api-keys", "secret": {"secretName": "tagpipe-api-keys"}} in gw["volumes"]
+
+
+def test_model_volume_from_pvc_uri() -> None:
+    p = pod(MINIMAL, "inference")
+    vol = next(v for v in p["volumes"] if v["name"] == "model")
+    assert vol["persistentVolumeClaim"] == {"claimName": "models", "readOnly": True}
+    mount = next(m for m in p["containers"][0]["volumeMounts"] if m["name"] == "model")
+    assert mount["subPath"] == "dir/m" and mount["readOnly"] is True
+
+
+def _load(cls: type[CommonSettings], env: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> Any:
+    for key, value in env.items():
+        if isinstance(value, str):
+            monkeypatch.setenv(key, value)
+    return cls()
+
+
+@pytest.mark.parametrize(
+    ("component", "cls"),
+    [
+        ("gateway", GatewaySettings),
+        ("downloader", DownloaderSettings),
+        ("inference", InferenceSettings),
+    ],
+)
+def test_rendered_env_is_what_each_component_reads(
+    component: str, cls: type[CommonSettings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = {
+        **MINIMAL,
+        "downloader": {"limits": {"maxBytes": 4096, "concurrency": 7}},
+        "inference": {"batching": {"maxBatch": 48, "maxWaitMs": 15}},
+    }
+    env = {**config_data(parse_spec(spec)), **env_of(pod(spec, component)["containers"][0])}
+    fields = set(cls.model_fields)
+    for key in env:  # every variable we set names a real setting of that component
+        assert key.removeprefix("TAGPIPE_").lower() in fields, key
+    s = _load(cls, env, monkeypatch)  # and the values validate
+    assert s.nats_url == "nats://nats:4222"
+    if component != "gateway":
+        assert str(s.model_dir) == "/models/model"
+    if component == "downloader":
+        assert (s.max_bytes, s.max_inflight) == (4096, 7)
+    if component == "inference":
+        assert (s.max_batch, s.max_wait_ms) == (48, 15)
+
+
+def test_config_checksum_tracks_config_only() -> None:
+    def sums(spec: dict[str, Any]) -> set[str]:
+        return {
+            m["spec"]["template"]["metadata"]["annotations"][CHECKSUM_ANNOTATION]
+            for m in render("tp", "ns", "u", parse_spec(spec))
+            if m["kind"] == "Deployment"
+        }
+
+    base = sums(MINIMAL)
+    assert len(base) == 1
+    assert sums(copy.deepcopy(MINIMAL)) == base  # deterministic
+    assert sums({**MINIMAL, "nats": {"url": "nats://other:4222"}}) != base
+
+
+def test_replicas_set_on_create_and_never_patched() -> None:
+    for obj in render("tp", "ns", "u", parse_spec(SAMPLE)):
+        ops = patch_ops(obj)
+        assert not [op for op in ops if "replicas" in op["path"]]
+        if obj["kind"] == "Deployment":
+            assert obj["spec"]["replicas"] >= 1
+            assert [op["path"] for op in ops if op["path"].startswith("/spec")] == [
+                "/spec/template"
+            ]

@@ -1,0 +1,109 @@
+"""build_status(): conditions and per-stage status from one tick's observations."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tagpipe_operator.scaling import Reason, ScalingDecision, ScalingState
+from tagpipe_operator.status import StageObservation, build_status
+
+
+def decision(current: int, desired: int, **flags: bool) -> ScalingDecision:
+    return ScalingDecision(
+        desired_replicas=desired,
+        reason=Reason.STEADY,
+        message="m",
+        state=ScalingState(),
+        current_replicas=current,
+        **flags,
+    )
+
+
+def observe(**overrides: Any) -> list[StageObservation]:
+    base = {
+        "gateway": StageObservation("gateway", 30, decision(2, 2), 2),
+        "downloader": StageObservation("downloader", 20, decision(1, 1), 1),
+        "inference": StageObservation("inference", 10, decision(1, 1), 1),
+    }
+    base.update(overrides)
+    return list(base.values())
+
+
+def conditions(status: dict[str, Any]) -> dict[str, str]:
+    return {c["type"]: c["status"] for c in status["conditions"]}
+
+
+def test_healthy_pipeline() -> None:
+    st = build_status(3, observe(), {}, "T1")
+    assert conditions(st) == {
+        "Ready": "True",
+        "Degraded": "False",
+        "ScalingLimited": "False",
+        "MetricsStale": "False",
+    }
+    assert st["observedGeneration"] == 3 and st["backlog"] == 30
+    assert st["downloaders"] == "1/1" and st["inference"] == "1/1"
+    assert st["stages"]["inference"] == {
+        "desiredReplicas": 1,
+        "currentReplicas": 1,
+        "readyReplicas": 1,
+        "backlog": 10,
+        "lastScaleTime": None,
+    }
+
+
+def test_scaling_up_not_ready_yet_is_degraded_but_ready() -> None:
+    st = build_status(
+        1,
+        observe(
+            inference=StageObservation("inference", 500, decision(1, 5, scaling_limited=True), 1)
+        ),
+        {},
+        "T1",
+    )
+    c = conditions(st)
+    assert c["Ready"] == "True" and c["Degraded"] == "True" and c["ScalingLimited"] == "True"
+    assert st["stages"]["inference"]["lastScaleTime"] == "T1"
+    assert st["inference"] == "1/5"
+
+
+def test_asleep_stage_is_still_ready() -> None:
+    st = build_status(
+        1, observe(downloader=StageObservation("downloader", 0, decision(0, 0), 0)), {}, "T1"
+    )
+    assert conditions(st)["Ready"] == "True"
+
+
+def test_missing_deployment_and_stale_metrics() -> None:
+    obs = observe(
+        inference=StageObservation("inference", None, None, 0),
+        downloader=StageObservation("downloader", None, decision(2, 2, metrics_stale=True), 2),
+    )
+    st = build_status(1, obs, {}, "T1", recreated=["Deployment/tp-inference"])
+    c = conditions(st)
+    assert c == {
+        "Ready": "False",
+        "Degraded": "True",
+        "ScalingLimited": "False",
+        "MetricsStale": "True",
+    }
+    assert st["backlog"] is None and st["inference"] == "-"
+
+
+def test_transition_time_moves_only_on_flip() -> None:
+    first = build_status(1, observe(), {}, "T1")
+    same = build_status(1, observe(), first, "T2")
+    assert {c["lastTransitionTime"] for c in same["conditions"]} == {"T1"}
+    flipped = build_status(
+        1, observe(gateway=StageObservation("gateway", 0, decision(2, 2), 0)), same, "T3"
+    )
+    times = {c["type"]: c["lastTransitionTime"] for c in flipped["conditions"]}
+    assert times["Ready"] == "T3" and times["MetricsStale"] == "T1"
+    # lastScaleTime survives ticks without a change
+    scaled = build_status(
+        1, observe(inference=StageObservation("inference", 99, decision(1, 3), 1)), {}, "T4"
+    )
+    later = build_status(
+        1, observe(inference=StageObservation("inference", 99, decision(3, 3), 3)), scaled, "T5"
+    )
+    assert later["stages"]["inference"]["lastScaleTime"] == "T4"
