@@ -23,6 +23,22 @@ class ServerStartError(RuntimeError):
     pass
 
 
+def die_with_parent() -> None:
+    """Popen `preexec_fn`: the child gets SIGTERM when its parent dies (Linux).
+
+    So a `tagpipe up` or a test run that is SIGKILLed leaves no orphans. The
+    signal fires when the *thread* that forked exits, so start children from a
+    long-lived thread (the main one).
+    """
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+
+
 def find_binary(name: str) -> str:
     beside_python = Path(sys.executable).parent / name
     if beside_python.exists():
@@ -60,6 +76,8 @@ class ServerProcess:
     data_dir: Path
     log_path: Path
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    # Set by long-running launchers (tagpipe up): SIGTERM with the parent, own process group.
+    tie_to_parent: bool = False
 
     @property
     def url(self) -> str:
@@ -70,7 +88,12 @@ class ServerProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            self.argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=die_with_parent if self.tie_to_parent else None,
+            start_new_session=self.tie_to_parent,
         )
         log.close()
         try:

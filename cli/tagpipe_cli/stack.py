@@ -1,0 +1,244 @@
+"""The whole pipeline on one machine: NATS, Redis, gateway, downloaders, inference.
+
+One launcher for `tagpipe up`, the end-to-end test, the benchmarks and the
+fault-injection tests, so they all run the same thing:
+
+    with Stack(StackConfig(data_dir=tmp, downloaders=2)) as stack:
+        httpx.post(stack.gateway_url + "/v1/tags", ...)
+
+Every service is a separate process in its own process group, started with
+PR_SET_PDEATHSIG, so a killed parent leaves no orphans. `stop()` shuts them
+down in pipeline order (gateway, downloaders, inference, then the servers):
+SIGTERM to the group, SIGKILL after a grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from tagpipe_common.nats_io import connect_nats
+from tagpipe_common.streams import StreamPolicy, ensure_streams
+
+from tagpipe_cli.servers import (
+    ServerProcess,
+    ServerStartError,
+    die_with_parent,
+    find_binary,
+    free_port,
+    nats_server,
+    redis_server,
+)
+
+DEFAULT_MODEL_DIR = Path("models/efficientnet-lite0")
+
+
+@dataclass
+class StackConfig:
+    data_dir: Path = Path(".tagpipe")
+    port: int = 0  # gateway port; 0: a free one
+    downloaders: int = 1
+    inference: int = 1
+    model_dir: Path = DEFAULT_MODEL_DIR
+    prefix: str = "tagpipe"
+    policy: StreamPolicy | None = None  # default: StreamPolicy(prefix)
+    allow_cidrs: str = ""  # downloader SSRF allowlist (e.g. 127.0.0.0/8 for a local image server)
+    env: dict[str, str] = field(default_factory=dict)  # every service
+    gateway_env: dict[str, str] = field(default_factory=dict)
+    downloader_env: dict[str, str] = field(default_factory=dict)
+    inference_env: dict[str, str] = field(default_factory=dict)
+    fresh: bool = False  # wipe data_dir first
+    ready_timeout_s: float = 120.0
+
+
+@dataclass
+class Service:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    log_path: Path
+    health_url: str | None
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                self.argv,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # its own group: a terminal's Ctrl-C reaches us only
+                preexec_fn=die_with_parent,
+            )
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive:
+            assert self.proc is not None
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+
+    def wait(self, timeout_s: float) -> bool:
+        if self.proc is None:
+            return True
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
+    def log_tail(self, n: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-n:] if self.log_path.exists() else ""
+
+
+class Stack:
+    def __init__(self, config: StackConfig | None = None) -> None:
+        self.config = config or StackConfig()
+        self.nats: ServerProcess | None = None
+        self.redis: ServerProcess | None = None
+        self.services: list[Service] = []
+        self.port = self.config.port or free_port()
+        self.log_dir = self.config.data_dir / "logs"
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def base_env(self) -> dict[str, str]:
+        assert self.nats is not None and self.redis is not None
+        env = dict(os.environ)
+        env.update(
+            TAGPIPE_NATS_URL=self.nats.url,
+            TAGPIPE_REDIS_URL=self.redis.url,
+            TAGPIPE_PREFIX=self.config.prefix,
+            TAGPIPE_MODEL_DIR=str(self.config.model_dir.resolve()),
+        )
+        env.update(self.config.env)
+        return env
+
+    def __enter__(self) -> Stack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> Stack:
+        cfg = self.config
+        if cfg.fresh and cfg.data_dir.exists():
+            shutil.rmtree(cfg.data_dir)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._start_servers()
+            self._ensure_streams()
+            self._start_services()
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start_servers(self) -> None:
+        self.nats = nats_server(self.config.data_dir / "nats")
+        self.redis = redis_server(self.config.data_dir / "redis")
+        for srv in (self.nats, self.redis):
+            srv.tie_to_parent = True
+            srv.log_path = self.log_dir / f"{srv.name}.log"
+            srv.start()
+
+    def _ensure_streams(self) -> None:
+        assert self.nats is not None
+        policy = self.config.policy or StreamPolicy(prefix=self.config.prefix)
+        url = self.nats.url
+
+        async def ensure() -> None:
+            nc = await connect_nats([url], "tagpipe-up")
+            try:
+                await ensure_streams(nc.jetstream(), policy)
+            finally:
+                await nc.close()
+
+        # A thread of its own: the caller may already be inside an event loop.
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, ensure()).result(timeout=60)
+
+    def _service(self, name: str, binary: str, extra: dict[str, str], health: bool) -> Service:
+        env = self.base_env
+        env.update(extra)
+        health_url = None
+        if health:
+            port = free_port()
+            env["TAGPIPE_HEALTH_PORT"] = str(port)
+            health_url = f"http://127.0.0.1:{port}/readyz"
+        return Service(name, [find_binary(binary)], env, self.log_dir / f"{name}.log", health_url)
+
+    def _start_services(self) -> None:
+        cfg = self.config
+        gateway = self._service(
+            "gateway",
+            "tagpipe-gateway",
+            {"TAGPIPE_PORT": str(self.port), "TAGPIPE_HOST": "127.0.0.1", **cfg.gateway_env},
+            health=False,
+        )
+        gateway.health_url = self.gateway_url + "/readyz"
+        self.services = [gateway]
+        for i in range(cfg.downloaders):
+            env = {"TAGPIPE_ALLOW_CIDRS": cfg.allow_cidrs, **cfg.downloader_env}
+            self.services.append(self._service(f"downloader-{i}", "tagpipe-downloader", env, True))
+        for i in range(cfg.inference):
+            self.services.append(
+                self._service(f"inference-{i}", "tagpipe-inference", cfg.inference_env, True)
+            )
+        for svc in self.services:
+            svc.start()
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + self.config.ready_timeout_s
+        pending = [s for s in self.services if s.health_url]
+        with httpx.Client(timeout=1.0) as client:
+            while pending:
+                for svc in list(pending):
+                    if not svc.alive:
+                        raise ServerStartError(f"{svc.name} exited:\n{svc.log_tail()}")
+                    assert svc.health_url is not None
+                    try:
+                        if client.get(svc.health_url).status_code == 200:
+                            pending.remove(svc)
+                    except httpx.HTTPError:
+                        pass
+                if pending and time.monotonic() > deadline:
+                    names = ", ".join(s.name for s in pending)
+                    raise ServerStartError(f"not ready in time: {names}\n{pending[0].log_tail()}")
+                if pending:
+                    time.sleep(0.2)
+
+    def dead(self) -> list[Service]:
+        """Services that exited (for a supervisor loop)."""
+        return [s for s in self.services if s.proc is not None and not s.alive]
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        # Pipeline order: stop taking work, then drain downloads, then inference.
+        for group in ("gateway", "downloader", "inference"):
+            members = [s for s in self.services if s.name.startswith(group)]
+            for svc in members:
+                svc.signal(signal.SIGTERM)
+            for svc in members:
+                if not svc.wait(grace_s):
+                    svc.signal(signal.SIGKILL)
+                    svc.wait(5)
+        for srv in (self.redis, self.nats):
+            if srv is not None:
+                srv.stop()

@@ -1,0 +1,72 @@
+"""`tagpipe up`: the whole stack in the foreground until Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+
+from tagpipe_cli.servers import ServerStartError
+from tagpipe_cli.stack import DEFAULT_MODEL_DIR, Stack, StackConfig
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser("up", help="run NATS, Redis, gateway, downloaders and inference")
+    p.add_argument("--port", type=int, default=8080, help="gateway port (default 8080)")
+    p.add_argument("--downloaders", type=int, default=1, help="downloader processes")
+    p.add_argument("--inference", type=int, default=1, help="inference processes")
+    p.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
+    p.add_argument("--data-dir", type=Path, default=Path(".tagpipe"), help="servers' data, logs")
+    p.add_argument("--fresh", action="store_true", help="wipe the data dir first")
+    p.add_argument(
+        "--allow-cidrs",
+        default="",
+        help="downloader SSRF allowlist, e.g. 127.0.0.0/8 to fetch from a local server",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if not (args.model_dir / "model.onnx").exists():
+        print(f"tagpipe up: no model in {args.model_dir}: run `make model`")
+        return 2
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    # Before starting children, so a Ctrl-C during start-up still cleans up.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    config = StackConfig(
+        data_dir=args.data_dir,
+        port=args.port,
+        downloaders=args.downloaders,
+        inference=args.inference,
+        model_dir=args.model_dir,
+        allow_cidrs=args.allow_cidrs,
+        fresh=args.fresh,
+    )
+    stack = Stack(config)
+    print(f"starting tagpipe (logs in {stack.log_dir}/) ...", flush=True)
+    try:
+        stack.start()
+    except ServerStartError as exc:
+        print(f"tagpipe up: {exc}")
+        return 1
+    print(f"tagpipe is up: {stack.gateway_url}  (Ctrl-C stops everything)", flush=True)
+    code = 0
+    try:
+        while not stop.wait(1.0):
+            if dead := stack.dead():
+                names = ", ".join(f"{s.name} (exit {s.proc and s.proc.returncode})" for s in dead)
+                print(f"tagpipe up: {names} stopped; see {stack.log_dir}/; shutting down")
+                code = 1
+                break
+    finally:
+        print("stopping ...", flush=True)
+        stack.stop()
+    print("stopped", flush=True)
+    return code
