@@ -290,3 +290,62 @@ async def test_sigterm_finishes_the_batch_in_flight_and_exits_0(
     # Every item is either stored-and-acked or still owned by JetStream, never both/neither.
     assert stored >= 1
     assert stored + await backlog(js) == len(ids)
+
+
+async def test_redis_down_holds_the_batch_until_it_can_be_stored(
+    js: JetStreamContext,
+    store: ResultStore,
+    redis: Redis,
+    redis_proc: ServerProcess,
+    policy: StreamPolicy,
+    make_worker: Callable[..., InferenceWorker],
+) -> None:
+    redis_proc.stop()
+    await publish(js, make_task("held", noise(9)))
+    worker = make_worker(ack_wait_s=policy.ack_wait_s, store_backoff_max_s=0.2)
+    async with running(worker):
+
+        async def inferred() -> bool:
+            return worker.batches == 1
+
+        await wait_until(inferred)
+        # Longer than ack_wait: without lease extension JetStream would redeliver by now.
+        await asyncio.sleep(policy.ack_wait_s * 1.5)
+        redis_proc.start()
+        await results_for(store, ["held"])
+        await wait_until(lambda: _zero(backlog(js)))
+    info = await js.consumer_info(INFER.stream, INFER.consumer(Lane.BULK))
+    assert info.num_redelivered == 0  # one delivery: no attempt was burnt while Redis was away
+    assert worker.items == 1 and worker.duplicates == 0
+    assert await redis.xlen(KEYS.job_results("job-1")) == 1
+
+
+class FailingModel(Model):
+    """The real model whose session call fails, as a broken GPU or OOM would."""
+
+    def run(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        raise RuntimeError("onnxruntime: simulated device failure")
+
+
+async def test_inference_failures_retry_then_end_as_an_error_result(
+    js: JetStreamContext,
+    store: ResultStore,
+    redis: Redis,
+    model: Model,
+    policy: StreamPolicy,
+    nats_proc: ServerProcess,
+    redis_proc: ServerProcess,
+    model_dir: Path,
+) -> None:
+    await redis.hset(KEYS.job("job-1"), mapping={K.JOB_TOTAL: 1, K.JOB_STATE: "running"})
+    await publish(js, make_task("doomed", noise(11)))
+    broken = FailingModel(model.manifest, model.labels, model.session, model.providers)
+    settings = settings_for(nats_proc, redis_proc, model_dir, nak_delay_s=0.05)
+    async with running(InferenceWorker(settings, broken, js, store)):
+        [result] = await results_for(store, ["doomed"])
+        await wait_until(lambda: _zero(backlog(js)))
+    assert (result.status, result.code) == ("error", "inference_error")
+    info = await js.consumer_info(INFER.stream, INFER.consumer(Lane.BULK))
+    assert info.delivered.consumer_seq == policy.max_deliver  # retried until the last delivery
+    job = await redis.hgetall(KEYS.job("job-1"))
+    assert job[b"failed"] == b"1" and job[b"state"] == b"completed"

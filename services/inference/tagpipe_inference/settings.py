@@ -27,7 +27,7 @@ class InferenceSettings(CommonSettings):
     health_port: Annotated[int, Field(ge=0, le=65535)] = 8080  # 0: no health listener
     health_host: str = "0.0.0.0"
     nak_delay_s: Annotated[float, Field(ge=0, le=3600)] = 2.0
-    store_retry_s: Annotated[float, Field(ge=0, le=600)] = 5.0  # Redis down: retry this long
+    store_backoff_max_s: Annotated[float, Field(gt=0, le=60)] = 2.0  # Redis down: retry cap
     # Test hook only: exit right after storing results, before acking (crash tests).
     crash_before_ack: bool = False
 

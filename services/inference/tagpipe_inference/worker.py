@@ -170,7 +170,7 @@ class InferenceWorker:
             ok, to_nak = await self._infer(batch)
             results += ok
         if results:
-            await self._store([r for _, r in results])
+            await self._store([r for _, r in results], batch.msgs)
         if self.settings.crash_before_ack:
             os._exit(3)  # test hook: results are stored, acks never sent
         for m, r in results:
@@ -199,13 +199,11 @@ class InferenceWorker:
         loop = asyncio.get_running_loop()
         pixels = stack([d for _, d in batch.good])
         x = await asyncio.to_thread(self.model.preprocess, pixels)  # overlaps the running batch
-        t0 = time.perf_counter()
         try:
-            scores: F32 = await loop.run_in_executor(self._pool, self.model.run, x)
+            scores, infer_ms = await loop.run_in_executor(self._pool, self._timed_run, x)
         except Exception as exc:  # onnxruntime's errors are untyped
             log.error("inference failed for a batch of %d: %s", len(batch.good), exc)
             return self._inference_failed(batch, str(exc))
-        infer_ms = (time.perf_counter() - t0) * 1000.0
         self.batches += 1
         self.items += len(batch.good)
         log.info(
@@ -229,6 +227,12 @@ class InferenceWorker:
             out.append((m, result))
         return out, []
 
+    def _timed_run(self, x: F32) -> tuple[F32, float]:
+        # Timed on the session thread: time queued behind the previous batch is not inference.
+        t0 = time.perf_counter()
+        scores = self.model.run(x)
+        return scores, (time.perf_counter() - t0) * 1000.0
+
     def _inference_failed(
         self, batch: Batch, reason: str
     ) -> tuple[list[tuple[Msg, TagResult]], list[Msg]]:
@@ -242,19 +246,28 @@ class InferenceWorker:
                 retry.append(m)
         return final, retry
 
-    async def _store(self, results: list[TagResult]) -> None:
-        """One pipeline per batch; retry with backoff while Redis is away, then give up."""
-        delay, deadline = 0.1, time.monotonic() + self.settings.store_retry_s
+    async def _store(self, results: list[TagResult], msgs: list[Msg]) -> None:
+        """One pipeline per batch. While Redis is away, retry with backoff and keep the
+        messages' leases alive: NAKing would burn deliveries, and an outage longer than
+        max_deliver attempts would strand items (a SIGTERM meanwhile NAKs them)."""
+        delay, touched = 0.1, time.monotonic()
+        failures = 0
         while True:
             try:
                 firsts = await self.store.record_many(results)
                 break
             except (RedisError, OSError) as exc:
-                if time.monotonic() + delay > deadline:
+                if self._stopping.is_set():
                     raise StoreUnavailable(f"result store unavailable: {exc}") from exc
-                log.warning("result store unavailable, retrying in %.1fs: %s", delay, exc)
+                failures += 1
+                if failures == 1 or failures % 20 == 0:
+                    log.warning("result store unavailable (%d tries), retrying: %s", failures, exc)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                delay = min(delay * 2, self.settings.store_backoff_max_s)
+                if time.monotonic() - touched > self.settings.ack_wait_s / 3:
+                    for m in msgs:
+                        await m.in_progress()  # resets ack_wait, costs no delivery
+                    touched = time.monotonic()
         for r, first in zip(results, firsts, strict=True):
             if not first:
                 self.duplicates += 1
