@@ -17,7 +17,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from tagpipe_common.keys import JOB_STATE, JOB_TOTAL, RedisKeys
 from tagpipe_common.messages import DownloadTask, InferenceTask, TagResult
 from tagpipe_common.nats_io import connect_nats
 from tagpipe_common.results import ResultStore
+from tagpipe_common.streams import StreamPolicy, ensure_streams
 from tagpipe_common.subjects import LANES, Lane, Stage, stage_names
 from tagpipe_downloader.__main__ import health_app
 from tagpipe_downloader.decode import Geometry, decode_image
@@ -58,6 +59,7 @@ class Harness:
     worker: DownloadWorker
     infer_subs: dict[Lane, Any]
     tensors: dict[str, InferenceTask] = field(default_factory=dict)
+    resume: Callable[[], None] = lambda: None  # starts a worker created with paused=True
 
     async def submit(self, url: str | None = None, *, lane: Lane = Lane.REALTIME, **kw: Any) -> str:
         item_id = uuid.uuid4().hex
@@ -104,9 +106,9 @@ Start = Callable[..., Awaitable[Harness]]
 async def start(
     nats_proc: ServerProcess, redis_proc: ServerProcess, js: JetStreamContext, redis: Redis
 ) -> AsyncIterator[Start]:
-    stack: list[tuple[DownloadWorker, asyncio.Task[None], Client, Any, ImageServer, Redis]] = []
+    stack: list[tuple[DownloadWorker, asyncio.Future[None], Client, Any, ImageServer, Redis]] = []
 
-    async def _start(**overrides: Any) -> Harness:
+    async def _start(paused: bool = False, **overrides: Any) -> Harness:
         cfg: dict[str, Any] = {
             "nats_url": nats_proc.url,
             "redis_url": redis_proc.url,
@@ -128,19 +130,31 @@ async def start(
         wredis = Redis.from_url(settings.redis_url)
         fetcher = await Fetcher(settings.fetch_config()).__aenter__()
         worker = DownloadWorker(settings, nc, wredis, fetcher, ThreadPoolExecutor(2))
-        run = asyncio.create_task(worker.run())
+        run = asyncio.get_running_loop().create_future()
+        if not paused:
+            run = asyncio.create_task(worker.run())
         stack.append((worker, run, nc, fetcher, images, wredis))
         subs = {
             lane: await js.pull_subscribe_bind(durable=INFER.consumer(lane), stream=INFER.stream)
             for lane in LANES
         }
         store = ResultStore(redis, RedisKeys(), ttl_s=600)
-        return Harness(js, store, redis, images, worker, subs)
+        harness = Harness(js, store, redis, images, worker, subs)
+        if paused:
+
+            def resume() -> None:
+                task = asyncio.create_task(worker.run())
+                idx = next(i for i, entry in enumerate(stack) if entry[0] is worker)
+                stack[idx] = (worker, task, nc, fetcher, images, wredis)
+
+            harness.resume = resume
+        return harness
 
     yield _start
     for worker, run, nc, fetcher, images, wredis in stack:
         worker.stop()
-        await asyncio.wait_for(run, 10)
+        if isinstance(run, asyncio.Task):
+            await asyncio.wait_for(run, 10)
         await fetcher.__aexit__(None, None, None)
         await nc.close()
         await wredis.aclose()
@@ -337,3 +351,47 @@ async def test_process_exits_0_on_sigterm(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_slow_download_extends_its_lease(
+    start: Start, js: JetStreamContext, policy: StreamPolicy
+) -> None:
+    # A 1 s ack_wait on the download consumers: without in_progress() JetStream
+    # would redeliver this 2.5 s download twice while it is still running.
+    short = replace(policy, ack_wait_overrides={Stage.DOWNLOAD: 1.0})
+    await ensure_streams(js, short)
+    h = await start(total_timeout_s=5.0, read_timeout_s=5.0, progress_interval_s=0.3)
+    h.images.add("x", make_jpeg(64, 64))
+    px = await h.tensor(h.images.url("/slow?delay_s=2.5&name=x"))
+    assert px.shape == (224, 224, 3)
+    assert len(h.images.hits["/slow"]) == 1
+
+
+async def test_redis_outage_delays_the_result_but_loses_nothing(
+    h: Harness, redis_proc: ServerProcess
+) -> None:
+    redis_proc.stop()
+    item_id = await h.submit(h.images.url("/status/404"))
+    async with asyncio.timeout(10):
+        while not h.images.hits["/status/404"]:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+    await asyncio.sleep(0.5)  # the worker is now retrying its result write
+    redis_proc.restart()
+    out = await h.outcome(item_id)
+    assert isinstance(out, TagResult) and out.code == "http_404"
+
+
+async def test_realtime_lane_is_served_before_the_bulk_backlog(start: Start) -> None:
+    h = await start(paused=True, max_inflight=1, fetch_batch=1)
+    await h.redis.hset(RedisKeys().job("j3"), mapping={JOB_STATE: "running", JOB_TOTAL: 5})
+    h.images.add("x", make_jpeg(64, 64))
+    bulk = [
+        await h.submit(h.images.url(f"/img/x?b={i}"), job_id="j3", lane=Lane.BULK) for i in range(5)
+    ]
+    rt = await h.submit(h.images.url("/img/x?rt=1"))
+    h.resume()
+    await h.outcome(rt)
+    for item_id in bulk:
+        assert isinstance(await h.outcome(item_id), InferenceTask)
+    order = [t.item_id for t in sorted(h.tensors.values(), key=lambda t: t.enqueued_at)]
+    assert order[0] == rt, "the real-time item queued last must be processed first"

@@ -82,6 +82,7 @@ class DownloadWorker:
         self._slots = asyncio.Semaphore(settings.max_inflight)
         self._publishes = asyncio.Semaphore(settings.max_pending_publishes)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._busy = 0  # slots held; _tasks lags behind until done-callbacks run
         self._job_states: dict[str, tuple[float, str | None]] = {}
         self._stopping = asyncio.Event()
         self.bound = False
@@ -102,10 +103,11 @@ class DownloadWorker:
         while not self._stopping.is_set():
             await self._slots.acquire()  # pull only what we can start right away
             self._slots.release()
-            free = self.s.max_inflight - len(self._tasks)
+            free = max(1, self.s.max_inflight - self._busy)
             batch = await self._next_batch(subs, min(free, self.s.fetch_batch))
             for msg, lane in batch:
                 await self._slots.acquire()
+                self._busy += 1
                 task = asyncio.create_task(self._guarded(msg, lane))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
@@ -165,6 +167,7 @@ class DownloadWorker:
             # A bug must not kill the worker; the message is redelivered after ack_wait.
             log.exception("unexpected failure handling a download task")
         finally:
+            self._busy -= 1
             self._slots.release()
 
     async def _handle(self, msg: Msg, lane: Lane) -> None:
