@@ -5,6 +5,8 @@
 - `{p}:job:{job_id}`: job hash (total, done, failed, cancelled, state, ...).
 - `{p}:job:{job_id}:results`: a Redis Stream of result JSON; its entry ids are
   the resumable cursor of `GET /v1/jobs/{id}/results`.
+- `{p}:job:{job_id}:items`, `...:lease`, `{p}:jobs:submitting`: a bulk job's
+  items between upload and publication, so another gateway can resume it.
 - `{p}:blob:{item_id}`: uploaded image bytes waiting for the downloader.
 - `{p}:request:{request_id}`: a real-time request's item ids, with a TTL.
 - `{p}:notify`: pub/sub channel; each message is a finished item's routing info.
@@ -30,6 +32,19 @@ class RedisKeys:
 
     def job_urls(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}:urls"
+
+    def job_items(self, job_id: str) -> str:
+        """A bulk job's uploaded items (a Redis Stream of batches) until all are published."""
+        return f"{self.prefix}:job:{job_id}:items"
+
+    def job_lease(self, job_id: str) -> str:
+        """Which gateway is publishing a job's items (a key with a short TTL)."""
+        return f"{self.prefix}:job:{job_id}:lease"
+
+    @property
+    def submitting_jobs(self) -> str:
+        """Set of job ids whose items are not all published: any gateway may resume them."""
+        return f"{self.prefix}:jobs:submitting"
 
     def idempotency(self, key: str) -> str:
         return f"{self.prefix}:idem:{key}"

@@ -7,8 +7,10 @@ worker itself through the real queue and the real ResultStore.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
@@ -22,6 +24,7 @@ from tagpipe_common.subjects import Lane, Stage, stage_names
 from tagpipe_gateway.app import create_app
 from tagpipe_gateway.auth import ApiKeys, parse_entries
 from tagpipe_gateway.settings import GatewaySettings
+from tagpipe_gateway.submit import item_id_for
 
 pytestmark = pytest.mark.integration
 
@@ -29,18 +32,21 @@ KEY = "test-key-123"
 DOWNLOAD = stage_names(Stage.DOWNLOAD)
 
 
-@pytest.fixture
-async def client(
-    nats_proc: ServerProcess, redis_proc: ServerProcess, js: JetStreamContext
+@contextlib.asynccontextmanager
+async def gateway(
+    nats_proc: ServerProcess, redis_proc: ServerProcess, **overrides: Any
 ) -> AsyncIterator[httpx.AsyncClient]:
     settings = GatewaySettings(
         nats_url=nats_proc.url,
         redis_url=redis_proc.url,
-        realtime_timeout_s=1.5,
-        realtime_backlog_limit=20,
-        bulk_backlog_limit=20,
-        backlog_cache_s=0,
-        bulk_batch_size=4,
+        **{
+            "realtime_timeout_s": 1.5,
+            "realtime_backlog_limit": 20,
+            "bulk_backlog_limit": 20,
+            "backlog_cache_s": 0,
+            "bulk_batch_size": 4,
+            **overrides,
+        },
     )
     app = create_app(settings, ApiKeys(tuple(parse_entries(KEY))))
     async with app.router.lifespan_context(app):
@@ -49,6 +55,14 @@ async def client(
             transport=transport, base_url="http://gw", headers={"Authorization": f"Bearer {KEY}"}
         ) as c:
             yield c
+
+
+@pytest.fixture
+async def client(
+    nats_proc: ServerProcess, redis_proc: ServerProcess, js: JetStreamContext
+) -> AsyncIterator[httpx.AsyncClient]:
+    async with gateway(nats_proc, redis_proc) as c:
+        yield c
 
 
 async def pull_tasks(js: JetStreamContext, lane: Lane, n: int) -> list[DownloadTask]:
@@ -260,3 +274,24 @@ async def test_redis_down_is_503(client: httpx.AsyncClient, redis_proc: ServerPr
     r = await client.get("/v1/jobs/j-any")
     assert r.status_code == 503
     assert r.json()["code"] == "redis_unavailable"
+
+
+async def test_a_dead_gateways_job_is_resumed_by_another(
+    nats_proc: ServerProcess, redis_proc: ServerProcess, js: JetStreamContext
+) -> None:
+    paced = {"bulk_backlog_limit": 4, "lease_s": 2, "recover_interval_s": 0.3}
+    urls = [f"http://img.example/{i}.jpg" for i in range(12)]
+    async with gateway(nats_proc, redis_proc, **paced) as first:
+        job_id = (await first.post("/v1/jobs", json=urls)).json()["job_id"]
+        # Two batches of 4 fill the bulk limit; the third waits for room.
+        await wait_status(first, job_id, submitted=8)
+    # `first` is gone mid-job. Drain the queue, then a new gateway must finish it.
+    published = await pull_tasks(js, Lane.BULK, 8)
+    async with gateway(nats_proc, redis_proc, **paced) as second:
+        await wait_status(second, job_id, submitted=12, state="running")
+        published += await pull_tasks(js, Lane.BULK, 4)
+    assert sorted(t.item_id for t in published) == sorted(
+        item_id_for(job_id, None, i) for i in range(12)
+    )
+    info = await js.consumer_info(DOWNLOAD.stream, DOWNLOAD.consumer(Lane.BULK))
+    assert info.num_pending == 0  # nothing published twice

@@ -1,20 +1,18 @@
-"""Reading a bulk job's item list as a stream, into a spool file on disk.
+"""Reading a bulk job's item list as a stream, validated, in bounded batches.
 
 A job may hold millions of items, so the body is never held in memory: it is
 parsed as it arrives (NDJSON line by line, a JSON array element by element),
-each item validated, and written as one compact line to a temporary file that
-the background submitter reads back. A bad item stops the upload with a 422
-naming it (`body[12].url`, or `line[13]` for NDJSON).
+each item validated, and handed on in batches (the gateway appends them to a
+Redis Stream that any gateway replica can resume publishing from). A bad item
+stops the upload with a 422 naming it (`body[12].url`, or `line[13]` for NDJSON).
 """
 
 from __future__ import annotations
 
 import codecs
 import json
-import tempfile
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
-from typing import IO, Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -44,16 +42,21 @@ def invalid(field: str, message: str) -> ProblemError:
     )
 
 
-class Spool:
-    """Validated items, one `[url, client_id]` JSON line each."""
+Sink = Callable[[int, list[list[str | None]]], Awaitable[None]]
 
-    def __init__(self, out: IO[str], max_items: int, max_url_len: int) -> None:
-        self.out = out
+
+class Spool:
+    """Validated items, handed to `sink(start_index, [[url, client_id], ...])` in batches."""
+
+    def __init__(self, sink: Sink, max_items: int, max_url_len: int, batch: int = 256) -> None:
+        self.sink = sink
         self.max_items = max_items
         self.max_url_len = max_url_len
+        self.batch = batch
         self.count = 0
+        self._pending: list[list[str | None]] = []
 
-    def add(self, raw: Any, where: str) -> None:
+    async def add(self, raw: Any, where: str) -> None:
         if isinstance(raw, str):
             raw = {"url": raw}
         try:
@@ -71,7 +74,15 @@ class Spool:
                 "Too many items",
                 f"a job holds at most {self.max_items} items",
             )
-        self.out.write(json.dumps([item.url, item.id], separators=(",", ":")) + "\n")
+        self._pending.append([item.url, item.id])
+        if len(self._pending) >= self.batch:
+            await self.flush()
+
+    async def flush(self) -> None:
+        if self._pending:
+            start = self.count - len(self._pending)
+            batch, self._pending = self._pending, []
+            await self.sink(start, batch)
 
 
 async def spool_ndjson(chunks: AsyncIterator[bytes], spool: Spool) -> None:
@@ -83,12 +94,13 @@ async def spool_ndjson(chunks: AsyncIterator[bytes], spool: Spool) -> None:
         *lines, buf = buf.split(b"\n")
         for line in lines:
             lineno += 1
-            _ndjson_line(line, lineno, spool)
+            await _ndjson_line(line, lineno, spool)
     if buf:
-        _ndjson_line(buf, lineno + 1, spool)
+        await _ndjson_line(buf, lineno + 1, spool)
+    await spool.flush()
 
 
-def _ndjson_line(line: bytes, lineno: int, spool: Spool) -> None:
+async def _ndjson_line(line: bytes, lineno: int, spool: Spool) -> None:
     text = line.decode("utf-8", errors="replace").strip()
     if not text or text.startswith("#"):
         return
@@ -100,7 +112,7 @@ def _ndjson_line(line: bytes, lineno: int, spool: Spool) -> None:
             raise invalid(where, f"not valid JSON: {exc}") from None
     else:
         raw = text
-    spool.add(raw, where)
+    await spool.add(raw, where)
 
 
 async def spool_json_array(chunks: AsyncIterator[bytes], spool: Spool) -> None:
@@ -110,8 +122,9 @@ async def spool_json_array(chunks: AsyncIterator[bytes], spool: Spool) -> None:
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # chunks may split a char
     async for chunk in chunks:
         for index, element in parser.feed(utf8.decode(chunk)):
-            spool.add(element, f"body[{index}]")
+            await spool.add(element, f"body[{index}]")
     parser.finish()
+    await spool.flush()
 
 
 class _ArrayParser:
@@ -164,9 +177,3 @@ class _ArrayParser:
             raise invalid(f"body[{self.index}]", "not valid JSON")
         if not self.ended:
             raise invalid("body", "the JSON array is not closed")
-
-
-def spool_path(directory: Path | None, job_id: str) -> Path:
-    base = directory or Path(tempfile.gettempdir())
-    base.mkdir(parents=True, exist_ok=True)
-    return base / f"tagpipe-job-{job_id}.spool"

@@ -47,6 +47,7 @@ class Runtime:
         notifier = Notifier(redis, store, keys.notify_channel)
         await notifier.start()
         jobs = JobManager(redis, store, keys, publisher, backlog, settings)
+        jobs.start()
         return cls(
             settings, api_keys, nc, js, redis, keys, store, publisher, backlog, notifier, jobs
         )

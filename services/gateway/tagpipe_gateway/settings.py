@@ -34,7 +34,9 @@ class GatewaySettings(CommonSettings):
     bulk_batch_size: Annotated[int, Field(ge=1, le=10_000)] = 256
     max_job_items: Annotated[int, Field(ge=1)] = 10_000_000
     job_ttl_s: Annotated[int, Field(ge=60)] = 7 * 86400
-    spool_dir: Path | None = None  # where bulk uploads are spooled (default: system temp)
+    # A gateway publishing a job renews this lease; if it dies, another resumes the job.
+    lease_s: Annotated[int, Field(ge=2, le=600)] = 30
+    recover_interval_s: Annotated[float, Field(gt=0, le=600)] = 10.0
 
     @model_validator(mode="after")
     def _limits_ordered(self) -> GatewaySettings:

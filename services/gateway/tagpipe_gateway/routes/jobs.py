@@ -13,7 +13,7 @@ from fastapi.responses import StreamingResponse
 from tagpipe_common.messages import TagResult, TaskOptions
 
 from tagpipe_gateway.deps import PrincipalDep, RuntimeDep
-from tagpipe_gateway.intake import NDJSON_TYPES, Spool, spool_json_array, spool_ndjson, spool_path
+from tagpipe_gateway.intake import NDJSON_TYPES, Spool, spool_json_array, spool_ndjson
 from tagpipe_gateway.problems import ProblemCode, ProblemError, problem_responses
 from tagpipe_gateway.runtime import Runtime
 from tagpipe_gateway.schemas import JobCreated, JobItem, JobStatus
@@ -95,36 +95,41 @@ async def _body_chunks(request: Request) -> AsyncIterator[bytes]:
         yield chunk
 
 
-async def _spool(request: Request, rt: Runtime, job_id: str) -> tuple[int, Any]:
+async def _read_items(request: Request, rt: Runtime, job_id: str) -> int:
+    """Stream the body into the job's item stream; returns the item count."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    path = spool_path(rt.settings.spool_dir, job_id)
+    submitter = rt.jobs.submitter
+    await submitter.discard(job_id)  # leftovers of an interrupted upload of this job
+    spool = Spool(
+        lambda start, items: submitter.append(job_id, start, items),
+        rt.settings.max_job_items,
+        rt.settings.max_url_length,
+        batch=rt.settings.bulk_batch_size,
+    )
     try:
-        with path.open("w") as out:
-            spool = Spool(out, rt.settings.max_job_items, rt.settings.max_url_length)
-            if ctype == "application/json":
-                await spool_json_array(_body_chunks(request), spool)
-            elif ctype in NDJSON_TYPES or ctype == "multipart/form-data":
-                await spool_ndjson(_body_chunks(request), spool)
-            else:
-                raise ProblemError(
-                    415,
-                    ProblemCode.UNSUPPORTED_MEDIA_TYPE,
-                    "Unsupported media type",
-                    "send application/json (an array) or application/x-ndjson",
-                )
+        if ctype == "application/json":
+            await spool_json_array(_body_chunks(request), spool)
+        elif ctype in NDJSON_TYPES or ctype == "multipart/form-data":
+            await spool_ndjson(_body_chunks(request), spool)
+        else:
+            raise ProblemError(
+                415,
+                ProblemCode.UNSUPPORTED_MEDIA_TYPE,
+                "Unsupported media type",
+                "send application/json (an array) or application/x-ndjson",
+            )
+        if spool.count == 0:
+            raise ProblemError(
+                422,
+                ProblemCode.VALIDATION_ERROR,
+                "Request validation failed",
+                "invalid field(s): body",
+                errors=[{"field": "body", "message": "the job has no items"}],
+            )
     except BaseException:
-        path.unlink(missing_ok=True)
+        await submitter.discard(job_id)
         raise
-    if spool.count == 0:
-        path.unlink(missing_ok=True)
-        raise ProblemError(
-            422,
-            ProblemCode.VALIDATION_ERROR,
-            "Request validation failed",
-            "invalid field(s): body",
-            errors=[{"field": "body", "message": "the job has no items"}],
-        )
-    return spool.count, path
+    return spool.count
 
 
 @router.post(
@@ -134,8 +139,8 @@ async def _spool(request: Request, rt: Runtime, job_id: str) -> tuple[int, Any]:
     summary="Submit a bulk job",
     description=(
         "A JSON array of URLs or `{url, id}` objects, or NDJSON (one object, JSON string or "
-        "bare URL per line; also as a multipart `file`). The body is streamed to disk and "
-        "validated; the job id comes back as soon as it is read, and items are published in "
+        "bare URL per line; also as a multipart `file`). The body is streamed, validated "
+        "and stored; the job id comes back as soon as it is read, and items are published in "
         "the background. `id` is your item id: a repeated id is one item. A URL repeated "
         "within a job ends as error `duplicate_url` naming the first item. With an "
         "`Idempotency-Key`, a retried submission returns the same job (200, `reused`)."
@@ -157,7 +162,9 @@ async def submit_job(
 ) -> JobCreated:
     job_id = _job_id(principal, idempotency_key)
     idem = rt.keys.idempotency(f"{principal}:{idempotency_key}") if idempotency_key else None
-    if idem is not None and not await rt.redis.set(idem, job_id, nx=True, ex=rt.settings.job_ttl_s):
+    # A short TTL while uploading: a gateway dying mid-upload must not block retries for long.
+    upload_ttl = 600
+    if idem is not None and not await rt.redis.set(idem, job_id, nx=True, ex=upload_ttl):
         status = await rt.jobs.status(job_id)
         if status is None:
             raise ProblemError(
@@ -169,14 +176,15 @@ async def submit_job(
         response.status_code = 200
         return _created(status, reused=True)
     try:
-        total, path = await _spool(request, rt, job_id)
+        total = await _read_items(request, rt, job_id)
     except BaseException:
         if idem is not None:
             await rt.redis.delete(idem)
         raise
-    options = TaskOptions(top_k=top_k, min_score=min_score)
-    await rt.jobs.create(job_id, total, options)
-    rt.jobs.start_submission(job_id, path, options)
+    await rt.jobs.create(job_id, total, TaskOptions(top_k=top_k, min_score=min_score))
+    if idem is not None:
+        await rt.redis.expire(idem, rt.settings.job_ttl_s)
+    await rt.jobs.submit(job_id)
     status = await rt.jobs.status(job_id)
     assert status is not None
     return _created(status, reused=False)
