@@ -119,7 +119,7 @@ def export(net: Any, path: Path) -> None:
         # The padding Slices have steps != 1, so torch says it cannot fold them: harmless,
         # onnxruntime's optimiser handles them, and the check below compares outputs anyway.
         warnings.filterwarnings("ignore", message="Constant folding", category=UserWarning)
-        # dynamo=False is deliberate (the brief pins the TorchScript exporter).
+        # dynamo=False is deliberate: the TorchScript exporter gives a stable opset-17 graph.
         warnings.filterwarnings(
             "ignore", message=".*legacy TorchScript", category=DeprecationWarning
         )

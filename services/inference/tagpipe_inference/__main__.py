@@ -11,6 +11,7 @@ import logging
 import signal
 import sys
 
+from prometheus_client import start_http_server
 from redis.asyncio import Redis
 from tagpipe_common.keys import RedisKeys
 from tagpipe_common.nats_io import connect_nats
@@ -71,6 +72,8 @@ def main() -> None:
     settings = load_settings(InferenceSettings)
     setup_logging("inference", settings.log_level, settings.log_json)
     setup_tracing("tagpipe-inference")
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port)
     try:
         model = load(settings)
     except ModelLoadError as exc:

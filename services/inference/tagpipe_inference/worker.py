@@ -31,6 +31,7 @@ from tagpipe_common.streams import is_final_delivery
 from tagpipe_common.subjects import LANES, Stage, stage_names
 from tagpipe_common.telemetry import log_item_timings
 
+from tagpipe_inference import metrics
 from tagpipe_inference.items import Decoded, Rejected, decode, error_result, ok_result, stack
 from tagpipe_inference.model import F32, Model
 from tagpipe_inference.settings import InferenceSettings
@@ -203,9 +204,13 @@ class InferenceWorker:
             scores, infer_ms = await loop.run_in_executor(self._pool, self._timed_run, x)
         except Exception as exc:  # onnxruntime's errors are untyped
             log.error("inference failed for a batch of %d: %s", len(batch.good), exc)
+            metrics.INFER_FAILURES.inc()
             return self._inference_failed(batch, str(exc))
         self.batches += 1
         self.items += len(batch.good)
+        metrics.BATCHES.inc()
+        metrics.BATCH_SIZE.observe(len(batch.good))
+        metrics.BATCH_SECONDS.observe(infer_ms / 1000.0)
         log.info(
             "batch done",
             extra={"fields": {"event": "batch", "size": len(batch.good), "inference_ms": infer_ms}},
@@ -260,6 +265,7 @@ class InferenceWorker:
                 if self._stopping.is_set():
                     raise StoreUnavailable(f"result store unavailable: {exc}") from exc
                 failures += 1
+                metrics.STORE_RETRIES.inc()
                 if failures == 1 or failures % 20 == 0:
                     log.warning("result store unavailable (%d tries), retrying: %s", failures, exc)
                 await asyncio.sleep(delay)
@@ -271,8 +277,10 @@ class InferenceWorker:
         for r, first in zip(results, firsts, strict=True):
             if not first:
                 self.duplicates += 1
+                metrics.DUPLICATES.inc()
                 log.info("duplicate result for %s ignored (redelivery)", r.item_id)
                 continue
+            metrics.RESULTS.labels(r.status, r.code or "").inc()
             log_item_timings(
                 log,
                 {
