@@ -20,6 +20,7 @@ from tagpipe_cli.servers import ServerProcess
 from tagpipe_common.keys import RedisKeys
 from tagpipe_common.messages import DownloadTask, Tag, TagResult
 from tagpipe_common.results import ResultStore
+from tagpipe_common.streams import StreamPolicy, ensure_streams
 from tagpipe_common.subjects import Lane, Stage, stage_names
 from tagpipe_gateway.app import create_app
 from tagpipe_gateway.auth import ApiKeys, parse_entries
@@ -295,3 +296,55 @@ async def test_a_dead_gateways_job_is_resumed_by_another(
     )
     info = await js.consumer_info(DOWNLOAD.stream, DOWNLOAD.consumer(Lane.BULK))
     assert info.num_pending == 0  # nothing published twice
+
+
+async def test_a_full_stream_is_backpressure_not_a_crash(
+    nats_proc: ServerProcess, redis_proc: ServerProcess, js: JetStreamContext
+) -> None:
+    await ensure_streams(js, StreamPolicy(prefix="tagpipe", max_msgs=2))
+    async with gateway(nats_proc, redis_proc, realtime_backlog_limit=1000) as c:
+        urls = [f"http://img.example/{i}.jpg" for i in range(3)]
+        r = await c.post("/v1/tags", json={"urls": urls})
+    assert r.status_code == 429, r.text
+    assert r.json()["code"] == "backlog_full"
+
+
+async def test_wrong_media_size_and_route_are_problems(
+    nats_proc: ServerProcess, redis_proc: ServerProcess, js: JetStreamContext
+) -> None:
+    async with gateway(nats_proc, redis_proc, max_upload_bytes=1024) as c:
+        big = await c.post("/v1/tags", content=b"x" * 2048, headers={"Content-Type": "image/png"})
+        assert (big.status_code, big.json()["code"]) == (413, "payload_too_large")
+        odd = await c.post("/v1/tags", content=b"<a/>", headers={"Content-Type": "text/xml"})
+        assert (odd.status_code, odd.json()["code"]) == (415, "unsupported_media_type")
+        missing = await c.get("/v1/nothing-here")
+        assert (missing.status_code, missing.json()["code"]) == (404, "not_found")
+        assert missing.headers["content-type"] == "application/problem+json"
+
+
+async def test_metrics_count_requests_and_finished_items(
+    client: httpx.AsyncClient, js: JetStreamContext, store: ResultStore
+) -> None:
+    async def worker() -> None:
+        (task,) = await pull_tasks(js, Lane.REALTIME, 1)
+        await store.record(TagResult.error(task, "http_404", "gone", source=task.url))
+
+    w = asyncio.create_task(worker())
+    assert (
+        await client.post("/v1/tags", json={"url": "http://img.example/x.jpg"})
+    ).status_code == 200
+    await w
+    text = (await client.get("/metrics", headers={"Authorization": ""})).text
+    assert 'tagpipe_gateway_requests_total{method="POST",route="/v1/tags",status="200"}' in text
+    assert 'tagpipe_gateway_items_total{code="http_404",lane="realtime",status="error"}' in text
+    assert 'tagpipe_gateway_item_latency_seconds_count{lane="realtime"}' in text
+
+
+async def test_nats_down_is_503_and_not_ready(
+    client: httpx.AsyncClient, nats_proc: ServerProcess
+) -> None:
+    nats_proc.stop()
+    r = await client.post("/v1/tags", json={"url": "http://img.example/a.jpg"})
+    assert r.status_code == 503, r.text
+    assert r.json()["code"] == "nats_unavailable"
+    assert (await client.get("/readyz")).status_code == 503

@@ -11,11 +11,17 @@ import asyncio
 import time
 from collections.abc import Sequence
 
+import nats.js.errors
 from nats.js.client import JetStreamContext
 from tagpipe_common.messages import SCHEMA_VERSION, DownloadTask
 from tagpipe_common.streams import stage_backlog
 from tagpipe_common.subjects import HDR_MSG_ID, HDR_SCHEMA, Stage, stage_names
 from tagpipe_common.telemetry import inject_headers
+
+from tagpipe_gateway.problems import ProblemCode, ProblemError
+
+# JetStream API error codes for a stream at its message/byte limits.
+_STREAM_FULL = {10077, 10078}
 
 
 class BacklogCache:
@@ -51,12 +57,25 @@ class Publisher:
 
     async def publish(self, task: DownloadTask) -> None:
         headers = inject_headers({HDR_MSG_ID: task.item_id, HDR_SCHEMA: str(SCHEMA_VERSION)})
-        await self.js.publish(
-            self.names.subject(task.lane),
-            task.to_json(),
-            timeout=self.timeout_s,
-            headers=headers,
-        )
+        try:
+            await self.js.publish(
+                self.names.subject(task.lane),
+                task.to_json(),
+                timeout=self.timeout_s,
+                headers=headers,
+            )
+        except nats.js.errors.APIError as exc:
+            # The stream refuses new work when full (DiscardPolicy.NEW): that is
+            # backpressure, not a fault.
+            if exc.err_code in _STREAM_FULL:
+                raise ProblemError(
+                    429,
+                    ProblemCode.BACKLOG_FULL,
+                    "Work queue full",
+                    f"the download stream refused the item: {exc.description}",
+                    headers={"Retry-After": "5"},
+                ) from None
+            raise
 
     async def publish_many(self, tasks: Sequence[DownloadTask]) -> None:
         """Publish concurrently; the caller bounds how many are in flight."""
