@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
@@ -78,6 +79,11 @@ async def serve(settings: DownloaderSettings) -> None:
 
 def main() -> None:
     settings = load_settings(DownloaderSettings)
+    try:
+        settings.geometry()  # a missing or bad manifest stops start-up with one line
+    except (OSError, ValueError) as exc:
+        print(f"DownloaderSettings: cannot read the model manifest: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     telemetry.setup_logging("downloader", settings.log_level, settings.log_json)
     telemetry.setup_tracing("tagpipe-downloader")
     asyncio.run(serve(settings))
