@@ -32,6 +32,13 @@ model: venv ## export EfficientNet-Lite0 to ONNX into $(MODEL_DIR), verified aga
 bench-inference: venv model ## raw onnxruntime vs the inference service (real NATS + Redis)
 	$(PY) bench/bench_inference.py --model-dir $(MODEL_DIR) --out-dir bench/results
 
+BENCH_IMAGES ?= 800
+BENCH_LATENCY_MS ?= 50
+bench: venv ## end-to-end: ideal loop vs tagpipe vs naive monolith vs Ray Serve (~10 min)
+	test -f $(MODEL_DIR)/manifest.json || $(MAKE) model
+	$(PY) -c 'import ray.serve' 2>/dev/null || $(BIN)/pip install -q -e '.[bench]'
+	$(PY) -m bench.bench_e2e --images $(BENCH_IMAGES) --latency-ms $(BENCH_LATENCY_MS)
+
 test: venv ## the whole suite: unit, integration (real NATS/Redis), chart checks
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 

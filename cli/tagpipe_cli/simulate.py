@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 from tagpipe_operator.scaling import ScalingContext, ScalingPolicy, ScalingState, decide
+from tagpipe_operator.spec import DownloaderSpec, InferenceSpec
 
 from tagpipe_cli import rates as rates_mod
 from tagpipe_cli import simreport
@@ -187,7 +188,7 @@ def summarise(res: SimResult, stages: list[StageModel]) -> dict[str, Any]:
     for m, s in zip(stages, res.stages, strict=True):
         static = math.ceil(tr.peak_rate / m.per_replica - 1e-9)
         # The fair comparison: static replicas with the same headroom the autoscaler keeps.
-        util = m.policy.target_backlog / m.in_flight
+        util = min(1.0, m.policy.target_backlog / m.in_flight)
         static_hr = math.ceil(tr.peak_rate / (m.per_replica * util) - 1e-9)
         replica_hours = float(s.desired.sum()) * dt / 3600
         per_stage.append(
@@ -224,34 +225,55 @@ def summarise(res: SimResult, stages: list[StageModel]) -> dict[str, Any]:
     }
 
 
+def _cr_defaults() -> dict[str, tuple[ScalingPolicy, int]]:
+    """The TagPipeline CR's default policy per stage, and what a busy replica holds
+    unacked (downloader: its download concurrency; inference: two batches, the
+    worker's pipeline depth)."""
+    dl, inf = DownloaderSpec(), InferenceSpec()
+    return {
+        "downloader": (dl.scaling_policy(), dl.limits.concurrency),
+        "inference": (inf.scaling_policy(), inf.batching.max_batch * 2),
+    }
+
+
 def build_stages(args: argparse.Namespace, trace: Trace) -> list[StageModel]:
-    """Stage models from the flags; replicas start where the trace's first minute
-    needs them (the day before ran too), so a cold start doesn't pose as a peak."""
+    """Stage models: the CR's default policies, changed only where a flag says so.
+
+    max_replicas defaults to `--max-over-static` x the trace's peak need (the
+    CR's defaults are sized for a demo, not for 500M/day). Replicas start where
+    the trace's first minute needs them (the day before ran too), so a cold
+    start doesn't pose as a peak.
+    """
     stage_rates = rates_mod.resolve(args)
     dl_rate = mixed_rate({c: r.value for c, r in stage_rates.download.items()}, parse_mix(args.mix))
     inf_rate = (
         stage_rates.gpu_inference if args.inference == "t4" else stage_rates.cpu_inference
     ).value
+    first_minute = float(trace.arrivals[: max(1, int(60 / trace.tick_s))].mean()) / trace.tick_s
     models = []
-    for name, rate, startup, in_flight in (
-        ("downloader", dl_rate, args.downloader_startup_s, args.downloader_in_flight),
-        ("inference", inf_rate, args.inference_startup_s, args.inference_in_flight),
-    ):
+    for name, rate in (("downloader", dl_rate), ("inference", inf_rate)):
+        base, in_flight = _cr_defaults()[name]
+        in_flight = getattr(args, f"{name}_in_flight") or in_flight
+        target = getattr(args, f"{name}_target_backlog") or base.target_backlog
         static = math.ceil(trace.peak_rate / rate)
-        first_minute = float(trace.arrivals[: max(1, int(60 / trace.tick_s))].mean()) / trace.tick_s
-        warm = math.ceil(first_minute / (rate * args.target_util))
-        policy = ScalingPolicy(
-            min_replicas=args.min_replicas,
-            max_replicas=max(args.min_replicas, math.ceil(static * args.max_over_static)),
-            # target/in_flight is the steady utilisation decide() converges to (see module doc).
-            target_backlog=max(1, round(in_flight * args.target_util)),
-            scale_up_window_s=args.scale_up_window_s,
-            scale_down_window_s=args.scale_down_window_s,
-            max_scale_up_step=args.max_scale_up_step,
+        policy = replace(
+            base,
+            min_replicas=args.min_replicas or base.min_replicas,
+            max_replicas=args.max_replicas or math.ceil(static * args.max_over_static),
+            target_backlog=target,
+            scale_down_window_s=_pick(args.scale_down_window_s, base.scale_down_window_s),
+            scale_up_window_s=_pick(args.scale_up_window_s, base.scale_up_window_s),
+            max_scale_up_step=args.max_scale_up_step or base.max_scale_up_step,
         )
+        warm = math.ceil(first_minute / (rate * min(1.0, target / in_flight)))
         initial = max(policy.floor, min(warm, policy.max_replicas))
+        startup = getattr(args, f"{name}_startup_s")
         models.append(StageModel(name, rate, startup, policy, in_flight, initial))
     return models
+
+
+def _pick(flag: float | None, default: float) -> float:
+    return default if flag is None else flag
 
 
 def with_policy(models: list[StageModel], **changes: Any) -> list[StageModel]:
@@ -269,19 +291,17 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--results-dir", type=Path, default=Path("bench/results"))
     p.add_argument("--png", type=Path, help="chart path (default bench/results/simulate-TRACE.png)")
     p.add_argument("--json", action="store_true")
-    g = p.add_argument_group("policy (the TagPipeline autoscaling block)")
-    g.add_argument("--min-replicas", type=int, default=1)
+    g = p.add_argument_group("policy (default: the TagPipeline CR's defaults per stage)")
+    g.add_argument("--min-replicas", type=int)
+    g.add_argument("--max-replicas", type=int)
     g.add_argument("--max-over-static", type=float, default=1.5, help="max = this x peak need")
-    g.add_argument(
-        "--target-util", type=float, default=0.7, help="target_backlog = this x in_flight"
-    )
-    g.add_argument("--scale-up-window-s", type=float, default=0.0)
-    g.add_argument("--scale-down-window-s", type=float, default=300.0)
-    g.add_argument("--max-scale-up-step", type=int, default=4)
-    g.add_argument("--downloader-startup-s", type=float, default=20.0)
-    g.add_argument("--inference-startup-s", type=float, default=60.0)
-    g.add_argument("--downloader-in-flight", type=int, default=16)
-    g.add_argument("--inference-in-flight", type=int, default=64)
+    g.add_argument("--scale-up-window-s", type=float)
+    g.add_argument("--scale-down-window-s", type=float)
+    g.add_argument("--max-scale-up-step", type=int)
+    for stage, startup in (("downloader", 20.0), ("inference", 60.0)):
+        g.add_argument(f"--{stage}-target-backlog", type=int, help="backlog per replica")
+        g.add_argument(f"--{stage}-in-flight", type=int, help="unacked msgs per busy replica")
+        g.add_argument(f"--{stage}-startup-s", type=float, default=startup, help="pod to Ready")
     rates_mod.add_rate_flags(p)
     p.set_defaults(func=run)
 

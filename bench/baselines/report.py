@@ -1,0 +1,90 @@
+"""e2e.json -> a markdown table (spliced into docs/benchmarks.md) and a PNG chart."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+START, END = "<!-- bench:e2e:start -->", "<!-- bench:e2e:end -->"
+ORDER = ("ideal", "tagpipe", "naive", "ray_serve")
+LABELS = {
+    "ideal": "ideal (in-process loop, bytes in memory)",
+    "tagpipe": "tagpipe (local stack, bulk job)",
+    "naive": "naive monolith (FastAPI, batch 1)",
+    "ray_serve": "Ray Serve peer (@serve.batch)",
+}
+
+
+def _ms(v: Any) -> str:
+    return "-" if v is None else f"{v:,.0f}"
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    m, c = doc["machine"], doc["corpus"]
+    mix = ", ".join(f"{k} {v:.0%}" for k, v in c["mix"].items())
+    lines = [
+        f"Run {doc['finished_at']} on {m['cpu_model']}, {m['cores']} cores "
+        f"({m['python']}, onnxruntime {m['onnxruntime']}). Corpus: {c['images']} images "
+        f"({mix}; thumb = 640x480, phone = 4032x3024 JPEG), image server latency "
+        f"{c['latency_ms']:g} ms. Real-time load: {doc['realtime_rate']:g} req/s of one image "
+        "each, open-loop, during the bulk run.",
+        "",
+        "| system | bulk images/s | x ideal | real-time p50 ms | p95 ms | p99 ms | rt failed |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for key in ORDER:
+        s = doc["systems"].get(key)
+        if s is None:
+            continue
+        if "error" in s:
+            lines.append(f"| {LABELS[key]} | failed: {s['error'][:80]} | | | | | |")
+            continue
+        rt = s.get("realtime") or {}
+        lines.append(
+            f"| {LABELS[key]} | {s['images_per_s']:,.1f} | {s.get('vs_ideal', float('nan')):.2f} | "
+            f"{_ms(rt.get('p50_ms'))} | {_ms(rt.get('p95_ms'))} | {_ms(rt.get('p99_ms'))} | "
+            f"{rt.get('failed', '-')} |"
+        )
+    goals = doc.get("goals", {})
+    if goals:
+        lines += ["", "Goals: " + "; ".join(f"{k}: {v}" for k, v in goals.items()) + "."]
+    return "\n".join(lines)
+
+
+def splice(md_path: Path, table: str) -> None:
+    """Replace the text between the markers; keep the hand-written analysis around it."""
+    text = md_path.read_text() if md_path.exists() else f"# Benchmarks\n\n{START}\n{END}\n"
+    if START not in text:
+        text += f"\n{START}\n{END}\n"
+    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path.write_text(pattern.sub(lambda _: f"{START}\n{table}\n{END}", text))
+
+
+def chart(doc: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in ORDER if k in doc["systems"] and "error" not in doc["systems"][k]]
+    rates = [doc["systems"][k]["images_per_s"] for k in keys]
+    p95 = [(doc["systems"][k].get("realtime") or {}).get("p95_ms") or 0 for k in keys]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ax1.bar(keys, rates, color=["#999", "#2a7", "#c55", "#57c"][: len(keys)])
+    ax1.set_ylabel("bulk images/s")
+    ax1.set_title(
+        f"throughput ({doc['machine']['cores']} cores, {doc['corpus']['latency_ms']:g} ms)"
+    )
+    for i, r in enumerate(rates):
+        ax1.text(i, r, f"{r:.1f}", ha="center", va="bottom")
+    rt_keys = [k for k, v in zip(keys, p95, strict=True) if v]
+    ax2.bar(rt_keys, [v for v in p95 if v], color="#777")
+    ax2.set_ylabel("real-time p95 latency, ms (log)")
+    ax2.set_yscale("log")
+    ax2.set_title("real-time latency during bulk")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
