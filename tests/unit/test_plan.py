@@ -101,3 +101,16 @@ def test_cli_bad_mix_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str
     args = _args(tmp_path, "--mix", "thumb")
     assert args.func(args) == 2
     assert "not class=share" in capsys.readouterr().out
+
+
+def test_downloader_bench_is_read_per_core_by_size_alias(tmp_path: Path) -> None:
+    (tmp_path / "downloader.json").write_text(
+        '{"machine": {"cpu_cores": 2}, "throughput": {'
+        '"640x480@0ms": {"images_per_s_median": 90.0, "rounds": [{"images_per_s": 150.0}]},'
+        '"640x480@100ms": {"images_per_s_median": 80.0},'
+        '"4032x3024@0ms": {"images_per_s_median": 20.0}}}'
+    )
+    resolved = rates.resolve(_args(tmp_path))
+    # The median of the best setting, not the luckiest round; divided by the bench's cores.
+    assert resolved.download["thumb"].value == 45.0
+    assert resolved.download["phone"].value == 10.0
