@@ -188,4 +188,22 @@ def test_zero_bytes_and_html() -> None:
 
 
 def test_decompression_bomb_is_refused_from_the_header() -> None:
-    assert code_of(bomb_png(20000, 20000)) == "image_too_many_pixels"
+    assert code_of(bomb_png(20000, 20000)) == "image_too_many_pixels"  # past Pillow's own limit
+    assert code_of(bomb_png(10000, 10000)) == "image_too_many_pixels"  # where Pillow only warns
+    assert code_of(bomb_png(8000, 8000)) == "image_too_many_pixels"  # ours alone (64M > 50M)
+
+
+def test_colour_key_transparency_is_composited_on_white() -> None:
+    img = Image.new("RGB", (60, 60), (0, 255, 0))
+    img.paste((0, 0, 0), (0, 30, 60, 60))
+    data = encode(img, "PNG", transparency=(0, 0, 0))  # tRNS: black means transparent
+    px = decode(data)
+    assert close(mean_rgb(px[:90]), (0, 255, 0))
+    assert close(mean_rgb(px[-90:]), (255, 255, 255))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow warns; the service ignores PIL warnings
+def test_broken_exif_costs_the_orientation_not_the_image() -> None:
+    img = Image.new("RGB", (300, 300), (40, 90, 160))
+    data = encode(img, "JPEG", exif=b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\xff\xff")
+    assert close(mean_rgb(decode(data)), (40, 90, 160))

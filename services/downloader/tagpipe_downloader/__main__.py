@@ -11,6 +11,7 @@ import contextlib
 import logging
 import signal
 import sys
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
@@ -86,6 +87,9 @@ def main() -> None:
         raise SystemExit(2) from None
     telemetry.setup_logging("downloader", settings.log_level, settings.log_json)
     telemetry.setup_tracing("tagpipe-downloader")
+    # Hostile and sloppy images make Pillow warn (corrupt EXIF, pixel counts
+    # near its own bomb limit); our checks decide, the warnings are noise.
+    warnings.filterwarnings("ignore", module=r"PIL\.")
     asyncio.run(serve(settings))
 
 

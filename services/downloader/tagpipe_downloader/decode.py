@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import struct
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,11 +71,10 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     """Identify and header-check an image without decoding its pixels."""
     fmt = sniff_format(data[:1024])
     try:
-        with warnings.catch_warnings():
-            # Our own limit below is the guard; Pillow's warning would be noise.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=[fmt])
-    except Image.DecompressionBombError as exc:
+        # Pillow's own warnings (bomb threshold, corrupt EXIF) are silenced
+        # process-wide by __main__: catch_warnings is not thread-safe.
+        img = Image.open(io.BytesIO(data), formats=[fmt])
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise PermanentError(ErrorCode.IMAGE_TOO_MANY_PIXELS, str(exc)) from None
     except _DECODE_ERRORS as exc:
         raise PermanentError(ErrorCode.DECODE_ERROR, f"{fmt}: {exc}") from None
@@ -96,20 +94,28 @@ def load_rgb(img: Image.Image, geom: Geometry, *, fast: bool = True) -> Image.Im
         img.draft("RGB", _draft_size(img.width, img.height, geom.resize))
     try:
         img.load()
-        img = ImageOps.exif_transpose(img) or img
-        return to_rgb(img)
+        return to_rgb(_upright(img))
     except _DECODE_ERRORS as exc:
         raise PermanentError(ErrorCode.DECODE_ERROR, f"{img.format}: {exc}") from None
 
 
+def _upright(img: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation. Broken EXIF is common in real photos whose
+    pixels are fine, so it costs the orientation, not the image."""
+    try:
+        return ImageOps.exif_transpose(img) or img
+    except Exception:
+        return img
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """8-bit RGB from any mode; transparency is composited on white."""
+    if img.mode in ("P", "L", "RGB") and "transparency" in img.info:
+        img = img.convert("RGBA")  # a tRNS colour key is transparency too
     if img.mode == "RGB":
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         return _high_depth_to_rgb(img)
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
     if img.mode in _ALPHA_MODES:
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -269,6 +269,9 @@ class Fetcher:
             raise _Transient(ErrorCode.DOWNLOAD_TIMEOUT, "server stopped sending") from None
         except aiohttp.InvalidURL as exc:
             raise PermanentError(ErrorCode.INVALID_URL, f"invalid URL {exc}") from None
+        except aiohttp.ClientSSLError as exc:
+            # A bad certificate will be just as bad on the next attempt.
+            raise PermanentError(ErrorCode.CONNECTION_ERROR, f"TLS failed: {exc}") from None
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
             raise _Transient(ErrorCode.CONNECTION_ERROR, f"{type(exc).__name__}: {exc}") from None
         except aiohttp.ClientResponseError as exc:
