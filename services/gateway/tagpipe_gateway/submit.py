@@ -30,6 +30,7 @@ from typing import TypeVar, cast
 
 from redis.asyncio import Redis
 from tagpipe_common import keys as K
+from tagpipe_common import telemetry
 from tagpipe_common.errors import ErrorCode
 from tagpipe_common.keys import RedisKeys
 from tagpipe_common.messages import DownloadTask, TagResult, TaskOptions
@@ -41,6 +42,7 @@ from tagpipe_gateway.queue import BacklogCache, Publisher
 from tagpipe_gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
+_tracer = telemetry.tracer("tagpipe_gateway")
 
 # Leave `submitting` once everything is published; complete at once if every
 # item already finished (the ResultStore script only completes running jobs).
@@ -132,6 +134,14 @@ class Submitter:
 
     async def run(self, job_id: str) -> str:
         """Publish every item not yet published; returns the job state afterwards."""
+        token = telemetry.job_id_var.set(job_id)
+        try:
+            with _tracer.start_as_current_span("submit_job", attributes={"tagpipe.job_id": job_id}):
+                return await self._run(job_id)
+        finally:
+            telemetry.job_id_var.reset(token)
+
+    async def _run(self, job_id: str) -> str:
         job = self.keys.job(job_id)
         raw = await aw(self.redis.hmget(job, ["options", "submit_cursor"]))
         options = TaskOptions.model_validate_json(raw[0] or b"{}")

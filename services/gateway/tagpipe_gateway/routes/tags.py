@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
+from tagpipe_common import telemetry
 from tagpipe_common.messages import DownloadTask, TagResult, TaskOptions
 from tagpipe_common.subjects import Lane
 
@@ -20,6 +21,7 @@ from tagpipe_gateway.runtime import Runtime
 from tagpipe_gateway.schemas import ItemResult, TagRequest, TagResponse
 
 router = APIRouter(prefix="/v1", tags=["real-time"])
+_tracer = telemetry.tracer("tagpipe_gateway")
 
 _BODY_DOC: dict[str, Any] = {
     "requestBody": {
@@ -188,6 +190,22 @@ async def _run_request(
     rt: Runtime, urls: list[str], blobs: list[bytes], options: TaskOptions
 ) -> TagResponse:
     request_id = uuid.uuid4().hex
+    token = telemetry.request_id_var.set(request_id)  # every log line of this request
+    attrs: dict[str, str | int] = {
+        "tagpipe.request_id": request_id,
+        "tagpipe.items": len(urls) + len(blobs),
+    }
+    # The span's context rides in each task's traceparent header down the pipeline.
+    with _tracer.start_as_current_span("tag_request", attributes=attrs):
+        try:
+            return await _publish_and_wait(rt, request_id, urls, blobs, options)
+        finally:
+            telemetry.request_id_var.reset(token)
+
+
+async def _publish_and_wait(
+    rt: Runtime, request_id: str, urls: list[str], blobs: list[bytes], options: TaskOptions
+) -> TagResponse:
     tasks: list[DownloadTask] = []
     for i, url in enumerate(urls):
         tasks.append(
