@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import nats.js.errors
 import numpy as np
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -395,3 +396,25 @@ async def test_realtime_lane_is_served_before_the_bulk_backlog(start: Start) -> 
         assert isinstance(await h.outcome(item_id), InferenceTask)
     order = [t.item_id for t in sorted(h.tensors.values(), key=lambda t: t.enqueued_at)]
     assert order[0] == rt, "the real-time item queued last must be processed first"
+
+
+async def test_waits_for_missing_consumers_and_still_stops(
+    nats_proc: ServerProcess, redis_proc: ServerProcess
+) -> None:
+    # No ensure_streams: the worker must wait for the operator, not invent consumers.
+    settings = DownloaderSettings(nats_url=nats_proc.url, redis_url=redis_proc.url, health_port=0)
+    nc = await connect_nats(settings.nats_servers, "downloader-unbound")
+    wredis = Redis.from_url(settings.redis_url)
+    try:
+        async with Fetcher(settings.fetch_config()) as fetcher:
+            worker = DownloadWorker(settings, nc, wredis, fetcher, ThreadPoolExecutor(1))
+            run = asyncio.create_task(worker.run())
+            await asyncio.sleep(0.8)
+            assert not worker.bound and not run.done()
+            with pytest.raises(nats.js.errors.NotFoundError):
+                await nc.jetstream().stream_info(DOWNLOAD.stream)
+            worker.stop()
+            await asyncio.wait_for(run, 3)
+    finally:
+        await nc.close()
+        await wredis.aclose()

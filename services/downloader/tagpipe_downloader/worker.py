@@ -100,6 +100,8 @@ class DownloadWorker:
 
     async def run(self) -> None:
         subs = await self._bind()
+        if subs is None:
+            return
         while not self._stopping.is_set():
             await self._slots.acquire()  # pull only what we can start right away
             self._slots.release()
@@ -113,12 +115,16 @@ class DownloadWorker:
                 task.add_done_callback(self._tasks.discard)
         if self._tasks:
             log.info("draining %d in-flight items", len(self._tasks))
-            await asyncio.wait(set(self._tasks), timeout=self.s.drain_timeout_s)
+            _, late = await asyncio.wait(set(self._tasks), timeout=self.s.drain_timeout_s)
+            # Unacked, so JetStream redelivers them to another worker after ack_wait.
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
         for sub in subs.values():
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
-    async def _bind(self) -> dict[Lane, JetStreamContext.PullSubscription]:
+    async def _bind(self) -> dict[Lane, JetStreamContext.PullSubscription] | None:
         # Bind to the durables the operator created; never invent a consumer
         # with default (wrong) ack_wait / max_deliver.
         delay = 0.5
@@ -129,7 +135,10 @@ class DownloadWorker:
                 break
             except (nats.errors.Error, TimeoutError) as exc:
                 log.warning("download consumers not ready (%s); retrying", exc)
-                await asyncio.sleep(delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), delay)
+                if self._stopping.is_set():
+                    return None
                 delay = min(delay * 2, 10.0)
         subs = {
             lane: await self.js.pull_subscribe_bind(
