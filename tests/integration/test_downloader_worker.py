@@ -418,3 +418,31 @@ async def test_waits_for_missing_consumers_and_still_stops(
     finally:
         await nc.close()
         await wredis.aclose()
+
+
+async def test_transient_failure_recovers_on_a_later_delivery(start: Start) -> None:
+    h = await start(fetch_retries=0)
+    h.images.add("ok", make_jpeg(320, 240))
+    # 503 on deliveries 1 and 2 (NAKed with a delay), the image on the final one.
+    px = await h.tensor(h.images.url("/flaky/k2/2/503?name=ok"))
+    assert px.shape == (224, 224, 3)
+    assert len(h.images.hits["/flaky/k2/2/503"]) == 3
+
+
+async def test_a_repeated_item_reaches_inference_once(h: Harness, js: JetStreamContext) -> None:
+    url = h.images.add("x", make_jpeg(200, 200))
+    task = DownloadTask(item_id="same-item", request_id="r", url=url)
+    for _ in range(2):  # a redelivery after publish-but-before-ack looks exactly like this
+        await js.publish(DOWNLOAD.subject(Lane.REALTIME), task.to_json())
+    async with asyncio.timeout(10):
+        while len(h.images.hits["/img/x"]) < 2:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+    assert isinstance(await h.outcome("same-item"), InferenceTask)
+    async with asyncio.timeout(10):  # both download messages acked: both publishes done
+        while True:
+            dl = await js.consumer_info(DOWNLOAD.stream, DOWNLOAD.consumer(Lane.REALTIME))
+            if dl.num_pending == 0 and dl.num_ack_pending == 0:
+                break
+            await asyncio.sleep(0.05)
+    info = await js.consumer_info(INFER.stream, INFER.consumer(Lane.REALTIME))
+    assert info.num_pending == 0 and info.delivered.stream_seq == 1
