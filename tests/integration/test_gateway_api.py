@@ -278,7 +278,7 @@ async def test_redis_down_is_503(client: httpx.AsyncClient, redis_proc: ServerPr
 
 
 async def test_a_dead_gateways_job_is_resumed_by_another(
-    nats_proc: ServerProcess, redis_proc: ServerProcess, js: JetStreamContext
+    nats_proc: ServerProcess, redis_proc: ServerProcess, js: JetStreamContext, redis: Redis
 ) -> None:
     paced = {"bulk_backlog_limit": 4, "lease_s": 2, "recover_interval_s": 0.3}
     urls = [f"http://img.example/{i}.jpg" for i in range(12)]
@@ -286,9 +286,15 @@ async def test_a_dead_gateways_job_is_resumed_by_another(
         job_id = (await first.post("/v1/jobs", json=urls)).json()["job_id"]
         # Two batches of 4 fill the bulk limit; the third waits for room.
         await wait_status(first, job_id, submitted=8)
-    # `first` is gone mid-job. Drain the queue, then a new gateway must finish it.
+    # `first` shut down mid-job and handed its lease back...
+    lease = RedisKeys().job_lease(job_id)
+    assert await redis.get(lease) is None
+    # ...but a crashed gateway would still hold it until it expires.
+    await redis.set(lease, "crashed-gateway", ex=2)
     published = await pull_tasks(js, Lane.BULK, 8)
     async with gateway(nats_proc, redis_proc, **paced) as second:
+        # Not before the crashed gateway's lease expires; then from its checkpoint.
+        assert (await second.get(f"/v1/jobs/{job_id}")).json()["submitted"] == 8
         await wait_status(second, job_id, submitted=12, state="running")
         published += await pull_tasks(js, Lane.BULK, 4)
     assert sorted(t.item_id for t in published) == sorted(

@@ -103,6 +103,7 @@ class JobManager:
             await asyncio.sleep(self.settings.recover_interval_s)
 
     async def close(self) -> None:
+        jobs = list(self._tasks)
         tasks = list(self._tasks.values())
         if self._recover_task is not None:
             tasks.append(self._recover_task)
@@ -111,6 +112,9 @@ class JobManager:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        for job_id in jobs:
+            with contextlib.suppress(Exception):  # Redis gone: the lease simply expires
+                await self.submitter.release(job_id)
 
     async def _run(self, job_id: str) -> None:
         try:

@@ -68,6 +68,13 @@ end
 return 0
 """
 
+_RELEASE_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
 T = TypeVar("T")
 
 
@@ -109,6 +116,7 @@ class Submitter:
         self.owner = uuid.uuid4().hex  # this process, as a lease holder
         self._finish = redis.register_script(_FINISH_LUA)
         self._renew = redis.register_script(_RENEW_LUA)
+        self._release = redis.register_script(_RELEASE_LUA)
 
     async def append(self, job_id: str, start: int, items: list[list[str | None]]) -> None:
         """Store one uploaded batch (the intake's sink)."""
@@ -124,6 +132,10 @@ class Submitter:
     async def acquire(self, job_id: str) -> bool:
         lease = self.keys.job_lease(job_id)
         return bool(await self.redis.set(lease, self.owner, nx=True, ex=self.s.lease_s))
+
+    async def release(self, job_id: str) -> None:
+        """Give the job up at shutdown, so another gateway resumes it without waiting."""
+        await self._release(keys=[self.keys.job_lease(job_id)], args=[self.owner])
 
     async def _keep_lease(self, job_id: str) -> None:
         ok = await self._renew(
