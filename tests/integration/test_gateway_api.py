@@ -30,6 +30,7 @@ from tagpipe_gateway.submit import item_id_for
 pytestmark = pytest.mark.integration
 
 KEY = "test-key-123"
+OTHER = "another-tenant-456"
 DOWNLOAD = stage_names(Stage.DOWNLOAD)
 
 
@@ -49,7 +50,7 @@ async def gateway(
             **overrides,
         },
     )
-    app = create_app(settings, ApiKeys(tuple(parse_entries(KEY))))
+    app = create_app(settings, ApiKeys(tuple(parse_entries(f"{KEY},{OTHER}"))))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(
@@ -354,3 +355,24 @@ async def test_nats_down_is_503_and_not_ready(
     assert r.status_code == 503, r.text
     assert r.json()["code"] == "nats_unavailable"
     assert (await client.get("/readyz")).status_code == 503
+
+
+async def test_another_callers_job_and_request_look_missing(
+    client: httpx.AsyncClient, js: JetStreamContext
+) -> None:
+    other = {"Authorization": f"Bearer {OTHER}"}
+    job_id = (await client.post("/v1/jobs", json=["http://img.example/a.jpg"])).json()["job_id"]
+    assert (await client.get(f"/v1/jobs/{job_id}")).status_code == 200
+    for method, path in [
+        ("GET", f"/v1/jobs/{job_id}"),
+        ("GET", f"/v1/jobs/{job_id}/results"),
+        ("DELETE", f"/v1/jobs/{job_id}"),
+    ]:
+        r = await client.request(method, path, headers=other)
+        assert (r.status_code, r.json()["code"]) == (404, "not_found"), (method, path)
+    assert (await client.get(f"/v1/jobs/{job_id}")).json()["state"] != "cancelled"
+
+    timed_out = await client.post("/v1/tags", json={"url": "http://img.example/b.jpg"})
+    request_id = timed_out.json()["request_id"]
+    assert (await client.get(f"/v1/results/{request_id}")).status_code == 200
+    assert (await client.get(f"/v1/results/{request_id}", headers=other)).status_code == 404

@@ -56,7 +56,7 @@ class JobManager:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._recover_task: asyncio.Task[None] | None = None
 
-    async def create(self, job_id: str, total: int, options: TaskOptions) -> None:
+    async def create(self, job_id: str, total: int, options: TaskOptions, owner: str) -> None:
         key = self.keys.job(job_id)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(
@@ -70,6 +70,7 @@ class JobManager:
                     K.JOB_STATE: K.JOB_STATE_SUBMITTING,
                     K.JOB_CREATED_AT: time.time(),
                     "options": options.model_dump_json(),
+                    "owner": owner,
                 },
             )
             pipe.expire(key, self.settings.job_ttl_s)
@@ -148,11 +149,14 @@ class JobManager:
             pipe.delete(self.keys.job_urls(job_id))
             await pipe.execute()
 
-    async def status(self, job_id: str) -> JobStatus | None:
+    async def status(self, job_id: str, owner: str | None = None) -> JobStatus | None:
+        """None when the job does not exist, or (given `owner`) belongs to another caller."""
         raw = await aw(self.redis.hgetall(self.keys.job(job_id)))
         if not raw:
             return None
         h = {text(k): text(v) for k, v in raw.items()}
+        if owner is not None and h.get("owner") != owner:
+            return None
         done, failed, cancelled = (
             int(h.get(f, 0)) for f in (K.JOB_DONE, K.JOB_FAILED, K.JOB_CANCELLED)
         )
@@ -180,7 +184,9 @@ class JobManager:
             finished_at=ended,
         )
 
-    async def cancel(self, job_id: str) -> JobStatus | None:
+    async def cancel(self, job_id: str, owner: str) -> JobStatus | None:
+        if await self.status(job_id, owner) is None:
+            return None
         state = await self._cancel(keys=[self.keys.job(job_id)], args=[time.time()])
         if state is None:
             return None

@@ -165,7 +165,7 @@ async def submit_job(
     # A short TTL while uploading: a gateway dying mid-upload must not block retries for long.
     upload_ttl = 600
     if idem is not None and not await rt.redis.set(idem, job_id, nx=True, ex=upload_ttl):
-        status = await rt.jobs.status(job_id)
+        status = await rt.jobs.status(job_id, principal)
         if status is None:
             raise ProblemError(
                 409,
@@ -181,7 +181,7 @@ async def submit_job(
         if idem is not None:
             await rt.redis.delete(idem)
         raise
-    await rt.jobs.create(job_id, total, TaskOptions(top_k=top_k, min_score=min_score))
+    await rt.jobs.create(job_id, total, TaskOptions(top_k=top_k, min_score=min_score), principal)
     if idem is not None:
         await rt.redis.expire(idem, rt.settings.job_ttl_s)
     await rt.jobs.submit(job_id)
@@ -190,8 +190,9 @@ async def submit_job(
     return _created(status, reused=False)
 
 
-async def _status_or_404(rt: Runtime, job_id: str) -> JobStatus:
-    status = await rt.jobs.status(job_id)
+async def _status_or_404(rt: Runtime, job_id: str, principal: str) -> JobStatus:
+    # Another caller's job is reported exactly like a missing one.
+    status = await rt.jobs.status(job_id, principal)
     if status is None:
         raise ProblemError(404, ProblemCode.NOT_FOUND, "Unknown job", f"no job {job_id}")
     return status
@@ -203,8 +204,8 @@ async def _status_or_404(rt: Runtime, job_id: str) -> JobStatus:
     summary="Job progress",
     responses=problem_responses(401, 404, 422, 503),
 )
-async def job_status(job_id: str, rt: RuntimeDep, _: PrincipalDep) -> JobStatus:
-    return await _status_or_404(rt, job_id)
+async def job_status(job_id: str, rt: RuntimeDep, principal: PrincipalDep) -> JobStatus:
+    return await _status_or_404(rt, job_id, principal)
 
 
 @router.get(
@@ -224,7 +225,7 @@ async def job_status(job_id: str, rt: RuntimeDep, _: PrincipalDep) -> JobStatus:
 async def job_results(
     job_id: str,
     rt: RuntimeDep,
-    _: PrincipalDep,
+    principal: PrincipalDep,
     cursor: Annotated[
         str | None, Query(description="Resume after this cursor", examples=["1764072000000-0"])
     ] = None,
@@ -238,7 +239,7 @@ async def job_results(
             "invalid field(s): query.cursor",
             errors=[{"field": "query.cursor", "message": "not a cursor from this API"}],
         )
-    status = await _status_or_404(rt, job_id)
+    status = await _status_or_404(rt, job_id, principal)
     return StreamingResponse(
         rt.jobs.iter_results(job_id, cursor, limit),
         media_type="application/x-ndjson",
@@ -253,8 +254,8 @@ async def job_results(
     description="Items not started yet end as `cancelled`; finished ones keep their results.",
     responses=problem_responses(401, 404, 422, 503),
 )
-async def cancel_job(job_id: str, rt: RuntimeDep, _: PrincipalDep) -> JobStatus:
-    status = await rt.jobs.cancel(job_id)
+async def cancel_job(job_id: str, rt: RuntimeDep, principal: PrincipalDep) -> JobStatus:
+    status = await rt.jobs.cancel(job_id, principal)
     if status is None:
         raise ProblemError(404, ProblemCode.NOT_FOUND, "Unknown job", f"no job {job_id}")
     return status

@@ -154,7 +154,7 @@ def _options_from_query(request: Request) -> TaskOptions:
     responses=problem_responses(401, 413, 415, 422, 429, 503, 504),
     openapi_extra=_BODY_DOC,
 )
-async def tag_images(request: Request, rt: RuntimeDep, _: PrincipalDep) -> TagResponse:
+async def tag_images(request: Request, rt: RuntimeDep, principal: PrincipalDep) -> TagResponse:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     blobs: list[bytes] = []
     if ctype == "application/json":
@@ -183,11 +183,11 @@ async def tag_images(request: Request, rt: RuntimeDep, _: PrincipalDep) -> TagRe
             f"download backlog is {backlog} (limit {rt.settings.realtime_backlog_limit})",
             headers={"Retry-After": "2"},
         )
-    return await _run_request(rt, urls, blobs, options)
+    return await _run_request(rt, principal, urls, blobs, options)
 
 
 async def _run_request(
-    rt: Runtime, urls: list[str], blobs: list[bytes], options: TaskOptions
+    rt: Runtime, principal: str, urls: list[str], blobs: list[bytes], options: TaskOptions
 ) -> TagResponse:
     request_id = uuid.uuid4().hex
     token = telemetry.request_id_var.set(request_id)  # every log line of this request
@@ -198,13 +198,18 @@ async def _run_request(
     # The span's context rides in each task's traceparent header down the pipeline.
     with _tracer.start_as_current_span("tag_request", attributes=attrs):
         try:
-            return await _publish_and_wait(rt, request_id, urls, blobs, options)
+            return await _publish_and_wait(rt, principal, request_id, urls, blobs, options)
         finally:
             telemetry.request_id_var.reset(token)
 
 
 async def _publish_and_wait(
-    rt: Runtime, request_id: str, urls: list[str], blobs: list[bytes], options: TaskOptions
+    rt: Runtime,
+    principal: str,
+    request_id: str,
+    urls: list[str],
+    blobs: list[bytes],
+    options: TaskOptions,
 ) -> TagResponse:
     tasks: list[DownloadTask] = []
     for i, url in enumerate(urls):
@@ -230,7 +235,8 @@ async def _publish_and_wait(
         )
     index = [[t.item_id, t.source] for t in tasks]
     async with rt.redis.pipeline(transaction=False) as pipe:
-        pipe.set(rt.keys.request(request_id), json.dumps(index), ex=rt.settings.result_ttl_s)
+        record = json.dumps({"owner": principal, "items": index})
+        pipe.set(rt.keys.request(request_id), record, ex=rt.settings.result_ttl_s)
         for t, blob in zip(tasks[len(urls) :], blobs, strict=True):
             pipe.set(t.blob_key or "", blob, ex=rt.settings.blob_ttl_s)
         await pipe.execute()
@@ -277,15 +283,17 @@ def _response(
     description="For a request that timed out (504): items not finished yet are `pending`.",
     responses=problem_responses(401, 404, 422, 503),
 )
-async def get_results(request_id: str, rt: RuntimeDep, _: PrincipalDep) -> TagResponse:
+async def get_results(request_id: str, rt: RuntimeDep, principal: PrincipalDep) -> TagResponse:
     raw = await rt.redis.get(rt.keys.request(request_id))
-    if raw is None:
+    record = json.loads(raw) if raw is not None else None
+    # Another caller's request is reported exactly like a missing one.
+    if record is None or record["owner"] != principal:
         raise ProblemError(
             404,
             ProblemCode.NOT_FOUND,
             "Unknown request id",
             f"no request {request_id} (or its results expired)",
         )
-    index: list[list[str]] = json.loads(raw)
+    index: list[list[str]] = record["items"]
     results = await rt.store.get_many([item_id for item_id, _ in index])
     return _response(request_id, index, results)
