@@ -40,6 +40,7 @@ def code_of(fn: object, *args: object) -> str:
         "http://example.com/a\n.jpg",
         "http://[fe80::1%25eth0]/a.jpg",
         "http://999.0.0.1/",
+        "http://%31%32%37.0.0.1/",
         "example.com/a.jpg",
     ],
 )
@@ -57,6 +58,9 @@ def test_hostile_url_forms_are_invalid(url: str) -> None:
         ("http://127.1/", "127.0.0.1"),  # short form
         ("http://[::1]/", "::1"),
         ("http://[::ffff:127.0.0.1]/", "::ffff:7f00:1"),
+        ("http://\u2460\u2461\u2466.0.0.1/", "127.0.0.1"),  # circled digits, IDNA-normalised
+        ("http://127\u30020\u30020\u30021/", "127.0.0.1"),  # ideographic full stops
+        ("http://127.0.0.1./", "127.0.0.1"),
         ("http://169.254.169.254/latest/meta-data/", "169.254.169.254"),
         ("HTTP://EXAMPLE.com:8080/x", None),
     ],

@@ -233,7 +233,7 @@ class Fetcher:
             )
             if target.ip is None:
                 self._resolver.pin(target.host, addrs)
-            next_url = await self._request(url, clock)
+            next_url = await self._request(target.url, clock)
             if isinstance(next_url, tuple):
                 return next_url
             if next_url in visited:
@@ -244,12 +244,12 @@ class Fetcher:
             ErrorCode.TOO_MANY_REDIRECTS, f"more than {self.cfg.max_redirects} redirects"
         )
 
-    async def _request(self, url: str, clock: _Clock) -> str | tuple[bytes, str, str]:
+    async def _request(self, url: URL, clock: _Clock) -> str | tuple[bytes, str, str]:
         """One hop: the next URL for a redirect, else (body, url, content type)."""
         assert self._session is not None, "use Fetcher as an async context manager"
         try:
             async with self._session.get(
-                URL(url, encoded=False), allow_redirects=False, trace_request_ctx=clock
+                url, allow_redirects=False, trace_request_ctx=clock
             ) as resp:
                 if resp.status in _REDIRECTS:
                     location = resp.headers.get("Location")

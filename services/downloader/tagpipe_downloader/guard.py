@@ -16,9 +16,9 @@ import re
 import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from urllib.parse import SplitResult, urlsplit
 
 from tagpipe_common.errors import ErrorCode, PermanentError, RetryableError
+from yarl import URL
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -33,7 +33,7 @@ _NUMERIC_HOST = re.compile(r"^(0x[0-9a-f]*|[0-9]+)(\.(0x[0-9a-f]*|[0-9]+)){0,3}\
 
 @dataclass(frozen=True)
 class TargetURL:
-    url: str
+    url: URL  # what the request is made with
     scheme: str
     host: str  # lower-case hostname, or the canonical IP text for a literal
     port: int
@@ -59,37 +59,42 @@ def _literal_ip(host: str) -> IPAddress | None:
     return None
 
 
-def _split(url: str) -> SplitResult:
+def _parse(url: str) -> URL:
     if len(url) > MAX_URL_LENGTH:
         raise PermanentError(ErrorCode.INVALID_URL, "URL longer than 8192 characters")
     if any(ord(c) < 0x21 or ord(c) == 0x7F for c in url):
         raise PermanentError(ErrorCode.INVALID_URL, "URL contains whitespace or control characters")
     try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError on a bad port
-    except ValueError as exc:
+        parsed = URL(url)
+        parsed.port  # noqa: B018 - raises ValueError on a bad port
+    except (ValueError, TypeError, UnicodeError) as exc:
         raise PermanentError(ErrorCode.INVALID_URL, f"unparseable URL: {exc}") from None
-    return parts
+    return parsed
 
 
 def parse_target(url: str) -> TargetURL:
-    """Syntax checks: scheme, host, no credentials. Raises PermanentError(invalid_url)."""
-    parts = _split(url)
-    scheme = parts.scheme.lower()
+    """Syntax checks: scheme, host, no credentials. Raises PermanentError(invalid_url).
+
+    Parsed with yarl, the parser aiohttp itself uses, so the host we vet is the
+    host it dials: yarl IDNA-normalises `①②⑦.0.0.1` to 127.0.0.1, which a
+    different parser would have passed on as an ordinary name.
+    """
+    parsed = _parse(url)
+    scheme = parsed.scheme.lower()
     if scheme not in ALLOWED_SCHEMES:
         raise PermanentError(ErrorCode.INVALID_URL, f"scheme {scheme or '(none)'!r} not allowed")
-    if "@" in parts.netloc:
+    if parsed.raw_user is not None or parsed.raw_password is not None:
         raise PermanentError(ErrorCode.INVALID_URL, "credentials in the URL are not allowed")
-    host = (parts.hostname or "").lower()
+    host = (parsed.host or "").lower()
     if not host:
         raise PermanentError(ErrorCode.INVALID_URL, "URL has no host")
     if "%" in host:
-        raise PermanentError(ErrorCode.INVALID_URL, "IPv6 zone identifiers are not allowed")
-    port = parts.port or (443 if scheme == "https" else 80)
+        raise PermanentError(ErrorCode.INVALID_URL, "percent signs (zone ids, escapes) in host")
+    port = parsed.port or (443 if scheme == "https" else 80)
     if not 0 < port < 65536:
         raise PermanentError(ErrorCode.INVALID_URL, f"port {port} out of range")
     ip = _literal_ip(host)
-    return TargetURL(url, scheme, str(ip) if ip else host, port, ip)
+    return TargetURL(parsed, scheme, str(ip) if ip else host, port, ip)
 
 
 def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
