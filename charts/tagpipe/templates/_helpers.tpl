@@ -61,12 +61,12 @@ app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
 {{- end -}}
 
 {{- define "tagpipe.pullSecrets" -}}
-{{- with .Values.images.pullSecrets }}
+{{- with .Values.images.pullSecrets -}}
 imagePullSecrets:
 {{- range . }}
   - name: {{ . }}
 {{- end }}
-{{- end }}
+{{- end -}}
 {{- end -}}
 
 {{- define "tagpipe.serviceAccountName" -}}
