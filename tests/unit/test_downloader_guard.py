@@ -140,7 +140,7 @@ async def test_resolution_vets_every_answer() -> None:
         (b"\x89PNG\r\n\x1a\n\x00\x00", "PNG"),
         (b"RIFF\x00\x00\x00\x00WEBPVP8 ", "WEBP"),
         (b"GIF89a\x01\x00", "GIF"),
-        (b"BM" + bytes(30), "BMP"),
+        (b"BM" + bytes(12) + (40).to_bytes(4, "little") + bytes(12), "BMP"),
     ],
 )
 def test_sniff_supported(head: bytes, fmt: str) -> None:
@@ -158,6 +158,7 @@ def test_sniff_supported(head: bytes, fmt: str) -> None:
         (b"\x00\x00\x00\x18ftypheic", "unsupported_format"),
         (b"<!DOCTYPE html><html><body>hi</body></html>", "not_an_image"),
         (b"%PDF-1.7", "not_an_image"),
+        (b"BMW drivers are a menace to society, said nobody", "not_an_image"),
         (b"", "not_an_image"),
         (b"\xff\xd8", "not_an_image"),  # too short to be a JPEG
     ],

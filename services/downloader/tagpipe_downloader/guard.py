@@ -184,6 +184,7 @@ async def resolve_vetted(
 # --- content -----------------------------------------------------------------
 
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
+_BMP_DIB_SIZES = {n.to_bytes(4, "little") for n in (12, 40, 52, 56, 64, 108, 124)}
 
 
 def sniff_format(head: bytes) -> str:
@@ -201,7 +202,8 @@ def sniff_format(head: bytes) -> str:
         return "WEBP"
     if head[:6] in (b"GIF87a", b"GIF89a"):
         return "GIF"
-    if head[:2] == b"BM" and len(head) >= 26:
+    # "BM" alone is too weak (any text may start so): require a known DIB header size.
+    if head[:2] == b"BM" and len(head) >= 26 and head[14:18] in _BMP_DIB_SIZES:
         return "BMP"
     other = _recognised_unsupported(head)
     if other is not None:
