@@ -49,6 +49,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     r = job.add_parser("results", parents=[common], help="a job's results as NDJSON")
     r.add_argument("job_id")
     r.add_argument("--cursor", help="resume after this cursor")
+    r.add_argument("--follow", action="store_true", help="keep printing until the job is over")
     r.set_defaults(func=cmd_results)
     c = job.add_parser("cancel", parents=[common], help="cancel a job")
     c.add_argument("job_id")
@@ -199,18 +200,29 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 @_guarded
 def cmd_results(args: argparse.Namespace) -> int:
-    params = {"cursor": args.cursor} if args.cursor else {}
-    with (
-        _client(args) as http,
-        http.stream("GET", f"/v1/jobs/{args.job_id}/results", params=params) as r,
-    ):
-        if not r.is_success:
-            r.read()
-            _check(r)
-        for line in r.iter_lines():
-            if line:
-                print(line)
-    return 0
+    cursor = args.cursor
+    while True:  # with --follow, one long-poll after another, each resuming at the cursor
+        params: dict[str, str | float] = {"follow": 300.0} if args.follow else {}
+        if cursor:
+            params["cursor"] = cursor
+        with (
+            _client(args) as http,
+            http.stream("GET", f"/v1/jobs/{args.job_id}/results", params=params, timeout=330) as r,
+        ):
+            if not r.is_success:
+                r.read()
+                _check(r)
+            for line in r.iter_lines():
+                if line:
+                    print(line, flush=args.follow)
+                    cursor = line[11 : line.index('"', 11)]  # {"cursor":"<id>",...
+        if not args.follow or _job_over(args):
+            return 0
+
+
+def _job_over(args: argparse.Namespace) -> bool:
+    with _client(args) as http:
+        return is_over(_check(http.get(f"/v1/jobs/{args.job_id}")))
 
 
 @_guarded

@@ -376,3 +376,24 @@ async def test_another_callers_job_and_request_look_missing(
     request_id = timed_out.json()["request_id"]
     assert (await client.get(f"/v1/results/{request_id}")).status_code == 200
     assert (await client.get(f"/v1/results/{request_id}", headers=other)).status_code == 404
+
+
+@pytest.mark.timeout(60)
+async def test_follow_streams_results_until_the_job_is_over(
+    client: httpx.AsyncClient, js: JetStreamContext, store: ResultStore
+) -> None:
+    urls = [f"http://img.example/f{i}.jpg" for i in range(5)]
+    job_id = (await client.post("/v1/jobs", json=urls)).json()["job_id"]
+    await wait_status(client, job_id, submitted=5, state="running")
+    tasks = await pull_tasks(js, Lane.BULK, 5)
+    await store.record_many([ok_result(t) for t in tasks[:2]])
+
+    async def finish_later() -> None:
+        await asyncio.sleep(0.5)
+        await store.record_many([ok_result(t) for t in tasks[2:]])
+
+    later = asyncio.create_task(finish_later())
+    # Would run for the whole hour if the end of the job went unnoticed.
+    r = await client.get(f"/v1/jobs/{job_id}/results", params={"follow": 3600})
+    await later
+    assert sorted(json.loads(x)["source"] for x in r.text.splitlines()) == sorted(urls)

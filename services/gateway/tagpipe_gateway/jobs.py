@@ -193,19 +193,37 @@ class JobManager:
         return await self.status(job_id)
 
     async def iter_results(
-        self, job_id: str, cursor: str | None, limit: int | None
+        self, job_id: str, cursor: str | None, limit: int | None, follow_s: float = 0.0
     ) -> AsyncIterator[bytes]:
-        """NDJSON lines `{"cursor": <stream id>, ...result}` after `cursor` (exclusive)."""
+        """NDJSON lines `{"cursor": <stream id>, ...result}` after `cursor` (exclusive).
+
+        With `follow_s`, keeps streaming new results as items finish until the job
+        is over or `follow_s` has passed (the client resumes from its last cursor).
+        """
         stream = self.keys.job_results(job_id)
         start = f"({cursor}" if cursor else "-"
         sent = 0
+        deadline = time.monotonic() + follow_s
         while limit is None or sent < limit:
+            # Read the state first: results are written with their counters, so
+            # a job seen over here has every result in the stream already.
+            over = follow_s <= 0 or await self._over(job_id)
             page = 1000 if limit is None else min(1000, limit - sent)
             entries = await self.redis.xrange(stream, min=start, max="+", count=page)
             if not entries:
-                return
+                if over or time.monotonic() >= deadline:
+                    return
+                last = start[1:] if start.startswith("(") else "0-0"
+                await self.redis.xread({stream: last}, count=1, block=1000)
+                continue
             for entry_id, fields in entries:
                 # Splice the cursor into the stored JSON instead of re-encoding it.
                 yield b'{"cursor":"' + entry_id + b'",' + fields[b"r"][1:] + b"\n"
             sent += len(entries)
             start = "(" + text(entries[-1][0])
+
+    async def _over(self, job_id: str) -> bool:
+        status = await self.status(job_id)
+        if status is None:
+            return True
+        return status.state in FINAL_STATES and status.finished >= (status.total or 0)

@@ -230,6 +230,15 @@ async def job_results(
         str | None, Query(description="Resume after this cursor", examples=["1764072000000-0"])
     ] = None,
     limit: Annotated[int | None, Query(ge=1, le=10_000_000)] = None,
+    follow: Annotated[
+        float,
+        Query(
+            ge=0,
+            le=3600,
+            description="Keep streaming new results for up to this many seconds, "
+            "ending early once the job is over",
+        ),
+    ] = 0.0,
 ) -> StreamingResponse:
     if cursor is not None and not _CURSOR.match(cursor):
         raise ProblemError(
@@ -241,7 +250,7 @@ async def job_results(
         )
     status = await _status_or_404(rt, job_id, principal)
     return StreamingResponse(
-        rt.jobs.iter_results(job_id, cursor, limit),
+        rt.jobs.iter_results(job_id, cursor, limit, follow),
         media_type="application/x-ndjson",
         headers={"Tagpipe-Job-State": status.state},
     )
