@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from tagpipe_common.nats_io import connect_nats
+import nats
 from tagpipe_common.streams import StreamPolicy, ensure_streams
 
 from tagpipe_cli.servers import (
@@ -165,7 +165,8 @@ class Stack:
         url = self.nats.url
 
         async def ensure() -> None:
-            nc = await connect_nats([url], "tagpipe-up")
+            # A one-shot client: no reconnect callbacks, so no "disconnected" noise at close.
+            nc = await nats.connect(servers=[url], name="tagpipe-up", connect_timeout=5)
             try:
                 await ensure_streams(nc.jetstream(), policy)
             finally:
