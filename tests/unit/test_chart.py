@@ -21,6 +21,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from tagpipe_operator import rbac
+from tagpipe_operator.settings import OperatorSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "tagpipe"
@@ -263,3 +264,17 @@ def test_dashboard_configmap_only_when_enabled_and_file_present() -> None:
     names = [d["metadata"]["name"] for d in of_kind(render("full"), "ConfigMap")]
     assert any("dashboard" in n for n in names) is has_file
     assert not [n for n in map(str, render("default")) if "grafana_dashboard" in n]
+
+
+def test_operator_config_keys_are_operator_settings() -> None:
+    docs = render("full")
+    data = one(docs, "ConfigMap", "config")["data"]
+    fields = set(OperatorSettings.model_fields)
+    for key in data:
+        assert key.startswith("TAGPIPE_") and key[8:].lower() in fields, key
+    # The settings parse (as the operator's main() would) and open the ports the pod declares.
+    settings = OperatorSettings(**{k[8:].lower(): v for k, v in data.items()})
+    ctr = one(docs, "Deployment", "operator")["spec"]["template"]["spec"]["containers"][0]
+    ports = {p["name"]: p["containerPort"] for p in ctr["ports"]}
+    assert ports == {"metrics": settings.metrics_port, "health": settings.health_port}
+    assert ctr["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
