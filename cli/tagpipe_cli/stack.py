@@ -10,6 +10,13 @@ Every service is a separate process in its own process group, started with
 PR_SET_PDEATHSIG, so a killed parent leaves no orphans. `stop()` shuts them
 down in pipeline order (gateway, downloaders, inference, then the servers):
 SIGTERM to the group, SIGKILL after a grace period.
+
+PR_SET_PDEATHSIG fires when the *thread* that started a child exits, so call
+`start()` (and `Service.restart()`) from a thread that outlives the stack: the
+main thread, or an executor thread that stays alive (`asyncio.to_thread` is).
+
+Fault-injection tests reach single services by name:
+`stack.service("downloader-0").kill()`, then `.restart()`.
 """
 
 from __future__ import annotations
@@ -99,6 +106,18 @@ class Service:
         except subprocess.TimeoutExpired:
             return False
         return True
+
+    def kill(self) -> None:
+        """SIGKILL, no drain: a crash, as far as the pipeline can tell."""
+        self.signal(signal.SIGKILL)
+        self.wait(10)
+
+    def restart(self, grace_s: float = 15.0) -> None:
+        """Graceful stop (SIGTERM, then SIGKILL after `grace_s`), then start again."""
+        self.signal(signal.SIGTERM)
+        if not self.wait(grace_s):
+            self.kill()
+        self.start()
 
     def log_tail(self, n: int = 3000) -> str:
         return self.log_path.read_text(errors="replace")[-n:] if self.log_path.exists() else ""
@@ -225,6 +244,13 @@ class Stack:
                     raise ServerStartError(f"not ready in time: {names}\n{pending[0].log_tail()}")
                 if pending:
                     time.sleep(0.2)
+
+    def service(self, name: str) -> Service:
+        """`gateway`, `downloader-0`, `inference-1`, ..."""
+        for svc in self.services:
+            if svc.name == name:
+                return svc
+        raise KeyError(f"no service {name!r}: {[s.name for s in self.services]}")
 
     def dead(self) -> list[Service]:
         """Services that exited (for a supervisor loop)."""

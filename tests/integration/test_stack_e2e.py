@@ -87,6 +87,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     )
     with Stack(config) as running:
         yield running
+    # Stopped cleanly: no service or server left behind.
+    assert [s.name for s in running.services if s.alive] == []
+    assert running.nats is not None and running.nats.proc is not None
+    assert running.nats.proc.poll() is not None
 
 
 @pytest.fixture(scope="module")
