@@ -29,6 +29,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from nats.aio.client import Client
 from nats.js.client import JetStreamContext
 from PIL import Image
+from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 from tagpipe_cli.servers import ServerProcess, free_port
 from tagpipe_common.keys import JOB_STATE, JOB_TOTAL, RedisKeys
@@ -253,8 +254,11 @@ async def test_decompression_bomb(h: Harness) -> None:
 
 
 async def test_404(h: Harness) -> None:
+    labels = {"lane": "realtime", "outcome": "http_404"}
+    before = REGISTRY.get_sample_value("tagpipe_downloader_items_total", labels) or 0.0
     assert await h.code(h.images.url("/status/404")) == "http_404"
     assert len(h.images.hits["/status/404"]) == 1  # 4xx is never retried
+    assert REGISTRY.get_sample_value("tagpipe_downloader_items_total", labels) == before + 1
 
 
 async def test_503_every_time_ends_as_an_error_result(start: Start) -> None:
@@ -325,8 +329,9 @@ async def test_health_endpoints_follow_the_connections(h: Harness) -> None:
 async def test_process_exits_0_on_sigterm(
     nats_proc: ServerProcess, redis_proc: ServerProcess, js: JetStreamContext, tmp_path: Path
 ) -> None:
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     env = os.environ | {
+        "TAGPIPE_METRICS_PORT": str(metrics_port),
         "TAGPIPE_NATS_URL": nats_proc.url,
         "TAGPIPE_REDIS_URL": redis_proc.url,
         "TAGPIPE_HEALTH_HOST": "127.0.0.1",
@@ -345,6 +350,8 @@ async def test_process_exits_0_on_sigterm(
                         if resp.status == 200:
                             break
                 await asyncio.sleep(0.1)
+            async with http.get(f"http://127.0.0.1:{metrics_port}/metrics") as resp:
+                assert "tagpipe_downloader_inflight" in await resp.text()
         proc.send_signal(signal.SIGTERM)
         async with asyncio.timeout(15):
             assert await proc.wait() == 0, log.read_text()[-2000:]

@@ -15,6 +15,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
+from prometheus_client import start_http_server
 from redis.asyncio import Redis
 from tagpipe_common import telemetry
 from tagpipe_common.nats_io import connect_nats
@@ -90,6 +91,8 @@ def main() -> None:
     # Hostile and sloppy images make Pillow warn (corrupt EXIF, pixel counts
     # near its own bomb limit); our checks decide, the warnings are noise.
     warnings.filterwarnings("ignore", module=r"PIL\.")
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port)
     asyncio.run(serve(settings))
 
 

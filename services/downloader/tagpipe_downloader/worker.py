@@ -40,6 +40,7 @@ from tagpipe_common.results import ResultStore
 from tagpipe_common.streams import is_final_delivery
 from tagpipe_common.subjects import HDR_MSG_ID, HDR_SCHEMA, LANES, Lane, Stage, stage_names
 
+from tagpipe_downloader import metrics
 from tagpipe_downloader.decode import Decoded, decode_image
 from tagpipe_downloader.fetch import Fetcher
 from tagpipe_downloader.settings import DownloaderSettings
@@ -170,12 +171,14 @@ class DownloadWorker:
     # --- one message ------------------------------------------------------------
 
     async def _guarded(self, msg: Msg, lane: Lane) -> None:
+        metrics.INFLIGHT.inc()
         try:
             await self._handle(msg, lane)
         except Exception:
             # A bug must not kill the worker; the message is redelivered after ack_wait.
             log.exception("unexpected failure handling a download task")
         finally:
+            metrics.INFLIGHT.dec()
             self._busy -= 1
             self._slots.release()
 
@@ -215,15 +218,20 @@ class DownloadWorker:
                 if await self._cancelled(task):
                     raise PermanentError(ErrorCode.CANCELLED, "the job was cancelled")
                 data = await self._source_bytes(task, timings)
+                metrics.BYTES.observe(len(data))
                 decoded = await self._decode(data)
                 timings.decode_ms, timings.preprocess_ms = decoded.decode_ms, decoded.preprocess_ms
                 await self._infra(lambda: self._publish(task, lane, decoded, timings))
+                metrics.ITEMS.labels(lane.value, "published").inc()
+                metrics.observe_timings(timings)
             except PermanentError as exc:
                 await self._fail(task, exc.code, exc.message, timings)
             except RetryableError as exc:
                 if not is_final_delivery(msg, self.s.max_deliver):
                     log.info("transient %s, retrying in %.1fs", exc.code, exc.delay_s)
-                    await msg.nak(delay=exc.delay_s)
+                    metrics.RETRIES.labels(exc.code).inc()
+                    with contextlib.suppress(*_INFRA_ERRORS):
+                        await msg.nak(delay=exc.delay_s)
                     return
                 await self._fail(task, exc.code, f"{exc.message} (retries exhausted)", timings)
             try:
@@ -295,6 +303,8 @@ class DownloadWorker:
     async def _fail(self, task: DownloadTask, code: str, message: str, t: StageTimings) -> None:
         result = TagResult.error(task, code, message, source=task.source, timings=t)
         await self._infra(lambda: self.store.record(result))
+        metrics.ITEMS.labels(task.lane.value, code).inc()
+        metrics.observe_timings(t)
         telemetry.log_item_timings(
             log,
             {"status": "error", "code": code, "source": task.source, **t.model_dump()},
@@ -316,5 +326,6 @@ class DownloadWorker:
                 if time.monotonic() + delay > deadline or self._stopping.is_set():
                     raise InfraUnavailable(f"{type(exc).__name__}: {exc}") from exc
                 log.warning("redis/nats call failed (%s); retrying in %.1fs", exc, delay)
+                metrics.INFRA_RETRIES.inc()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
