@@ -278,3 +278,18 @@ def test_operator_config_keys_are_operator_settings() -> None:
     ports = {p["name"]: p["containerPort"] for p in ctr["ports"]}
     assert ports == {"metrics": settings.metrics_port, "health": settings.health_port}
     assert ctr["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+
+
+def test_model_is_seeded_before_the_pipeline_mounts_it() -> None:
+    docs = render("kind")
+    pvc, job = one(docs, "PersistentVolumeClaim", "models"), one(docs, "Job", "seed")
+    pvc_notes, job_notes = pvc["metadata"]["annotations"], job["metadata"]["annotations"]
+    # Hooks run before the release's ordinary resources (the TagPipeline), by weight.
+    assert pvc_notes["helm.sh/hook"] == "pre-install"
+    assert pvc_notes["helm.sh/resource-policy"] == "keep"
+    assert "pre-install" in job_notes["helm.sh/hook"].split(",")
+    assert int(pvc_notes["helm.sh/hook-weight"]) < int(job_notes["helm.sh/hook-weight"])
+    claim = job["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"]
+    uri = one(docs, "TagPipeline")["spec"]["model"]["storageUri"]
+    assert claim == pvc["metadata"]["name"] and uri == f"pvc://{claim}/efficientnet-lite0"
+    assert job["spec"]["template"]["spec"]["containers"][0]["image"].endswith("inference:0.1.0")
