@@ -106,6 +106,7 @@ async def test_missing_or_wrong_key_is_401_and_health_stays_open(client: httpx.A
     ("body", "field"),
     [
         ({"urls": ["http://ok/a.jpg", "ftp://bad/b.jpg"]}, "body.urls[1]"),
+        ({"url": "http://ok/a.jpg", "urls": ["ftp://bad/b.jpg"]}, "body.urls[0]"),
         ({"url": 5}, "body.url"),
         ({"url": "http://ok/a.jpg", "top_k": 0}, "body.top_k"),
         ({"url": "http://ok/a.jpg", "colour": "red"}, "body.colour"),

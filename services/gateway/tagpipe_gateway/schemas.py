@@ -30,8 +30,13 @@ class TagRequest(BaseModel):
     top_k: Annotated[int, Field(ge=1, le=100)] = 5
     min_score: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
 
-    def all_urls(self) -> list[str]:
-        return ([self.url] if self.url is not None else []) + list(self.urls or [])
+    def located_urls(self) -> list[tuple[tuple[str | int, ...], str]]:
+        """Every URL with the body field it came from (for 422s that name it)."""
+        located: list[tuple[tuple[str | int, ...], str]] = []
+        if self.url is not None:
+            located.append((("body", "url"), self.url))
+        located += [(("body", "urls", i), u) for i, u in enumerate(self.urls or [])]
+        return located
 
     def options(self) -> TaskOptions:
         return TaskOptions(top_k=self.top_k, min_score=self.min_score)

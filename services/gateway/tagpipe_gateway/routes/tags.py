@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Any
+from typing import Any, NoReturn
 
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
@@ -69,7 +69,7 @@ async def _read_limited(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def _field_error(field: tuple[str | int, ...], message: str, kind: str = "value_error") -> None:
+def _field_error(field: tuple[str | int, ...], message: str, kind: str = "value_error") -> NoReturn:
     raise RequestValidationError([{"loc": field, "msg": message, "type": kind}])
 
 
@@ -81,7 +81,8 @@ async def _parse_json(request: Request, rt: Runtime) -> tuple[list[str], TaskOpt
         raise RequestValidationError(
             [{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]
         ) from None
-    urls = req.all_urls()
+    located = req.located_urls()
+    urls = [url for _, url in located]
     if not urls:
         _field_error(("body", "url"), "give `url` or a non-empty `urls`", "missing")
     limit = rt.settings.max_urls_per_request
@@ -93,13 +94,8 @@ async def _parse_json(request: Request, rt: Runtime) -> tuple[list[str], TaskOpt
             f"at most {limit} URLs per request; submit a job for more",
             errors=[{"field": "body.urls", "message": f"at most {limit} items"}],
         )
-    for i, url in enumerate(urls):
+    for loc, url in located:
         if (why := check_url(url, rt.settings.max_url_length)) is not None:
-            loc: tuple[str | int, ...] = (
-                ("body", "url")
-                if req.url and i == 0
-                else ("body", "urls", i - (1 if req.url else 0))
-            )
             _field_error(loc, why)
     return urls, req.options()
 
