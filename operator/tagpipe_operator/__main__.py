@@ -28,13 +28,12 @@ def main() -> None:
     )
     if settings.metrics_port:
         start_http_server(settings.metrics_port)
-    registry, memo = kopf.OperatorRegistry(), kopf.Memo()
-    register(registry, settings, memo)
+    registry = kopf.OperatorRegistry()
+    register(registry, settings)
     liveness = f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None
     asyncio.run(
         kopf.operator(
             registry=registry,
-            memo=memo,
             standalone=True,
             clusterwide=settings.namespace is None,
             namespaces=[settings.namespace] if settings.namespace else (),

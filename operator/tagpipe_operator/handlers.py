@@ -5,9 +5,9 @@ and the login come from settings built in `main()` (or a test), never from the
 environment at import time.
 
 * create/update/resume: converge children (create or patch) and ensure streams.
-* timer (every `scale_interval_s`): recreate missing children, read backlogs,
-  decide and apply replicas, write status. kopf never overlaps a timer with
-  itself, so one TagPipeline never has two scaling decisions in flight.
+* index + one background loop (`loop.py`, every `scale_interval_s`): recreate
+  missing children, read backlogs, decide and apply replicas, write status.
+  Not a kopf timer: timers force a finalizer onto every object.
 * delete: children go by owner-reference garbage collection; streams are
   removed only under `deletionPolicy: Delete`, and only that case carries a
   finalizer, released after bounded retries even when NATS is gone.
@@ -15,18 +15,17 @@ environment at import time.
 
 from __future__ import annotations
 
-import datetime
+import asyncio
 from typing import Any
 
 import kopf
 from pydantic import ValidationError
 
-from tagpipe_operator import reconcile
+from tagpipe_operator import loop, reconcile
 from tagpipe_operator.reconcile import Runtime
 from tagpipe_operator.render import MAX_NAME
 from tagpipe_operator.settings import OperatorSettings
-from tagpipe_operator.spec import STAGES, TagPipelineSpec, parse_spec
-from tagpipe_operator.status import StageObservation, build_status
+from tagpipe_operator.spec import TagPipelineSpec, parse_spec
 
 GROUP, VERSION, PLURAL = "tagpipe.io", "v1alpha1", "tagpipelines"
 FINALIZER = "tagpipe.io/streams"
@@ -46,18 +45,13 @@ def typed_spec(spec: kopf.Spec, name: str) -> TagPipelineSpec:
         raise kopf.PermanentError(f"invalid spec: {exc}") from exc
 
 
-async def on_login(memo: kopf.Memo, **kwargs: Any) -> kopf.ConnectionInfo | None:
-    rt = runtime(memo)
+async def login(rt: Runtime, **kwargs: Any) -> kopf.ConnectionInfo | None:
     info = rt.preset or kopf.login_with_service_account(**kwargs)
     info = info or kopf.login_with_kubeconfig(**kwargs)
     if rt.kube is not None:
         await rt.kube.close()
     rt.connection, rt.kube = info, None  # a re-login rebuilds our client with fresh credentials
     return info
-
-
-async def on_cleanup(memo: kopf.Memo, **_: Any) -> None:
-    await runtime(memo).close()
 
 
 async def converge(
@@ -74,25 +68,8 @@ async def converge(
     return {"children": children}
 
 
-async def tick(
-    body: kopf.Body,
-    spec: kopf.Spec,
-    status: kopf.Status,
-    patch: kopf.Patch,
-    memo: kopf.Memo,
-    **_: Any,
-) -> None:
-    typed, rt = typed_spec(spec, body["metadata"]["name"]), runtime(memo)
-    recreated = await reconcile.recreate_missing(rt, body, typed)
-    backlogs = await reconcile.read_backlogs(rt, body["metadata"]["namespace"], typed)
-    observed = []
-    for stage in STAGES:
-        result = await reconcile.scale_stage(rt, body, typed, stage, backlogs[stage])
-        decision, ready = result if result else (None, 0)
-        observed.append(StageObservation(stage, backlogs[stage], decision, ready))
-    now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-    generation = int(body["metadata"].get("generation") or 0)
-    patch.status.update(build_status(generation, observed, dict(status), now, recreated))
+def index_pipeline(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    return {(namespace, name): loop.snapshot(body)}
 
 
 async def delete_streams(
@@ -123,7 +100,7 @@ def _wants_stream_deletion(spec: kopf.Spec, **_: Any) -> bool:
     return spec.get("deletionPolicy") == "Delete"
 
 
-def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+def configure(settings: kopf.OperatorSettings) -> None:
     settings.persistence.finalizer = FINALIZER
     settings.posting.level = 20  # INFO and up become Kubernetes Events
     settings.watching.server_timeout = 300
@@ -133,20 +110,36 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 def register(
     registry: kopf.OperatorRegistry,
     settings: OperatorSettings,
-    memo: kopf.Memo,
     connection: kopf.ConnectionInfo | None = None,
-) -> None:
-    """Put the runtime into `memo` and every handler onto `registry`."""
-    memo["runtime"] = Runtime(settings=settings, preset=connection)
+) -> Runtime:
+    """Put every handler onto `registry`; the returned runtime reaches them via memo.
+
+    Works with `kopf.operator(registry=...)` and with `KopfRunner(registry=...)`
+    alike, since the runtime is bound by closures, not by a caller-made memo.
+    """
+    rt = Runtime(settings=settings, preset=connection)
+
+    async def bind(memo: Any, settings: kopf.OperatorSettings, **kwargs: Any) -> None:
+        memo["runtime"] = rt
+        configure(settings)
+        pipelines: kopf.Index[Any, Any] = kwargs["pipelines"]  # the live index, by its id
+        rt.tasks.append(asyncio.create_task(loop.run(rt, pipelines), name="tagpipe-scaling"))
+
+    async def on_login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        return await login(rt, **kwargs)
+
+    async def on_cleanup(**_: Any) -> None:
+        await rt.close()
+
     res = (GROUP, VERSION, PLURAL)
-    kopf.on.startup(registry=registry)(configure)
-    kopf.on.login(registry=registry)(on_login)
-    kopf.on.cleanup(registry=registry)(on_cleanup)
+    kopf.on.startup(registry=registry, id="bind")(bind)
+    kopf.on.login(registry=registry, id="login")(on_login)
+    kopf.on.cleanup(registry=registry, id="cleanup")(on_cleanup)
     for on in (kopf.on.create, kopf.on.update, kopf.on.resume):
         on(*res, registry=registry, id="converge")(converge)
-    every = settings.scale_interval_s
-    kopf.timer(*res, registry=registry, interval=every, backoff=every, id="scale")(tick)
+    kopf.index(*res, registry=registry, id="pipelines")(index_pipeline)
     kopf.on.delete(*res, registry=registry, optional=True, id="forget")(forget)
     kopf.on.delete(*res, registry=registry, when=_wants_stream_deletion, id="streams")(
         delete_streams
     )
+    return rt

@@ -9,6 +9,8 @@ and the `scale` subresource. Every call it can make is listed in `rbac.py`.
 from __future__ import annotations
 
 import base64
+import datetime
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +28,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "PodDisruptionBudget": ("/apis/policy/v1", "poddisruptionbudgets"),
     "Secret": ("/api/v1", "secrets"),
     "TagPipeline": ("/apis/tagpipe.io/v1alpha1", "tagpipelines"),
+    "Event": ("/api/v1", "events"),
 }
 
 MERGE_PATCH = "application/merge-patch+json"
@@ -66,13 +69,14 @@ class KubeClient:
     async def close(self) -> None:
         await self.session.close()
 
-    async def _call(
+    async def request(
         self,
         method: str,
         path: str,
         body: Obj | list[Obj] | None = None,
         content_type: str | None = None,
     ) -> Obj:
+        """Any API call; raises ApiError on 4xx/5xx. The typed helpers below build on it."""
         headers = {"Content-Type": content_type or "application/json"}
         async with self.session.request(
             method, self.server + path, json=body, headers=headers
@@ -85,7 +89,7 @@ class KubeClient:
     async def get(self, kind: str, namespace: str, name: str, sub: str | None = None) -> Obj | None:
         """The object, or None when it does not exist."""
         try:
-            return await self._call("GET", path_for(kind, namespace, name, sub))
+            return await self.request("GET", path_for(kind, namespace, name, sub))
         except ApiError as exc:
             if exc.status == 404:
                 return None
@@ -93,7 +97,7 @@ class KubeClient:
 
     async def create(self, obj: Obj) -> Obj:
         meta = obj["metadata"]
-        return await self._call("POST", path_for(obj["kind"], meta["namespace"]), obj)
+        return await self.request("POST", path_for(obj["kind"], meta["namespace"]), obj)
 
     async def patch(
         self, kind: str, namespace: str, name: str, body: Obj | list[Obj], sub: str | None = None
@@ -101,11 +105,11 @@ class KubeClient:
         """A merge patch (dict body) or a JSON patch (list of RFC 6902 operations)."""
         path = path_for(kind, namespace, name, sub)
         kind_of_patch = JSON_PATCH if isinstance(body, list) else MERGE_PATCH
-        return await self._call("PATCH", path, body, kind_of_patch)
+        return await self.request("PATCH", path, body, kind_of_patch)
 
     async def delete(self, kind: str, namespace: str, name: str) -> None:
         try:
-            await self._call("DELETE", path_for(kind, namespace, name))
+            await self.request("DELETE", path_for(kind, namespace, name))
         except ApiError as exc:
             if exc.status != 404:
                 raise
@@ -147,3 +151,33 @@ class KubeClient:
         if secret is None or key not in secret.get("data", {}):
             raise LookupError(f"secret {namespace}/{name} has no key {key!r}")
         return base64.b64decode(secret["data"][key]).decode()
+
+    async def post_event(self, obj: Obj, type_: str, reason: str, message: str) -> None:
+        """A core/v1 Event about `obj` (kopf.event() needs kopf's task context;
+        the scaling loop runs outside it)."""
+        meta = obj["metadata"]
+        now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            # An explicit unique name, as kubectl/client-go do (name.<hex>).
+            "metadata": {
+                "name": f"{meta['name']}.{uuid.uuid4().hex[:16]}",
+                "namespace": meta["namespace"],
+            },
+            "involvedObject": {
+                "apiVersion": obj.get("apiVersion"),
+                "kind": obj.get("kind"),
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta.get("uid"),
+            },
+            "type": type_,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": "tagpipe-operator"},
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        await self.request("POST", path_for("Event", meta["namespace"]), event)

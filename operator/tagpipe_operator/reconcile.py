@@ -13,9 +13,11 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import kopf
 import nats
 from nats.aio.client import Client
@@ -45,6 +47,7 @@ class Runtime:
     kube: KubeClient | None = None
     nats: dict[str, Client] = field(default_factory=dict)
     scaling: dict[StateKey, ScalingState] = field(default_factory=dict)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     def client(self) -> KubeClient:
         if self.kube is None:
@@ -54,6 +57,10 @@ class Runtime:
         return self.kube
 
     async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.tasks.clear()
         for nc in self.nats.values():
             with contextlib.suppress(Exception):  # a dead NATS must not block shutdown
                 await asyncio.wait_for(nc.close(), timeout=self.settings.nats_timeout_s)
@@ -73,12 +80,17 @@ async def jetstream(rt: Runtime, url: str) -> Any:
     """A cached connection per URL; bounded, so a dead NATS never hangs a handler."""
     nc = rt.nats.get(url)
     if nc is None or nc.is_closed:
-        nc = await nats.connect(
-            servers=[u.strip() for u in url.split(",")],
-            name="tagpipe-operator",
-            connect_timeout=rt.settings.nats_timeout_s,
-            max_reconnect_attempts=2,
-            allow_reconnect=True,
+        # Bounded as a whole: nats-py's own retries on a refused first connect
+        # add up to many seconds, and a dead NATS must fail fast here.
+        nc = await asyncio.wait_for(
+            nats.connect(
+                servers=[u.strip() for u in url.split(",")],
+                name="tagpipe-operator",
+                connect_timeout=rt.settings.nats_timeout_s,
+                max_reconnect_attempts=-1,  # once connected, ride out NATS restarts
+                reconnect_time_wait=0.5,
+            ),
+            timeout=rt.settings.nats_timeout_s,
         )
         rt.nats[url] = nc
     return nc.jetstream(timeout=rt.settings.nats_timeout_s)
@@ -111,7 +123,9 @@ async def remove_streams(rt: Runtime, namespace: str, spec: TagPipelineSpec) -> 
     return await delete_streams(js, spec.nats.prefix)
 
 
-async def recreate_missing(rt: Runtime, body: kopf.Body, spec: TagPipelineSpec) -> list[str]:
+async def recreate_missing(
+    rt: Runtime, body: Mapping[str, Any], spec: TagPipelineSpec
+) -> list[str]:
     """Drift correction: a deleted child comes back (create only; no patch storm)."""
     meta = body["metadata"]
     kube, recreated = rt.client(), []
@@ -151,7 +165,7 @@ async def read_backlogs(
 
 
 async def scale_stage(
-    rt: Runtime, body: kopf.Body, spec: TagPipelineSpec, stage: str, backlog: int | None
+    rt: Runtime, body: Mapping[str, Any], spec: TagPipelineSpec, stage: str, backlog: int | None
 ) -> tuple[ScalingDecision, int] | None:
     """Decide and apply one stage's replicas. None when its Deployment is missing."""
     meta = body["metadata"]
@@ -174,12 +188,12 @@ async def scale_stage(
     rt.scaling[key] = decision.state
     if decision.changed:
         await rt.client().set_replicas(ns, dep, decision.desired_replicas)
-        kopf.event(
-            body,
-            type="Normal",
-            reason=decision.reason.value,
-            message=f"{stage}: {decision.message}",
-        )
+        try:  # best effort: a lost Event must not undo a tick
+            await rt.client().post_event(
+                dict(body), "Normal", decision.reason.value, f"{stage}: {decision.message}"
+            )
+        except (ApiError, aiohttp.ClientError) as exc:
+            log.warning("could not post scale event: %r", exc)
         metrics.SCALE_EVENTS.labels(stage, decision.direction, decision.reason.value).inc()
     labels = (ns, name, stage)
     metrics.DESIRED.labels(*labels).set(decision.desired_replicas)

@@ -7,12 +7,12 @@ covered by tests/unit/test_crd.py and the rendered owner references here.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import kopf
 import pytest
+from kopf.testing import KopfRunner
 from nats.aio.client import Client
 from tagpipe_cli.servers import ServerProcess
 from tagpipe_common.subjects import Lane, Stage, stage_names
@@ -71,21 +71,24 @@ async def operator(kmock: Any, nats_proc: ServerProcess) -> AsyncIterator[tuple[
         info.kind, info.namespaced, info.subresources = kind, namespaced, set(subs)
         info.verbs = {"get", "list", "watch", "create", "patch", "update", "delete"}
     conn = kopf.ConnectionInfo(server=str(kmock.url), insecure=True)
-    settings = OperatorSettings(scale_interval_s=0.3, nats_timeout_s=2.0, converge_retry_s=0.5)
-    registry, memo = kopf.OperatorRegistry(), kopf.Memo()
-    register(registry, settings, memo, connection=conn)
-    stop = asyncio.Event()
-    task = asyncio.create_task(
-        kopf.operator(
-            registry=registry, memo=memo, standalone=True, clusterwide=True, stop_flag=stop
-        )
+    settings = OperatorSettings(
+        scale_interval_s=0.3,
+        nats_timeout_s=0.5,
+        converge_retry_s=0.5,
+        stream_delete_retries=1,
+        stream_delete_retry_s=0.2,
     )
+    registry = kopf.OperatorRegistry()
+    register(registry, settings, connection=conn)
+    # In its own thread and loop (KopfRunner): kopf's shutdown waits on every
+    # task of its loop, which would include pytest's own.
+    runner = KopfRunner(["run", "--standalone", "--all-namespaces"], registry=registry, timeout=30)
+    runner.__enter__()
     kube = KubeClient.from_connection(conn)
     yield kmock, kube
     await kube.close()
-    stop.set()
-    with contextlib.suppress(asyncio.CancelledError):
-        await asyncio.wait_for(task, timeout=10)
+    # Join off the loop: kmock, on this loop, must keep serving kopf until it stops.
+    await asyncio.to_thread(runner.__exit__, None, None, None)
 
 
 async def eventually(check: Callable[[], Any], within: float = 20.0) -> Any:
@@ -151,6 +154,12 @@ async def test_children_status_and_backlog_scaling(
     pod = await eventually(lambda: _pod_spec_without_gpu(kmock))
     assert "tolerations" not in pod
     assert "nvidia.com/gpu" not in pod["containers"][0]["resources"].get("limits", {})
+
+    # deletionPolicy Retain (the default) needs no finalizer: deletion never blocks
+    # (which is why scaling is a loop over an index, not a kopf timer).
+    assert "tagpipe.io/streams" not in (
+        obj(kmock, "tagpipe.io/v1alpha1/tagpipelines", NAME) or {}
+    ).get("metadata", {}).get("finalizers", [])
 
     # Streams were ensured in the real NATS under the pipeline's prefix.
     js = nc.jetstream()
@@ -236,3 +245,40 @@ async def _has_stream(js: Any, name: str) -> bool:
 def _replicas(kmock: Any, stage: str) -> int | None:
     dep = obj(kmock, "apps/v1/deployments", f"{NAME}-{stage}")
     return None if dep is None else dep["spec"].get("replicas")
+
+
+async def test_delete_policy_removes_streams_and_retain_keeps_no_finalizer(
+    operator: tuple[Any, KubeClient], nats_proc: ServerProcess, nc: Client
+) -> None:
+    kmock, kube = operator
+    body = pipeline(nats_proc.url)
+    body["spec"]["deletionPolicy"] = "Delete"
+    await kube.create(body)
+    js = nc.jetstream()
+    stream = stage_names(Stage.INFER, PREFIX).stream
+    await eventually(lambda: _has_stream(js, stream))
+    cr = await eventually(lambda: _with_finalizer(kmock))
+    assert "tagpipe.io/streams" in cr["metadata"]["finalizers"]
+
+    await kube.request("DELETE", f"/apis/tagpipe.io/v1alpha1/namespaces/{NS}/tagpipelines/{NAME}")
+    await eventually(lambda: obj(kmock, "tagpipe.io/v1alpha1/tagpipelines", NAME) is None)
+    assert not await _has_stream(js, stream)
+    assert "StreamsDeleted" in _event_reasons(kmock)
+
+
+async def test_deletion_is_not_blocked_forever_when_nats_is_gone(
+    operator: tuple[Any, KubeClient],
+) -> None:
+    kmock, kube = operator
+    body = pipeline("nats://127.0.0.1:9")  # nothing listens there
+    body["spec"]["deletionPolicy"] = "Delete"
+    await kube.create(body)
+    await eventually(lambda: _with_finalizer(kmock))
+    await kube.request("DELETE", f"/apis/tagpipe.io/v1alpha1/namespaces/{NS}/tagpipelines/{NAME}")
+    await eventually(lambda: obj(kmock, "tagpipe.io/v1alpha1/tagpipelines", NAME) is None)
+    await eventually(lambda: "StreamsRetained" in _event_reasons(kmock))
+
+
+def _with_finalizer(kmock: Any) -> dict[str, Any] | None:
+    cr = obj(kmock, "tagpipe.io/v1alpha1/tagpipelines", NAME)
+    return cr if cr and cr["metadata"].get("finalizers") else None

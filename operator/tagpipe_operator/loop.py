@@ -1,0 +1,77 @@
+"""The scaling loop: one operator-wide task, not a kopf timer per TagPipeline.
+
+kopf puts a finalizer on every object that has a timer or daemon, and a
+finalizer blocks deletion whenever the operator is down (kopf#75). A plain
+background task over a kopf index (the latest body of every TagPipeline) needs
+none, so only `deletionPolicy: Delete` objects carry a finalizer.
+
+Every `scale_interval_s` it runs `tick()` for each pipeline concurrently; a
+pipeline's ticks never overlap (one loop), and one slow pipeline is bounded by
+its own timeout. Status goes through the `status` subresource.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import datetime
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import kopf
+
+from tagpipe_operator import reconcile
+from tagpipe_operator.reconcile import Runtime
+from tagpipe_operator.spec import STAGES, parse_spec
+from tagpipe_operator.status import StageObservation, build_status
+
+log = logging.getLogger(__name__)
+
+Pipelines = Mapping[Any, Iterable[Mapping[str, Any]]]
+
+
+def snapshot(body: kopf.Body) -> dict[str, Any]:
+    """What the index keeps per pipeline: a frozen copy of the latest body."""
+    return copy.deepcopy(dict(body))
+
+
+async def tick(rt: Runtime, body: Mapping[str, Any]) -> dict[str, Any]:
+    """Observe, scale and write status for one pipeline; returns the status."""
+    meta = body["metadata"]
+    ns, name = meta["namespace"], meta["name"]
+    spec = parse_spec(body["spec"])
+    recreated = await reconcile.recreate_missing(rt, body, spec)
+    backlogs = await reconcile.read_backlogs(rt, ns, spec)
+    observed = []
+    for stage in STAGES:
+        result = await reconcile.scale_stage(rt, body, spec, stage, backlogs[stage])
+        decision, ready = result if result else (None, 0)
+        observed.append(StageObservation(stage, backlogs[stage], decision, ready))
+    now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    previous = dict(body.get("status") or {})
+    status = build_status(int(meta.get("generation") or 0), observed, previous, now, recreated)
+    await rt.client().patch("TagPipeline", ns, name, {"status": status}, sub="status")
+    return status
+
+
+async def _guarded_tick(rt: Runtime, body: Mapping[str, Any]) -> None:
+    meta = body.get("metadata", {})
+    if meta.get("deletionTimestamp"):
+        return  # being deleted: leave it to garbage collection and the delete handler
+    try:
+        async with asyncio.timeout(max(rt.settings.scale_interval_s, 1.0) * 4):
+            await tick(rt, body)
+    except Exception as exc:  # one broken pipeline must not stop the others
+        log.warning(
+            "scaling tick failed for %s/%s: %r", meta.get("namespace"), meta.get("name"), exc
+        )
+
+
+async def run(rt: Runtime, pipelines: Pipelines) -> None:
+    """Forever: tick every indexed pipeline, then sleep the interval."""
+    while True:
+        bodies = [b for group in list(pipelines.values()) for b in list(group)]
+        if rt.connection is not None:
+            await asyncio.gather(*(_guarded_tick(rt, b) for b in bodies))
+        await asyncio.sleep(rt.settings.scale_interval_s)
