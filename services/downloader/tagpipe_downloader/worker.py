@@ -195,6 +195,7 @@ class DownloadWorker:
         keepalive = asyncio.create_task(self._keep_alive(msg))
         ctx = telemetry.extract_context(msg.headers)
         try:
+            telemetry.queue_wait_span(self.tracer, "download_queue_wait", task.enqueued_at, ctx)
             with self.tracer.start_as_current_span("download", context=ctx) as span:
                 span.set_attribute("tagpipe.item_id", task.item_id)
                 await self._process(msg, task, lane)
@@ -261,8 +262,10 @@ class DownloadWorker:
 
     async def _source_bytes(self, task: DownloadTask, timings: StageTimings) -> bytes:
         if task.url is not None:
+            t0 = time.time()
             result = await self.fetcher.fetch(task.url)
             timings.connect_ms, timings.download_ms = result.connect_ms, result.download_ms
+            self._spans(t0, ("dns_connect", result.connect_ms), ("transfer", result.download_ms))
             return result.body
         t0 = time.perf_counter()
         blob = await self._infra(lambda: self.redis.get(self.keys.blob(task.item_id)))
@@ -275,9 +278,18 @@ class DownloadWorker:
 
     async def _decode(self, data: bytes) -> Decoded:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
+        t0 = time.time()
+        decoded = await loop.run_in_executor(
             self.pool, decode_image, data, self.geometry, self.s.max_pixels
         )
+        self._spans(t0, ("decode", decoded.decode_ms), ("preprocess", decoded.preprocess_ms))
+        return decoded
+
+    def _spans(self, t0: float, *steps: tuple[str, float]) -> None:
+        """Back-to-back spans from `t0` (epoch s) for steps timed in ms elsewhere."""
+        for name, ms in steps:
+            telemetry.record_span(self.tracer, name, t0, t0 + ms / 1000)
+            t0 += ms / 1000
 
     async def _publish(
         self, task: DownloadTask, lane: Lane, decoded: Decoded, timings: StageTimings
@@ -291,18 +303,21 @@ class DownloadWorker:
             pixels=decoded.pixels.tobytes(),
         )
         # Msg-Id dedupes a republish after a crash between publish and ack.
-        headers = telemetry.inject_headers({HDR_MSG_ID: task.item_id, HDR_SCHEMA: str(out.v)})
-        async with self._publishes:
-            await self.js.publish(
-                self.infer.subject(lane),
-                out.to_wire(),
-                timeout=self.s.publish_timeout_s,
-                headers=headers,
-            )
+        # The publish span's context is what inference's spans hang under.
+        with self.tracer.start_as_current_span("publish"):
+            headers = telemetry.inject_headers({HDR_MSG_ID: task.item_id, HDR_SCHEMA: str(out.v)})
+            async with self._publishes:
+                await self.js.publish(
+                    self.infer.subject(lane),
+                    out.to_wire(),
+                    timeout=self.s.publish_timeout_s,
+                    headers=headers,
+                )
 
     async def _fail(self, task: DownloadTask, code: str, message: str, t: StageTimings) -> None:
         result = TagResult.error(task, code, message, source=task.source, timings=t)
-        await self._infra(lambda: self.store.record(result))
+        with self.tracer.start_as_current_span("result_write", attributes={"tagpipe.code": code}):
+            await self._infra(lambda: self.store.record(result))
         metrics.ITEMS.labels(task.lane.value, code).inc()
         metrics.observe_timings(t)
         telemetry.log_item_timings(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from fastapi import FastAPI, Request, Response
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 from tagpipe_common.messages import TagResult
 
 REQUESTS = Counter(
@@ -23,6 +23,10 @@ LATENCY = Histogram(
     "End to end: item submitted at the gateway to result written",
     ["lane"],
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 1800, 7200),
+)
+INFLIGHT = Gauge(
+    "tagpipe_gateway_inflight_requests",
+    "HTTP requests being served (a real-time request stays in flight until its tags are back)",
 )
 BACKPRESSURE = Counter(
     "tagpipe_gateway_backpressure_total",
@@ -42,11 +46,13 @@ def install_middleware(app: FastAPI) -> None:
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
         status = 500
+        INFLIGHT.inc()
         try:
             response = await call_next(request)
             status = response.status_code
             return response
         finally:
+            INFLIGHT.dec()
             route = request.scope.get("route")
             # The template, never the raw path: ids in paths would explode cardinality.
             path = getattr(route, "path", "unmatched")

@@ -13,15 +13,18 @@ from collections.abc import Sequence
 
 import nats.js.errors
 from nats.js.client import JetStreamContext
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from tagpipe_common import telemetry
 from tagpipe_common.messages import SCHEMA_VERSION, DownloadTask
 from tagpipe_common.streams import stage_backlog
 from tagpipe_common.subjects import HDR_MSG_ID, HDR_SCHEMA, Stage, stage_names
-from tagpipe_common.telemetry import inject_headers
 
 from tagpipe_gateway.problems import ProblemCode, ProblemError
 
 # JetStream API error codes for a stream at its message/byte limits.
 _STREAM_FULL = {10077, 10078}
+_tracer = telemetry.tracer("tagpipe_gateway")
 
 
 class BacklogCache:
@@ -56,7 +59,21 @@ class Publisher:
         self.timeout_s = timeout_s
 
     async def publish(self, task: DownloadTask) -> None:
-        headers = inject_headers({HDR_MSG_ID: task.item_id, HDR_SCHEMA: str(SCHEMA_VERSION)})
+        # Real-time items live in their request's trace. A bulk item starts a
+        # trace of its own (a job may hold millions), linked to the job's span.
+        parent, links = None, []
+        if task.job_id is not None:
+            parent = otel_context.Context()
+            job_span = trace.get_current_span().get_span_context()
+            links = [trace.Link(job_span)] if job_span.is_valid else []
+        attrs = {"tagpipe.item_id": task.item_id, "tagpipe.lane": task.lane.value}
+        with _tracer.start_as_current_span("publish", parent, attributes=attrs, links=links):
+            await self._publish(task)
+
+    async def _publish(self, task: DownloadTask) -> None:
+        headers = telemetry.inject_headers(
+            {HDR_MSG_ID: task.item_id, HDR_SCHEMA: str(SCHEMA_VERSION)}
+        )
         try:
             await self.js.publish(
                 self.names.subject(task.lane),

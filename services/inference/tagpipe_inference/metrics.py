@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 BATCHES = Counter("tagpipe_inference_batches_total", "Batches run through the model")
 BATCH_SIZE = Histogram(
@@ -29,4 +29,14 @@ INFER_FAILURES = Counter(
 )
 STORE_RETRIES = Counter(
     "tagpipe_inference_store_retries_total", "Result writes retried while Redis was unreachable"
+)
+QUEUE_SECONDS = Histogram(
+    "tagpipe_inference_queue_wait_seconds",
+    "Infer-stream wait per item: published by the downloader to pulled into a batch",
+    ["lane"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+INFLIGHT = Gauge(
+    "tagpipe_inference_inflight_items",
+    "Items pulled and not yet acked (decoding, waiting for the session, running, storing)",
 )

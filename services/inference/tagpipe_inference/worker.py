@@ -35,6 +35,7 @@ from tagpipe_inference import metrics
 from tagpipe_inference.items import Decoded, Rejected, decode, error_result, ok_result, stack
 from tagpipe_inference.model import F32, Model
 from tagpipe_inference.settings import InferenceSettings
+from tagpipe_inference.spans import BatchTrace
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class Batch:
     fetched_at: float
     good: list[tuple[Msg, Decoded]] = field(default_factory=list)
     bad: list[tuple[Msg, Rejected]] = field(default_factory=list)
+    trace: BatchTrace = field(default_factory=BatchTrace)
 
 
 class StoreUnavailable(RuntimeError):
@@ -147,6 +149,7 @@ class InferenceWorker:
     # -- one batch ----------------------------------------------------------------
 
     async def _handle(self, msgs: list[Msg]) -> None:
+        metrics.INFLIGHT.inc(len(msgs))
         try:
             await self._process(Batch(msgs, fetched_at=time.time()))
         except Exception:
@@ -155,6 +158,7 @@ class InferenceWorker:
                 with contextlib.suppress(Exception):
                     await m.nak(delay=self.settings.nak_delay_s)
         finally:
+            metrics.INFLIGHT.dec(len(msgs))
             self._slots.release()
 
     async def _process(self, batch: Batch) -> None:
@@ -163,15 +167,20 @@ class InferenceWorker:
             d = decode(m.data, crop)
             if isinstance(d, Decoded):
                 batch.good.append((m, d))
+                batch.trace.add(d.task.item_id, m.headers)
+                t = d.task
+                batch.trace.queue_wait(t.item_id, t.lane.value, t.enqueued_at, batch.fetched_at)
             else:
                 batch.bad.append((m, d))
+                if d.ref is not None:
+                    batch.trace.add(d.ref.item_id, m.headers)
         results: list[tuple[Msg, TagResult]] = self._rejections(batch)
         to_nak: list[Msg] = []
         if batch.good:
             ok, to_nak = await self._infer(batch)
             results += ok
         if results:
-            await self._store([r for _, r in results], batch.msgs)
+            await self._store([r for _, r in results], batch.msgs, batch.trace)
         if self.settings.crash_before_ack:
             os._exit(3)  # test hook: results are stored, acks never sent
         for m, r in results:
@@ -201,11 +210,13 @@ class InferenceWorker:
         pixels = stack([d for _, d in batch.good])
         x = await asyncio.to_thread(self.model.preprocess, pixels)  # overlaps the running batch
         try:
-            scores, infer_ms = await loop.run_in_executor(self._pool, self._timed_run, x)
+            scores, infer_ms, started = await loop.run_in_executor(self._pool, self._timed_run, x)
         except Exception as exc:  # onnxruntime's errors are untyped
             log.error("inference failed for a batch of %d: %s", len(batch.good), exc)
             metrics.INFER_FAILURES.inc()
             return self._inference_failed(batch, str(exc))
+        ids = [d.task.item_id for _, d in batch.good]
+        batch.trace.inference(ids, started, started + infer_ms / 1000.0)
         self.batches += 1
         self.items += len(batch.good)
         metrics.BATCHES.inc()
@@ -232,11 +243,11 @@ class InferenceWorker:
             out.append((m, result))
         return out, []
 
-    def _timed_run(self, x: F32) -> tuple[F32, float]:
+    def _timed_run(self, x: F32) -> tuple[F32, float, float]:
         # Timed on the session thread: time queued behind the previous batch is not inference.
-        t0 = time.perf_counter()
+        started, t0 = time.time(), time.perf_counter()
         scores = self.model.run(x)
-        return scores, (time.perf_counter() - t0) * 1000.0
+        return scores, (time.perf_counter() - t0) * 1000.0, started
 
     def _inference_failed(
         self, batch: Batch, reason: str
@@ -251,7 +262,7 @@ class InferenceWorker:
                 retry.append(m)
         return final, retry
 
-    async def _store(self, results: list[TagResult], msgs: list[Msg]) -> None:
+    async def _store(self, results: list[TagResult], msgs: list[Msg], trace: BatchTrace) -> None:
         """One pipeline per batch. While Redis is away, retry with backoff and keep the
         messages' leases alive: NAKing would burn deliveries, and an outage longer than
         max_deliver attempts would strand items (a SIGTERM meanwhile NAKs them)."""
@@ -259,7 +270,9 @@ class InferenceWorker:
         failures = 0
         while True:
             try:
+                t0 = time.time()
                 firsts = await self.store.record_many(results)
+                trace.result_write([r.item_id for r in results], t0, time.time())
                 break
             except (RedisError, OSError) as exc:
                 if self._stopping.is_set():
@@ -291,4 +304,5 @@ class InferenceWorker:
                     "code": r.code,
                     **r.timings.model_dump(exclude_none=True),
                 },
+                context=trace.context(r.item_id),
             )
