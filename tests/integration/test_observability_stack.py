@@ -1,0 +1,480 @@
+"""Observability of the real local stack: traces, per-item log lines, /metrics.
+
+NATS, Redis, gateway, downloader and inference run as separate processes (the
+`tagpipe up` launcher) on the real model. Each process exports its spans over
+OTLP/HTTP (protobuf) to a small collector running in this test, exactly as
+they would to an OpenTelemetry Collector; the test then reads one image's
+trace back across all three services. The metrics test scrapes every
+component's /metrics before and after a known batch of traffic and compares
+the deltas with what was sent and with the inference worker's own log lines.
+
+One stack for the whole module keeps the wall time down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import io
+import json
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+import skimage.data
+from aiohttp import web
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+from tagpipe_cli.servers import free_port
+from tagpipe_cli.stack import Stack, StackConfig
+
+from bench.imageserver import ImageServer
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL_DIR = ROOT / "models" / "efficientnet-lite0"
+SERVICES = {"tagpipe-gateway", "tagpipe-downloader", "tagpipe-inference"}
+T = TypeVar("T")
+
+
+def _jpeg() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(skimage.data.chelsea()).save(buf, "JPEG", quality=90)  # type: ignore[no-untyped-call]
+    return buf.getvalue()
+
+
+CAT_JPEG = _jpeg()
+
+
+# --- a background event loop for the in-test servers ------------------------
+
+
+class BackgroundLoop:
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout_s: float = 10) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+# --- an OTLP/HTTP trace receiver ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class Span:
+    service: str
+    name: str
+    trace_id: str
+    span_id: str
+    parent_id: str
+    start_ns: int
+    end_ns: int
+    attributes: dict[str, Any]
+    links: tuple[str, ...]  # linked trace ids
+
+
+@dataclass
+class Collector:
+    """Accepts `POST /v1/traces` (ExportTraceServiceRequest), keeps every span."""
+
+    spans: list[Span] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    runner: web.AppRunner | None = None
+    port: int = 0
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/v1/traces", self._receive)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        self.port = free_port()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    async def _receive(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        if request.headers.get("Content-Encoding") == "gzip":
+            body = gzip.decompress(body)
+        export = trace_service_pb2.ExportTraceServiceRequest()
+        export.ParseFromString(body)
+        with self.lock:
+            self.spans.extend(_spans(export))
+        reply = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
+        return web.Response(body=reply, content_type="application/x-protobuf")
+
+    def wait_for(self, pred: Callable[[list[Span]], bool], timeout_s: float = 30) -> list[Span]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self.lock:
+                spans = list(self.spans)
+            if pred(spans) or time.monotonic() > deadline:
+                return spans
+            time.sleep(0.2)
+
+
+def _value(v: Any) -> Any:
+    return getattr(v, v.WhichOneof("value")) if v.WhichOneof("value") else None
+
+
+def _spans(export: Any) -> Iterator[Span]:
+    for rs in export.resource_spans:
+        res = {a.key: _value(a.value) for a in rs.resource.attributes}
+        for ss in rs.scope_spans:
+            for s in ss.spans:
+                yield Span(
+                    service=str(res.get("service.name")),
+                    name=s.name,
+                    trace_id=s.trace_id.hex(),
+                    span_id=s.span_id.hex(),
+                    parent_id=s.parent_span_id.hex(),
+                    start_ns=s.start_time_unix_nano,
+                    end_ns=s.end_time_unix_nano,
+                    attributes={a.key: _value(a.value) for a in s.attributes},
+                    links=tuple(link.trace_id.hex() for link in s.links),
+                )
+
+
+# --- fixtures -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bg() -> Iterator[BackgroundLoop]:
+    loop = BackgroundLoop()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture(scope="module")
+def collector(bg: BackgroundLoop) -> Iterator[Collector]:
+    c = Collector()
+    bg.run(c.start())
+    yield c
+    bg.run(c.stop())
+
+
+@pytest.fixture(scope="module")
+def images(bg: BackgroundLoop) -> Iterator[ImageServer]:
+    srv = ImageServer(host="127.0.0.1")
+    bg.run(srv.__aenter__())
+    srv.add("chelsea.jpg", CAT_JPEG)
+    yield srv
+    bg.run(srv.__aexit__())
+
+
+@dataclass
+class Observed:
+    stack: Stack
+    metrics: dict[str, str]  # component -> /metrics URL
+
+    def log_lines(self, service: str) -> list[dict[str, Any]]:
+        out = []
+        for line in (self.stack.log_dir / f"{service}.log").read_text().splitlines():
+            if line.startswith("{"):
+                out.append(json.loads(line))
+        return out
+
+
+@pytest.fixture(scope="module")
+def observed(tmp_path_factory: pytest.TempPathFactory, collector: Collector) -> Iterator[Observed]:
+    if not (MODEL_DIR / "model.onnx").exists():
+        pytest.skip("no model: run `make model`")
+    dl_port, inf_port = free_port(), free_port()
+    config = StackConfig(
+        data_dir=tmp_path_factory.mktemp("obs"),
+        model_dir=MODEL_DIR,
+        allow_cidrs="127.0.0.0/8",
+        env={
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{collector.port}",
+            "OTEL_BSP_SCHEDULE_DELAY": "200",  # ms: spans reach the collector promptly
+        },
+        downloader_env={"TAGPIPE_METRICS_PORT": str(dl_port)},
+        inference_env={"TAGPIPE_METRICS_PORT": str(inf_port), "TAGPIPE_INTRA_OP_THREADS": "1"},
+        gateway_env={"TAGPIPE_REALTIME_TIMEOUT_S": "60"},
+    )
+    with Stack(config) as stack:
+        yield Observed(
+            stack,
+            {
+                "gateway": stack.gateway_url + "/metrics",
+                "downloader": f"http://127.0.0.1:{dl_port}/metrics",
+                "inference": f"http://127.0.0.1:{inf_port}/metrics",
+            },
+        )
+
+
+@pytest.fixture(scope="module")
+def http(observed: Observed) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=observed.stack.gateway_url, timeout=90) as client:
+        yield client
+
+
+# --- helpers --------------------------------------------------------------------
+
+
+def tag(http: httpx.Client, urls: list[str]) -> dict[str, Any]:
+    r = http.post("/v1/tags", json={"urls": urls})
+    assert r.status_code == 200, r.text
+    body: dict[str, Any] = r.json()
+    return body
+
+
+def trace_of(spans: list[Span], request_id: str) -> list[Span]:
+    roots = [
+        s
+        for s in spans
+        if s.name == "tag_request" and s.attributes.get("tagpipe.request_id") == request_id
+    ]
+    if len(roots) != 1:
+        return []
+    return [s for s in spans if s.trace_id == roots[0].trace_id]
+
+
+def ancestors(span: Span, by_id: dict[str, Span]) -> list[tuple[str, str]]:
+    """(service, name) of each ancestor, nearest first, up to the `tag_request` span."""
+    chain = []
+    while span.parent_id and span.name != "tag_request":
+        span = by_id[span.parent_id]
+        chain.append((span.service, span.name))
+    return chain
+
+
+def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    text = httpx.get(url, timeout=5).text
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
+
+
+def total(
+    samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
+) -> float:
+    want = set(labels.items())
+    return sum(v for (n, lbl), v in samples.items() if n == name and want <= lbl)
+
+
+def wait_lines(
+    observed: Observed, service: str, pred: Callable[[dict[str, Any]], bool], n: int = 1
+) -> list[dict[str, Any]]:
+    """The log lines matching `pred`, once there are `n` (the response may beat the log)."""
+    deadline = time.monotonic() + 15
+    while True:
+        lines = [line for line in observed.log_lines(service) if pred(line)]
+        if len(lines) >= n or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.2)
+
+
+# --- traces -----------------------------------------------------------------------
+
+ITEM_SPANS = {
+    "tag_request",
+    "publish",
+    "download_queue_wait",
+    "download",
+    "dns_connect",
+    "transfer",
+    "decode",
+    "preprocess",
+    "infer_queue_wait",
+    "inference",
+    "result_write",
+}
+
+
+def test_one_image_is_one_trace_across_all_three_services(
+    http: httpx.Client, observed: Observed, collector: Collector, images: ImageServer
+) -> None:
+    body = tag(http, [images.url("/img/chelsea.jpg?v=trace")])
+    rid = body["request_id"]
+    assert body["items"][0]["status"] == "ok"
+
+    def complete(spans: list[Span]) -> bool:
+        mine = trace_of(spans, rid)
+        linked = any(
+            s.name == "infer_batch" and mine and mine[0].trace_id in s.links for s in spans
+        )
+        return linked and {s.name for s in mine} >= ITEM_SPANS
+
+    spans = collector.wait_for(complete)
+    mine = trace_of(spans, rid)
+    assert {s.name for s in mine} >= ITEM_SPANS, sorted({s.name for s in mine})
+    assert {s.service for s in mine} == SERVICES
+    trace_id = mine[0].trace_id
+
+    # One tree: a single root (FastAPI's HTTP server span, the request), every
+    # other span's parent inside the same trace.
+    by_id = {s.span_id: s for s in mine}
+    (root,) = [s for s in mine if not s.parent_id]
+    assert (root.service, root.name) == ("tagpipe-gateway", "POST /v1/tags")
+    assert all(s.parent_id in by_id for s in mine if s.parent_id)
+
+    def one(service: str, name: str) -> Span:
+        (span,) = [s for s in mine if s.service == service and s.name == name]
+        return span
+
+    gw_publish = [("tagpipe-gateway", "publish"), ("tagpipe-gateway", "tag_request")]
+    dl = [("tagpipe-downloader", "download"), *gw_publish]
+    dl_publish = [("tagpipe-downloader", "publish"), *dl]
+    assert ancestors(one("tagpipe-downloader", "download_queue_wait"), by_id) == gw_publish
+    for step in ("dns_connect", "transfer", "decode", "preprocess", "publish"):
+        assert ancestors(one("tagpipe-downloader", step), by_id) == dl, step
+    for step in ("infer_queue_wait", "inference", "result_write"):
+        assert ancestors(one("tagpipe-inference", step), by_id) == dl_publish, step
+
+    # The stages follow each other on the timeline (one host, one clock).
+    order = [
+        ("tagpipe-gateway", "tag_request"),
+        ("tagpipe-downloader", "download_queue_wait"),
+        ("tagpipe-downloader", "download"),
+        ("tagpipe-downloader", "dns_connect"),
+        ("tagpipe-downloader", "transfer"),
+        ("tagpipe-downloader", "decode"),
+        ("tagpipe-downloader", "preprocess"),
+        ("tagpipe-inference", "infer_queue_wait"),
+        ("tagpipe-inference", "inference"),
+        ("tagpipe-inference", "result_write"),
+    ]
+    starts = [one(*key).start_ns for key in order]
+    assert starts == sorted(starts), list(zip(order, starts, strict=True))
+    assert all(s.end_ns >= s.start_ns for s in mine)
+
+    # The batch is a trace of its own, linked to this item's trace.
+    (batch,) = [s for s in spans if s.name == "infer_batch" and trace_id in s.links]
+    assert batch.service == "tagpipe-inference" and not batch.parent_id
+    assert batch.attributes["tagpipe.batch_size"] == len(batch.links) >= 1
+
+    # Exactly one per-item line with the stage timings, carrying the trace id.
+    lines = wait_lines(
+        observed,
+        "inference-0",
+        lambda ln: ln.get("event") == "item_timings" and ln.get("request_id") == rid,
+    )
+    assert len(lines) == 1
+    (line,) = lines
+    assert line["trace_id"] == trace_id and line["component"] == "inference"
+    assert line["status"] == "ok" and line["item_id"] == body["items"][0]["item_id"]
+    for key in ("download_queue_ms", "connect_ms", "download_ms", "decode_ms", "inference_ms"):
+        assert line[key] >= 0, key
+    assert line["end_to_end_ms"] >= line["inference_ms"] > 0
+
+
+def test_a_failed_download_is_a_complete_trace_and_one_timed_line(
+    http: httpx.Client, observed: Observed, collector: Collector, images: ImageServer
+) -> None:
+    body = tag(http, [images.url("/status/404")])
+    rid = body["request_id"]
+    (item,) = body["items"]
+    assert (item["status"], item["code"]) == ("error", "http_404")
+
+    want = {"tag_request", "publish", "download_queue_wait", "download", "result_write"}
+    spans = collector.wait_for(lambda s: want <= {x.name for x in trace_of(s, rid)})
+    mine = trace_of(spans, rid)
+    by_id = {s.span_id: s for s in mine}
+    (write,) = [s for s in mine if s.name == "result_write"]
+    assert write.service == "tagpipe-downloader"
+    assert ancestors(write, by_id) == [
+        ("tagpipe-downloader", "download"),
+        ("tagpipe-gateway", "publish"),
+        ("tagpipe-gateway", "tag_request"),
+    ]
+    assert "tagpipe-inference" not in {s.service for s in mine}
+
+    def mine_timed(ln: dict[str, Any]) -> bool:
+        return ln.get("event") == "item_timings" and ln.get("request_id") == rid
+
+    (line,) = wait_lines(observed, "downloader-0", mine_timed)
+    assert line["code"] == "http_404" and line["status"] == "error"
+    assert line["trace_id"] == write.trace_id and line["item_id"] == item["item_id"]
+    assert line["component"] == "downloader" and line["download_queue_ms"] >= 0
+    assert [ln for ln in observed.log_lines("inference-0") if mine_timed(ln)] == []
+
+
+# --- metrics --------------------------------------------------------------------
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
+    return total(after, name, **labels) - total(before, name, **labels)
+
+
+def test_metrics_count_exactly_what_was_sent(
+    http: httpx.Client, observed: Observed, images: ImageServer
+) -> None:
+    def batch_lines() -> list[dict[str, Any]]:
+        return [ln for ln in observed.log_lines("inference-0") if ln.get("event") == "batch"]
+
+    before = {c: scrape(url) for c, url in observed.metrics.items()}
+    lines_before = len(batch_lines())
+    ok = [images.url(f"/img/chelsea.jpg?v=m{i}") for i in range(6)]
+    bad = [images.url(f"/status/404?v=m{i}") for i in range(2)]
+    requests = [[ok[0], ok[1]], [ok[2]], [ok[3], bad[0]], [ok[4], ok[5], bad[1]]]
+    # Concurrent requests, so some batches hold more than one image.
+    threads = [threading.Thread(target=tag, args=(http, urls)) for urls in requests]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+
+    # Results are written before the worker counts them: wait for the last counts.
+    deadline = time.monotonic() + 15
+    while True:
+        after = {c: scrape(url) for c, url in observed.metrics.items()}
+        inf, dl = after["inference"], after["downloader"]
+        done = delta(before["inference"], inf, "tagpipe_inference_results_total", status="ok")
+        failed = delta(
+            before["downloader"], dl, "tagpipe_downloader_items_total", outcome="http_404"
+        )
+        if (done, failed) == (6, 2) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+
+    gw, b_gw = after["gateway"], before["gateway"]
+    posts = dict(route="/v1/tags", method="POST", status="200")
+    assert delta(b_gw, gw, "tagpipe_gateway_requests_total", **posts) == len(requests)
+    assert delta(b_gw, gw, "tagpipe_gateway_items_total", lane="realtime", status="ok") == 6
+    assert delta(b_gw, gw, "tagpipe_gateway_items_total", status="error", code="http_404") == 2
+    assert delta(b_gw, gw, "tagpipe_gateway_item_latency_seconds_count", lane="realtime") == 8
+    assert total(gw, "tagpipe_gateway_inflight_requests") == 1  # the scrape itself
+
+    dl, b_dl = after["downloader"], before["downloader"]
+    assert delta(b_dl, dl, "tagpipe_downloader_items_total", outcome="published") == 6
+    assert delta(b_dl, dl, "tagpipe_downloader_items_total", outcome="http_404") == 2
+    assert delta(b_dl, dl, "tagpipe_downloader_stage_seconds_count", stage="queue") == 8
+    assert delta(b_dl, dl, "tagpipe_downloader_stage_seconds_count", stage="decode") == 6
+    assert delta(b_dl, dl, "tagpipe_downloader_body_bytes_count") == 6
+    assert delta(b_dl, dl, "tagpipe_downloader_body_bytes_sum") == 6 * len(CAT_JPEG)
+    assert total(dl, "tagpipe_downloader_inflight") == 0
+
+    inf, b_inf = after["inference"], before["inference"]
+    batches = delta(b_inf, inf, "tagpipe_inference_batches_total")
+    assert 1 <= batches <= 6
+    assert batches == len(batch_lines()) - lines_before  # the worker's own log agrees
+    assert delta(b_inf, inf, "tagpipe_inference_batch_size_count") == batches
+    assert delta(b_inf, inf, "tagpipe_inference_batch_size_sum") == 6
+    assert delta(b_inf, inf, "tagpipe_inference_batch_seconds_count") == batches
+    assert delta(b_inf, inf, "tagpipe_inference_results_total", status="ok") == 6
+    assert delta(b_inf, inf, "tagpipe_inference_queue_wait_seconds_count", lane="realtime") == 6
+    assert total(inf, "tagpipe_inference_inflight_items") == 0
+
+    for component, samples in after.items():
+        assert total(samples, "process_cpu_seconds_total") > 0, component
