@@ -1,0 +1,133 @@
+"""The Grafana dashboard only queries metrics that tagpipe actually exports.
+
+Every PromQL expression in charts/tagpipe/files/dashboard.json is parsed for
+metric names, and each must be a series some component's metrics module
+defines (histograms as _bucket/_sum/_count, counters as _total), or the
+process collector's. A renamed metric then breaks this test, not a panel.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_client import REGISTRY
+from prometheus_client.registry import CollectorRegistry
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "tagpipe"
+DASHBOARD = CHART / "files" / "dashboard.json"
+METRIC_MODULES = (
+    "tagpipe_gateway.metrics",
+    "tagpipe_downloader.metrics",
+    "tagpipe_inference.metrics",
+    "tagpipe_operator.metrics",
+)
+# Exported by something other than tagpipe, on purpose: NVIDIA's dcgm-exporter.
+EXTERNAL = {"DCGM_FI_DEV_GPU_UTIL"}
+PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "offset"}
+PROMQL_WORDS |= {"and", "or", "unless", "inf", "nan"}
+
+
+def panels(doc: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    for p in doc.get("panels", []):
+        yield p
+        yield from panels(p)  # rows nest their panels
+
+
+def exprs(doc: dict[str, Any]) -> list[str]:
+    return [t["expr"] for p in panels(doc) for t in p.get("targets", [])]
+
+
+def metric_names(expr: str) -> set[str]:
+    """Metric names in a PromQL expression (functions, labels and keywords left out)."""
+    s = re.sub(r'"(?:[^"\\]|\\.)*"', "", expr)  # string literals
+    s = re.sub(r"\{[^}]*\}", "", s)  # label matchers
+    s = re.sub(r"\[[^\]]*\]", "", s)  # range selectors ($__rate_interval too)
+    s = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", s)
+    names = set()
+    for m in re.finditer(r"(?<![\w$.])([A-Za-z_:][\w:]*)\b(?!\s*\()", s):
+        if m.group(1).lower() not in PROMQL_WORDS:
+            names.add(m.group(1))
+    return names
+
+
+def exported_names() -> set[str]:
+    """Every series name the components' metric modules (and the process collector) define."""
+    for module in METRIC_MODULES:
+        __import__(module)
+    suffixes = {
+        "counter": ("_total",),
+        "histogram": ("_bucket", "_sum", "_count"),
+        "summary": ("_sum", "_count", ""),
+    }
+    names = set()
+    registry: CollectorRegistry = REGISTRY
+    for family in registry.collect():
+        for suffix in suffixes.get(family.type, ("",)):
+            names.add(family.name + suffix)
+    return names
+
+
+def test_the_name_parser_finds_metrics_and_skips_the_rest() -> None:
+    expr = (
+        'histogram_quantile(0.95, sum by (le, stage) (rate(a_seconds_bucket{x="y z"}'
+        "[$__rate_interval]))) / on (job) b_total + sum(c) * 2"
+    )
+    assert metric_names(expr) == {"a_seconds_bucket", "b_total", "c"}
+
+
+def test_every_dashboard_query_uses_an_exported_metric() -> None:
+    doc = json.loads(DASHBOARD.read_text())
+    queries = exprs(doc)
+    assert len(queries) >= 20
+    used = set().union(*map(metric_names, queries))
+    unknown = used - exported_names() - EXTERNAL
+    assert not unknown, f"the dashboard queries metrics nothing exports: {sorted(unknown)}"
+
+
+def test_the_dashboard_covers_the_pipeline() -> None:
+    used = set().union(*map(metric_names, exprs(json.loads(DASHBOARD.read_text()))))
+    for needed in (
+        "tagpipe_gateway_items_total",  # throughput, errors by code
+        "tagpipe_gateway_item_latency_seconds_bucket",  # end to end
+        "tagpipe_downloader_stage_seconds_bucket",  # per-stage latency
+        "tagpipe_inference_queue_wait_seconds_bucket",
+        "tagpipe_inference_batch_seconds_bucket",
+        "tagpipe_inference_batch_size_bucket",
+        "tagpipe_operator_backlog",  # backlog vs replicas
+        "tagpipe_operator_desired_replicas",
+        "tagpipe_operator_current_replicas",
+        "tagpipe_operator_scale_events_total",
+        "process_cpu_seconds_total",
+    ):
+        assert needed in used, needed
+
+
+def test_the_chart_ships_the_dashboard_for_the_grafana_sidecar() -> None:
+    helm = ROOT / ".bin" / "helm"
+    binary = str(helm) if os.access(helm, os.X_OK) else shutil.which("helm")
+    if binary is None:
+        pytest.skip("helm not found: run `make tools`")
+    out = subprocess.run(
+        [binary, "template", "rel", str(CHART), "--set", "dashboard.enabled=true"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    (cm,) = [
+        d
+        for d in yaml.safe_load_all(out)
+        if d and d["kind"] == "ConfigMap" and "tagpipe.json" in d.get("data", {})
+    ]
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(cm["data"]["tagpipe.json"]) == json.loads(DASHBOARD.read_text())
