@@ -36,7 +36,7 @@ BENCH_IMAGES ?= 800
 BENCH_LATENCY_MS ?= 50
 bench: venv ## end-to-end: ideal loop vs tagpipe vs naive monolith vs Ray Serve (~10 min)
 	test -f $(MODEL_DIR)/manifest.json || $(MAKE) model
-	$(PY) -c 'import ray.serve' 2>/dev/null || $(BIN)/pip install -q -e '.[bench]'
+	$(PY) -c 'import ray.serve, psutil' 2>/dev/null || $(BIN)/pip install -q -e '.[bench]'
 	$(PY) -m bench.bench_e2e --images $(BENCH_IMAGES) --latency-ms $(BENCH_LATENCY_MS)
 
 test: venv ## the whole suite: unit, integration (real NATS/Redis), chart checks
@@ -63,7 +63,7 @@ run: venv ## the whole stack on this machine (tagpipe up)
 	$(BIN)/tagpipe up --model-dir $(MODEL_DIR)
 
 e2e: venv ## tests against a real cluster (KUBECONFIG); skipped otherwise
-	$(BIN)/pytest -q e2e $(PYTEST_ARGS)
+	$(BIN)/pytest -q -rs e2e $(PYTEST_ARGS)
 
 IMAGE_PREFIX ?= ghcr.io/tagpipe/
 IMAGE_TAG ?= 0.1.0
