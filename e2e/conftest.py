@@ -64,7 +64,7 @@ async def kube(connection: kopf.ConnectionInfo) -> AsyncIterator[KubeClient]:
 @pytest.fixture
 async def crd(kube: KubeClient) -> dict[str, Any]:
     """Install (or update) the CRD from crds/, the one source of truth, and wait for it."""
-    body = yaml.safe_load(CRD_FILE.read_text())
+    body: dict[str, Any] = yaml.safe_load(CRD_FILE.read_text())
     name = body["metadata"]["name"]
     try:
         await kube.request("POST", CRD_PATH, body)

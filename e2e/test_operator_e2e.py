@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import pytest
@@ -74,7 +76,7 @@ async def test_lifecycle_children_scaling_status_and_deletion(
 
     # Children appear, owned by the TagPipeline.
     for stage in ("gateway", "downloader", "inference"):
-        dep = await eventually(lambda s=stage: kube.get("Deployment", namespace, f"{name}-{s}"))
+        dep = await eventually(partial(kube.get, "Deployment", namespace, f"{name}-{stage}"))
         assert dep["metadata"]["ownerReferences"][0]["uid"] == uid
     svc = await eventually(lambda: kube.get("Service", namespace, f"{name}-gateway"))
     assert svc["metadata"]["ownerReferences"][0]["uid"] == uid
@@ -101,11 +103,10 @@ async def test_lifecycle_children_scaling_status_and_deletion(
 
     # Delete: garbage collection removes the children; deletionPolicy Delete the streams.
     await kube.request("DELETE", f"{TP_PATH.format(ns=namespace)}/{name}")
-    await eventually(lambda: _is_none(kube.get("TagPipeline", namespace, name)))
+    await eventually(partial(_is_none, partial(kube.get, "TagPipeline", namespace, name)))
     for stage in ("gateway", "downloader", "inference"):
-        await eventually(
-            lambda s=stage: _is_none(kube.get("Deployment", namespace, f"{name}-{s}")), within=120
-        )
+        gone = partial(_is_none, partial(kube.get, "Deployment", namespace, f"{name}-{stage}"))
+        await eventually(gone, within=120)
     assert not await _stream_exists(js, infer.stream)
 
 
@@ -121,5 +122,5 @@ async def _is(value: Any, expected: Any) -> bool:
     return bool(await value == expected)
 
 
-async def _is_none(value: Any) -> bool:
-    return await value is None
+async def _is_none(read: Callable[[], Awaitable[Any]]) -> bool:
+    return await read() is None

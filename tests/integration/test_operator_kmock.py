@@ -14,6 +14,7 @@ import kopf
 import pytest
 from kopf.testing import KopfRunner
 from nats.aio.client import Client
+from prometheus_client import REGISTRY
 from tagpipe_cli.servers import ServerProcess
 from tagpipe_common.subjects import Lane, Stage, stage_names
 from tagpipe_operator.handlers import register
@@ -187,6 +188,10 @@ async def test_children_status_and_backlog_scaling(
         lambda: _status_when(kmock, lambda s: s["stages"]["inference"]["backlog"] == 45)
     )
     assert status["stages"]["inference"]["desiredReplicas"] == 5, status
+    labels = {"namespace": NS, "pipeline": NAME, "stage": "inference"}
+    assert REGISTRY.get_sample_value("tagpipe_operator_desired_replicas", labels) == 5
+    up = {"stage": "inference", "direction": "up", "reason": "BacklogAboveTarget"}
+    assert (REGISTRY.get_sample_value("tagpipe_operator_scale_events_total", up) or 0) >= 1
     assert status["inference"].endswith("/5")
 
     # Drain it: back to min (1) only after the 2 s scale-down window.
