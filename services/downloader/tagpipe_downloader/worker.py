@@ -315,6 +315,8 @@ class DownloadWorker:
                 )
 
     async def _fail(self, task: DownloadTask, code: str, message: str, t: StageTimings) -> None:
+        # This is the item's last stage: its end to end ends here, as inference's does.
+        t.end_to_end_ms = round(max(0.0, time.time() - task.submitted_at) * 1000, 3)
         result = TagResult.error(task, code, message, source=task.source, timings=t)
         with self.tracer.start_as_current_span("result_write", attributes={"tagpipe.code": code}):
             await self._infra(lambda: self.store.record(result))
@@ -322,7 +324,12 @@ class DownloadWorker:
         metrics.observe_timings(t)
         telemetry.log_item_timings(
             log,
-            {"status": "error", "code": code, "source": task.source, **t.model_dump()},
+            {
+                "status": "error",
+                "code": code,
+                "source": task.source,
+                **t.model_dump(exclude_none=True),
+            },
         )
 
     async def _drop_blob(self, task: DownloadTask) -> None:
