@@ -11,10 +11,10 @@ one window (decide() never scales down before seeing a full window).
 from __future__ import annotations
 
 import asyncio
-import logging
 
 import kopf
 from prometheus_client import start_http_server
+from tagpipe_common import telemetry
 from tagpipe_common.settings import load_settings
 
 from tagpipe_operator.handlers import register
@@ -23,9 +23,8 @@ from tagpipe_operator.settings import OperatorSettings
 
 def main() -> None:
     settings = load_settings(OperatorSettings)
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    # JSON lines like every other component (kopf's per-object chatter is held at WARNING).
+    telemetry.setup_logging("operator", settings.log_level, settings.log_json)
     if settings.metrics_port:
         start_http_server(settings.metrics_port)
     registry = kopf.OperatorRegistry()
