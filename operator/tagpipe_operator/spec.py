@@ -125,7 +125,7 @@ class InferenceAutoscaling(Autoscaling):
 
 
 class GatewaySpec(StageSpec):
-    image: str = "ghcr.io/tagpipe/gateway:0.1.0"
+    image: str = "tagpipe/gateway:0.1.0"
     replicas: GatewayReplicas = GatewayReplicas()
     autoscaling: GatewayAutoscaling = GatewayAutoscaling()
     service: ServiceSpec = ServiceSpec()
@@ -140,7 +140,7 @@ class DownloadLimits(_Model):
 
 
 class DownloaderSpec(StageSpec):
-    image: str = "ghcr.io/tagpipe/downloader:0.1.0"
+    image: str = "tagpipe/downloader:0.1.0"
     replicas: DownloaderReplicas = DownloaderReplicas()
     limits: DownloadLimits = DownloadLimits()
 
@@ -151,7 +151,7 @@ class Batching(_Model):
 
 
 class InferenceSpec(StageSpec):
-    image: str = "ghcr.io/tagpipe/inference:0.1.0"
+    image: str = "tagpipe/inference:0.1.0"
     replicas: InferenceReplicas = InferenceReplicas()
     autoscaling: InferenceAutoscaling = InferenceAutoscaling()
     gpu: int = 1
