@@ -19,6 +19,8 @@ from pydantic import ValidationError
 from tagpipe_gateway.problems import ProblemCode, ProblemError, field_path
 from tagpipe_gateway.schemas import JobItem
 
+# One item is a URL of a few KiB: a longer NDJSON line or array element is refused.
+MAX_LINE_BYTES = 1 << 20
 NDJSON_TYPES = ("application/x-ndjson", "application/jsonl", "application/ndjson", "text/plain")
 _WS = " \t\r\n"
 
@@ -91,10 +93,17 @@ async def spool_ndjson(chunks: AsyncIterator[bytes], spool: Spool) -> None:
     lineno = 0
     async for chunk in chunks:
         buf += chunk
-        *lines, buf = buf.split(b"\n")
-        for line in lines:
-            lineno += 1
-            await _ndjson_line(line, lineno, spool)
+        # Split only when a line ended: re-splitting a growing line on every
+        # chunk is quadratic, and a line with no end must not fill memory.
+        if b"\n" in chunk:
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                lineno += 1
+                if len(line) > MAX_LINE_BYTES:
+                    raise invalid(f"line[{lineno}]", "line longer than 1 MiB")
+                await _ndjson_line(line, lineno, spool)
+        if len(buf) > MAX_LINE_BYTES:
+            raise invalid(f"line[{lineno + 1}]", "line longer than 1 MiB")
     if buf:
         await _ndjson_line(buf, lineno + 1, spool)
     await spool.flush()
@@ -110,6 +119,8 @@ async def _ndjson_line(line: bytes, lineno: int, spool: Spool) -> None:
             raw = json.loads(text)
         except ValueError as exc:
             raise invalid(where, f"not valid JSON: {exc}") from None
+        except RecursionError:  # json's C scanner gives up on deep nesting
+            raise invalid(where, "JSON nested too deeply") from None
     else:
         raw = text
     await spool.add(raw, where)
@@ -159,6 +170,8 @@ class _ArrayParser:
                 continue
             try:
                 value, end = self.decoder.raw_decode(self.buf)
+            except RecursionError:
+                raise invalid(f"body[{self.index}]", "JSON nested too deeply") from None
             except json.JSONDecodeError as exc:
                 # An element cut by the chunk boundary: wait for more, unless it
                 # is already too long to be one item.
