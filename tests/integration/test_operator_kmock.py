@@ -92,7 +92,7 @@ async def operator(kmock: Any, nats_proc: ServerProcess) -> AsyncIterator[tuple[
     await asyncio.to_thread(runner.__exit__, None, None, None)
 
 
-async def eventually(check: Callable[[], Any], within: float = 20.0) -> Any:
+async def eventually(check: Callable[[], Any], within: float = 40.0) -> Any:
     """Poll until `check()` returns something truthy (or fail with the last value)."""
     deadline = asyncio.get_running_loop().time() + within
     value = None
