@@ -195,7 +195,7 @@ class Observed:
 def observed(tmp_path_factory: pytest.TempPathFactory, collector: Collector) -> Iterator[Observed]:
     if not (MODEL_DIR / "model.onnx").exists():
         pytest.skip("no model: run `make model`")
-    dl_port, inf_port = free_port(), free_port()
+    gw_port, dl_port, inf_port = free_port(), free_port(), free_port()
     config = StackConfig(
         data_dir=tmp_path_factory.mktemp("obs"),
         model_dir=MODEL_DIR,
@@ -206,13 +206,14 @@ def observed(tmp_path_factory: pytest.TempPathFactory, collector: Collector) -> 
         },
         downloader_env={"TAGPIPE_METRICS_PORT": str(dl_port)},
         inference_env={"TAGPIPE_METRICS_PORT": str(inf_port), "TAGPIPE_INTRA_OP_THREADS": "1"},
-        gateway_env={"TAGPIPE_REALTIME_TIMEOUT_S": "60"},
+        gateway_env={"TAGPIPE_REALTIME_TIMEOUT_S": "60", "TAGPIPE_METRICS_PORT": str(gw_port)},
     )
     with Stack(config) as stack:
         yield Observed(
             stack,
             {
-                "gateway": stack.gateway_url + "/metrics",
+                "gateway": f"http://127.0.0.1:{gw_port}/metrics",
+                "gateway-api": stack.gateway_url + "/metrics",
                 "downloader": f"http://127.0.0.1:{dl_port}/metrics",
                 "inference": f"http://127.0.0.1:{inf_port}/metrics",
             },
@@ -456,7 +457,11 @@ def test_metrics_count_exactly_what_was_sent(
     assert delta(b_gw, gw, "tagpipe_gateway_items_total", lane="realtime", status="ok") == 6
     assert delta(b_gw, gw, "tagpipe_gateway_items_total", status="error", code="http_404") == 2
     assert delta(b_gw, gw, "tagpipe_gateway_item_latency_seconds_count", lane="realtime") == 8
-    assert total(gw, "tagpipe_gateway_inflight_requests") == 1  # the scrape itself
+    assert total(gw, "tagpipe_gateway_inflight_requests") == 0
+    # The API port's /metrics is the same registry (its own scrape is in flight there).
+    api = after["gateway-api"]
+    assert total(api, "tagpipe_gateway_items_total") == total(gw, "tagpipe_gateway_items_total")
+    assert total(api, "tagpipe_gateway_inflight_requests") == 1
 
     dl, b_dl = after["downloader"], before["downloader"]
     assert delta(b_dl, dl, "tagpipe_downloader_items_total", outcome="published") == 6

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import uvicorn
+from prometheus_client import start_http_server
 from tagpipe_common.settings import load_settings
 from tagpipe_common.telemetry import setup_logging, setup_tracing
 
@@ -24,6 +25,9 @@ def main() -> None:
     except (OSError, ValueError) as exc:
         raise SystemExit(f"GatewaySettings: cannot load API keys: {exc}") from None
     app = create_app(settings, keys)
+    if settings.metrics_port:
+        # Also on the API port's /metrics; this one matches the other components' pods.
+        start_http_server(settings.metrics_port)
     log.info("gateway listening on %s:%d", settings.host, settings.port)
     uvicorn.run(
         app,
