@@ -27,8 +27,12 @@ ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "tagpipe"
 CRD_FILE = ROOT / "crds" / "tagpipelines.tagpipe.io.yaml"
 K8S_VERSION = "1.30"
-# No schema ships offline for the Prometheus Operator's CRD; its shape is checked below.
-NO_OFFLINE_SCHEMA = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+# No schema ships offline for the Prometheus Operator's CRDs; their shapes are checked below
+# (the PodMonitor in test_observability_dashboard.py).
+NO_OFFLINE_SCHEMA = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PodMonitor"),
+}
 VALUES = {
     "default": [],
     "full": ["-f", str(CHART / "ci" / "full-values.yaml")],

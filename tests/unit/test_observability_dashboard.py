@@ -21,6 +21,8 @@ import pytest
 import yaml
 from prometheus_client import REGISTRY
 from prometheus_client.registry import CollectorRegistry
+from tagpipe_operator.render import render
+from tagpipe_operator.spec import parse_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "tagpipe"
@@ -112,22 +114,55 @@ def test_the_dashboard_covers_the_pipeline() -> None:
         assert needed in used, needed
 
 
-def test_the_chart_ships_the_dashboard_for_the_grafana_sidecar() -> None:
+def helm_template(*sets: str) -> list[dict[str, Any]]:
     helm = ROOT / ".bin" / "helm"
     binary = str(helm) if os.access(helm, os.X_OK) else shutil.which("helm")
     if binary is None:
         pytest.skip("helm not found: run `make tools`")
+    args = [a for s in sets for a in ("--set", s)]
     out = subprocess.run(
-        [binary, "template", "rel", str(CHART), "--set", "dashboard.enabled=true"],
+        [binary, "template", "rel", str(CHART), *args],
         capture_output=True,
         text=True,
         timeout=60,
         check=True,
     ).stdout
-    (cm,) = [
-        d
-        for d in yaml.safe_load_all(out)
-        if d and d["kind"] == "ConfigMap" and "tagpipe.json" in d.get("data", {})
-    ]
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def test_the_chart_ships_the_dashboard_for_the_grafana_sidecar() -> None:
+    docs = helm_template("dashboard.enabled=true")
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap" and "tagpipe.json" in d.get("data", {})]
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(cm["data"]["tagpipe.json"]) == json.loads(DASHBOARD.read_text())
+
+
+def test_the_pod_monitor_scrapes_every_pipeline_pod_the_operator_renders() -> None:
+    """Without it the dashboard has no gateway/downloader/inference series in a cluster."""
+    assert not [d for d in helm_template() if d["kind"] == "PodMonitor"]
+    (monitor,) = [
+        d for d in helm_template("serviceMonitor.enabled=true") if d["kind"] == "PodMonitor"
+    ]
+    sel = monitor["spec"]["selector"]
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert monitor["spec"]["namespaceSelector"] == {"any": True}  # pipelines live anywhere
+    spec = parse_spec(
+        {
+            "model": {"name": "m", "version": "1", "storageUri": "pvc://models/m"},
+            "nats": {"url": "nats://nats:4222"},
+            "redis": {"url": "redis://redis:6379/0"},
+        }
+    )
+    objs = render("tp", "ns", "uid", spec)
+    settings = next(o for o in objs if o["kind"] == "ConfigMap")["data"]
+    deployments = [o for o in objs if o["kind"] == "Deployment"]
+    assert len(deployments) == 3
+    for dep in deployments:
+        pod_labels = dep["spec"]["template"]["metadata"]["labels"]
+        assert sel["matchLabels"].items() <= pod_labels.items()
+        for expr in sel["matchExpressions"]:
+            assert pod_labels[expr["key"]] in expr["values"]
+        (container,) = dep["spec"]["template"]["spec"]["containers"]
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        # The port the monitor names is the one the component serves /metrics on.
+        assert ports[endpoint["port"]] == int(settings["TAGPIPE_METRICS_PORT"])
