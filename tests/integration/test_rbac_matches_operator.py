@@ -193,7 +193,7 @@ async def running_operator(kmock: Any, namespace: str | None) -> AsyncIterator[N
     conn = kopf.ConnectionInfo(server=str(kmock.url), insecure=True)
     settings = OperatorSettings(
         scale_interval_s=0.3,
-        nats_timeout_s=2.0,
+        nats_timeout_s=0.5,
         converge_retry_s=0.5,
         stream_delete_retry_s=0.5,
         namespace=namespace,
@@ -217,7 +217,7 @@ async def running_operator(kmock: Any, namespace: str | None) -> AsyncIterator[N
             await asyncio.wait_for(task, timeout=10)
 
 
-async def eventually(check: Callable[[], Any], within: float = 20.0) -> Any:
+async def eventually(check: Callable[[], Any], within: float = 60.0) -> Any:
     deadline = asyncio.get_running_loop().time() + within
     value = None
     while asyncio.get_running_loop().time() < deadline:
