@@ -17,9 +17,12 @@ from nats.aio.client import Client
 from prometheus_client import REGISTRY
 from tagpipe_cli.servers import ServerProcess
 from tagpipe_common.subjects import Lane, Stage, stage_names
+from tagpipe_operator import loop, reconcile
 from tagpipe_operator.handlers import register
 from tagpipe_operator.kube import KubeClient
+from tagpipe_operator.reconcile import Runtime
 from tagpipe_operator.settings import OperatorSettings
+from tagpipe_operator.spec import parse_spec
 
 pytestmark = pytest.mark.integration
 
@@ -64,13 +67,17 @@ def pipeline(nats_url: str) -> dict[str, Any]:
     }
 
 
-@pytest.fixture
-async def operator(kmock: Any, nats_proc: ServerProcess) -> AsyncIterator[tuple[Any, KubeClient]]:
-    # Depends on nats_proc so that the operator stops before NATS does.
+def declare(kmock: Any) -> None:
     for key, (kind, namespaced, subs) in RESOURCES.items():
         info = kmock.resources[key]
         info.kind, info.namespaced, info.subresources = kind, namespaced, set(subs)
         info.verbs = {"get", "list", "watch", "create", "patch", "update", "delete"}
+
+
+@pytest.fixture
+async def operator(kmock: Any, nats_proc: ServerProcess) -> AsyncIterator[tuple[Any, KubeClient]]:
+    # Depends on nats_proc so that the operator stops before NATS does.
+    declare(kmock)
     conn = kopf.ConnectionInfo(server=str(kmock.url), insecure=True)
     settings = OperatorSettings(
         scale_interval_s=0.3,
@@ -167,7 +174,12 @@ async def test_children_status_and_backlog_scaling(
     infer = stage_names(Stage.INFER, PREFIX)
     await eventually(lambda: _has_stream(js, infer.stream))
 
-    # A status with conditions is written by the timer.
+    # Drift: a deleted child comes back (the loop recreates it; under kmock, whose
+    # watch replays events, kopf's converge sometimes gets there first).
+    await kube.delete("ConfigMap", NS, f"{NAME}-config")
+    await eventually(lambda: obj(kmock, "v1/configmaps", f"{NAME}-config"))
+
+    # A status with conditions is written by the scaling loop.
     status = await eventually(
         lambda: (
             (obj(kmock, "tagpipe.io/v1alpha1/tagpipelines", NAME) or {})
@@ -287,3 +299,42 @@ async def test_deletion_is_not_blocked_forever_when_nats_is_gone(
 def _with_finalizer(kmock: Any) -> dict[str, Any] | None:
     cr = obj(kmock, "tagpipe.io/v1alpha1/tagpipelines", NAME)
     return cr if cr and cr["metadata"].get("finalizers") else None
+
+
+async def test_one_tick_recreates_drift_and_reports_it(
+    kmock: Any, nats_proc: ServerProcess
+) -> None:
+    """loop.tick() alone (no kopf): deterministic drift correction and status."""
+    declare(kmock)
+    conn = kopf.ConnectionInfo(server=str(kmock.url), insecure=True)
+    rt = Runtime(settings=OperatorSettings(nats_timeout_s=2.0), connection=conn)
+    body = pipeline(nats_proc.url)
+    try:
+        kube = rt.client()
+        await kube.create(body)
+        spec = parse_spec(body["spec"])
+        await reconcile.converge(rt, NAME, NS, "uid-1", spec)
+        await reconcile.ensure_pipeline_streams(rt, NS, spec)
+        await kube.delete("Deployment", NS, f"{NAME}-downloader")
+
+        status = await loop.tick(rt, body)
+        assert obj(kmock, "apps/v1/deployments", f"{NAME}-downloader") is not None
+        degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
+        assert (
+            degraded["status"] == "True"
+            and "recreated Deployment/tp1-downloader" in degraded["message"]
+        )
+        assert status["backlog"] == 0 and status["stages"]["inference"]["backlog"] == 0
+        stale = next(c for c in status["conditions"] if c["type"] == "MetricsStale")
+        assert stale["status"] == "False"
+        # The status went through the status subresource.
+        written = obj(kmock, "tagpipe.io/v1alpha1/tagpipelines", NAME)["status"]
+        assert written["conditions"] == status["conditions"]
+
+        again = await loop.tick(rt, body)
+        assert (
+            "recreated"
+            not in next(c for c in again["conditions"] if c["type"] == "Degraded")["message"]
+        )
+    finally:
+        await rt.close()
