@@ -22,6 +22,10 @@ class InferenceSettings(CommonSettings):
     allow_spinning: bool = False
     max_batch: Annotated[int, Field(ge=1, le=1024)] = 32
     max_wait_ms: Annotated[float, Field(ge=0, le=10_000)] = 20.0
+    # How long one fetch may wait just to look at a lane that may be empty. Too short,
+    # and a starved process misses waiting real-time items (they join the next batch);
+    # too long, and a fast GPU idles while an empty real-time lane is polled.
+    lane_peek_ms: Annotated[float, Field(ge=0.5, le=1000)] = 10.0
     # Batches in flight: one running in onnxruntime, the next fetched and prepared.
     pipeline_depth: Annotated[int, Field(ge=1, le=8)] = 2
     health_port: Annotated[int, Field(ge=0, le=65535)] = 8080  # 0: no health listener

@@ -40,8 +40,6 @@ from tagpipe_inference.spans import BatchTrace
 log = logging.getLogger(__name__)
 
 PullSub = JetStreamContext.PullSubscription
-# How long a fetch may linger just to look at a lane that may be empty.
-_PEEK_S = 0.01
 
 
 @dataclass
@@ -125,6 +123,7 @@ class InferenceWorker:
         """Up to max_batch messages, real-time first, waiting max_wait after the first."""
         max_batch = self.settings.max_batch
         max_wait = self.settings.max_wait_ms / 1000.0
+        peek = self.settings.lane_peek_ms / 1000.0
         got: list[Msg] = []
         deadline: float | None = None
         peek_only = True  # first peek at every lane, so a busy bulk lane never waits on idle rt
@@ -134,9 +133,9 @@ class InferenceWorker:
                 if need <= 0:
                     break
                 if deadline is None:
-                    wait = _PEEK_S if peek_only else max(max_wait, _PEEK_S)
+                    wait = peek if peek_only else max(max_wait, peek)
                 else:
-                    wait = min(deadline - time.monotonic(), _PEEK_S)
+                    wait = min(deadline - time.monotonic(), peek)
                 msgs = await self._fetch(sub, need, wait)
                 if msgs and deadline is None:
                     deadline = time.monotonic() + max_wait
