@@ -65,7 +65,7 @@ run: venv ## the whole stack on this machine (tagpipe up)
 e2e: venv ## tests against a real cluster (KUBECONFIG); skipped otherwise
 	$(BIN)/pytest -q -rs e2e $(PYTEST_ARGS)
 
-IMAGE_PREFIX ?= ghcr.io/tagpipe/
+IMAGE_PREFIX ?= tagpipe/
 IMAGE_TAG ?= 0.1.0
 INFERENCE_BUILD_ARGS ?=
 images: ## build the four images (needs a Docker engine; INFERENCE_BUILD_ARGS for the CPU variant)

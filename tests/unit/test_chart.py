@@ -155,7 +155,7 @@ def test_example_points_at_this_release() -> None:
     assert spec["model"]["storageUri"] == "pvc://rel-tagpipe-models/efficientnet-lite0"
     assert "apiKeySecretRef" not in spec["gateway"]
     assert spec["inference"]["gpu"] == 0
-    assert spec["gateway"]["image"] == "ghcr.io/tagpipe/gateway:0.1.0"
+    assert spec["gateway"]["image"] == "tagpipe/gateway:0.1.0"
     full = one(render("full"), "TagPipeline")["spec"]
     assert full["redis"]["credentialsSecretRef"] == {"name": "tagpipe-redis", "key": "url"}
     assert full["gateway"]["apiKeySecretRef"] == {"name": "tagpipe-api-keys", "key": "keys"}

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import yaml
 from tagpipe_operator.render import COMMANDS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -181,3 +182,21 @@ def test_make_images_fails_clearly_without_a_docker_engine(tmp_path: Path) -> No
     assert proc.returncode != 0
     assert "no Docker engine reachable" in proc.stderr
     assert "docker build" not in proc.stdout
+
+
+def _make_variable(name: str) -> str:
+    m = re.search(rf"^{name} \?= (\S*)$", (ROOT / "Makefile").read_text(), re.M)
+    assert m is not None, name
+    return m[1]
+
+
+def test_crd_default_images_are_what_make_images_tags() -> None:
+    crd = yaml.safe_load((ROOT / "crds" / "tagpipelines.tagpipe.io.yaml").read_text())
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    prefix, tag = _make_variable("IMAGE_PREFIX"), _make_variable("IMAGE_TAG")
+    assert tag == PYPROJECT["project"]["version"]
+    chart = yaml.safe_load((ROOT / "charts" / "tagpipe" / "Chart.yaml").read_text())
+    assert chart["appVersion"] == tag  # the chart's default image tag
+    for component in ("gateway", "downloader", "inference"):
+        default = spec["properties"][component]["properties"]["image"]["default"]
+        assert default == f"{prefix}{component}:{tag}"
