@@ -107,3 +107,8 @@ def test_runs_make_e2e_with_the_nats_url_and_dumps_on_failure() -> None:
     text = "\n".join(str(s.get("run", "")) for s in dumps)
     assert "get events" in text and "logs" in text and "--previous" in text
     assert "helm test" in _script() and "make setup" in _script()
+    # e2e/ runs the operator in-process; the chart's one must not handle the same objects.
+    names = [str(s.get("name", "")) for s in steps]
+    stop = next(i for i, s in enumerate(steps) if "--replicas=0" in str(s.get("run", "")))
+    assert stop < names.index(e2e["name"])
+    assert '"$RELEASE-operator"' in str(steps[stop]["run"])
