@@ -34,6 +34,10 @@ _RESAMPLE = {
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError)
 
+# Aspect ratio past which resize_crop resamples only the cropped box (same pixels
+# but for rounding); ordinary photos keep the plain resize-then-crop.
+_MAX_STRIP = 16
+
 # A truncated file must fail, never come out as half an image padded with grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
@@ -141,11 +145,18 @@ def resize_crop(img: Image.Image, geom: Geometry) -> npt.NDArray[np.uint8]:
         size = (geom.resize, int(geom.resize * h / w))
     else:
         size = (int(geom.resize * w / h), geom.resize)
-    if size != img.size:
-        img = img.resize(size, _RESAMPLE[geom.interpolation])
     left = round((size[0] - geom.crop) / 2.0)
     top = round((size[1] - geom.crop) / 2.0)
-    crop = img.crop((left, top, left + geom.crop, top + geom.crop))
+    if size[0] * size[1] > _MAX_STRIP * geom.resize * geom.resize:
+        # A long strip (a 65000 x 1 PNG is a few hundred bytes) would be resized to
+        # gigapixels only to be cropped: resample just the box behind the crop.
+        sx, sy = w / size[0], h / size[1]
+        box = (left * sx, top * sy, (left + geom.crop) * sx, (top + geom.crop) * sy)
+        crop = img.resize((geom.crop, geom.crop), _RESAMPLE[geom.interpolation], box=box)
+    else:
+        if size != img.size:
+            img = img.resize(size, _RESAMPLE[geom.interpolation])
+        crop = img.crop((left, top, left + geom.crop, top + geom.crop))
     out = np.asarray(crop, dtype=np.uint8)
     if out.shape != (geom.crop, geom.crop, 3):
         raise PermanentError(ErrorCode.DECODE_ERROR, f"unexpected decoded shape {out.shape}")
