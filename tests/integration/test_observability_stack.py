@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+import nats
 import pytest
 import skimage.data
 from aiohttp import web
@@ -33,6 +34,8 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from tagpipe_cli.servers import free_port
 from tagpipe_cli.stack import Stack, StackConfig
+from tagpipe_common.messages import DownloadTask
+from tagpipe_common.subjects import HDR_MSG_ID, Lane, Stage, stage_names
 
 from bench.imageserver import ImageServer
 
@@ -485,3 +488,37 @@ def test_metrics_count_exactly_what_was_sent(
 
     for component, samples in after.items():
         assert total(samples, "process_cpu_seconds_total") > 0, component
+
+
+def test_a_redelivered_failure_is_logged_and_counted_once(
+    observed: Observed, images: ImageServer
+) -> None:
+    """After the dedupe window a repeat is a new message: one line, one count all the same."""
+    stack = observed.stack
+    assert stack.nats is not None
+    task = DownloadTask(
+        item_id="obs-repeat-0", request_id="obs-repeat", url=images.url("/status/404")
+    )
+    subject = stage_names(Stage.DOWNLOAD, stack.config.prefix).subject(Lane.REALTIME)
+    url = stack.nats.url
+
+    async def publish(msg_id: str) -> None:
+        nc = await nats.connect(url)
+        try:
+            await nc.jetstream().publish(subject, task.to_json(), headers={HDR_MSG_ID: msg_id})
+        finally:
+            await nc.close()
+
+    def mine(ln: dict[str, Any]) -> bool:
+        return ln.get("item_id") == task.item_id
+
+    before = scrape(observed.metrics["downloader"])
+    asyncio.run(publish("first"))
+    assert len(wait_lines(observed, "downloader-0", lambda ln: mine(ln) and "code" in ln)) == 1
+    asyncio.run(publish("second"))  # as if redelivered after a lost ack
+    repeat = wait_lines(observed, "downloader-0", lambda ln: mine(ln) and "redelivery" in ln["msg"])
+    assert len(repeat) == 1
+    timed = [ln for ln in observed.log_lines("downloader-0") if mine(ln)]
+    assert [ln.get("event") for ln in timed].count("item_timings") == 1
+    after = scrape(observed.metrics["downloader"])
+    assert delta(before, after, "tagpipe_downloader_items_total", outcome="http_404") == 1

@@ -336,7 +336,11 @@ class DownloadWorker:
         t.end_to_end_ms = round(max(0.0, time.time() - task.submitted_at) * 1000, 3)
         result = TagResult.error(task, code, message, source=task.source, timings=t)
         with self.tracer.start_as_current_span("result_write", attributes={"tagpipe.code": code}):
-            await self._infra(lambda: self.store.record(result))
+            first = await self._infra(lambda: self.store.record(result))
+        if not first:
+            # A redelivered item whose result is already stored: counted and logged once.
+            log.info("result already stored (redelivery); not counted again")
+            return
         metrics.ITEMS.labels(task.lane.value, code).inc()
         metrics.observe_timings(t)
         telemetry.log_item_timings(
