@@ -522,3 +522,38 @@ def test_a_redelivered_failure_is_logged_and_counted_once(
     assert [ln.get("event") for ln in timed].count("item_timings") == 1
     after = scrape(observed.metrics["downloader"])
     assert delta(before, after, "tagpipe_downloader_items_total", outcome="http_404") == 1
+
+
+def test_each_bulk_item_is_a_trace_of_its_own_linked_to_its_job(
+    http: httpx.Client, collector: Collector, images: ImageServer
+) -> None:
+    urls = [images.url(f"/img/chelsea.jpg?v=bulk{i}") for i in range(3)]
+    r = http.post("/v1/jobs", json=urls)
+    assert r.status_code == 202, r.text
+    job_id = r.json()["job_id"]
+
+    def item_roots(spans: list[Span]) -> list[Span]:
+        return [
+            s
+            for s in spans
+            if s.name == "publish"
+            and s.service == "tagpipe-gateway"
+            and str(s.attributes.get("tagpipe.item_id", "")).startswith(job_id)
+        ]
+
+    def written(spans: list[Span]) -> set[str]:
+        return {s.trace_id for s in spans if s.name == "result_write"}
+
+    spans = collector.wait_for(
+        lambda s: len(item_roots(s)) == 3 and {x.trace_id for x in item_roots(s)} <= written(s)
+    )
+    roots = item_roots(spans)
+    assert len(roots) == 3 and all(not s.parent_id for s in roots)
+    assert len({s.trace_id for s in roots}) == 3  # one trace per image
+    (job_span,) = [
+        s for s in spans if s.name == "submit_job" and s.attributes.get("tagpipe.job_id") == job_id
+    ]
+    assert all(s.links == (job_span.trace_id,) for s in roots)
+    for root in roots:
+        services = {s.service for s in spans if s.trace_id == root.trace_id}
+        assert services == SERVICES
