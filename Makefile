@@ -48,6 +48,10 @@ test-unit: venv
 test-integration: venv
 	$(BIN)/pytest -q tests/integration $(PYTEST_ARGS)
 
+test-faults: venv ## fault injection on the local stack (kill -9, restarts, stalls, SIGTERM; ~5 min)
+	test -f $(MODEL_DIR)/manifest.json || $(MAKE) model
+	TAGPIPE_FAULTS=1 $(BIN)/pytest -q tests/faults $(PYTEST_ARGS)
+
 lint: venv ## ruff, mypy --strict, import rules
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

@@ -1,0 +1,263 @@
+"""Helpers for the fault-injection tests: the stack's configuration, job accounting
+and process memory. See conftest.py for what these tests are.
+
+Fault injection on the real local stack (tagpipe_cli.stack): NATS, Redis, gateway,
+downloaders and inference as separate processes, the real ONNX model, images from
+a local HTTP server.
+
+Heavy for a 2-core machine, so these run only under `make test-faults`
+(TAGPIPE_FAULTS=1); `make test` skips them. Each test records the items it
+submitted and the results it found into bench/results/faults.json.
+
+Stream timings are shortened (ack_wait a few seconds) so an item held by a killed
+worker is redelivered within the test, not after the production 30-60 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import nats
+import redis
+from tagpipe_cli.stack import Service, Stack, StackConfig
+from tagpipe_common.keys import RedisKeys
+from tagpipe_common.streams import StreamPolicy
+from tagpipe_common.subjects import LANES, Stage, stage_names
+from tagpipe_gateway.submit import item_id_for
+
+from bench.imageserver import ImageServer
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL_DIR = ROOT / "models" / "efficientnet-lite0"
+RESULTS_FILE = ROOT / "bench" / "results" / "faults.json"
+KEYS = RedisKeys("tagpipe")
+
+ACK_WAIT_S = 4.0
+DOWNLOAD_ACK_WAIT_S = 6.0
+MAX_DELIVER = 8
+
+
+class BackgroundImageServer:
+    """bench.imageserver on an event loop of its own thread (the tests are sync)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.server = ImageServer(host="127.0.0.1")
+
+    def __enter__(self) -> ImageServer:
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self.server.__aenter__(), self.loop).result(10)
+        return self.server
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.__aexit__(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+def image_urls(images: ImageServer, n: int, tag: str, size: str = "320x240") -> list[str]:
+    """n distinct URLs (a query string per item) over 16 cached generated JPEGs."""
+    return [images.url(f"/corpus/{size}/{i % 16}.jpg?t={tag}&i={i}") for i in range(n)]
+
+
+def fault_config(tmp: Path, **over: Any) -> StackConfig:
+    policy = StreamPolicy(
+        prefix="tagpipe",
+        ack_wait_s=ACK_WAIT_S,
+        max_deliver=MAX_DELIVER,
+        ack_wait_overrides={Stage.DOWNLOAD: DOWNLOAD_ACK_WAIT_S},
+        max_msgs=over.pop("max_msgs", -1),
+    )
+    cfg = StackConfig(
+        data_dir=tmp,
+        model_dir=MODEL_DIR,
+        downloaders=2,
+        inference=2,
+        policy=policy,
+        allow_cidrs="127.0.0.0/8",  # the image server is local
+        env={"TAGPIPE_ACK_WAIT_S": str(ACK_WAIT_S), "TAGPIPE_MAX_DELIVER": str(MAX_DELIVER)},
+        gateway_env={
+            "TAGPIPE_REALTIME_TIMEOUT_S": "60",
+            "TAGPIPE_LEASE_S": "4",
+            "TAGPIPE_RECOVER_INTERVAL_S": "1",
+        },
+        downloader_env={
+            "TAGPIPE_DECODE_WORKERS": "1",
+            "TAGPIPE_PROGRESS_INTERVAL_S": "1.5",
+            "TAGPIPE_TRANSIENT_NAK_DELAY_S": "0.5",
+            "TAGPIPE_DRAIN_TIMEOUT_S": "10",
+        },
+        inference_env={"TAGPIPE_INTRA_OP_THREADS": "1", "TAGPIPE_NAK_DELAY_S": "0.5"},
+    )
+    for name, value in over.items():
+        if name.endswith("env"):  # add to the defaults above rather than replace them
+            value = {**getattr(cfg, name), **value}
+        setattr(cfg, name, value)
+    return cfg
+
+
+def service(stack: Stack, name: str) -> Service:
+    return next(s for s in stack.services if s.name == name)
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def process_rss(stack: Stack) -> dict[str, int]:
+    """VmRSS (KiB) of every live process of the stack, servers included."""
+    out = {}
+    for svc in stack.services:
+        if svc.alive and svc.proc is not None:
+            out[svc.name] = rss_kb(svc.proc.pid)
+    for srv in (stack.nats, stack.redis):
+        if srv is not None and srv.proc is not None and srv.proc.poll() is None:
+            out[srv.name] = rss_kb(srv.proc.pid)
+    return out
+
+
+def submit_job(http: httpx.Client, urls: list[str]) -> str:
+    lines = "".join(json.dumps({"url": u, "id": f"c{i}"}) + "\n" for i, u in enumerate(urls))
+    r = http.post("/v1/jobs", content=lines, headers={"Content-Type": "application/x-ndjson"})
+    assert r.status_code == 202, r.text
+    job_id: str = r.json()["job_id"]
+    return job_id
+
+
+def job_status(http: httpx.Client, job_id: str) -> dict[str, Any]:
+    """The job's status, riding out the moments a restarting server makes it 503."""
+    while True:
+        try:
+            r = http.get(f"/v1/jobs/{job_id}")
+        except httpx.TransportError:
+            time.sleep(0.3)  # the gateway itself is restarting
+            continue
+        if r.status_code == 503:
+            time.sleep(0.3)
+            continue
+        assert r.status_code == 200, r.text
+        body: dict[str, Any] = r.json()
+        return body
+
+
+def wait_finished(http: httpx.Client, job_id: str, at_least: int, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while job_status(http, job_id)["finished"] < at_least:
+        assert time.monotonic() < deadline, f"job {job_id} never reached {at_least} finished"
+        time.sleep(0.1)
+
+
+def wait_job(http: httpx.Client, job_id: str, timeout_s: float = 150) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = job_status(http, job_id)
+        if status["state"] in ("completed", "cancelled") and status["finished"] == status["total"]:
+            return status
+        assert time.monotonic() < deadline, f"job {job_id} did not finish: {status}"
+        time.sleep(0.3)
+
+
+@dataclass
+class Accounting:
+    submitted: int
+    status: dict[str, Any]
+    stream_len: int
+    distinct_items: int
+    distinct_clients: int
+    result_keys: int
+    ok: int
+    codes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def resulted(self) -> int:
+        return self.distinct_items
+
+
+def consumer_states(stack: Stack) -> dict[str, dict[str, int]]:
+    """Pending / unacked / redelivered per durable consumer (for failure messages)."""
+    assert stack.nats is not None
+    url = stack.nats.url
+
+    async def read() -> dict[str, dict[str, int]]:
+        nc = await nats.connect(url)
+        js, out = nc.jetstream(), {}
+        try:
+            for stage in Stage:
+                for lane in LANES:
+                    names = stage_names(stage)
+                    info = await js.consumer_info(names.stream, names.consumer(lane))
+                    out[names.consumer(lane)] = {
+                        "pending": int(info.num_pending or 0),
+                        "ack_pending": int(info.num_ack_pending or 0),
+                        "redelivered": int(info.num_redelivered or 0),
+                    }
+        finally:
+            await nc.close()
+        return out
+
+    return asyncio.run(read())
+
+
+def missing_items(stack: Stack, job_id: str, n: int) -> list[str]:
+    assert stack.redis is not None
+    ids = [item_id_for(job_id, f"c{i}", i) for i in range(n)]
+    r = redis.Redis.from_url(stack.redis.url)
+    try:
+        return [i for i, v in zip(ids, r.mget([KEYS.result(i) for i in ids]), strict=True) if not v]
+    finally:
+        r.close()
+
+
+def account(stack: Stack, http: httpx.Client, job_id: str, submitted: int) -> Accounting:
+    """Every way of counting a job's results, straight from Redis and the API."""
+    try:
+        status = wait_job(http, job_id)
+    except AssertionError as exc:
+        missing = missing_items(stack, job_id, submitted)[:10]
+        raise AssertionError(f"{exc}\nmissing: {missing}\n{consumer_states(stack)}") from None
+    assert stack.redis is not None
+    r = redis.Redis.from_url(stack.redis.url)
+    try:
+        entries = r.xrange(KEYS.job_results(job_id))
+        results = [json.loads(fields[b"r"]) for _, fields in entries]
+        items = {x["item_id"] for x in results}
+        keys = r.mget([KEYS.result(i) for i in items]) if items else []
+    finally:
+        r.close()
+    codes: dict[str, int] = {}
+    for x in results:
+        if x["status"] != "ok":
+            codes[x["code"]] = codes.get(x["code"], 0) + 1
+    return Accounting(
+        submitted=submitted,
+        status=status,
+        stream_len=len(entries),
+        distinct_items=len(items),
+        distinct_clients=len({x["client_item_id"] for x in results}),
+        result_keys=sum(k is not None for k in keys),
+        ok=sum(x["status"] == "ok" for x in results),
+        codes=codes,
+    )
+
+
+def assert_exactly_once(acc: Accounting) -> None:
+    s = acc.status
+    n = acc.submitted
+    assert s["total"] == n, s
+    assert s["done"] + s["failed"] + s["cancelled"] == n, s
+    assert acc.stream_len == n, f"{acc.stream_len} results in the job stream for {n} items"
+    assert acc.distinct_items == n and acc.distinct_clients == n, acc
+    assert acc.result_keys == n, acc
+    assert acc.ok == s["done"], acc
