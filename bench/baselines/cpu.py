@@ -30,6 +30,8 @@ def _machine_busy() -> float:
 def _name(p: psutil.Process) -> str:
     """A short label: the console script or module a Python process runs, else its name."""
     cmd: list[str] = [str(a) for a in p.cmdline()]
+    if any("multiprocessing" in a for a in cmd):
+        return "worker (multiprocessing)"  # e.g. uvicorn --workers children
     for i, arg in enumerate(cmd):
         if arg == "-m" and i + 1 < len(cmd):
             return cmd[i + 1].rsplit(".", 1)[-1]

@@ -51,7 +51,7 @@ def markdown(doc: dict[str, Any]) -> str:
         )
     goals = doc.get("goals", {})
     if goals:
-        lines += ["", "Goals: " + "; ".join(f"{k}: {v}" for k, v in goals.items()) + "."]
+        lines += ["", "Goals on this run:", ""] + [f"- {k}: {v}" for k, v in goals.items()]
     return "\n".join(lines)
 
 
@@ -74,19 +74,25 @@ def chart(doc: dict[str, Any], path: Path) -> None:
     keys = [k for k in ORDER if k in doc["systems"] and "error" not in doc["systems"][k]]
     rates = [doc["systems"][k]["images_per_s"] for k in keys]
     p95 = [(doc["systems"][k].get("realtime") or {}).get("p95_ms") or 0 for k in keys]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    ax1.bar(keys, rates, color=["#999", "#2a7", "#c55", "#57c"][: len(keys)])
-    ax1.set_ylabel("bulk images/s")
-    ax1.set_title(
-        f"throughput ({doc['machine']['cores']} cores, {doc['corpus']['latency_ms']:g} ms)"
+    cpu = [(doc["systems"][k].get("cpu") or {}).get("cpu_ms_per_image") or 0 for k in keys]
+    colors = {"ideal": "#999", "tagpipe": "#2a7", "naive": "#c55", "ray_serve": "#57c"}
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(14, 4))
+    panels = (
+        (ax1, rates, "bulk images/s (wall clock)", "throughput", "{:.1f}"),
+        (ax2, cpu, "CPU ms per image (lower is better)", "CPU cost", "{:.1f}"),
+        (ax3, p95, "real-time p95 latency, ms", "real-time latency during bulk", "{:,.0f}"),
     )
-    for i, r in enumerate(rates):
-        ax1.text(i, r, f"{r:.1f}", ha="center", va="bottom")
-    rt_keys = [k for k, v in zip(keys, p95, strict=True) if v]
-    ax2.bar(rt_keys, [v for v in p95 if v], color="#777")
-    ax2.set_ylabel("real-time p95 latency, ms (log)")
-    ax2.set_yscale("log")
-    ax2.set_title("real-time latency during bulk")
+    for ax, values, ylabel, title, fmt in panels:
+        shown = [(k, v) for k, v in zip(keys, values, strict=True) if v]
+        ax.bar([k for k, _ in shown], [v for _, v in shown], color=[colors[k] for k, _ in shown])
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        for i, (_, v) in enumerate(shown):
+            ax.text(i, v, fmt.format(v), ha="center", va="bottom")
+    fig.suptitle(
+        f"{doc['machine']['cores']} cores, image latency {doc['corpus']['latency_ms']:g} ms, "
+        f"{doc['corpus']['images']} images"
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
