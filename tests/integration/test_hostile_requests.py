@@ -34,12 +34,15 @@ async def gateway(
         realtime_timeout_s=1.0,
     )
     app = create_app(settings, ApiKeys(tuple(parse_entries(KEY))))
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app),
-        base_url="http://gw",
-        headers={"Authorization": f"Bearer {KEY}"},
-        timeout=60,
-    ) as c:
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app),
+            base_url="http://gw",
+            headers={"Authorization": f"Bearer {KEY}"},
+            timeout=60,
+        ) as c,
+    ):
         yield c
 
 
