@@ -109,6 +109,15 @@ def service(stack: Stack, name: str) -> Service:
     return next(s for s in stack.services if s.name == name)
 
 
+def redelivered_duplicates(stack: Stack) -> int:
+    """Results the store refused as repeats (SET NX lost): redeliveries that were absorbed."""
+    return sum(
+        s.log_path.read_text(errors="replace").count("duplicate result")
+        for s in stack.services
+        if s.name.startswith("inference") and s.log_path.exists()
+    )
+
+
 def rss_kb(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):

@@ -24,7 +24,14 @@ import pytest
 from tagpipe_cli.stack import Stack
 
 from bench.imageserver import ImageServer
-from tests.faults.kit import account, assert_exactly_once, image_urls, process_rss, submit_job
+from tests.faults.kit import (
+    account,
+    assert_exactly_once,
+    image_urls,
+    process_rss,
+    redelivered_duplicates,
+    submit_job,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -137,6 +144,7 @@ def test_stalled_inference_gives_429_with_bounded_memory(
     assert acc.status["done"] == N, acc.codes
     record(
         acc,
+        duplicates_absorbed=redelivered_duplicates(stack),
         realtime_statuses={str(k): v for k, v in sorted(load.statuses.items())},
         realtime_items_timed_out_then_resulted=rt_items,
         rss_kb={"baseline": baseline, "at_first_429": at_first_429, "peak": peak, "after": after},

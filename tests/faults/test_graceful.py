@@ -18,6 +18,7 @@ from tests.faults.kit import (
     assert_exactly_once,
     image_urls,
     job_status,
+    redelivered_duplicates,
     service,
     submit_job,
     wait_finished,
@@ -59,4 +60,10 @@ def test_sigterm_each_service_mid_job(
     assert max(at_signal.values()) < N, "the job was over before the last signal"
     assert_exactly_once(acc)
     assert acc.status["done"] == N, acc.codes
-    record(acc, sigterm=list(VICTIMS), finished_at_signal=at_signal, exit_codes=raw_exits)
+    record(
+        acc,
+        duplicates_absorbed=redelivered_duplicates(stack),
+        sigterm=list(VICTIMS),
+        finished_at_signal=at_signal,
+        exit_codes=raw_exits,
+    )

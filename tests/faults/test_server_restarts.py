@@ -21,6 +21,7 @@ from tests.faults.kit import (
     assert_exactly_once,
     image_urls,
     job_status,
+    redelivered_duplicates,
     submit_job,
     wait_finished,
 )
@@ -51,7 +52,7 @@ def test_nats_restart_mid_job(
     assert acc.status["done"] == N, acc.codes
     assert ready.status_code == 200, ready.text  # the gateway reconnected by itself
     assert not stack.dead(), [s.name for s in stack.dead()]  # no service crashed over it
-    record(acc, finished_at_restart=before)
+    record(acc, duplicates_absorbed=redelivered_duplicates(stack), finished_at_restart=before)
 
 
 def test_redis_outage_mid_job(
@@ -81,4 +82,9 @@ def test_redis_outage_mid_job(
     assert_exactly_once(acc)
     assert acc.status["done"] == N, acc.codes
     assert not stack.dead(), [s.name for s in stack.dead()]
-    record(acc, finished_at_outage=before, readyz_during_outage=ready.status_code)
+    record(
+        acc,
+        duplicates_absorbed=redelivered_duplicates(stack),
+        finished_at_outage=before,
+        readyz_during_outage=ready.status_code,
+    )
