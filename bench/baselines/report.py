@@ -16,6 +16,10 @@ LABELS = {
 }
 
 
+def _x(v: Any) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
 def _ms(v: Any) -> str:
     return "-" if v is None else f"{v:,.0f}"
 
@@ -30,21 +34,22 @@ def markdown(doc: dict[str, Any]) -> str:
         f"{c['latency_ms']:g} ms. Real-time load: {doc['realtime_rate']:g} req/s of one image "
         "each, open-loop, during the bulk run.",
         "",
-        "| system | bulk images/s | x ideal | CPU ms/image | x ideal (CPU) | "
-        "real-time p50 ms | p95 ms | p99 ms | rt failed | other cores busy |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| system | bulk images/s | x ideal | x ideal just before | CPU ms/image | "
+        "x ideal (CPU) | real-time p50 ms | p95 ms | p99 ms | rt failed | other cores busy |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for key in ORDER:
         s = doc["systems"].get(key)
         if s is None:
             continue
         if "error" in s:
-            lines.append(f"| {LABELS[key]} | failed: {s['error'][:80]} | | | | | | | | |")
+            lines.append(f"| {LABELS[key]} | failed: {s['error'][:80]} |" + " |" * 10)
             continue
         rt = s.get("realtime") or {}
         cpu = s.get("cpu") or {}
         lines.append(
             f"| {LABELS[key]} | {s['images_per_s']:,.1f} | {s.get('vs_ideal', float('nan')):.2f} | "
+            f"{_x(s.get('vs_adjacent_ideal'))} | "
             f"{cpu.get('cpu_ms_per_image', '-')} | {s.get('cpu_vs_ideal', float('nan')):.2f} | "
             f"{_ms(rt.get('p50_ms'))} | {_ms(rt.get('p95_ms'))} | {_ms(rt.get('p99_ms'))} | "
             f"{rt.get('failed', '-')} | {cpu.get('other_cores_busy', '-')} |"
