@@ -42,6 +42,7 @@ from tagpipe_common.subjects import HDR_MSG_ID, HDR_SCHEMA, LANES, Lane, Stage, 
 
 from tagpipe_downloader import metrics
 from tagpipe_downloader.decode import Decoded, decode_image
+from tagpipe_downloader.decode_queue import DecodeQueue
 from tagpipe_downloader.fetch import Fetcher
 from tagpipe_downloader.settings import DownloaderSettings
 
@@ -58,6 +59,10 @@ _INFRA_ERRORS = (
 
 class InfraUnavailable(Exception):
     """Redis or NATS stayed unreachable for the whole retry budget."""
+
+
+class HoldItem(Exception):
+    """Infrastructure unavailable on an item's last delivery: keep it and try again."""
 
 
 class DownloadWorker:
@@ -77,6 +82,7 @@ class DownloadWorker:
         self.store = ResultStore(redis_client, self.keys, ttl_s=settings.result_ttl_s)
         self.fetcher = fetcher
         self.pool = pool
+        self.decodes = DecodeQueue(pool, settings.decode_workers)
         self.geometry = settings.geometry()
         self.download = stage_names(Stage.DOWNLOAD, settings.prefix)
         self.infer = stage_names(Stage.INFER, settings.prefix)
@@ -215,7 +221,13 @@ class DownloadWorker:
             telemetry.queue_wait_span(self.tracer, "download_queue_wait", task.enqueued_at, ctx)
             with self.tracer.start_as_current_span("download", context=ctx) as span:
                 span.set_attribute("tagpipe.item_id", task.item_id)
-                await self._process(msg, task, lane)
+                while True:
+                    try:
+                        await self._process(msg, task, lane)
+                        break
+                    except HoldItem:
+                        # _keep_alive goes on extending the lease meanwhile.
+                        await asyncio.sleep(self.s.transient_nak_delay_s)
         finally:
             keepalive.cancel()
             telemetry.item_id_var.reset(item_token)
@@ -237,7 +249,7 @@ class DownloadWorker:
                     raise PermanentError(ErrorCode.CANCELLED, "the job was cancelled")
                 data = await self._source_bytes(task, timings)
                 metrics.BYTES.observe(len(data))
-                decoded = await self._decode(data)
+                decoded = await self._decode(data, lane)
                 timings.decode_ms, timings.preprocess_ms = decoded.decode_ms, decoded.preprocess_ms
                 await self._infra(lambda: self._publish(task, lane, decoded, timings))
                 metrics.ITEMS.labels(lane.value, "published").inc()
@@ -260,6 +272,12 @@ class DownloadWorker:
                 return  # keep the blob: the redelivery may still need it
             await self._drop_blob(task)
         except InfraUnavailable as exc:
+            if is_final_delivery(msg, self.s.max_deliver) and not self._stopping.is_set():
+                # JetStream never delivers a message again after its last delivery:
+                # given back now it would sit unseen in the stream for good (and
+                # hold a place in a bounded stream), so it is held and retried.
+                log.warning("infrastructure unavailable on the last delivery, holding: %s", exc)
+                raise HoldItem from exc
             log.warning("infrastructure unavailable, leaving the item for redelivery: %s", exc)
             with contextlib.suppress(Exception):
                 await msg.nak(delay=self.s.transient_nak_delay_s)
@@ -293,12 +311,10 @@ class DownloadWorker:
             raise PermanentError(ErrorCode.TOO_LARGE, f"upload over {self.s.max_bytes} bytes")
         return bytes(blob)
 
-    async def _decode(self, data: bytes) -> Decoded:
-        loop = asyncio.get_running_loop()
-        t0 = time.time()
-        decoded = await loop.run_in_executor(
-            self.pool, decode_image, data, self.geometry, self.s.max_pixels
-        )
+    async def _decode(self, data: bytes, lane: Lane) -> Decoded:
+        # Lane-ordered: a real-time item takes the next free decode thread.
+        decoded = await self.decodes.run(lane, decode_image, data, self.geometry, self.s.max_pixels)
+        t0 = time.time() - (decoded.decode_ms + decoded.preprocess_ms) / 1000
         self._spans(t0, ("decode", decoded.decode_ms), ("preprocess", decoded.preprocess_ms))
         return decoded
 
