@@ -70,10 +70,11 @@ def image_urls(images: ImageServer, n: int, tag: str, size: str = "320x240") -> 
 
 
 def fault_config(tmp: Path, **over: Any) -> StackConfig:
+    max_deliver = over.pop("max_deliver", MAX_DELIVER)
     policy = StreamPolicy(
         prefix="tagpipe",
         ack_wait_s=ACK_WAIT_S,
-        max_deliver=MAX_DELIVER,
+        max_deliver=max_deliver,
         ack_wait_overrides={Stage.DOWNLOAD: DOWNLOAD_ACK_WAIT_S},
         max_msgs=over.pop("max_msgs", -1),
     )
@@ -84,7 +85,7 @@ def fault_config(tmp: Path, **over: Any) -> StackConfig:
         inference=2,
         policy=policy,
         allow_cidrs="127.0.0.0/8",  # the image server is local
-        env={"TAGPIPE_ACK_WAIT_S": str(ACK_WAIT_S), "TAGPIPE_MAX_DELIVER": str(MAX_DELIVER)},
+        env={"TAGPIPE_ACK_WAIT_S": str(ACK_WAIT_S), "TAGPIPE_MAX_DELIVER": str(max_deliver)},
         gateway_env={
             "TAGPIPE_REALTIME_TIMEOUT_S": "60",
             "TAGPIPE_LEASE_S": "4",

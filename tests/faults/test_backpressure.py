@@ -149,3 +149,33 @@ def test_stalled_inference_gives_429_with_bounded_memory(
         realtime_items_timed_out_then_resulted=rt_items,
         rss_kb={"baseline": baseline, "at_first_429": at_first_429, "peak": peak, "after": after},
     )
+
+
+def test_a_stall_longer_than_every_delivery_strands_nothing(
+    make_stack: Callable[..., Stack], images: ImageServer, record: Callable[..., None]
+) -> None:
+    """Downloaders that cannot publish (inference stream full) for longer than
+    max_deliver x their retry budget: JetStream will not deliver an item again
+    after its last delivery, so giving it back then would strand it unseen."""
+    stack = make_stack(
+        max_msgs=100,
+        max_deliver=3,
+        downloader_env={"TAGPIPE_INFRA_RETRY_BUDGET_S": "1"},
+        gateway_env={"TAGPIPE_BULK_BACKLOG_LIMIT": "100", "TAGPIPE_BACKLOG_CACHE_S": "0.2"},
+    )
+    n = 400
+    inference = [s for s in stack.services if s.name.startswith("inference")]
+    with httpx.Client(base_url=stack.gateway_url, timeout=30) as http:
+        for svc in inference:
+            svc.signal(signal.SIGSTOP)
+        try:
+            job_id = submit_job(http, image_urls(images, n, "strand"))
+            # Three deliveries of ~1 s budget plus NAK delays and ack waits, several times over.
+            time.sleep(25)
+        finally:
+            for svc in inference:
+                svc.signal(signal.SIGCONT)
+        acc = account(stack, http, job_id, n)
+    assert_exactly_once(acc)
+    assert acc.status["done"] == n, acc.codes
+    record(acc, duplicates_absorbed=redelivered_duplicates(stack), stall_s=25)
