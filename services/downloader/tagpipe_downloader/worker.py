@@ -42,6 +42,7 @@ from tagpipe_common.subjects import HDR_MSG_ID, HDR_SCHEMA, LANES, Lane, Stage, 
 
 from tagpipe_downloader import metrics
 from tagpipe_downloader.decode import Decoded, decode_image
+from tagpipe_downloader.decode_queue import DecodeQueue
 from tagpipe_downloader.fetch import Fetcher
 from tagpipe_downloader.settings import DownloaderSettings
 
@@ -81,6 +82,7 @@ class DownloadWorker:
         self.store = ResultStore(redis_client, self.keys, ttl_s=settings.result_ttl_s)
         self.fetcher = fetcher
         self.pool = pool
+        self.decodes = DecodeQueue(pool, settings.decode_workers)
         self.geometry = settings.geometry()
         self.download = stage_names(Stage.DOWNLOAD, settings.prefix)
         self.infer = stage_names(Stage.INFER, settings.prefix)
@@ -247,7 +249,7 @@ class DownloadWorker:
                     raise PermanentError(ErrorCode.CANCELLED, "the job was cancelled")
                 data = await self._source_bytes(task, timings)
                 metrics.BYTES.observe(len(data))
-                decoded = await self._decode(data)
+                decoded = await self._decode(data, lane)
                 timings.decode_ms, timings.preprocess_ms = decoded.decode_ms, decoded.preprocess_ms
                 await self._infra(lambda: self._publish(task, lane, decoded, timings))
                 metrics.ITEMS.labels(lane.value, "published").inc()
@@ -309,12 +311,10 @@ class DownloadWorker:
             raise PermanentError(ErrorCode.TOO_LARGE, f"upload over {self.s.max_bytes} bytes")
         return bytes(blob)
 
-    async def _decode(self, data: bytes) -> Decoded:
-        loop = asyncio.get_running_loop()
-        t0 = time.time()
-        decoded = await loop.run_in_executor(
-            self.pool, decode_image, data, self.geometry, self.s.max_pixels
-        )
+    async def _decode(self, data: bytes, lane: Lane) -> Decoded:
+        # Lane-ordered: a real-time item takes the next free decode thread.
+        decoded = await self.decodes.run(lane, decode_image, data, self.geometry, self.s.max_pixels)
+        t0 = time.time() - (decoded.decode_ms + decoded.preprocess_ms) / 1000
         self._spans(t0, ("decode", decoded.decode_ms), ("preprocess", decoded.preprocess_ms))
         return decoded
 
