@@ -24,6 +24,13 @@ from tagpipe_inference import metrics
 _tracer = telemetry.tracer("tagpipe.inference")
 
 
+def _unsampled(ctx: otel_context.Context | None) -> bool:
+    """An item whose trace was sampled out upstream: its spans would be dropped
+    anyway (parent-based sampling), so the per-item span work is skipped."""
+    span_ctx = trace.get_current_span(ctx).get_span_context()
+    return span_ctx.is_valid and not span_ctx.trace_flags.sampled
+
+
 @dataclass
 class BatchTrace:
     """The trace context each item of one batch arrived with, by item id."""
@@ -39,12 +46,14 @@ class BatchTrace:
     def queue_wait(self, item_id: str, lane: str, enqueued_at: float, fetched_at: float) -> None:
         """Downloader publish -> pulled into this batch: a span and the histogram."""
         metrics.QUEUE_SECONDS.labels(lane).observe(max(0.0, fetched_at - enqueued_at))
+        if _unsampled(ctx := self.contexts.get(item_id)):
+            return
         telemetry.record_span(
             _tracer,
             "infer_queue_wait",
             enqueued_at,
             fetched_at,
-            context=self.contexts.get(item_id),
+            context=ctx,
         )
 
     def inference(self, item_ids: list[str], start_s: float, end_s: float) -> None:
@@ -65,6 +74,8 @@ class BatchTrace:
             links=links,
         )
         for item_id in item_ids:
+            if _unsampled(self.contexts.get(item_id)):
+                continue
             telemetry.record_span(
                 _tracer,
                 "inference",
@@ -78,6 +89,8 @@ class BatchTrace:
     def result_write(self, item_ids: list[str], start_s: float, end_s: float) -> None:
         """One pipelined write serves the batch; each item's trace shows it."""
         for item_id in item_ids:
+            if _unsampled(self.contexts.get(item_id)):
+                continue
             telemetry.record_span(
                 _tracer, "result_write", start_s, end_s, context=self.contexts.get(item_id)
             )
