@@ -20,29 +20,38 @@ class Rule(TypedDict):
     verbs: list[str]
 
 
+# Each rule is one the operator (or kopf on its behalf) was observed to call against
+# kmock (tests/integration/test_rbac_matches_operator.py), checked against kopf 1.45's
+# source for what a real cluster adds. Verbs deliberately absent: kopf never GETs a
+# single object (it lists+watches, then PATCHes), never GETs a CRD by name (it reads
+# discovery and lists+watches CRDs), and posts core/v1 Events only; the scaler PATCHes
+# /scale blind and reads replicas from the Deployment itself.
 RULES: list[Rule] = [
-    # kopf: watch the CR, patch its status and finalizers/annotations (progress records).
+    # kopf: list+watch the CR; patch finalizers and its progress annotations.
     {
         "apiGroups": ["tagpipe.io"],
         "resources": ["tagpipelines"],
-        "verbs": ["get", "list", "watch", "patch"],
+        "verbs": ["list", "watch", "patch"],
     },
-    {"apiGroups": ["tagpipe.io"], "resources": ["tagpipelines/status"], "verbs": ["get", "patch"]},
-    # kopf: discover that the CRD exists and is served.
+    # kopf: the CRD has a status subresource, so status goes through /status (PATCH only).
+    {"apiGroups": ["tagpipe.io"], "resources": ["tagpipelines/status"], "verbs": ["patch"]},
+    # kopf: resource_observer lists+watches CRDs to notice CRDs added or removed at runtime.
     {
         "apiGroups": ["apiextensions.k8s.io"],
         "resources": ["customresourcedefinitions"],
-        "verbs": ["get", "list", "watch"],
+        "verbs": ["list", "watch"],
     },
-    # kopf: cluster-wide watching lists namespaces.
-    {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get", "list", "watch"]},
-    # kopf.event(): one Event per scale decision and per error.
-    {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create"]},
-    # Children: converge (get/create/patch), drift correction (get). Deletion is left to
-    # owner-reference garbage collection, so no delete verb.
+    # kopf: namespace_observer lists+watches namespaces only when the operator watches
+    # one namespace (TAGPIPE_NAMESPACE). Not observable in the kmock test (the chart runs
+    # cluster-wide, and kmock cannot serve /api/v1/namespaces), hence its exemption there.
+    {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
+    # kopf.event() and the scaler's Events: core/v1 only (kopf's EVENTS backbone).
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+    # Children: converge (get/create/patch), drift correction (get), current and ready
+    # replicas (get). Deletion is left to owner-reference garbage collection: no delete.
     {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "create", "patch"]},
     # The scaler's single write path for replicas.
-    {"apiGroups": ["apps"], "resources": ["deployments/scale"], "verbs": ["get", "patch"]},
+    {"apiGroups": ["apps"], "resources": ["deployments/scale"], "verbs": ["patch"]},
     {
         "apiGroups": [""],
         "resources": ["services", "configmaps", "serviceaccounts"],
