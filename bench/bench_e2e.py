@@ -71,11 +71,11 @@ def bench_ideal(images: list[bytes], harness: tuple[int, ...] = ()) -> dict[str,
     return {**best, "sweep": sweep}
 
 
-# tagpipe on 2 cores: the defaults, and the setting an operator would pick for
-# this box: one onnxruntime thread (decode needs the other core), a 50 ms batch
-# window (CPU batching saves a little per image), and 16 downloads in flight
-# (50 ms x ~60 img/s needs ~3 to hide latency; 64 only queues work in front of
-# the decode pool, where real-time items wait behind bulk ones).
+# tagpipe on 2 cores: the defaults (derived from the cores: 2 decode threads,
+# 32 items in flight), and the setting an operator would pick for this box: one
+# onnxruntime thread (decode needs the other core), a 50 ms batch window (CPU
+# batching saves a little per image), and 16 downloads in flight (50 ms x ~60
+# img/s needs ~3 to hide latency; more only parks fetched bodies in memory).
 TAGPIPE_CONFIGS: list[dict[str, dict[str, str]]] = [
     {"downloader_env": {}, "inference_env": {}},
     {
