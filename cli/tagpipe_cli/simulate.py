@@ -263,6 +263,7 @@ def build_stages(args: argparse.Namespace, trace: Trace) -> list[StageModel]:
             target_backlog=target,
             scale_down_window_s=_pick(args.scale_down_window_s, base.scale_down_window_s),
             scale_up_window_s=_pick(args.scale_up_window_s, base.scale_up_window_s),
+            tolerance=_pick(args.tolerance, base.tolerance),
             max_scale_up_step=args.max_scale_up_step or base.max_scale_up_step,
         )
         warm = math.ceil(first_minute / (rate * min(1.0, target / in_flight)))
@@ -297,6 +298,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     g.add_argument("--max-over-static", type=float, default=1.5, help="max = this x peak need")
     g.add_argument("--scale-up-window-s", type=float)
     g.add_argument("--scale-down-window-s", type=float)
+    g.add_argument("--tolerance", type=float, help="no change within +-this of target")
     g.add_argument("--max-scale-up-step", type=int)
     for stage, startup in (("downloader", 20.0), ("inference", 60.0)):
         g.add_argument(f"--{stage}-target-backlog", type=int, help="backlog per replica")

@@ -20,15 +20,20 @@ The rules, in the order they apply:
    gap between the two is deliberate hysteresis, and it means a running stage
    never goes to sleep with work still queued. Without `scale_to_zero` the
    floor is `max(min_replicas, 1)`.
-4. **Clamp** the recommendation into [floor, max_replicas]; a recommendation
+4. **Tolerance**, as the HPA does: while replicas run, a backlog within
+   `tolerance` of the target (|backlog / (target x current) - 1| <= tolerance)
+   recommends the current count. Without it, tick-to-tick noise on a large tier
+   moves the recommendation by a replica or two every tick, and each such move
+   is a scale event that the scale-down window later undoes (flapping).
+5. **Clamp** the recommendation into [floor, max_replicas]; a recommendation
    above max sets `scaling_limited`.
-5. **Stabilise**, as the HPA does: scale up to the *lowest* recommendation seen
+6. **Stabilise**, as the HPA does: scale up to the *lowest* recommendation seen
    within `scale_up_window_s`, scale down to the *highest* seen within
    `scale_down_window_s`; otherwise hold. Until one full scale-down window has
    been observed (`state.started_at`), the running replica count also counts as
    a recommendation, so an operator restart (which loses the history) can never
    cause an immediate scale-down.
-6. **Step limit**: add at most `max_scale_up_step` replicas per decision,
+7. **Step limit**: add at most `max_scale_up_step` replicas per decision,
    counted from the replicas that are *ready* when the caller knows them, so
    pods stuck Pending (no free GPU, kserve#871) stop further scale-ups. Both
    set `scaling_limited`.
@@ -65,6 +70,8 @@ class ScalingPolicy:
     """From zero replicas, wake only when the backlog exceeds this."""
     scale_up_window_s: float = 0.0
     scale_down_window_s: float = 300.0
+    tolerance: float = 0.1
+    """Relative band around the target with no change (HPA's default 10%); < 1."""
     max_scale_up_step: int = 4
     """Replicas added per decision at most (>= 1)."""
     scale_to_zero: bool = False
@@ -149,6 +156,22 @@ def _raw_recommendation(ctx: ScalingContext) -> tuple[int, Reason | None]:
     return max(raw, p.floor), None
 
 
+def _within_tolerance(ctx: ScalingContext) -> bool:
+    """Whether the backlog is close enough to target x current to leave replicas alone.
+
+    Only with replicas running (from zero the ratio is undefined, and activation
+    rules apply); an empty backlog is outside any tolerance below 1, so a stage can
+    still go idle.
+    """
+    cur, backlog, p = ctx.current_replicas, ctx.backlog or 0, ctx.policy
+    if cur <= 0:
+        return False
+    at_target = p.target_backlog * cur
+    # Compared in backlog units with a hair of slack, so the band's edges are inclusive
+    # (110 against 100 at 10% holds; 1.1 - 1.0 is 0.10000000000000009 in floats).
+    return abs(backlog - at_target) <= p.tolerance * at_target + 1e-9
+
+
 def _window(recs: tuple[Recommendation, ...], now: float, width: float) -> list[int]:
     return [r.replicas for r in recs if r.at >= now - width]
 
@@ -173,9 +196,12 @@ def decide(ctx: ScalingContext) -> ScalingDecision:
         return _stale(ctx)
     p, now, cur = ctx.policy, ctx.now, ctx.current_replicas
     raw, activation_reason = _raw_recommendation(ctx)
+    tolerated = _within_tolerance(ctx)
+    # Within tolerance the recommendation *is* the current count, and that is what the
+    # windows remember (as the HPA does), so a noisy tick cannot open a scale-up later.
     low = 0 if (p.scale_to_zero and raw == 0) else p.floor
-    rec = _clamp(raw, low, p.max_replicas)
-    limited = raw > p.max_replicas
+    rec = _clamp(cur if tolerated else raw, low, p.max_replicas)
+    limited = not tolerated and raw > p.max_replicas
 
     started = ctx.state.started_at if ctx.state.started_at is not None else now
     keep = max(p.scale_up_window_s, p.scale_down_window_s)
@@ -206,7 +232,7 @@ def decide(ctx: ScalingContext) -> ScalingDecision:
     return ScalingDecision(
         desired_replicas=desired,
         reason=reason,
-        message=_message(ctx, raw, rec, desired, limited),
+        message=_message(ctx, raw, rec, desired, limited, tolerated),
         state=state,
         scaling_limited=limited,
         recommended_replicas=raw,
@@ -224,12 +250,16 @@ def _reason(cur: int, desired: int, rec: int, activation: Reason | None) -> Reas
     return Reason.SCALE_UP if desired > cur else Reason.SCALE_DOWN
 
 
-def _message(ctx: ScalingContext, raw: int, rec: int, desired: int, limited: bool) -> str:
+def _message(
+    ctx: ScalingContext, raw: int, rec: int, desired: int, limited: bool, tolerated: bool
+) -> str:
     p = ctx.policy
     text = (
         f"backlog {ctx.backlog} / target {p.target_backlog} per replica -> {raw}; "
         f"replicas {ctx.current_replicas} -> {desired}"
     )
+    if tolerated and raw != ctx.current_replicas:
+        text += f" (within tolerance {p.tolerance:.0%})"
     if desired != rec and desired == ctx.current_replicas:
         text += " (held by stabilisation window)"
     if limited:

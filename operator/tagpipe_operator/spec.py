@@ -62,6 +62,7 @@ class Autoscaling(_Model):
     scale_up_stabilization_seconds: int = 0
     scale_down_stabilization_seconds: int = 300
     max_scale_up_step: int = 4
+    tolerance: float = 0.1
     scale_to_zero: bool = False
 
 
@@ -92,6 +93,7 @@ class StageSpec(_Model):
             scale_up_window_s=float(a.scale_up_stabilization_seconds),
             scale_down_window_s=float(a.scale_down_stabilization_seconds),
             max_scale_up_step=a.max_scale_up_step,
+            tolerance=a.tolerance,
             scale_to_zero=a.scale_to_zero,
         )
 

@@ -97,6 +97,8 @@ _DELETE = object()
         ("spec.downloader.replicas.min", -1, "min"),
         ("spec.downloader.autoscaling.targetBacklogPerReplica", 0, "targetBacklogPerReplica"),
         ("spec.downloader.autoscaling.maxScaleUpStep", 0, "maxScaleUpStep"),
+        ("spec.downloader.autoscaling.tolerance", 0.9, "tolerance"),
+        ("spec.inference.autoscaling.tolerance", -0.1, "tolerance"),
         ("spec.inference.batching.maxBatch", 0, "maxBatch"),
         ("spec.inference.imagePullPolicy", "Sometimes", "imagePullPolicy"),
         ("spec.nats.prefix", "Bad_Prefix", "prefix"),

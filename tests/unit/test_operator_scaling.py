@@ -7,6 +7,7 @@ series are replayed with `replay()`, the same loop a simulator runs.
 from __future__ import annotations
 
 import itertools
+import math
 import random
 from dataclasses import replace
 from typing import Any
@@ -217,3 +218,80 @@ def test_last_scale_time_moves_only_on_change() -> None:
     assert d1.state.last_scale_time == 100.0 and d1.direction == "up"
     d2 = decide(ctx(now=105.0, backlog=50, current_replicas=5, state=d1.state))
     assert d2.state.last_scale_time == 100.0 and d2.direction == "none"
+
+
+@pytest.mark.parametrize(
+    ("backlog", "tolerance", "desired"),
+    [
+        # 10 replicas x target 10 = 100 is "at target"; +-10% changes nothing
+        (110, 0.1, 10),
+        (111, 0.1, 12),  # ratio 1.11: outside, straight to ceil(111 / 10)
+        (90, 0.1, 10),
+        (89, 0.1, 9),  # settled history, no down window left: down at once
+        (101, 0.0, 11),  # no tolerance: every replica's worth of backlog counts
+        (0, 0.5, 1),  # an empty queue is outside any tolerance below 1
+    ],
+)
+def test_tolerance_holds_near_target(backlog: int, tolerance: float, desired: int) -> None:
+    policy = {"tolerance": tolerance, "scale_down_window_s": 0, "max_replicas": 20}
+    d = decide(ctx(backlog=backlog, current_replicas=10, policy=policy))
+    assert d.desired_replicas == desired, d.message
+    if desired == 10:
+        assert d.reason is Reason.STEADY and "within tolerance" in d.message
+        # what the windows remember is the held count, not the noisy raw one
+        assert d.state.recommendations[-1].replicas == 10
+
+
+def test_tolerance_does_not_block_waking_from_zero() -> None:
+    d = decide(ctx(backlog=6, current_replicas=0, policy={"scale_to_zero": True, "tolerance": 0.5}))
+    assert d.desired_replicas == 1 and d.reason is Reason.ACTIVATE
+
+
+@pytest.mark.parametrize(
+    ("window", "desired"),
+    [
+        (30.0, 4),  # t=-20 (6), t=-10 (4), now (9): the lowest is 4
+        (15.0, 4),  # t=-10 (4), now (9)
+        (5.0, 6),  # only now (9), then the step limit: 2 + 4
+    ],
+)
+def test_scale_up_goes_to_the_lowest_recommendation_in_the_window(
+    window: float, desired: int
+) -> None:
+    recs = (Recommendation(-20.0, 6), Recommendation(-10.0, 4))
+    state = ScalingState(recommendations=recs, started_at=-1000.0)
+    d = decide(
+        ctx(
+            backlog=90,
+            current_replicas=2,
+            state=state,
+            policy={"scale_up_window_s": window, "scale_down_window_s": 0, "tolerance": 0},
+        )
+    )
+    assert d.desired_replicas == desired, d.message
+
+
+def test_a_noisy_steady_load_settles_in_few_changes() -> None:
+    """Around a steady load L with noise +-d, replicas c are quiet (every tick inside
+    tolerance) once (L+d) <= (1+tol) target c and (L-d) >= (1-tol) target c. With
+    d <= L tol / (2 + tol), (L-d)(1+tol) >= L+d, so any count the policy lands on
+    from below (>= ceil((L-d) / target)) is already quiet, and below the quiet band no
+    tick asks for less. So from `start` the policy makes at most ceil((lo - start) /
+    step) full steps plus one landing, all upward, and none after: a bound from the
+    policy alone, whatever the seed."""
+    tol, load, start = 0.1, 1000, 1
+    d = math.floor(load * tol / (2 + tol))
+    # no scale-down window at all: only the tolerance keeps it still
+    policy = replace(POLICY, max_replicas=200, scale_down_window_s=0, tolerance=tol)
+    rng = random.Random(11)
+    series = [rng.randint(load - d, load + d) for _ in range(720)]
+    replicas = replay(series, policy, start=start)
+    target = policy.target_backlog
+    lo = math.ceil((load + d) / ((1 + tol) * target))
+    changes = [(x, y) for x, y in itertools.pairwise([start, *replicas]) if x != y]
+    assert len(changes) <= math.ceil((lo - start) / policy.max_scale_up_step) + 1, changes
+    assert all(y > x for x, y in changes)
+    assert lo <= replicas[-1] <= (load - d) / ((1 - tol) * target)
+    # the same series with no tolerance flaps on most ticks: the bound can fail
+    flappy = replay(series, replace(policy, tolerance=0.0), start=start)
+    assert sum(1 for x, y in itertools.pairwise(flappy) if x != y) > 100

@@ -4,6 +4,7 @@ really runs the operator's decide() (policy changes change the outcome)."""
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -128,3 +129,22 @@ def test_cli_writes_chart_and_json(tmp_path: Path, capsys: pytest.CaptureFixture
     assert out["completed"] + out["queued_at_end"] == out["arrivals"]
     assert png.stat().st_size > 10_000
     assert [s["stage"] for s in out["stages"]] == ["downloader", "inference"]
+
+
+def test_tolerance_from_the_cr_reaches_decide_and_damps_flapping() -> None:
+    parser = argparse.ArgumentParser()
+    sim.add_parser(parser.add_subparsers())
+    day = traces.diurnal(tick_s=30.0)
+    default = sim.build_stages(parser.parse_args(["simulate"]), day)
+    off = sim.build_stages(parser.parse_args(["simulate", "--tolerance", "0"]), day)
+    assert [m.policy.tolerance for m in default] == [0.1, 0.1]  # the CR's default
+    assert [m.policy.tolerance for m in off] == [0.0, 0.0]
+    dl = StageModel("downloader", 16.0, 20.0, _stages()[0].policy, in_flight=32)
+    dl = replace(dl, policy=replace(dl.policy, max_replicas=1000, target_backlog=20))
+    noisy, calm = (simulate(day, with_policy([dl], tolerance=t)) for t in (0.0, 0.1))
+    # Every noisy tick above target adds a replica that the down window later removes;
+    # a 10% band (wider than the trace's 3% tick noise) absorbs those ticks.
+    assert noisy.stages[0].reversals > 10 * max(1, calm.stages[0].reversals)
+    assert calm.stages[0].scale_events < noisy.stages[0].scale_events
+    late = [summarise(r, [dl])["time_over_latency_target_s"] for r in (calm, noisy)]
+    assert late[0] <= late[1]  # and no image waits longer for it
