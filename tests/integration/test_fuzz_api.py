@@ -54,7 +54,7 @@ def check(case: Case, gateway: Stack) -> None:
     SEEN[f"{case.method} {case.path} {status}"] += 1
     ctype = response.headers.get("content-type", [""])
     ctype = ctype[0] if isinstance(ctype, list) else ctype
-    if status >= 400 and case.path != "/readyz":
+    if status >= 400:
         assert ctype == "application/problem+json", (case.as_curl_command(), response.text)
     if status >= 500:
         code = response.json().get("code")

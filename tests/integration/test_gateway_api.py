@@ -355,7 +355,11 @@ async def test_nats_down_is_503_and_not_ready(
     r = await client.post("/v1/tags", json={"url": "http://img.example/a.jpg"})
     assert r.status_code == 503, r.text
     assert r.json()["code"] == "nats_unavailable"
-    assert (await client.get("/readyz")).status_code == 503
+    ready = await client.get("/readyz")
+    assert ready.status_code == 503
+    assert ready.headers["content-type"] == "application/problem+json"
+    assert ready.json()["code"] == "not_ready"
+    assert ready.json()["checks"]["nats"].startswith("error")
 
 
 async def test_another_callers_job_and_request_look_missing(

@@ -30,7 +30,7 @@ INFLIGHT = Gauge(
 )
 BACKPRESSURE = Counter(
     "tagpipe_gateway_backpressure_total",
-    "Real-time rejections (429) and bulk pauses caused by the download backlog",
+    "Real-time rejections (429) and bulk pauses caused by the pipeline backlog",
     ["kind"],
 )
 

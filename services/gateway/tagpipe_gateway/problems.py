@@ -39,6 +39,7 @@ class ProblemCode(StrEnum):
     CONFLICT = "conflict"
     REDIS_UNAVAILABLE = "redis_unavailable"
     NATS_UNAVAILABLE = "nats_unavailable"
+    NOT_READY = "not_ready"
     INTERNAL = "internal"
 
 
@@ -54,6 +55,9 @@ class Problem(BaseModel):
     request_id: str | None = None
     errors: list[dict[str, Any]] | None = Field(
         default=None, description="Per-field validation errors: field (dotted path) and message"
+    )
+    checks: dict[str, str] | None = Field(
+        default=None, description="Readiness: each dependency and `ok` or why it failed"
     )
 
 

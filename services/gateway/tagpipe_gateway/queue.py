@@ -28,7 +28,12 @@ _tracer = telemetry.tracer("tagpipe_gateway")
 
 
 class BacklogCache:
-    """`stage_backlog(download)`, re-read at most every `ttl_s` (it costs two API calls)."""
+    """The whole pipeline's backlog (download + inference stages), re-read at most
+    every `ttl_s` (it costs four API calls).
+
+    Both stages count: a stalled inference tier drains the download queue into
+    the inference queue, so the download backlog alone would never push back.
+    """
 
     def __init__(self, js: JetStreamContext, prefix: str, ttl_s: float) -> None:
         self.js = js
@@ -43,7 +48,9 @@ class BacklogCache:
             return self._value
         async with self._lock:  # one read serves every request waiting on it
             if time.monotonic() - self._read_at >= self.ttl_s:
-                self._value = await stage_backlog(self.js, Stage.DOWNLOAD, self.prefix)
+                self._value = sum(
+                    [await stage_backlog(self.js, stage, self.prefix) for stage in Stage]
+                )
                 self._read_at = time.monotonic()
         return self._value
 

@@ -9,7 +9,7 @@ JetStream drops duplicates by Nats-Msg-Id and the result store keeps the first
 result of an item.
 
 Pacing: batches of `bulk_batch_size` publishes in flight, paused while the
-download backlog is above `bulk_backlog_limit` (lower than the real-time 429
+pipeline backlog is above `bulk_backlog_limit` (lower than the real-time 429
 limit), so a million-item job cannot push real-time traffic into rejections.
 
 Duplicates: a repeated client item id is the same item (dropped, `total`
@@ -211,7 +211,7 @@ class Submitter:
         self.backlog.note_published(len(fresh))
 
     async def _wait_for_room(self, job_id: str) -> str:
-        """Pause while the download backlog is above the bulk limit; returns the job state."""
+        """Pause while the pipeline backlog is above the bulk limit; returns the job state."""
         paused = False
         while True:
             await self._keep_lease(job_id)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 
 from fastapi import APIRouter, Response
-from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from tagpipe_common.subjects import Stage, stage_names
 
 from tagpipe_gateway.deps import RuntimeDep
+from tagpipe_gateway.problems import PROBLEM_MEDIA_TYPE, Problem, ProblemCode, problem_response
 from tagpipe_gateway.schemas import Health
 
 router = APIRouter(tags=["operations"])
@@ -32,7 +32,13 @@ async def _check(name: str, probe: asyncio.Future[object] | object) -> tuple[str
     "/readyz",
     response_model=Health,
     summary="Readiness: NATS and Redis reachable, streams present",
-    responses={503: {"model": Health, "description": "Not ready"}},
+    responses={
+        503: {
+            "model": Problem,
+            "description": "Not ready: `checks` names the dependency that failed",
+            "content": {PROBLEM_MEDIA_TYPE: {}},
+        }
+    },
 )
 async def readyz(rt: RuntimeDep) -> Response | Health:
     probes = [_check("redis", rt.redis.ping())]
@@ -48,7 +54,15 @@ async def readyz(rt: RuntimeDep) -> Response | Health:
         status="ok" if all(v == "ok" for v in checks.values()) else "unavailable", checks=checks
     )
     if health.status != "ok":
-        return JSONResponse(health.model_dump(), status_code=503)
+        failed = sorted(k for k, v in checks.items() if v != "ok")
+        return problem_response(
+            503,
+            ProblemCode.NOT_READY,
+            "Not ready",
+            f"unavailable: {', '.join(failed)}",
+            instance="/readyz",
+            checks=checks,
+        )
     return health
 
 

@@ -176,7 +176,7 @@ async def tag_images(request: Request, rt: RuntimeDep, principal: PrincipalDep) 
             429,
             ProblemCode.BACKLOG_FULL,
             "Too many images waiting",
-            f"download backlog is {backlog} (limit {rt.settings.realtime_backlog_limit})",
+            f"pipeline backlog is {backlog} (limit {rt.settings.realtime_backlog_limit})",
             headers={"Retry-After": "2"},
         )
     return await _run_request(rt, principal, urls, blobs, options)
