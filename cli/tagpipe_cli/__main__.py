@@ -1,32 +1,26 @@
 """`tagpipe`: run the stack locally, tag images, submit and follow bulk jobs.
 
 Each subcommand module exposes `add_parser(subparsers)`, which registers its
-parser with `func=run(args) -> int`. Optional modules (the planner and the
-simulator) are imported only if present, so the CLI works without them.
+parser with `func=run(args) -> int`.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import os
 import sys
 from collections.abc import Sequence
 
-# Modules with `add_parser`, in help order; a missing optional one is skipped.
-SUBCOMMANDS = ("up", "client", "plan", "simulate")
-OPTIONAL = {"plan", "simulate"}
+from tagpipe_cli import client, plan, simulate, up
+
+# In help order.
+SUBCOMMANDS = (up, client, plan, simulate)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tagpipe", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in SUBCOMMANDS:
-        try:
-            module = importlib.import_module(f"tagpipe_cli.{name}")
-        except ImportError:
-            if name in OPTIONAL:
-                continue
-            raise
+    for module in SUBCOMMANDS:
         module.add_parser(subparsers)
     return parser
 
@@ -37,7 +31,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     if getattr(args, "func", None) is None:
         parser.print_help()
         raise SystemExit(2)
-    raise SystemExit(args.func(args))
+    try:
+        code = args.func(args)
+    except BrokenPipeError:
+        # `tagpipe job results ID | head`: the reader left, which is not an error.
+        # Point stdout at devnull so the interpreter's final flush stays quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":
