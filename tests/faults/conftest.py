@@ -28,9 +28,9 @@ from tests.faults.kit import (
     MODEL_DIR,
     RESULTS_FILE,
     Accounting,
-    BackgroundImageServer,
     fault_config,
 )
+from tests.tools import BackgroundImageServer
 
 ENABLED = os.environ.get("TAGPIPE_FAULTS") == "1"
 

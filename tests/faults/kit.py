@@ -1,23 +1,11 @@
 """Helpers for the fault-injection tests: the stack's configuration, job accounting
-and process memory. See conftest.py for what these tests are.
-
-Fault injection on the real local stack (tagpipe_cli.stack): NATS, Redis, gateway,
-downloaders and inference as separate processes, the real ONNX model, images from
-a local HTTP server.
-
-Heavy for a 2-core machine, so these run only under `make test-faults`
-(TAGPIPE_FAULTS=1); `make test` skips them. Each test records the items it
-submitted and the results it found into bench/results/faults.json.
-
-Stream timings are shortened (ack_wait a few seconds) so an item held by a killed
-worker is redelivered within the test, not after the production 30-60 s.
+and process memory. What these tests are, and why they are opt-in: see conftest.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,35 +21,14 @@ from tagpipe_common.subjects import LANES, Stage, stage_names
 from tagpipe_gateway.submit import item_id_for
 
 from bench.imageserver import ImageServer
+from tests.tools import MODEL_DIR, ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
-MODEL_DIR = ROOT / "models" / "efficientnet-lite0"
 RESULTS_FILE = ROOT / "bench" / "results" / "faults.json"
 KEYS = RedisKeys("tagpipe")
 
 ACK_WAIT_S = 4.0
 DOWNLOAD_ACK_WAIT_S = 6.0
 MAX_DELIVER = 8
-
-
-class BackgroundImageServer:
-    """bench.imageserver on an event loop of its own thread (the tests are sync)."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.server = ImageServer(host="127.0.0.1")
-
-    def __enter__(self) -> ImageServer:
-        self.thread.start()
-        asyncio.run_coroutine_threadsafe(self.server.__aenter__(), self.loop).result(10)
-        return self.server
-
-    def __exit__(self, *exc: object) -> None:
-        asyncio.run_coroutine_threadsafe(self.server.__aexit__(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-        self.loop.close()
 
 
 def image_urls(images: ImageServer, n: int, tag: str, size: str = "320x240") -> list[str]:

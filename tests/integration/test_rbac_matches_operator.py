@@ -21,11 +21,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import os
-import shutil
 import subprocess
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -39,9 +36,10 @@ from tagpipe_operator.handlers import register
 from tagpipe_operator.kube import path_for
 from tagpipe_operator.settings import OperatorSettings
 
+from tests.tools import ROOT, helm_binary
+
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
 NS, NAME, PREFIX = "apps", "rbac1", "rbac"
 Triple = tuple[str, str, str]
 MARK = "X-Tagpipe-Rbac-Test"  # on the test's own requests, which are not the operator's
@@ -81,18 +79,8 @@ NAMESPACED_MODE_ONLY = {("", "namespaces", "list"), ("", "namespaces", "watch")}
 _observed: set[Triple] | BaseException | None = None
 
 
-def _helm() -> str:
-    local = ROOT / ".bin" / "helm"
-    if local.is_file() and os.access(local, os.X_OK):
-        return str(local)
-    found = shutil.which("helm")
-    if found is None:
-        pytest.skip("helm not found: run `make tools` (part of `make setup`) to unpack it")
-    return found
-
-
 def rendered_rules() -> set[Triple]:
-    cmd = [_helm(), "template", "rel", str(ROOT / "charts" / "tagpipe"), "--namespace", "tp"]
+    cmd = [helm_binary(), "template", "rel", str(ROOT / "charts" / "tagpipe"), "--namespace", "tp"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     docs = [d for d in yaml.safe_load_all(proc.stdout) if d]

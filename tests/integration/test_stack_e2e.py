@@ -7,12 +7,10 @@ One stack is shared by every case here (module scope) to keep the wall time down
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,11 +24,10 @@ from PIL import Image
 from tagpipe_cli.stack import Stack, StackConfig
 
 from bench.imageserver import ImageServer
+from tests.tools import MODEL_DIR, BackgroundImageServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[2]
-MODEL_DIR = ROOT / "models" / "efficientnet-lite0"
 CAT_WORDS = ("cat", "tabby", "lynx")
 COFFEE_WORDS = ("espresso", "cup", "coffee", "eggnog")
 
@@ -43,26 +40,6 @@ def jpeg(pixels: np.ndarray) -> bytes:
 
 CAT_JPEG = jpeg(skimage.data.chelsea())  # type: ignore[no-untyped-call]
 COFFEE_JPEG = jpeg(skimage.data.coffee())  # type: ignore[no-untyped-call]
-
-
-class BackgroundImageServer:
-    """bench.imageserver's ImageServer on an event loop of its own thread."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.server = ImageServer(host="127.0.0.1")
-
-    def __enter__(self) -> ImageServer:
-        self.thread.start()
-        asyncio.run_coroutine_threadsafe(self.server.__aenter__(), self.loop).result(10)
-        return self.server
-
-    def __exit__(self, *exc: object) -> None:
-        asyncio.run_coroutine_threadsafe(self.server.__aexit__(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-        self.loop.close()
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,6 @@ Security defaults and the operator's RBAC are checked on what helm actually rend
 from __future__ import annotations
 
 import functools
-import os
-import shutil
 import subprocess
 import tarfile
 from pathlib import Path
@@ -23,7 +21,8 @@ import yaml
 from tagpipe_operator import rbac
 from tagpipe_operator.settings import OperatorSettings
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.tools import ROOT, helm_binary
+
 CHART = ROOT / "charts" / "tagpipe"
 CRD_FILE = ROOT / "crds" / "tagpipelines.tagpipe.io.yaml"
 K8S_VERSION = "1.30"
@@ -41,18 +40,8 @@ VALUES = {
 Manifest = dict[str, Any]
 
 
-def _helm() -> str:
-    local = ROOT / ".bin" / "helm"
-    if local.is_file() and os.access(local, os.X_OK):
-        return str(local)
-    found = shutil.which("helm")
-    if found is None:
-        pytest.skip("helm not found: run `make tools` (part of `make setup`) to unpack it")
-    return found
-
-
 def helm(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([_helm(), *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run([helm_binary(), *args], capture_output=True, text=True, timeout=60)
 
 
 @functools.cache

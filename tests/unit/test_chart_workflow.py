@@ -7,17 +7,14 @@ the images it loads, the pipeline it waits for.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
-from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.tools import ROOT, helm_binary
+
 WORKFLOW = ROOT / ".github" / "workflows" / "e2e.yaml"
 
 
@@ -35,23 +32,13 @@ def _script() -> str:
     return "\n".join(str(step.get("run", "")) for step in _job()["steps"])
 
 
-def _helm() -> str:
-    local = ROOT / ".bin" / "helm"
-    if local.is_file() and os.access(local, os.X_OK):
-        return str(local)
-    found = shutil.which("helm")
-    if found is None:
-        pytest.skip("helm not found: run `make tools` (part of `make setup`) to unpack it")
-    return found
-
-
 def _render_like_the_workflow() -> list[dict[str, Any]]:
     env = _job()["env"]
     install = re.search(r"helm install .*?(?=\n\s*\.bin/kubectl|\Z)", _script(), re.S)
     assert install is not None
     values = re.findall(r"-f (\S+)", install[0])
     assert values == ["charts/tagpipe/ci/kind-values.yaml"]
-    cmd = [_helm(), "template", env["RELEASE"], str(ROOT / "charts" / "tagpipe")]
+    cmd = [helm_binary(), "template", env["RELEASE"], str(ROOT / "charts" / "tagpipe")]
     cmd += ["--namespace", env["NAMESPACE"], "-f", str(ROOT / values[0])]
     cmd += ["--set", "images.tag=test"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)

@@ -1,0 +1,51 @@
+"""Helpers more than one test tier needs: repository paths, the helm binary, an image server.
+
+Imported as `tests.tools` (pytest's pythonpath is the repository root), the same way
+the tiers import `bench.imageserver`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+
+from bench.imageserver import ImageServer
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_DIR = ROOT / "models" / "efficientnet-lite0"
+
+
+def helm_binary() -> str:
+    """The helm `make tools` unpacked (.bin/helm), else one on PATH; skips the test if none."""
+    local = ROOT / ".bin" / "helm"
+    if local.is_file() and os.access(local, os.X_OK):
+        return str(local)
+    found = shutil.which("helm")
+    if found is None:
+        pytest.skip("helm not found: run `make tools` (part of `make setup`) to unpack it")
+    return found
+
+
+class BackgroundImageServer:
+    """bench.imageserver's ImageServer on an event loop of its own thread (for sync tests)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.server = ImageServer(host="127.0.0.1")
+
+    def __enter__(self) -> ImageServer:
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self.server.__aenter__(), self.loop).result(10)
+        return self.server
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.__aexit__(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
