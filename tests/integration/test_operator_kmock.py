@@ -16,7 +16,7 @@ from kopf.testing import KopfRunner
 from nats.aio.client import Client
 from prometheus_client import REGISTRY
 from tagpipe_cli.servers import ServerProcess
-from tagpipe_common.subjects import Lane, Stage, stage_names
+from tagpipe_common.subjects import HDR_MSG_ID, Lane, Stage, stage_names
 from tagpipe_operator import loop, reconcile
 from tagpipe_operator.handlers import register
 from tagpipe_operator.kube import KubeClient
@@ -24,22 +24,12 @@ from tagpipe_operator.reconcile import Runtime
 from tagpipe_operator.settings import OperatorSettings
 from tagpipe_operator.spec import parse_spec
 
+from tests.integration.kmock_kit import eventually, find, serve
+
 pytestmark = pytest.mark.integration
 
 NS, NAME = "ns1", "tp1"
 PREFIX = "tpk"
-RESOURCES = {
-    "tagpipe.io/v1alpha1/tagpipelines": ("TagPipeline", True, ["status"]),
-    "apiextensions.k8s.io/v1/customresourcedefinitions": ("CustomResourceDefinition", False, []),
-    "v1/namespaces": ("Namespace", False, []),
-    "v1/events": ("Event", True, []),
-    "v1/services": ("Service", True, []),
-    "v1/configmaps": ("ConfigMap", True, []),
-    "v1/serviceaccounts": ("ServiceAccount", True, []),
-    "v1/secrets": ("Secret", True, []),
-    "apps/v1/deployments": ("Deployment", True, ["scale"]),
-    "policy/v1/poddisruptionbudgets": ("PodDisruptionBudget", True, []),
-}
 
 
 def pipeline(nats_url: str) -> dict[str, Any]:
@@ -67,17 +57,10 @@ def pipeline(nats_url: str) -> dict[str, Any]:
     }
 
 
-def declare(kmock: Any) -> None:
-    for key, (kind, namespaced, subs) in RESOURCES.items():
-        info = kmock.resources[key]
-        info.kind, info.namespaced, info.subresources = kind, namespaced, set(subs)
-        info.verbs = {"get", "list", "watch", "create", "patch", "update", "delete"}
-
-
 @pytest.fixture
 async def operator(kmock: Any, nats_proc: ServerProcess) -> AsyncIterator[tuple[Any, KubeClient]]:
     # Depends on nats_proc so that the operator stops before NATS does.
-    declare(kmock)
+    serve(kmock)
     conn = kopf.ConnectionInfo(server=str(kmock.url), insecure=True)
     settings = OperatorSettings(
         scale_interval_s=0.3,
@@ -99,24 +82,8 @@ async def operator(kmock: Any, nats_proc: ServerProcess) -> AsyncIterator[tuple[
     await asyncio.to_thread(runner.__exit__, None, None, None)
 
 
-async def eventually(check: Callable[[], Any], within: float = 40.0) -> Any:
-    """Poll until `check()` returns something truthy (or fail with the last value)."""
-    deadline = asyncio.get_running_loop().time() + within
-    value = None
-    while asyncio.get_running_loop().time() < deadline:
-        value = await check() if asyncio.iscoroutinefunction(check) else check()
-        if value:
-            return value
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"condition not met in {within}s; last value {value!r}")
-
-
 def obj(kmock: Any, resource: str, name: str) -> dict[str, Any] | None:
-    try:
-        o = kmock.objects[resource, NS, name]
-    except KeyError:
-        return None
-    return None if o.deleted else dict(o.raw)
+    return find(kmock, resource, NS, name)
 
 
 async def test_children_status_and_backlog_scaling(
@@ -194,7 +161,7 @@ async def test_children_status_and_backlog_scaling(
 
     # Backlog of 45 on the inference stream (target 10/replica) -> 5 replicas (max 5).
     for i in range(45):
-        await js.publish(infer.subject(Lane.BULK), b"x", headers={"Nats-Msg-Id": f"m{i}"})
+        await js.publish(infer.subject(Lane.BULK), b"x", headers={HDR_MSG_ID: f"m{i}"})
     await eventually(lambda: _replicas(kmock, "inference") == 5)
     status = await eventually(
         lambda: _status_when(kmock, lambda s: s["stages"]["inference"]["backlog"] == 45)
@@ -305,7 +272,7 @@ async def test_one_tick_recreates_drift_and_reports_it(
     kmock: Any, nats_proc: ServerProcess
 ) -> None:
     """loop.tick() alone (no kopf): deterministic drift correction and status."""
-    declare(kmock)
+    serve(kmock)
     conn = kopf.ConnectionInfo(server=str(kmock.url), insecure=True)
     rt = Runtime(settings=OperatorSettings(nats_timeout_s=2.0), connection=conn)
     body = pipeline(nats_proc.url)

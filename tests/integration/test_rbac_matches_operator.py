@@ -22,7 +22,7 @@ import asyncio
 import base64
 import contextlib
 import subprocess
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -31,11 +31,12 @@ import pytest
 import yaml
 from nats.aio.client import Client
 from tagpipe_cli.servers import ServerProcess
-from tagpipe_common.subjects import Lane, Stage, stage_names
+from tagpipe_common.subjects import HDR_MSG_ID, Lane, Stage, stage_names
 from tagpipe_operator.handlers import register
 from tagpipe_operator.kube import path_for
 from tagpipe_operator.settings import OperatorSettings
 
+from tests.integration.kmock_kit import RESOURCES, eventually, find, serve
 from tests.tools import ROOT, helm_binary
 
 pytestmark = pytest.mark.integration
@@ -48,18 +49,9 @@ MARK = "X-Tagpipe-Rbac-Test"  # on the test's own requests, which are not the op
 # operator commonly reaches for (pods, leases, kopf peering). A call to any of them shows
 # up in the comparison; a call to a resource not served here is recorded too (as a 404).
 SERVED = {
-    "tagpipe.io/v1alpha1/tagpipelines": ("TagPipeline", True, ["status"]),
-    "apiextensions.k8s.io/v1/customresourcedefinitions": ("CustomResourceDefinition", False, []),
-    "v1/namespaces": ("Namespace", False, []),
-    "v1/events": ("Event", True, []),
+    **RESOURCES,
     "events.k8s.io/v1/events": ("Event", True, []),
-    "v1/services": ("Service", True, []),
-    "v1/configmaps": ("ConfigMap", True, []),
-    "v1/serviceaccounts": ("ServiceAccount", True, []),
-    "v1/secrets": ("Secret", True, []),
     "v1/pods": ("Pod", True, []),
-    "apps/v1/deployments": ("Deployment", True, ["scale"]),
-    "policy/v1/poddisruptionbudgets": ("PodDisruptionBudget", True, []),
     "coordination.k8s.io/v1/leases": ("Lease", True, []),
     "kopf.dev/v1/clusterkopfpeerings": ("ClusterKopfPeering", False, []),
     "kopf.dev/v1/kopfpeerings": ("KopfPeering", True, []),
@@ -172,13 +164,6 @@ class UserClient:
             assert resp.status < 400, await resp.text()
 
 
-def serve(kmock: Any) -> None:
-    for key, (kind, namespaced, subs) in SERVED.items():
-        info = kmock.resources[key]
-        info.kind, info.namespaced, info.subresources = kind, namespaced, set(subs)
-        info.verbs = {"get", "list", "watch", "create", "patch", "update", "delete"}
-
-
 @contextlib.asynccontextmanager
 async def running_operator(kmock: Any, namespace: str | None) -> AsyncIterator[None]:
     """The operator as `tagpipe-operator` runs it (main()), pointed at kmock."""
@@ -209,23 +194,8 @@ async def running_operator(kmock: Any, namespace: str | None) -> AsyncIterator[N
             await asyncio.wait_for(task, timeout=10)
 
 
-async def eventually(check: Callable[[], Any], within: float = 60.0) -> Any:
-    deadline = asyncio.get_running_loop().time() + within
-    value = None
-    while asyncio.get_running_loop().time() < deadline:
-        value = check()
-        if value:
-            return value
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"condition not met in {within}s; last value {value!r}")
-
-
 def obj(kmock: Any, resource: str, name: str) -> dict[str, Any] | None:
-    try:
-        o = kmock.objects[resource, NS, name]
-    except KeyError:
-        return None
-    return None if o.deleted else dict(o.raw)
+    return find(kmock, resource, NS, name)
 
 
 def handled_spec(kmock: Any) -> str:
@@ -255,7 +225,7 @@ async def drive_every_api_path(kmock: Any, kube: UserClient, nats_url: str, nc: 
     js = nc.jetstream()
     infer = stage_names(Stage.INFER, PREFIX)
     for i in range(12):
-        await js.publish(infer.subject(Lane.BULK), b"x", headers={"Nats-Msg-Id": f"r{i}"})
+        await js.publish(infer.subject(Lane.BULK), b"x", headers={HDR_MSG_ID: f"r{i}"})
     await eventually(lambda: replicas(kmock, "inference") == 3)
 
     # A child deleted behind the operator's back is re-created by the timer.
@@ -279,7 +249,7 @@ async def drive_every_api_path(kmock: Any, kube: UserClient, nats_url: str, nc: 
 async def observed_calls(kmock: Any, nats_url: str, nc: Client) -> set[Triple]:
     global _observed
     if _observed is None:
-        serve(kmock)
+        serve(kmock, SERVED)
         try:
             async with running_operator(kmock, None), UserClient(str(kmock.url)) as user:
                 await drive_every_api_path(kmock, user, nats_url, nc)
