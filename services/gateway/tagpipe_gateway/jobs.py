@@ -46,10 +46,7 @@ class JobManager:
         settings: GatewaySettings,
     ) -> None:
         self.redis = redis
-        self.store = store
         self.keys = keys
-        self.publisher = publisher
-        self.backlog = backlog
         self.settings = settings
         self.submitter = Submitter(redis, store, keys, publisher, backlog, settings)
         self._cancel = redis.register_script(_CANCEL_LUA)
