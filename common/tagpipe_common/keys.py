@@ -7,6 +7,8 @@
   the resumable cursor of `GET /v1/jobs/{id}/results`.
 - `{p}:job:{job_id}:items`, `...:lease`, `{p}:jobs:submitting`: a bulk job's
   items between upload and publication, so another gateway can resume it.
+- `{p}:job:{job_id}:urls`: which item first claimed each URL of a bulk job (`duplicate_url`).
+- `{p}:idem:{principal}:{key}`: the job an `Idempotency-Key` already created.
 - `{p}:blob:{item_id}`: uploaded image bytes waiting for the downloader.
 - `{p}:request:{request_id}`: a real-time request's item ids, with a TTL.
 - `{p}:notify`: pub/sub channel; each message is a finished item's routing info.
@@ -69,6 +71,11 @@ JOB_CANCELLED = "cancelled"
 JOB_STATE = "state"
 JOB_CREATED_AT = "created_at"
 JOB_SUBMITTED = "submitted"
+JOB_FINISHED_AT = "finished_at"  # set with state completed (results.py, the gateway)
+# Written and read by the gateway only.
+JOB_OWNER = "owner"
+JOB_OPTIONS = "options"
+JOB_SUBMIT_CURSOR = "submit_cursor"
 
 JOB_STATE_SUBMITTING = "submitting"
 JOB_STATE_RUNNING = "running"

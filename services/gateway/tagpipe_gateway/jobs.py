@@ -66,8 +66,8 @@ class JobManager:
                     K.JOB_SUBMITTED: 0,
                     K.JOB_STATE: K.JOB_STATE_SUBMITTING,
                     K.JOB_CREATED_AT: time.time(),
-                    "options": options.model_dump_json(),
-                    "owner": owner,
+                    K.JOB_OPTIONS: options.model_dump_json(),
+                    K.JOB_OWNER: owner,
                 },
             )
             pipe.expire(key, self.settings.job_ttl_s)
@@ -152,7 +152,7 @@ class JobManager:
         if not raw:
             return None
         h = {text(k): text(v) for k, v in raw.items()}
-        if owner is not None and h.get("owner") != owner:
+        if owner is not None and h.get(K.JOB_OWNER) != owner:
             return None
         done, failed, cancelled = (
             int(h.get(f, 0)) for f in (K.JOB_DONE, K.JOB_FAILED, K.JOB_CANCELLED)
@@ -160,7 +160,7 @@ class JobManager:
         finished = done + failed + cancelled
         total = int(h[K.JOB_TOTAL]) if K.JOB_TOTAL in h else None
         created = float(h.get(K.JOB_CREATED_AT, time.time()))
-        ended = float(h["finished_at"]) if "finished_at" in h else None
+        ended = float(h[K.JOB_FINISHED_AT]) if K.JOB_FINISHED_AT in h else None
         elapsed = max((ended or time.time()) - created, 1e-3)
         rate = finished / elapsed if finished else None
         eta = None

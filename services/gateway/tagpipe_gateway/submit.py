@@ -155,7 +155,7 @@ class Submitter:
 
     async def _run(self, job_id: str) -> str:
         job = self.keys.job(job_id)
-        raw = await aw(self.redis.hmget(job, ["options", "submit_cursor"]))
+        raw = await aw(self.redis.hmget(job, [K.JOB_OPTIONS, K.JOB_SUBMIT_CURSOR]))
         options = TaskOptions.model_validate_json(raw[0] or b"{}")
         cursor = text(raw[1]) if raw[1] else "0-0"
         while True:
@@ -171,7 +171,7 @@ class Submitter:
             cursor = text(entry_id)
             await aw(
                 self.redis.hset(
-                    job, mapping={"submit_cursor": cursor, K.JOB_SUBMITTED: start + len(items)}
+                    job, mapping={K.JOB_SUBMIT_CURSOR: cursor, K.JOB_SUBMITTED: start + len(items)}
                 )
             )
         args: list[str | float] = [time.time(), job_id]
