@@ -9,22 +9,19 @@ process collector's. A renamed metric then breaks this test, not a panel.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 from prometheus_client import REGISTRY
 from prometheus_client.registry import CollectorRegistry
 from tagpipe_operator.render import render
 from tagpipe_operator.spec import parse_spec
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.tools import ROOT, helm_binary
+
 CHART = ROOT / "charts" / "tagpipe"
 DASHBOARD = CHART / "files" / "dashboard.json"
 METRIC_MODULES = (
@@ -115,13 +112,9 @@ def test_the_dashboard_covers_the_pipeline() -> None:
 
 
 def helm_template(*sets: str) -> list[dict[str, Any]]:
-    helm = ROOT / ".bin" / "helm"
-    binary = str(helm) if os.access(helm, os.X_OK) else shutil.which("helm")
-    if binary is None:
-        pytest.skip("helm not found: run `make tools`")
     args = [a for s in sets for a in ("--set", s)]
     out = subprocess.run(
-        [binary, "template", "rel", str(CHART), *args],
+        [helm_binary(), "template", "rel", str(CHART), *args],
         capture_output=True,
         text=True,
         timeout=60,
