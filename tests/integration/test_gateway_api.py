@@ -22,10 +22,9 @@ from tagpipe_common.messages import DownloadTask, Tag, TagResult
 from tagpipe_common.results import ResultStore
 from tagpipe_common.streams import StreamPolicy, ensure_streams
 from tagpipe_common.subjects import Lane, Stage, stage_names
-from tagpipe_gateway.app import create_app
-from tagpipe_gateway.auth import ApiKeys, parse_entries
-from tagpipe_gateway.settings import GatewaySettings
 from tagpipe_gateway.submit import item_id_for
+
+from tests.integration.gateway_kit import gateway_client
 
 pytestmark = pytest.mark.integration
 
@@ -34,29 +33,17 @@ OTHER = "another-tenant-456"
 DOWNLOAD = stage_names(Stage.DOWNLOAD)
 
 
-@contextlib.asynccontextmanager
-async def gateway(
+def gateway(
     nats_proc: ServerProcess, redis_proc: ServerProcess, **overrides: Any
-) -> AsyncIterator[httpx.AsyncClient]:
-    settings = GatewaySettings(
-        nats_url=nats_proc.url,
-        redis_url=redis_proc.url,
-        **{
-            "realtime_timeout_s": 1.5,
-            "realtime_backlog_limit": 20,
-            "bulk_backlog_limit": 20,
-            "backlog_cache_s": 0,
-            "bulk_batch_size": 4,
-            **overrides,
-        },
-    )
-    app = create_app(settings, ApiKeys(tuple(parse_entries(f"{KEY},{OTHER}"))))
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(
-            transport=transport, base_url="http://gw", headers={"Authorization": f"Bearer {KEY}"}
-        ) as c:
-            yield c
+) -> contextlib.AbstractAsyncContextManager[httpx.AsyncClient]:
+    fast = {
+        "realtime_timeout_s": 1.5,
+        "realtime_backlog_limit": 20,
+        "bulk_backlog_limit": 20,
+        "backlog_cache_s": 0,
+        "bulk_batch_size": 4,
+    }
+    return gateway_client(nats_proc, redis_proc, [KEY, OTHER], **{**fast, **overrides})
 
 
 @pytest.fixture

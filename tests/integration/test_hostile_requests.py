@@ -5,7 +5,6 @@ gateway stops reading a body as soon as it knows the answer.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import AsyncIterator
 
@@ -13,9 +12,8 @@ import httpx
 import pytest
 from nats.js.client import JetStreamContext
 from tagpipe_cli.servers import ServerProcess
-from tagpipe_gateway.app import create_app
-from tagpipe_gateway.auth import ApiKeys, parse_entries
-from tagpipe_gateway.settings import GatewaySettings
+
+from tests.integration.gateway_kit import gateway_client
 
 pytestmark = pytest.mark.integration
 
@@ -23,34 +21,12 @@ KEY = "hostile-key-1"
 MIB = 1 << 20
 
 
-@contextlib.asynccontextmanager
-async def gateway(
-    nats_proc: ServerProcess, redis_proc: ServerProcess
-) -> AsyncIterator[httpx.AsyncClient]:
-    settings = GatewaySettings(
-        nats_url=nats_proc.url,
-        redis_url=redis_proc.url,
-        max_upload_bytes=64 * 1024,
-        realtime_timeout_s=1.0,
-    )
-    app = create_app(settings, ApiKeys(tuple(parse_entries(KEY))))
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app),
-            base_url="http://gw",
-            headers={"Authorization": f"Bearer {KEY}"},
-            timeout=60,
-        ) as c,
-    ):
-        yield c
-
-
 @pytest.fixture
 async def client(
     nats_proc: ServerProcess, redis_proc: ServerProcess, js: JetStreamContext
 ) -> AsyncIterator[httpx.AsyncClient]:
-    async with gateway(nats_proc, redis_proc) as c:
+    settings = {"max_upload_bytes": 64 * 1024, "realtime_timeout_s": 1.0}
+    async with gateway_client(nats_proc, redis_proc, [KEY], **settings) as c:
         yield c
 
 
