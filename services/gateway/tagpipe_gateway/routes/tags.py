@@ -55,17 +55,21 @@ _BODY_DOC: dict[str, Any] = {
 }
 
 
+def _too_large(limit: int) -> ProblemError:
+    return ProblemError(
+        413,
+        ProblemCode.PAYLOAD_TOO_LARGE,
+        "Upload too large",
+        f"an upload may be at most {limit} bytes",
+    )
+
+
 async def _read_limited(request: Request, limit: int) -> bytes:
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
-            raise ProblemError(
-                413,
-                ProblemCode.PAYLOAD_TOO_LARGE,
-                "Upload too large",
-                f"an upload may be at most {limit} bytes",
-            )
+            raise _too_large(limit)
     return bytes(body)
 
 
@@ -112,12 +116,7 @@ async def _parse_uploads(request: Request, rt: Runtime) -> list[bytes]:
         for f in files:
             data = await f.read(limit + 1)
             if len(data) > limit:
-                raise ProblemError(
-                    413,
-                    ProblemCode.PAYLOAD_TOO_LARGE,
-                    "Upload too large",
-                    f"an upload may be at most {limit} bytes",
-                )
+                raise _too_large(limit)
             blobs.append(data)
         return blobs
     data = await _read_limited(request, limit)
