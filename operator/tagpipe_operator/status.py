@@ -64,6 +64,28 @@ def build_status(
     prev_conditions: list[dict[str, Any]] = list(previous.get("conditions") or [])
     prev_stages: dict[str, Any] = dict(previous.get("stages") or {})
     by_stage = {o.stage: o for o in observed}
+    down, inf = by_stage.get("downloader"), by_stage.get("inference")
+    total = None
+    if down and inf and down.backlog is not None and inf.backlog is not None:
+        total = down.backlog + inf.backlog
+    return {
+        "observedGeneration": generation,
+        "backlog": total,
+        "downloaders": _ratio(down),
+        "inference": _ratio(inf),
+        "stages": {
+            o.stage: _stage_status(o, dict(prev_stages.get(o.stage) or {}), now) for o in observed
+        },
+        "conditions": _conditions(observed, prev_conditions, now, recreated),
+    }
+
+
+def _conditions(
+    observed: list[StageObservation],
+    prev_conditions: list[dict[str, Any]],
+    now: str,
+    recreated: list[str] | None,
+) -> list[dict[str, Any]]:
     not_serving = [o.stage for o in observed if not _serving(o)]
     lagging = [
         o.stage for o in observed if o.decision is None or o.ready < o.decision.desired_replicas
@@ -75,7 +97,7 @@ def build_status(
     ]
     stale = [o.stage for o in observed if o.decision is None or o.decision.metrics_stale]
     degraded_msg = ", ".join(lagging) + (f"; recreated {', '.join(recreated)}" if recreated else "")
-    conditions = [
+    return [
         _condition(
             prev_conditions,
             "Ready",
@@ -109,20 +131,6 @@ def build_status(
             now,
         ),
     ]
-    down, inf = by_stage.get("downloader"), by_stage.get("inference")
-    total = None
-    if down and inf and down.backlog is not None and inf.backlog is not None:
-        total = down.backlog + inf.backlog
-    return {
-        "observedGeneration": generation,
-        "backlog": total,
-        "downloaders": _ratio(down),
-        "inference": _ratio(inf),
-        "stages": {
-            o.stage: _stage_status(o, dict(prev_stages.get(o.stage) or {}), now) for o in observed
-        },
-        "conditions": conditions,
-    }
 
 
 def _ratio(o: StageObservation | None) -> str:
