@@ -198,6 +198,26 @@ async def _run_request(
             telemetry.request_id_var.reset(token)
 
 
+def _tasks(
+    rt: Runtime, request_id: str, urls: list[str], uploads: int, options: TaskOptions
+) -> list[DownloadTask]:
+    """One real-time task per URL, then one per upload (its bytes wait under a blob key)."""
+    ids = [f"{request_id}-{i}" for i in range(len(urls) + uploads)]
+    rt_lane = Lane.REALTIME
+    tasks = [
+        DownloadTask(item_id=i, request_id=request_id, lane=rt_lane, url=u, options=options)
+        for i, u in zip(ids, urls, strict=False)
+    ]
+    for i in ids[len(urls) :]:
+        blob = rt.keys.blob(i)
+        tasks.append(
+            DownloadTask(
+                item_id=i, request_id=request_id, lane=rt_lane, blob_key=blob, options=options
+            )
+        )
+    return tasks
+
+
 async def _publish_and_wait(
     rt: Runtime,
     principal: str,
@@ -206,28 +226,7 @@ async def _publish_and_wait(
     blobs: list[bytes],
     options: TaskOptions,
 ) -> TagResponse:
-    tasks: list[DownloadTask] = []
-    for i, url in enumerate(urls):
-        tasks.append(
-            DownloadTask(
-                item_id=f"{request_id}-{i}",
-                request_id=request_id,
-                lane=Lane.REALTIME,
-                url=url,
-                options=options,
-            )
-        )
-    for j, _blob in enumerate(blobs):
-        item_id = f"{request_id}-{len(urls) + j}"
-        tasks.append(
-            DownloadTask(
-                item_id=item_id,
-                request_id=request_id,
-                lane=Lane.REALTIME,
-                blob_key=rt.keys.blob(item_id),
-                options=options,
-            )
-        )
+    tasks = _tasks(rt, request_id, urls, len(blobs), options)
     index = [[t.item_id, t.source] for t in tasks]
     async with rt.redis.pipeline(transaction=False) as pipe:
         record = json.dumps({"owner": principal, "items": index})
