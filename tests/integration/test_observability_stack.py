@@ -47,8 +47,6 @@ from tests.integration.observability_kit import (
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[2]
-MODEL_DIR = ROOT / "models" / "efficientnet-lite0"
 SERVICES = {"tagpipe-gateway", "tagpipe-downloader", "tagpipe-inference"}
 
 
@@ -102,13 +100,13 @@ class Observed:
 
 
 @pytest.fixture(scope="module")
-def observed(tmp_path_factory: pytest.TempPathFactory, collector: Collector) -> Iterator[Observed]:
-    if not (MODEL_DIR / "model.onnx").exists():
-        pytest.skip("no model: run `make model`")
+def observed(
+    tmp_path_factory: pytest.TempPathFactory, collector: Collector, model_dir: Path
+) -> Iterator[Observed]:
     gw_port, dl_port, inf_port = free_port(), free_port(), free_port()
     config = StackConfig(
         data_dir=tmp_path_factory.mktemp("obs"),
-        model_dir=MODEL_DIR,
+        model_dir=model_dir,
         allow_cidrs="127.0.0.0/8",
         env={
             "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{collector.port}",

@@ -24,7 +24,7 @@ from PIL import Image
 from tagpipe_cli.stack import Stack, StackConfig
 
 from bench.imageserver import ImageServer
-from tests.tools import MODEL_DIR, BackgroundImageServer
+from tests.tools import BackgroundImageServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -52,12 +52,10 @@ def images() -> Iterator[ImageServer]:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    if not (MODEL_DIR / "model.onnx").exists():
-        pytest.skip("no model: run `make model`")
+def stack(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[Stack]:
     config = StackConfig(
         data_dir=tmp_path_factory.mktemp("stack"),
-        model_dir=MODEL_DIR,
+        model_dir=model_dir,
         allow_cidrs="127.0.0.0/8",  # the image server is local
         inference_env={"TAGPIPE_INTRA_OP_THREADS": "1"},  # 2-core CI: leave a core to the rest
         gateway_env={"TAGPIPE_REALTIME_TIMEOUT_S": "60"},
