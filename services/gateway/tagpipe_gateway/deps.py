@@ -13,7 +13,9 @@ from tagpipe_gateway.runtime import Runtime
 _bearer = HTTPBearer(auto_error=False, description="API key: `Authorization: Bearer <key>`")
 
 
-def get_runtime(request: Request) -> Runtime:
+# Both dependencies are `async def` on purpose: FastAPI runs a plain `def` dependency in
+# its thread pool, a thread hop per request for a dict read and one sha256.
+async def get_runtime(request: Request) -> Runtime:
     runtime: Runtime = request.app.state.runtime
     return runtime
 
@@ -21,7 +23,7 @@ def get_runtime(request: Request) -> Runtime:
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 
-def require_api_key(
+async def require_api_key(
     runtime: RuntimeDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> str:
