@@ -10,7 +10,9 @@ import asyncio
 import os
 import shutil
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -49,3 +51,21 @@ class BackgroundImageServer:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
         self.loop.close()
+
+
+async def eventually(check: Callable[[], Any], within: float = 60.0, every: float = 0.1) -> Any:
+    """Poll `check` (sync, or returning an awaitable) until it returns something truthy.
+
+    Fails with the last value. A coroutine `check()` returns is awaited, never taken
+    for a truthy answer.
+    """
+    loop = asyncio.get_running_loop()
+    deadline, value = loop.time() + within, None
+    while loop.time() < deadline:
+        value = check()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        await asyncio.sleep(every)
+    raise AssertionError(f"condition not met in {within}s; last value {value!r}")

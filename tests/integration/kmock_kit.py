@@ -1,4 +1,4 @@
-"""What the operator's kmock tests share: the API resources kmock serves, polling, lookups.
+"""What the operator's kmock tests share: the API resources kmock serves, and lookups.
 
 kmock is an in-memory Kubernetes API: it serves only the resources declared on it, and
 keeps every object it was sent in `kmock.objects[resource, namespace, name]`.
@@ -6,8 +6,7 @@ keeps every object it was sent in `kmock.objects[resource, namespace, name]`.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 # Each resource the operator touches: "group/version/plural" -> (kind, namespaced, subresources).
@@ -40,17 +39,3 @@ def find(kmock: Any, resource: str, namespace: str, name: str) -> dict[str, Any]
     except KeyError:
         return None
     return None if o.deleted else dict(o.raw)
-
-
-async def eventually(check: Callable[[], Any], within: float = 60.0) -> Any:
-    """Poll `check` (sync or async) until it returns something truthy; fail with the last value."""
-    loop = asyncio.get_running_loop()
-    deadline, value = loop.time() + within, None
-    while loop.time() < deadline:
-        value = check()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"condition not met in {within}s; last value {value!r}")

@@ -24,7 +24,8 @@ from tagpipe_operator.reconcile import Runtime
 from tagpipe_operator.settings import OperatorSettings
 from tagpipe_operator.spec import parse_spec
 
-from tests.integration.kmock_kit import eventually, find, serve
+from tests.integration.kmock_kit import find, serve
+from tests.tools import eventually
 
 pytestmark = pytest.mark.integration
 

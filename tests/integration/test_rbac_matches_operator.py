@@ -36,8 +36,8 @@ from tagpipe_operator.handlers import register
 from tagpipe_operator.kube import path_for
 from tagpipe_operator.settings import OperatorSettings
 
-from tests.integration.kmock_kit import RESOURCES, eventually, find, serve
-from tests.tools import ROOT, helm_binary
+from tests.integration.kmock_kit import RESOURCES, find, serve
+from tests.tools import ROOT, eventually, helm_binary
 
 pytestmark = pytest.mark.integration
 
