@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import aiohttp
@@ -97,8 +97,7 @@ async def jetstream(rt: Runtime, url: str) -> Any:
 
 
 def stream_policy(rt: Runtime, spec: TagPipelineSpec) -> StreamPolicy:
-    base = StreamPolicy.from_settings(rt.settings)
-    return StreamPolicy(**{**base.__dict__, "prefix": spec.nats.prefix})
+    return replace(StreamPolicy.from_settings(rt.settings), prefix=spec.nats.prefix)
 
 
 async def converge(
