@@ -17,6 +17,7 @@ from typing import cast
 from redis.asyncio import Redis
 
 from tagpipe_common import keys as K
+from tagpipe_common.errors import ErrorCode
 from tagpipe_common.keys import RedisKeys
 from tagpipe_common.messages import TagResult
 
@@ -45,7 +46,7 @@ return 1
 def counter_for(result: TagResult) -> str:
     if result.status == "ok":
         return K.JOB_DONE
-    if result.code == "cancelled":
+    if result.code == ErrorCode.CANCELLED:
         return K.JOB_CANCELLED
     return K.JOB_FAILED
 
