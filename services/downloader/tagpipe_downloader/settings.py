@@ -33,12 +33,15 @@ def usable_cpus() -> int:
 _CPUS = usable_cpus()
 
 # Items in flight per core: fetching, waiting for a decode thread, or decoding.
-# A core decodes ~55 img/s (80% thumbnails, 20% 12 MP photos), so by Little's
-# law 16 per core hides ~250 ms of fetch latency and still leaves a decode
-# queue of a few per thread. More only parks fetched bodies (up to 20 MB each)
-# in memory; the decode queue is lane-ordered, so it no longer costs real-time
-# latency, but 64 on 2 cores bought no throughput in `make bench` either.
-INFLIGHT_PER_CPU = 16
+# Fetch latency is the small part (50 ms x ~30 img/s per core is ~2 items);
+# the rest is a buffer in front of the decode threads. A 12 MP photo costs ~10x
+# a thumbnail, and they arrive in clumps, so with a shallow buffer the threads
+# run dry between clumps: on 2 cores `make bench` got 45-49 img/s at 16-32 in
+# flight (1.56 of 2 cores busy), 56 at 64 and 60 at 128 (1.85 cores, CPU-bound).
+# The decode queue is lane-ordered, so depth no longer costs real-time latency
+# (p50 ~0.3 s at every depth). The cost is memory: fetched bodies (up to
+# max_bytes each, ~0.8 MB on that corpus) wait in it.
+INFLIGHT_PER_CPU = 32
 
 
 class DownloaderSettings(CommonSettings):
