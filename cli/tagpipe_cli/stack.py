@@ -34,6 +34,7 @@ from pathlib import Path
 
 import httpx
 import nats
+from tagpipe_common.settings import CommonSettings, load_settings
 from tagpipe_common.streams import StreamPolicy, ensure_streams
 
 from tagpipe_cli.servers import (
@@ -57,7 +58,7 @@ class StackConfig:
     inference: int = 1
     model_dir: Path = DEFAULT_MODEL_DIR
     prefix: str = "tagpipe"
-    policy: StreamPolicy | None = None  # default: StreamPolicy(prefix)
+    policy: StreamPolicy | None = None  # default: from TAGPIPE_* settings, like the services
     allow_cidrs: str = ""  # downloader SSRF allowlist (e.g. 127.0.0.0/8 for a local image server)
     env: dict[str, str] = field(default_factory=dict)  # every service
     gateway_env: dict[str, str] = field(default_factory=dict)
@@ -180,7 +181,11 @@ class Stack:
 
     def _ensure_streams(self) -> None:
         assert self.nats is not None
-        policy = self.config.policy or StreamPolicy(prefix=self.config.prefix)
+        # The services read TAGPIPE_MAX_DELIVER etc. from the same environment, so
+        # the streams must too, or a worker's "final delivery" would be a guess.
+        policy = self.config.policy or StreamPolicy.from_settings(
+            load_settings(CommonSettings, prefix=self.config.prefix)
+        )
         url = self.nats.url
 
         async def ensure() -> None:
