@@ -14,7 +14,7 @@ from tagpipe_downloader.fetch import FetchConfig
 from tagpipe_downloader.guard import parse_cidrs
 
 
-def usable_cpus() -> int:
+def usable_cpus(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
     """Cores this process may use: affinity, capped by a cgroup v2 CPU quota.
 
     os.cpu_count() in a pod is the node's cores; a 1-core limit on a 16-core node
@@ -22,7 +22,7 @@ def usable_cpus() -> int:
     """
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        quota, period = cpu_max.read_text().split()[:2]
         if quota != "max":
             cpus = min(cpus or 1, max(1, -(-int(quota) // int(period))))
     except (OSError, ValueError):
