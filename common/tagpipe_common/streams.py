@@ -8,6 +8,7 @@ two minutes. See the README's "JetStream policy" section.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 from nats.aio.msg import Msg
@@ -126,10 +127,13 @@ async def consumer_backlog(js: JetStreamContext, stage: Stage, lane: Lane, prefi
 
 
 async def stage_backlog(js: JetStreamContext, stage: Stage, prefix: str) -> int:
-    total = 0
-    for lane in LANES:
-        total += await consumer_backlog(js, stage, lane, prefix)
-    return total
+    reads = [consumer_backlog(js, stage, lane, prefix) for lane in LANES]
+    return sum(await asyncio.gather(*reads))
+
+
+async def pipeline_backlog(js: JetStreamContext, prefix: str) -> int:
+    """Every stage's backlog: what a stalled tier anywhere downstream adds up to."""
+    return sum(await asyncio.gather(*(stage_backlog(js, stage, prefix) for stage in Stage)))
 
 
 def delivery_count(msg: Msg) -> int:

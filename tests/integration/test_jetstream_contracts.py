@@ -18,6 +18,7 @@ from tagpipe_common.streams import (
     delete_streams,
     ensure_streams,
     is_final_delivery,
+    pipeline_backlog,
     stage_backlog,
 )
 from tagpipe_common.subjects import HDR_MSG_ID, Lane, Stage, stage_names
@@ -50,6 +51,9 @@ async def test_lanes_are_separate_consumers(js: JetStreamContext) -> None:
     await js.publish(DL.subject(Lane.BULK), task("bk").to_json())
     assert await consumer_backlog(js, Stage.DOWNLOAD, Lane.REALTIME, "tagpipe") == 1
     assert await stage_backlog(js, Stage.DOWNLOAD, "tagpipe") == 2
+    await js.publish(stage_names(Stage.INFER).subject(Lane.BULK), b"frame")
+    assert await stage_backlog(js, Stage.INFER, "tagpipe") == 1
+    assert await pipeline_backlog(js, "tagpipe") == 3
     [msg] = await (await bind(js, Lane.REALTIME)).fetch(1, timeout=2)
     assert DownloadTask.from_json(msg.data).item_id == "rt"
 

@@ -17,7 +17,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from tagpipe_common import telemetry
 from tagpipe_common.messages import SCHEMA_VERSION, DownloadTask
-from tagpipe_common.streams import stage_backlog
+from tagpipe_common.streams import pipeline_backlog
 from tagpipe_common.subjects import HDR_MSG_ID, HDR_SCHEMA, Stage, stage_names
 
 from tagpipe_gateway.problems import ProblemCode, ProblemError
@@ -29,7 +29,7 @@ _tracer = telemetry.tracer("tagpipe_gateway")
 
 class BacklogCache:
     """The whole pipeline's backlog (download + inference stages), re-read at most
-    every `ttl_s` (it costs four API calls).
+    every `ttl_s` (four API calls, made concurrently).
 
     Both stages count: a stalled inference tier drains the download queue into
     the inference queue, so the download backlog alone would never push back.
@@ -48,9 +48,7 @@ class BacklogCache:
             return self._value
         async with self._lock:  # one read serves every request waiting on it
             if time.monotonic() - self._read_at >= self.ttl_s:
-                self._value = sum(
-                    [await stage_backlog(self.js, stage, self.prefix) for stage in Stage]
-                )
+                self._value = await pipeline_backlog(self.js, self.prefix)
                 self._read_at = time.monotonic()
         return self._value
 
