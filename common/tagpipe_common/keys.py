@@ -10,6 +10,8 @@
 - `{p}:job:{job_id}:urls`: which item first claimed each URL of a bulk job (`duplicate_url`).
 - `{p}:idem:{principal}:{key}`: the job an `Idempotency-Key` already created.
 - `{p}:blob:{item_id}`: uploaded image bytes waiting for the downloader.
+- `{p}:deadline:{item_id}`: when an item's download attempts must be over (epoch s),
+  kept across redeliveries (the downloader's deadline.py), with a TTL.
 - `{p}:request:{request_id}`: a real-time request's item ids, with a TTL.
 - `{p}:notify`: pub/sub channel; each message is a finished item's routing info.
 """
@@ -53,6 +55,10 @@ class RedisKeys:
 
     def blob(self, item_id: str) -> str:
         return f"{self.prefix}:blob:{item_id}"
+
+    def fetch_deadline(self, item_id: str) -> str:
+        """Epoch seconds by which all of an item's download attempts must end."""
+        return f"{self.prefix}:deadline:{item_id}"
 
     def request(self, request_id: str) -> str:
         """A real-time request's item ids (JSON list), so its results can be fetched later."""

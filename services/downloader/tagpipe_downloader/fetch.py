@@ -35,6 +35,9 @@ class FetchConfig:
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 10.0  # longest silence between two reads
     total_timeout_s: float = 30.0  # one attempt, all redirect hops included
+    # All attempts of an item together, across deliveries (deadline.py): the
+    # whole response, headers and body, wall-clock, whatever the pace of reads.
+    item_deadline_s: float = 120.0
     dns_timeout_s: float = 5.0
     max_redirects: int = 5
     retries: int = 2  # extra attempts inside one delivery
@@ -192,15 +195,27 @@ class Fetcher:
         # Full jitter: concurrent retries against one host spread out.
         return random.uniform(0, min(self.cfg.backoff_max_s, self.cfg.backoff_base_s * 2**attempt))
 
-    async def fetch(self, url: str) -> FetchResult:
-        """Bytes of `url`. Raises PermanentError or RetryableError with a stable code."""
+    async def fetch(self, url: str, deadline: float | None = None) -> FetchResult:
+        """Bytes of `url`. Raises PermanentError or RetryableError with a stable code.
+
+        `deadline` (epoch seconds, default item_deadline_s from now) ends every
+        attempt: missing it is a final download_timeout, and a retry that could
+        only start after it is final with its own code.
+        """
+        if deadline is None:
+            deadline = time.time() + self.cfg.item_deadline_s
         clock = _Clock()
         t0 = time.perf_counter()
         for attempt in range(self.cfg.retries + 1):
+            left = deadline - time.time()
             try:
-                async with asyncio.timeout(self.cfg.total_timeout_s):
+                # sock_read restarts with every chunk, so a trickle never trips
+                # it; only this wall-clock bound holds the whole response.
+                async with asyncio.timeout(max(0.0, min(self.cfg.total_timeout_s, left))):
                     body, final_url, ctype = await self._follow(url, clock)
             except TimeoutError:
+                if left <= self.cfg.total_timeout_s:
+                    raise self._past_deadline() from None
                 failure = _Transient(ErrorCode.DOWNLOAD_TIMEOUT, "download took too long")
             except _Transient as exc:
                 failure = exc
@@ -220,9 +235,25 @@ class Fetcher:
                 delay = min(
                     self.cfg.nak_delay_s if wait is None else wait, self.cfg.retry_after_max_s
                 )
+                self._retry_in_time(failure, delay, deadline)
                 raise RetryableError(failure.code, failure.message, delay_s=delay)
-            await asyncio.sleep(wait if wait is not None else self._backoff(attempt))
+            wait = wait if wait is not None else self._backoff(attempt)
+            self._retry_in_time(failure, wait, deadline)
+            await asyncio.sleep(wait)
         raise AssertionError("unreachable")
+
+    def _past_deadline(self) -> PermanentError:
+        return PermanentError(
+            ErrorCode.DOWNLOAD_TIMEOUT,
+            f"not downloaded within the item deadline ({self.cfg.item_deadline_s:g} s)",
+        )
+
+    def _retry_in_time(self, failure: _Transient, wait: float, deadline: float) -> None:
+        """A retry that could only start after the deadline is not made: final now."""
+        if time.time() + wait >= deadline:
+            raise PermanentError(
+                failure.code, f"{failure.message} (no time left before the item deadline)"
+            )
 
     async def _follow(self, url: str, clock: _Clock) -> tuple[bytes, str, str]:
         visited = {url}

@@ -56,7 +56,10 @@ class DownloaderSettings(CommonSettings):
     max_pixels: Annotated[int, Field(ge=1)] = 50_000_000
     connect_timeout_s: Annotated[float, Field(gt=0)] = 5.0
     read_timeout_s: Annotated[float, Field(gt=0)] = 10.0
-    total_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    total_timeout_s: Annotated[float, Field(gt=0)] = 30.0  # one attempt
+    # Every attempt at one item together, across redeliveries: a trickling
+    # server ends as a final download_timeout by then (see deadline.py).
+    item_deadline_s: Annotated[float, Field(gt=0, le=3600)] = 120.0
     max_redirects: Annotated[int, Field(ge=0, le=20)] = 5
     fetch_retries: Annotated[int, Field(ge=0, le=10)] = 2
     retry_after_inline_max_s: Annotated[float, Field(ge=0)] = 2.0
@@ -104,6 +107,7 @@ class DownloaderSettings(CommonSettings):
             connect_timeout_s=self.connect_timeout_s,
             read_timeout_s=self.read_timeout_s,
             total_timeout_s=self.total_timeout_s,
+            item_deadline_s=self.item_deadline_s,
             max_redirects=self.max_redirects,
             retries=self.fetch_retries,
             retry_after_inline_max_s=self.retry_after_inline_max_s,

@@ -37,13 +37,14 @@ from tagpipe_common.messages import (
     TagResult,
 )
 from tagpipe_common.results import ResultStore
-from tagpipe_common.streams import is_final_delivery
+from tagpipe_common.streams import delivery_count, is_final_delivery
 from tagpipe_common.subjects import HDR_MSG_ID, HDR_SCHEMA, LANES, Lane, Stage, stage_names
 
 from tagpipe_downloader import metrics
+from tagpipe_downloader.deadline import ItemDeadlines
 from tagpipe_downloader.decode import Decoded, decode_image
 from tagpipe_downloader.decode_queue import DecodeQueue
-from tagpipe_downloader.fetch import Fetcher
+from tagpipe_downloader.fetch import Fetcher, FetchResult
 from tagpipe_downloader.settings import DownloaderSettings
 
 log = logging.getLogger("tagpipe.downloader")
@@ -80,6 +81,7 @@ class DownloadWorker:
         self.redis = redis_client
         self.keys = RedisKeys(settings.prefix)
         self.store = ResultStore(redis_client, self.keys, ttl_s=settings.result_ttl_s)
+        self.deadlines = ItemDeadlines(redis_client, self.keys, settings.item_deadline_s)
         self.fetcher = fetcher
         self.pool = pool
         self.decodes = DecodeQueue(pool, settings.decode_workers)
@@ -247,7 +249,7 @@ class DownloadWorker:
             try:
                 if await self._cancelled(task):
                     raise PermanentError(ErrorCode.CANCELLED, "the job was cancelled")
-                data = await self._source_bytes(task, timings)
+                data = await self._source_bytes(msg, task, timings)
                 metrics.BYTES.observe(len(data))
                 decoded = await self._decode(data, lane)
                 timings.decode_ms, timings.preprocess_ms = decoded.decode_ms, decoded.preprocess_ms
@@ -295,10 +297,10 @@ class DownloadWorker:
             self._job_states[task.job_id] = cached
         return cached[1] == JOB_STATE_CANCELLED
 
-    async def _source_bytes(self, task: DownloadTask, timings: StageTimings) -> bytes:
+    async def _source_bytes(self, msg: Msg, task: DownloadTask, timings: StageTimings) -> bytes:
         if task.url is not None:
             t0 = time.time()
-            result = await self.fetcher.fetch(task.url)
+            result = await self._fetch(msg, task.item_id, task.url)
             timings.connect_ms, timings.download_ms = result.connect_ms, result.download_ms
             self._spans(t0, ("dns_connect", result.connect_ms), ("transfer", result.download_ms))
             return result.body
@@ -310,6 +312,16 @@ class DownloadWorker:
         if len(blob) > self.s.max_bytes:
             raise PermanentError(ErrorCode.TOO_LARGE, f"upload over {self.s.max_bytes} bytes")
         return bytes(blob)
+
+    async def _fetch(self, msg: Msg, item_id: str, url: str) -> FetchResult:
+        """Fetch within the item's deadline, which its next delivery continues."""
+        delivery = delivery_count(msg)
+        deadline = await self._infra(lambda: self.deadlines.deadline(item_id, delivery))
+        try:
+            return await self.fetcher.fetch(url, deadline)
+        except RetryableError:
+            await self._infra(lambda: self.deadlines.keep(item_id, deadline))
+            raise
 
     async def _decode(self, data: bytes, lane: Lane) -> Decoded:
         # Lane-ordered: a real-time item takes the next free decode thread.
