@@ -77,7 +77,7 @@ JOB_CANCELLED = "cancelled"
 JOB_STATE = "state"
 JOB_CREATED_AT = "created_at"
 JOB_SUBMITTED = "submitted"
-JOB_FINISHED_AT = "finished_at"  # set with state completed (results.py, the gateway)
+JOB_FINISHED_AT = "finished_at"  # when the last item settled, completed or cancelled
 # Written and read by the gateway only.
 JOB_OWNER = "owner"
 JOB_OPTIONS = "options"

@@ -32,8 +32,13 @@ if #KEYS >= 3 then
   redis.call('XADD', KEYS[3], '*', 'r', ARGV[1])
   local h = redis.call('HMGET', KEYS[2], 'total', 'done', 'failed', 'cancelled', 'state')
   local finished = (tonumber(h[2]) or 0) + (tonumber(h[3]) or 0) + (tonumber(h[4]) or 0)
-  if h[1] and h[5] == 'running' and finished >= tonumber(h[1]) then
-    redis.call('HSET', KEYS[2], 'state', 'completed', 'finished_at', ARGV[6])
+  if h[1] and finished >= tonumber(h[1]) then
+    if h[5] == 'running' then
+      redis.call('HSET', KEYS[2], 'state', 'completed', 'finished_at', ARGV[6])
+    elseif h[5] == 'cancelled' then
+      -- a cancelled job ends too when its last item settles
+      redis.call('HSETNX', KEYS[2], 'finished_at', ARGV[6])
+    end
   end
 end
 if ARGV[4] ~= '' then

@@ -24,11 +24,18 @@ from tagpipe_gateway.submit import LeaseLost, Submitter, aw, text
 
 log = logging.getLogger(__name__)
 
+# A job whose items have all finished already ends here; otherwise the ResultStore
+# script stamps `finished_at` when the last (cancelled or in-flight) item settles.
 _CANCEL_LUA = """
 local s = redis.call('HGET', KEYS[1], 'state')
 if not s then return false end
 if s == 'completed' or s == 'cancelled' then return s end
 redis.call('HSET', KEYS[1], 'state', 'cancelled', 'cancelled_at', ARGV[1])
+local h = redis.call('HMGET', KEYS[1], 'total', 'done', 'failed', 'cancelled')
+local finished = (tonumber(h[2]) or 0) + (tonumber(h[3]) or 0) + (tonumber(h[4]) or 0)
+if h[1] and finished >= tonumber(h[1]) then
+  redis.call('HSETNX', KEYS[1], 'finished_at', ARGV[1])
+end
 return 'cancelled'
 """
 
@@ -161,14 +168,17 @@ class JobManager:
         total = int(h[K.JOB_TOTAL]) if K.JOB_TOTAL in h else None
         created = float(h.get(K.JOB_CREATED_AT, time.time()))
         ended = float(h[K.JOB_FINISHED_AT]) if K.JOB_FINISHED_AT in h else None
+        state = h.get(K.JOB_STATE, K.JOB_STATE_SUBMITTING)
+        # The clock stops when the last item settles (completed or cancelled alike), so
+        # an ended job keeps the rate it ended with; it has no ETA.
         elapsed = max((ended or time.time()) - created, 1e-3)
         rate = finished / elapsed if finished else None
         eta = None
-        if rate and total is not None and h.get(K.JOB_STATE) != K.JOB_STATE_COMPLETED:
+        if rate and total is not None and state not in FINAL_STATES:
             eta = max(total - finished, 0) / rate
         return JobStatus(
             job_id=job_id,
-            state=h.get(K.JOB_STATE, K.JOB_STATE_SUBMITTING),
+            state=state,
             total=total,
             submitted=int(h.get(K.JOB_SUBMITTED, 0)),
             done=done,
