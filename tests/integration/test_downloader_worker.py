@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import logging
 import os
 import signal
 import sys
@@ -36,7 +37,7 @@ from tagpipe_common.keys import JOB_STATE, JOB_TOTAL, RedisKeys
 from tagpipe_common.messages import DownloadTask, InferenceTask, TagResult
 from tagpipe_common.nats_io import connect_nats
 from tagpipe_common.results import ResultStore
-from tagpipe_common.streams import StreamPolicy, ensure_streams
+from tagpipe_common.streams import StreamPolicy, delete_streams, ensure_streams
 from tagpipe_common.subjects import LANES, Lane, Stage, stage_names
 from tagpipe_downloader.__main__ import health_app
 from tagpipe_downloader.decode import Geometry, decode_image
@@ -453,3 +454,32 @@ async def test_a_repeated_item_reaches_inference_once(h: Harness, js: JetStreamC
             await asyncio.sleep(0.05)
     info = await js.consumer_info(INFER.stream, INFER.consumer(Lane.REALTIME))
     assert info.num_pending == 0 and info.delivered.stream_seq == 1
+
+
+async def test_a_jetstream_outage_is_waited_out_and_reported_not_ready(
+    h: Harness, policy: StreamPolicy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With its streams gone JetStream answers every pull "service unavailable", as
+    for a moment after a restart: the worker stays up, /readyz names the outage, one
+    WARNING for the episode; once the streams are back, work flows again."""
+    caplog.set_level(logging.INFO, logger="tagpipe.downloader")
+    async with TestClient(TestServer(health_app(h.worker))) as client:
+        async with asyncio.timeout(10):
+            while (await client.get("/readyz")).status != 200:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        await delete_streams(h.js, policy.prefix)
+        async with asyncio.timeout(30):
+            while h.worker.nats_outage.attempts < 5:  # noqa: ASYNC110 - several failed pulls
+                await asyncio.sleep(0.05)
+        during = await client.get("/readyz")
+        problems = (await during.json())["problems"]
+        await ensure_streams(h.js, policy)
+        pixels = await h.tensor(h.images.add("x", make_jpeg(64, 64)))
+        async with asyncio.timeout(10):
+            while (await client.get("/readyz")).status != 200:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+    assert during.status == 503
+    assert any(p.startswith("jetstream: ") for p in problems), problems
+    assert pixels.shape == (224, 224, 3)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [w.split(",")[0] for w in warnings] == ["jetstream unavailable"], warnings

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import os
 import signal
@@ -30,7 +31,7 @@ from tagpipe_common.keys import RedisKeys
 from tagpipe_common.manifest import ModelManifest
 from tagpipe_common.messages import InferenceTask, TagResult
 from tagpipe_common.results import ResultStore
-from tagpipe_common.streams import StreamPolicy, consumer_backlog
+from tagpipe_common.streams import StreamPolicy, consumer_backlog, delete_streams, ensure_streams
 from tagpipe_common.subjects import HDR_MSG_ID, Lane, Stage, stage_names
 from tagpipe_inference.model import Model, load_model
 from tagpipe_inference.settings import InferenceSettings
@@ -351,3 +352,35 @@ async def test_inference_failures_retry_then_end_as_an_error_result(
     assert info.delivered.consumer_seq == policy.max_deliver  # retried until the last delivery
     job = await redis.hgetall(KEYS.job("job-1"))
     assert job[b"failed"] == b"1" and job[b"state"] == b"completed"
+
+
+async def test_a_jetstream_outage_is_waited_out_not_fatal(
+    js: JetStreamContext,
+    store: ResultStore,
+    policy: StreamPolicy,
+    make_worker: Callable[..., InferenceWorker],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With its streams gone JetStream answers every pull "service unavailable" (503),
+    as it does for a moment after a restart: the worker keeps running, reports the
+    outage once, and carries on when the streams are back (`running` re-raises
+    whatever ended `run()`, so a worker that died fails the test there too)."""
+    caplog.set_level(logging.INFO, logger="tagpipe_inference.worker")
+    async with running(make_worker()) as w:
+        await delete_streams(js, policy.prefix)
+        await wait_until(lambda: _true(w.outage.attempts >= 5))  # several failed pulls
+        assert not w.outage.healthy
+        await ensure_streams(js, policy)
+        task = make_task("after-outage", noise(21))
+        await publish(js, task)
+        [result] = await results_for(store, [task.item_id])
+        await wait_until(lambda: _true(w.outage.healthy))
+    assert result.status == "ok"
+    assert w.outage.episodes == 1
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert [r.getMessage().split(",")[0] for r in warnings] == ["jetstream unavailable"]
+    assert any("available again" in r.getMessage() for r in caplog.records)
+
+
+async def _true(value: bool) -> bool:
+    return value

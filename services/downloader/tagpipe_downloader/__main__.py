@@ -18,7 +18,7 @@ from aiohttp import web
 from prometheus_client import start_http_server
 from redis.asyncio import Redis
 from tagpipe_common import telemetry
-from tagpipe_common.nats_io import connect_nats
+from tagpipe_common.nats_io import close_nats, connect_nats
 from tagpipe_common.settings import load_settings
 
 from tagpipe_downloader.fetch import Fetcher
@@ -38,6 +38,9 @@ def health_app(worker: DownloadWorker) -> web.Application:
             problems.append("nats disconnected")
         if not worker.bound:
             problems.append("download consumers not bound")
+        for outage in (worker.nats_outage, worker.redis_outage):
+            if not outage.healthy:
+                problems.append(f"{outage.what}: {outage.last_error}")
         try:
             async with asyncio.timeout(1.0):
                 await worker.redis.ping()  # type: ignore[misc]
@@ -73,9 +76,11 @@ async def serve(settings: DownloaderSettings) -> None:
     finally:
         if runner is not None:
             await runner.cleanup()
+        with contextlib.suppress(Exception):  # a dead server: nothing left to drain
+            await asyncio.wait_for(nc.drain(), 10)
+        await close_nats(nc)
         with contextlib.suppress(Exception):
-            await nc.drain()
-        await redis_client.aclose()
+            await redis_client.aclose()
         pool.shutdown(wait=False, cancel_futures=True)
 
 

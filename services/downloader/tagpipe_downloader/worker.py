@@ -36,6 +36,7 @@ from tagpipe_common.messages import (
     StageTimings,
     TagResult,
 )
+from tagpipe_common.outage import TRANSIENT_NATS_ERRORS, Outage
 from tagpipe_common.results import ResultStore
 from tagpipe_common.streams import delivery_count, is_final_delivery
 from tagpipe_common.subjects import HDR_MSG_ID, HDR_SCHEMA, LANES, Lane, Stage, stage_names
@@ -56,6 +57,9 @@ _INFRA_ERRORS = (
     nats.errors.Error,
     TimeoutError,
 )
+
+# A failed pull is retried whatever nats-py calls it: the loop must outlive the broker.
+_FETCH_ERRORS: tuple[type[Exception], ...] = (*TRANSIENT_NATS_ERRORS, nats.errors.Error)
 
 
 class InfraUnavailable(Exception):
@@ -96,6 +100,9 @@ class DownloadWorker:
         self._stopping = asyncio.Event()
         self._flowing: set[Lane] = set()  # lanes whose last fetch returned work
         self.bound = False
+        # Broker outages are waited out: one WARNING per episode, /readyz says not ready.
+        self.nats_outage = Outage("jetstream", log)
+        self.redis_outage = Outage("redis", log)
         self.tracer = telemetry.tracer("tagpipe.downloader")
 
     # --- lifecycle --------------------------------------------------------------
@@ -137,19 +144,17 @@ class DownloadWorker:
     async def _bind(self) -> dict[Lane, JetStreamContext.PullSubscription] | None:
         # Bind to the durables the operator created; never invent a consumer
         # with default (wrong) ack_wait / max_deliver.
-        delay = 0.5
         while True:
             try:
                 for lane in LANES:
                     await self.js.consumer_info(self.download.stream, self.download.consumer(lane))
                 break
             except (nats.errors.Error, TimeoutError) as exc:
-                log.warning("download consumers not ready (%s); retrying", exc)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), delay)
+                # Not yet created by the operator, or JetStream still starting.
+                await self.nats_outage.pause(exc, self._stopping)
                 if self._stopping.is_set():
                     return None
-                delay = min(delay * 2, 10.0)
+        self.nats_outage.ok()
         subs = {
             lane: await self.js.pull_subscribe_bind(
                 durable=self.download.consumer(lane), stream=self.download.stream
@@ -170,10 +175,10 @@ class DownloadWorker:
             except (nats.errors.TimeoutError, TimeoutError):
                 self._flowing.discard(lane)
                 continue
-            except nats.errors.Error as exc:
-                log.warning("fetch from %s failed: %s", lane.value, exc)
-                await asyncio.sleep(0.5)
+            except _FETCH_ERRORS as exc:
+                await self.nats_outage.pause(exc, self._stopping)
                 return []
+            self.nats_outage.ok()
             if msgs:
                 self._flowing.add(lane)
                 return [(m, lane) for m in msgs]
@@ -253,7 +258,9 @@ class DownloadWorker:
                 metrics.BYTES.observe(len(data))
                 decoded = await self._decode(data, lane)
                 timings.decode_ms, timings.preprocess_ms = decoded.decode_ms, decoded.preprocess_ms
-                await self._infra(lambda: self._publish(task, lane, decoded, timings))
+                await self._infra(
+                    lambda: self._publish(task, lane, decoded, timings), self.nats_outage
+                )
                 metrics.ITEMS.labels(lane.value, "published").inc()
                 metrics.observe_timings(timings)
             except PermanentError as exc:
@@ -270,7 +277,8 @@ class DownloadWorker:
                 await msg.ack()
             except _INFRA_ERRORS as exc:
                 # Redelivery is harmless: Msg-Id dedupe and SET NX absorb the repeat.
-                log.warning("ack failed (%s); the item will be redelivered", exc)
+                self.nats_outage.failed(exc)
+                log.info("ack failed (%s); the item will be redelivered", exc)
                 return  # keep the blob: the redelivery may still need it
             await self._drop_blob(task)
         except InfraUnavailable as exc:
@@ -278,9 +286,10 @@ class DownloadWorker:
                 # JetStream never delivers a message again after its last delivery:
                 # given back now it would sit unseen in the stream for good (and
                 # hold a place in a bounded stream), so it is held and retried.
-                log.warning("infrastructure unavailable on the last delivery, holding: %s", exc)
+                log.info("infrastructure unavailable on the last delivery, holding: %s", exc)
                 raise HoldItem from exc
-            log.warning("infrastructure unavailable, leaving the item for redelivery: %s", exc)
+            # Per item, so INFO: the outage itself was logged once as a WARNING.
+            log.info("infrastructure unavailable, leaving the item for redelivery: %s", exc)
             with contextlib.suppress(Exception):
                 await msg.nak(delay=self.s.transient_nak_delay_s)
 
@@ -386,17 +395,20 @@ class DownloadWorker:
             with contextlib.suppress(*_INFRA_ERRORS):
                 await self.redis.delete(self.keys.blob(task.item_id))
 
-    async def _infra(self, op: Callable[[], Awaitable[T]]) -> T:
-        """Run a Redis/NATS call, retrying with backoff while they are unreachable."""
+    async def _infra(self, op: Callable[[], Awaitable[T]], outage: Outage | None = None) -> T:
+        """Run a Redis (or, given its outage, NATS) call, retrying with backoff while
+        it is unreachable."""
+        outage = outage or self.redis_outage
         deadline = time.monotonic() + self.s.infra_retry_budget_s
-        delay = 0.1
         while True:
             try:
-                return await op()
+                result = await op()
             except _INFRA_ERRORS as exc:
+                delay = outage.failed(exc)  # logs once per outage, not per item
                 if time.monotonic() + delay > deadline or self._stopping.is_set():
                     raise InfraUnavailable(f"{type(exc).__name__}: {exc}") from exc
-                log.warning("redis/nats call failed (%s); retrying in %.1fs", exc, delay)
                 metrics.INFRA_RETRIES.inc()
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                continue
+            outage.ok()
+            return result

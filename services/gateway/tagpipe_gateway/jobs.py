@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 from tagpipe_common import keys as K
 from tagpipe_common.keys import RedisKeys
 from tagpipe_common.messages import TagResult, TaskOptions
+from tagpipe_common.outage import describe, is_transient
 from tagpipe_common.results import ResultStore
 
 from tagpipe_gateway.metrics import observe_item
@@ -130,9 +131,14 @@ class JobManager:
             raise
         except LeaseLost:
             log.warning("job %s: lease lost; another gateway continues it", job_id)
-        except Exception:
+        except Exception as exc:
             # The lease expires and a gateway resumes the job from its checkpoint.
-            log.exception("job %s: submission failed; it will be resumed", job_id)
+            if not is_transient(exc):
+                log.exception("job %s: submission failed; it will be resumed", job_id)
+            else:  # Redis away: expected, no traceback
+                log.warning(
+                    "job %s: submission paused (%s); it will be resumed", job_id, describe(exc)
+                )
 
     async def _tail(self, job_id: str) -> None:
         """Follow the job's results until it is over: metrics, then expiry of its keys."""

@@ -34,6 +34,7 @@ from tagpipe_common import telemetry
 from tagpipe_common.errors import ErrorCode
 from tagpipe_common.keys import RedisKeys
 from tagpipe_common.messages import DownloadTask, TagResult, TaskOptions
+from tagpipe_common.outage import TRANSIENT_NATS_ERRORS, Outage
 from tagpipe_common.results import ResultStore
 from tagpipe_common.subjects import Lane
 
@@ -117,6 +118,8 @@ class Submitter:
         self._finish = redis.register_script(_FINISH_LUA)
         self._renew = redis.register_script(_RENEW_LUA)
         self._release = redis.register_script(_RELEASE_LUA)
+        # JetStream away (restart, leader change): publishing waits it out, lease held.
+        self.outage = Outage("jetstream (job submission)", log)
 
     async def append(self, job_id: str, start: int, items: list[list[str | None]]) -> None:
         """Store one uploaded batch (the intake's sink)."""
@@ -207,8 +210,21 @@ class Submitter:
         fresh, dups = await self._dedupe(job_id, start, tasks)
         if dups:
             await self.store.record_many(dups)
-        await self.publisher.publish_many(fresh)
+        await self._publish(job_id, fresh)
         self.backlog.note_published(len(fresh))
+
+    async def _publish(self, job_id: str, tasks: list[DownloadTask]) -> None:
+        """Publish a batch, again whole after a transient failure: the items' Msg-Ids
+        make the repeats of the part that did land no-ops."""
+        while True:
+            try:
+                await self.publisher.publish_many(tasks)
+            except TRANSIENT_NATS_ERRORS as exc:
+                await self.outage.pause(exc)
+                await self._keep_lease(job_id)
+                continue
+            self.outage.ok()
+            return
 
     async def _wait_for_room(self, job_id: str) -> str:
         """Pause while the pipeline backlog is above the bulk limit; returns the job state."""
@@ -218,7 +234,13 @@ class Submitter:
             state = text(await aw(self.redis.hget(self.keys.job(job_id), K.JOB_STATE)))
             if state == K.JOB_STATE_CANCELLED:
                 return state
-            if await self.backlog.get() <= self.s.bulk_backlog_limit:
+            try:
+                backlog = await self.backlog.get()
+            except TRANSIENT_NATS_ERRORS as exc:
+                await self.outage.pause(exc)
+                continue
+            self.outage.ok()
+            if backlog <= self.s.bulk_backlog_limit:
                 return state
             if not paused:
                 BACKPRESSURE.labels("bulk_pause").inc()

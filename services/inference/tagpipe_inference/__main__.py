@@ -7,6 +7,7 @@ Exit status: 0 after a clean SIGTERM (the batch in flight is finished and acked)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -14,7 +15,7 @@ import sys
 from prometheus_client import start_http_server
 from redis.asyncio import Redis
 from tagpipe_common.keys import RedisKeys
-from tagpipe_common.nats_io import connect_nats
+from tagpipe_common.nats_io import close_nats, connect_nats
 from tagpipe_common.results import ResultStore
 from tagpipe_common.settings import load_settings
 from tagpipe_common.telemetry import setup_logging, setup_tracing
@@ -52,7 +53,8 @@ async def serve(settings: InferenceSettings, model: Model) -> None:
         from tagpipe_inference.health import start_health
 
         def ready() -> bool:
-            return model.ready and not worker.stopping and nc.is_connected
+            up = nc.is_connected and worker.outage.healthy
+            return model.ready and not worker.stopping and up
 
         runner = await start_health(settings.health_host, settings.health_port, ready)
     try:
@@ -62,9 +64,9 @@ async def serve(settings: InferenceSettings, model: Model) -> None:
     finally:
         if runner is not None:
             await runner.cleanup()
-        await nc.flush()  # the last acks must leave before the connection closes
-        await nc.close()
-        await redis.aclose()
+        await close_nats(nc)  # flushes the last acks; never raises over a dead server
+        with contextlib.suppress(Exception):
+            await redis.aclose()
     log.info("stopped", extra={"fields": {"event": "stopped", "batches": worker.batches}})
 
 

@@ -26,6 +26,7 @@ from nats.js.client import JetStreamContext
 from redis.exceptions import RedisError
 from tagpipe_common.errors import ErrorCode
 from tagpipe_common.messages import TagResult
+from tagpipe_common.outage import TRANSIENT_NATS_ERRORS, Outage, is_transient
 from tagpipe_common.results import ResultStore
 from tagpipe_common.streams import is_final_delivery
 from tagpipe_common.subjects import LANES, Stage, stage_names
@@ -72,6 +73,8 @@ class InferenceWorker:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ort")
         self._inflight: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(settings.pipeline_depth)
+        # A JetStream outage (restart, leader change) is waited out, never fatal.
+        self.outage = Outage("jetstream", log)
 
     async def subscribe(self) -> None:
         names = stage_names(Stage.INFER, self.settings.prefix)
@@ -115,9 +118,14 @@ class InferenceWorker:
 
     async def _fetch(self, sub: PullSub, n: int, wait_s: float) -> list[Msg]:
         try:
-            return await sub.fetch(n, timeout=max(wait_s, 0.001))
+            msgs = await sub.fetch(n, timeout=max(wait_s, 0.001))
         except (TimeoutError, NatsTimeoutError):
+            msgs = []  # nothing queued (or a reconnect in progress: nc says which)
+        except TRANSIENT_NATS_ERRORS as exc:
+            await self.outage.pause(exc, self._stopping)
             return []
+        self.outage.ok()
+        return msgs
 
     async def _collect(self) -> list[Msg]:
         """Up to max_batch messages, real-time first, waiting max_wait after the first."""
@@ -151,8 +159,11 @@ class InferenceWorker:
         metrics.INFLIGHT.inc(len(msgs))
         try:
             await self._process(Batch(msgs, fetched_at=time.time()))
-        except Exception:
-            log.exception("batch failed; its messages will be redelivered")
+        except Exception as exc:
+            if is_transient(exc):  # an ack lost to a broker restart: one line per episode
+                self.outage.failed(exc)
+            else:
+                log.exception("batch failed; its messages will be redelivered")
             for m in msgs:
                 with contextlib.suppress(Exception):
                     await m.nak(delay=self.settings.nak_delay_s)
