@@ -22,9 +22,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from tagpipe_common.messages import TagResult
 
 from bench.imageserver import ImageServer, make_jpeg
-from tests.integration.test_downloader_worker import Harness, h, start  # noqa: F401 (fixtures)
+from tests.integration.test_downloader_worker import (  # noqa: F401 (fixtures)
+    Harness,
+    Start,
+    h,
+    start,
+)
 
 # How long an item may take before the test calls the worker hung (generous on
 # purpose: this bounds a hang on a loaded 2-core runner, it measures no speed).
@@ -228,6 +234,7 @@ class RawServer:
         self.respond = respond
         self.connections = 0
         self.server: asyncio.Server | None = None
+        self._handlers: set[asyncio.Task[object]] = set()
 
     async def __aenter__(self) -> RawServer:
         self.server = await asyncio.start_server(self._serve, "127.0.0.2", 0)
@@ -236,6 +243,9 @@ class RawServer:
     async def __aexit__(self, *exc: object) -> None:
         assert self.server is not None
         self.server.close()
+        for task in self._handlers:  # a stalling responder would outlive the test
+            task.cancel()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
 
     @property
     def url(self) -> str:
@@ -244,6 +254,9 @@ class RawServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
         try:
             await reader.readuntil(b"\r\n\r\n")
             await self.respond(writer)  # type: ignore[operator]
@@ -301,3 +314,72 @@ async def test_lying_servers_end_as_errors_without_hanging(
     assert code in codes, code
     # And the worker is still serving.
     assert (await h.tensor(h.images.add("after", JPEG))).shape == (224, 224, 3)
+
+
+# --- the item deadline --------------------------------------------------------------
+
+# Per-attempt bounds no test reaches: only the item deadline can end these items.
+NO_ATTEMPT_BOUND = {"total_timeout_s": 600.0, "read_timeout_s": 600.0, "fetch_retries": 2}
+
+
+async def trickle(w: asyncio.StreamWriter) -> None:
+    w.write(head(len(JPEG)))
+    for b in JPEG:  # 1 byte/s: each read is well inside any read timeout
+        w.write(bytes([b]))
+        await w.drain()
+        await asyncio.sleep(1.0)
+
+
+async def stall_after_headers(w: asyncio.StreamWriter) -> None:
+    w.write(head(len(JPEG)))
+    await w.drain()
+    await asyncio.sleep(3600)
+
+
+def endless(pause_s: float, chunk: int) -> object:
+    async def respond(w: asyncio.StreamWriter) -> None:
+        # No Content-Length: the body lasts until the server hangs up, which it never does.
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\n\r\n\xff\xd8\xff")
+        while True:
+            w.write(bytes(chunk))
+            await w.drain()
+            await asyncio.sleep(pause_s)
+
+    return respond
+
+
+@pytest.mark.parametrize(
+    ("respond", "code"),
+    [
+        (trickle, "download_timeout"),
+        (stall_after_headers, "download_timeout"),
+        (endless(0.05, 1024), "download_timeout"),  # never silent, under the cap by the deadline
+        (endless(0.0, 64 * 1024), "too_large"),  # the cap ends it first
+    ],
+    ids=["trickle-1-byte-per-s", "stall-after-headers", "endless-drip", "endless-flood"],
+)
+async def test_hostile_server_ends_within_the_item_deadline_with_its_code(
+    start: Start,  # noqa: F811
+    respond: object,
+    code: str,
+) -> None:
+    hh = await start(item_deadline_s=2.0, **NO_ATTEMPT_BOUND)
+    async with RawServer(respond) as srv:
+        # Without the deadline these would run 600 s an attempt: the guard would fire.
+        got = await asyncio.wait_for(hh.code(srv.url), HANG_S)
+        assert got == code
+        assert srv.connections == 1  # final at the deadline: not retried
+    assert (await hh.tensor(hh.images.add("after", JPEG))).shape == (224, 224, 3)
+
+
+async def test_the_deadline_goes_on_across_redeliveries(start: Start) -> None:  # noqa: F811
+    # Every answer is 503 with Retry-After 1 s, which goes back to JetStream as
+    # nak(1 s). The deadline (1.8 s) is kept in Redis for the next delivery,
+    # which then has too little time for another try: the item is final by its
+    # second delivery at the latest, never a third (max_deliver 3).
+    hh = await start(item_deadline_s=1.8, retry_after_inline_max_s=0.0, **NO_ATTEMPT_BOUND)
+    item_id = await hh.submit(hh.images.url("/status/503?retry_after=1"))
+    out = await asyncio.wait_for(hh.outcome(item_id, timeout_s=HANG_S), HANG_S)
+    assert isinstance(out, TagResult) and out.code in {"http_503", "download_timeout"}
+    assert "deadline" in (out.message or ""), out.message
+    assert 1 <= len(hh.images.hits["/status/503"]) <= 2

@@ -208,10 +208,12 @@ class Fetcher:
         t0 = time.perf_counter()
         for attempt in range(self.cfg.retries + 1):
             left = deadline - time.time()
+            if left <= 0:  # a redelivery after the deadline: no connection at all
+                raise self._past_deadline()
             try:
                 # sock_read restarts with every chunk, so a trickle never trips
                 # it; only this wall-clock bound holds the whole response.
-                async with asyncio.timeout(max(0.0, min(self.cfg.total_timeout_s, left))):
+                async with asyncio.timeout(min(self.cfg.total_timeout_s, left)):
                     body, final_url, ctype = await self._follow(url, clock)
             except TimeoutError:
                 if left <= self.cfg.total_timeout_s:
