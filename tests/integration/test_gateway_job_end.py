@@ -1,4 +1,5 @@
-"""How a job reads once it is over, whether it completed or was cancelled.
+"""How a job reads once it is over, whether it completed or was cancelled, and the
+request id every problem carries.
 
 The gateway in-process against real NATS and Redis; the test plays the workers
 through the real queue and ResultStore.
@@ -32,7 +33,7 @@ DOWNLOAD = stage_names(Stage.DOWNLOAD)
 async def client(
     nats_proc: ServerProcess, redis_proc: ServerProcess, js: JetStreamContext
 ) -> AsyncIterator[httpx.AsyncClient]:
-    fast = {"backlog_cache_s": 0, "bulk_batch_size": 4}
+    fast = {"backlog_cache_s": 0, "bulk_batch_size": 4, "realtime_timeout_s": 0.5}
     async with gateway_client(nats_proc, redis_proc, ["end-key-0123"], **fast) as c:
         yield c
 
@@ -103,3 +104,24 @@ async def test_cancelling_a_job_whose_items_all_settled_ends_it_at_once(
     status = (await client.delete(f"/v1/jobs/{job_id}")).json()
     assert status["state"] == "cancelled" and status["finished"] == 1
     assert status["finished_at"] is not None and status["eta_s"] is None
+
+
+async def test_every_problem_carries_the_request_id_of_its_response(
+    client: httpx.AsyncClient,
+) -> None:
+    missing = await client.get("/v1/jobs/j-nope")
+    invalid = await client.post("/v1/tags", json={"url": "gopher://x"})
+    unauthorized = await client.get("/v1/jobs/j-nope", headers={"Authorization": "Bearer x"})
+    # No worker runs here: a 504, whose request id also fetches the results later.
+    timeout = await client.post("/v1/tags", json={"url": "http://img.example/a.jpg"})
+    assert timeout.status_code == 504
+    later = await client.get(f"/v1/results/{timeout.json()['request_id']}")
+    assert later.json()["items"][0]["status"] == "pending"
+    ids = set()
+    for r in (missing, invalid, unauthorized, timeout):
+        assert r.headers["content-type"] == "application/problem+json", r.text
+        request_id = r.json()["request_id"]
+        assert request_id == r.headers["x-request-id"] and len(request_id) == 32
+        ids.add(request_id)
+    assert len(ids) == 4  # one per request
+    assert (await client.get("/healthz")).headers["x-request-id"]

@@ -8,6 +8,7 @@ human-readable title or detail.
 from __future__ import annotations
 
 import logging
+import uuid
 from enum import StrEnum
 from typing import Any
 
@@ -19,6 +20,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from tagpipe_common import telemetry
+from tagpipe_common.outage import TRANSIENT_NATS_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +56,11 @@ class Problem(BaseModel):
     code: ProblemCode
     detail: str | None = None
     instance: str | None = None
-    request_id: str | None = None
+    request_id: str | None = Field(
+        default=None,
+        description="This request's id (also the `X-Request-Id` header and in the gateway's "
+        "log lines): quote it when reporting a problem",
+    )
     errors: list[dict[str, Any]] | None = Field(
         default=None, description="Per-field validation errors: field (dotted path) and message"
     )
@@ -105,6 +113,42 @@ def problem_response(
     return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_MEDIA_TYPE)
 
 
+class RequestIdMiddleware:
+    """Gives every request an id, in `request.state`, the log lines and `X-Request-Id`.
+
+    Always made here, never taken from the caller: a real-time request's id also
+    names its results, so a chosen one could collide with another caller's.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        header = (b"x-request-id", request_id.encode())
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), header]
+            await send(message)
+
+        token = telemetry.request_id_var.set(request_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            telemetry.request_id_var.reset(token)
+
+
+def request_id_of(request: Request) -> str:
+    """The id RequestIdMiddleware gave this request (a fresh one outside it)."""
+    request_id = getattr(request.state, "request_id", None)
+    return request_id if isinstance(request_id, str) else uuid.uuid4().hex
+
+
 def field_path(loc: tuple[Any, ...] | list[Any]) -> str:
     """`("body", "urls", 3)` -> `body.urls[3]`: the field a client has to fix."""
     out = ""
@@ -127,12 +171,9 @@ _STATUS_CODES = {
     429: ProblemCode.BACKLOG_FULL,
 }
 
+# A broker away for now is a 503 with Retry-After, never a 500.
 _NATS_DOWN = (
-    nats.errors.NoServersError,
-    nats.errors.ConnectionClosedError,
-    nats.errors.TimeoutError,
-    nats.errors.OutboundBufferLimitError,
-    nats.js.errors.ServiceUnavailableError,
+    *(e for e in TRANSIENT_NATS_ERRORS if issubclass(e, nats.errors.Error)),
     nats.js.errors.NoStreamResponseError,
 )
 
@@ -140,6 +181,7 @@ _NATS_DOWN = (
 def install_handlers(app: FastAPI) -> None:
     async def on_problem(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ProblemError)
+        extra = {"request_id": request_id_of(request), **exc.extra}
         return problem_response(
             exc.status,
             exc.code,
@@ -147,7 +189,7 @@ def install_handlers(app: FastAPI) -> None:
             exc.detail,
             instance=request.url.path,
             headers=exc.headers,
-            **exc.extra,
+            **extra,
         )
 
     async def on_validation(request: Request, exc: Exception) -> JSONResponse:
@@ -160,6 +202,7 @@ def install_handlers(app: FastAPI) -> None:
             "Request validation failed",
             f"invalid field(s): {fields}",
             instance=request.url.path,
+            request_id=request_id_of(request),
             errors=errors,
         )
 
@@ -171,6 +214,7 @@ def install_handlers(app: FastAPI) -> None:
             code,
             str(exc.detail),
             instance=request.url.path,
+            request_id=request_id_of(request),
             headers=dict(exc.headers or {}),
         )
 
@@ -182,6 +226,7 @@ def install_handlers(app: FastAPI) -> None:
             "Result store unavailable",
             "Redis cannot be reached; retry later",
             instance=request.url.path,
+            request_id=request_id_of(request),
             headers={"Retry-After": "2"},
         )
 
@@ -193,15 +238,24 @@ def install_handlers(app: FastAPI) -> None:
             "Work queue unavailable",
             "NATS JetStream cannot be reached; retry later",
             instance=request.url.path,
+            request_id=request_id_of(request),
             headers={"Retry-After": "2"},
         )
 
     async def on_crash(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s", request.url.path)
+        # Handled outside RequestIdMiddleware: the log line names the id itself.
+        request_id = request_id_of(request)
+        fields = {"request_id": request_id}
+        log.exception("unhandled error on %s", request.url.path, extra={"fields": fields})
         return problem_response(
-            500, ProblemCode.INTERNAL, "Internal error", instance=request.url.path
+            500,
+            ProblemCode.INTERNAL,
+            "Internal error",
+            instance=request.url.path,
+            request_id=request_id,
         )
 
+    app.add_middleware(RequestIdMiddleware)
     app.add_exception_handler(ProblemError, on_problem)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)

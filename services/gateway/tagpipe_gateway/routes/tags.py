@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import uuid
 from typing import Any, NoReturn
 
 from fastapi import APIRouter, Request
@@ -16,7 +15,12 @@ from tagpipe_common.subjects import Lane
 from tagpipe_gateway.deps import PrincipalDep, RuntimeDep
 from tagpipe_gateway.intake import check_url
 from tagpipe_gateway.metrics import BACKPRESSURE, observe_item
-from tagpipe_gateway.problems import ProblemCode, ProblemError, problem_responses
+from tagpipe_gateway.problems import (
+    ProblemCode,
+    ProblemError,
+    problem_responses,
+    request_id_of,
+)
 from tagpipe_gateway.runtime import Runtime
 from tagpipe_gateway.schemas import ItemResult, TagRequest, TagResponse
 
@@ -178,13 +182,18 @@ async def tag_images(request: Request, rt: RuntimeDep, principal: PrincipalDep) 
             f"pipeline backlog is {backlog} (limit {rt.settings.realtime_backlog_limit})",
             headers={"Retry-After": "2"},
         )
-    return await _run_request(rt, principal, urls, blobs, options)
+    return await _run_request(rt, principal, request_id_of(request), urls, blobs, options)
 
 
 async def _run_request(
-    rt: Runtime, principal: str, urls: list[str], blobs: list[bytes], options: TaskOptions
+    rt: Runtime,
+    principal: str,
+    request_id: str,
+    urls: list[str],
+    blobs: list[bytes],
+    options: TaskOptions,
 ) -> TagResponse:
-    request_id = uuid.uuid4().hex
+    # The id of the HTTP request (its X-Request-Id) also names its items and results.
     token = telemetry.request_id_var.set(request_id)  # every log line of this request
     attrs: dict[str, str | int] = {
         "tagpipe.request_id": request_id,
