@@ -39,6 +39,27 @@ class BackgroundLoop:
         self.loop.close()
 
 
+# Generous on purpose: it bounds a wait on a loaded 2-core runner, it measures no speed.
+WAIT_S = 90.0
+
+
+def settle(check: Callable[[], T], timeout_s: float = WAIT_S, every_s: float = 0.2) -> T:
+    """Run `check` until it stops failing its assertions; past the time, its last failure.
+
+    For values that only converge (spans arriving, counters going up, log lines
+    being written): a value that went wrong stays wrong, and fails at the end.
+    Unpacking `(x,) = [...]` fails with ValueError, so that counts as not yet.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return check()
+        except (AssertionError, ValueError, KeyError):
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(every_s)
+
+
 # --- an OTLP/HTTP trace receiver ---------------------------------------------
 
 
@@ -87,14 +108,26 @@ class Collector:
         reply = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
         return web.Response(body=reply, content_type="application/x-protobuf")
 
-    def wait_for(self, pred: Callable[[list[Span]], bool], timeout_s: float = 30) -> list[Span]:
+    def snapshot(self) -> list[Span]:
+        with self.lock:
+            return list(self.spans)
+
+    def wait_for(self, pred: Callable[[list[Span]], bool], timeout_s: float = WAIT_S) -> list[Span]:
         deadline = time.monotonic() + timeout_s
         while True:
-            with self.lock:
-                spans = list(self.spans)
+            spans = self.snapshot()
             if pred(spans) or time.monotonic() > deadline:
                 return spans
             time.sleep(0.2)
+
+    def until(self, check: Callable[[list[Span]], T], timeout_s: float = WAIT_S) -> T:
+        """`check`'s value once it passes on the spans received so far.
+
+        The wait is the assertions themselves, so it covers everything they
+        read: spans reach the collector in batches, per process, in any order
+        (the gateway's HTTP server span last, after the response is sent).
+        """
+        return settle(lambda: check(self.snapshot()), timeout_s)
 
 
 def _value(v: Any) -> Any:

@@ -35,12 +35,14 @@ from tagpipe_common.subjects import HDR_MSG_ID, Lane, Stage, stage_names
 
 from bench.imageserver import ImageServer
 from tests.integration.observability_kit import (
+    WAIT_S,
     BackgroundLoop,
     Collector,
     Span,
     ancestors,
     delta,
     scrape,
+    settle,
     total,
     trace_of,
 )
@@ -93,7 +95,9 @@ class Observed:
 
     def log_lines(self, service: str) -> list[dict[str, Any]]:
         out = []
-        for line in (self.stack.log_dir / f"{service}.log").read_text().splitlines():
+        text = (self.stack.log_dir / f"{service}.log").read_text()
+        # The last line may be half written: only whole lines are read.
+        for line in text[: text.rfind("\n") + 1].splitlines():
             if line.startswith("{"):
                 out.append(json.loads(line))
         return out
@@ -148,7 +152,7 @@ def wait_lines(
     observed: Observed, service: str, pred: Callable[[dict[str, Any]], bool], n: int = 1
 ) -> list[dict[str, Any]]:
     """The log lines matching `pred`, once there are `n` (the response may beat the log)."""
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + WAIT_S
     while True:
         lines = [line for line in observed.log_lines(service) if pred(line)]
         if len(lines) >= n or time.monotonic() > deadline:
@@ -179,15 +183,26 @@ def test_one_image_is_one_trace_across_all_three_services(
     body = tag(http, [images.url("/img/chelsea.jpg?v=trace")])
     rid = body["request_id"]
     assert body["items"][0]["status"] == "ok"
+    # Waits until every assertion on the spans holds (each process exports on its own).
+    trace_id = collector.until(lambda spans: check_one_trace(spans, rid))
 
-    def complete(spans: list[Span]) -> bool:
-        mine = trace_of(spans, rid)
-        linked = any(
-            s.name == "infer_batch" and mine and mine[0].trace_id in s.links for s in spans
-        )
-        return linked and {s.name for s in mine} >= ITEM_SPANS
+    # Exactly one per-item line with the stage timings, carrying the trace id.
+    lines = wait_lines(
+        observed,
+        "inference-0",
+        lambda ln: ln.get("event") == "item_timings" and ln.get("request_id") == rid,
+    )
+    assert len(lines) == 1
+    (line,) = lines
+    assert line["trace_id"] == trace_id and line["component"] == "inference"
+    assert line["status"] == "ok" and line["item_id"] == body["items"][0]["item_id"]
+    for key in ("download_queue_ms", "connect_ms", "download_ms", "decode_ms", "inference_ms"):
+        assert line[key] >= 0, key
+    assert line["end_to_end_ms"] >= line["inference_ms"] > 0
 
-    spans = collector.wait_for(complete)
+
+def check_one_trace(spans: list[Span], rid: str) -> str:
+    """The trace id of request `rid`, once its trace is complete and well formed."""
     mine = trace_of(spans, rid)
     assert {s.name for s in mine} >= ITEM_SPANS, sorted({s.name for s in mine})
     assert {s.service for s in mine} == SERVICES
@@ -234,20 +249,7 @@ def test_one_image_is_one_trace_across_all_three_services(
     (batch,) = [s for s in spans if s.name == "infer_batch" and trace_id in s.links]
     assert batch.service == "tagpipe-inference" and not batch.parent_id
     assert batch.attributes["tagpipe.batch_size"] == len(batch.links) >= 1
-
-    # Exactly one per-item line with the stage timings, carrying the trace id.
-    lines = wait_lines(
-        observed,
-        "inference-0",
-        lambda ln: ln.get("event") == "item_timings" and ln.get("request_id") == rid,
-    )
-    assert len(lines) == 1
-    (line,) = lines
-    assert line["trace_id"] == trace_id and line["component"] == "inference"
-    assert line["status"] == "ok" and line["item_id"] == body["items"][0]["item_id"]
-    for key in ("download_queue_ms", "connect_ms", "download_ms", "decode_ms", "inference_ms"):
-        assert line[key] >= 0, key
-    assert line["end_to_end_ms"] >= line["inference_ms"] > 0
+    return trace_id
 
 
 def test_a_failed_download_is_a_complete_trace_and_one_timed_line(
@@ -304,53 +306,47 @@ def test_metrics_count_exactly_what_was_sent(
     for t in threads:
         t.join(120)
 
-    # Results are written before the worker counts them: wait for the last counts.
-    deadline = time.monotonic() + 15
-    while True:
+    # Results are written before the worker counts them, the request counters
+    # move after the response is sent, log lines follow the counts: the wait is
+    # every assertion below, on a fresh scrape each round.
+    def check() -> None:
         after = {c: scrape(url) for c, url in observed.metrics.items()}
-        inf, dl = after["inference"], after["downloader"]
-        done = delta(before["inference"], inf, "tagpipe_inference_results_total", status="ok")
-        failed = delta(
-            before["downloader"], dl, "tagpipe_downloader_items_total", outcome="http_404"
-        )
-        if (done, failed) == (6, 2) or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
+        gw, b_gw = after["gateway"], before["gateway"]
+        posts = dict(route="/v1/tags", method="POST", status="200")
+        assert delta(b_gw, gw, "tagpipe_gateway_requests_total", **posts) == len(requests)
+        assert delta(b_gw, gw, "tagpipe_gateway_items_total", lane="realtime", status="ok") == 6
+        assert delta(b_gw, gw, "tagpipe_gateway_items_total", status="error", code="http_404") == 2
+        assert delta(b_gw, gw, "tagpipe_gateway_item_latency_seconds_count", lane="realtime") == 8
+        assert total(gw, "tagpipe_gateway_inflight_requests") == 0
+        # The API port's /metrics is the same registry (its own scrape is in flight there).
+        api = after["gateway-api"]
+        assert total(api, "tagpipe_gateway_items_total") == total(gw, "tagpipe_gateway_items_total")
+        assert total(api, "tagpipe_gateway_inflight_requests") == 1
 
-    gw, b_gw = after["gateway"], before["gateway"]
-    posts = dict(route="/v1/tags", method="POST", status="200")
-    assert delta(b_gw, gw, "tagpipe_gateway_requests_total", **posts) == len(requests)
-    assert delta(b_gw, gw, "tagpipe_gateway_items_total", lane="realtime", status="ok") == 6
-    assert delta(b_gw, gw, "tagpipe_gateway_items_total", status="error", code="http_404") == 2
-    assert delta(b_gw, gw, "tagpipe_gateway_item_latency_seconds_count", lane="realtime") == 8
-    assert total(gw, "tagpipe_gateway_inflight_requests") == 0
-    # The API port's /metrics is the same registry (its own scrape is in flight there).
-    api = after["gateway-api"]
-    assert total(api, "tagpipe_gateway_items_total") == total(gw, "tagpipe_gateway_items_total")
-    assert total(api, "tagpipe_gateway_inflight_requests") == 1
+        dl, b_dl = after["downloader"], before["downloader"]
+        assert delta(b_dl, dl, "tagpipe_downloader_items_total", outcome="published") == 6
+        assert delta(b_dl, dl, "tagpipe_downloader_items_total", outcome="http_404") == 2
+        assert delta(b_dl, dl, "tagpipe_downloader_stage_seconds_count", stage="queue") == 8
+        assert delta(b_dl, dl, "tagpipe_downloader_stage_seconds_count", stage="decode") == 6
+        assert delta(b_dl, dl, "tagpipe_downloader_body_bytes_count") == 6
+        assert delta(b_dl, dl, "tagpipe_downloader_body_bytes_sum") == 6 * len(CAT_JPEG)
+        assert total(dl, "tagpipe_downloader_inflight") == 0
 
-    dl, b_dl = after["downloader"], before["downloader"]
-    assert delta(b_dl, dl, "tagpipe_downloader_items_total", outcome="published") == 6
-    assert delta(b_dl, dl, "tagpipe_downloader_items_total", outcome="http_404") == 2
-    assert delta(b_dl, dl, "tagpipe_downloader_stage_seconds_count", stage="queue") == 8
-    assert delta(b_dl, dl, "tagpipe_downloader_stage_seconds_count", stage="decode") == 6
-    assert delta(b_dl, dl, "tagpipe_downloader_body_bytes_count") == 6
-    assert delta(b_dl, dl, "tagpipe_downloader_body_bytes_sum") == 6 * len(CAT_JPEG)
-    assert total(dl, "tagpipe_downloader_inflight") == 0
+        inf, b_inf = after["inference"], before["inference"]
+        batches = delta(b_inf, inf, "tagpipe_inference_batches_total")
+        assert 1 <= batches <= 6
+        assert batches == len(batch_lines()) - lines_before  # the worker's own log agrees
+        assert delta(b_inf, inf, "tagpipe_inference_batch_size_count") == batches
+        assert delta(b_inf, inf, "tagpipe_inference_batch_size_sum") == 6
+        assert delta(b_inf, inf, "tagpipe_inference_batch_seconds_count") == batches
+        assert delta(b_inf, inf, "tagpipe_inference_results_total", status="ok") == 6
+        assert delta(b_inf, inf, "tagpipe_inference_queue_wait_seconds_count", lane="realtime") == 6
+        assert total(inf, "tagpipe_inference_inflight_items") == 0
 
-    inf, b_inf = after["inference"], before["inference"]
-    batches = delta(b_inf, inf, "tagpipe_inference_batches_total")
-    assert 1 <= batches <= 6
-    assert batches == len(batch_lines()) - lines_before  # the worker's own log agrees
-    assert delta(b_inf, inf, "tagpipe_inference_batch_size_count") == batches
-    assert delta(b_inf, inf, "tagpipe_inference_batch_size_sum") == 6
-    assert delta(b_inf, inf, "tagpipe_inference_batch_seconds_count") == batches
-    assert delta(b_inf, inf, "tagpipe_inference_results_total", status="ok") == 6
-    assert delta(b_inf, inf, "tagpipe_inference_queue_wait_seconds_count", lane="realtime") == 6
-    assert total(inf, "tagpipe_inference_inflight_items") == 0
+        for component, samples in after.items():
+            assert total(samples, "process_cpu_seconds_total") > 0, component
 
-    for component, samples in after.items():
-        assert total(samples, "process_cpu_seconds_total") > 0, component
+    settle(check)
 
 
 def test_a_redelivered_failure_is_logged_and_counted_once(
@@ -407,16 +403,20 @@ def test_each_bulk_item_is_a_trace_of_its_own_linked_to_its_job(
     def written(spans: list[Span]) -> set[str]:
         return {s.trace_id for s in spans if s.name == "result_write"}
 
-    spans = collector.wait_for(
-        lambda s: len(item_roots(s)) == 3 and {x.trace_id for x in item_roots(s)} <= written(s)
-    )
-    roots = item_roots(spans)
-    assert len(roots) == 3 and all(not s.parent_id for s in roots)
-    assert len({s.trace_id for s in roots}) == 3  # one trace per image
-    (job_span,) = [
-        s for s in spans if s.name == "submit_job" and s.attributes.get("tagpipe.job_id") == job_id
-    ]
-    assert all(s.links == (job_span.trace_id,) for s in roots)
-    for root in roots:
-        services = {s.service for s in spans if s.trace_id == root.trace_id}
-        assert services == SERVICES
+    def check(spans: list[Span]) -> None:
+        roots = item_roots(spans)
+        assert len(roots) == 3 and all(not s.parent_id for s in roots)
+        assert len({s.trace_id for s in roots}) == 3  # one trace per image
+        (job_span,) = [
+            s
+            for s in spans
+            if s.name == "submit_job" and s.attributes.get("tagpipe.job_id") == job_id
+        ]
+        assert all(s.links == (job_span.trace_id,) for s in roots)
+        for root in roots:
+            # Every service's spans, the downloader's included, not only the last write.
+            assert root.trace_id in written(spans)
+            services = {s.service for s in spans if s.trace_id == root.trace_id}
+            assert services == SERVICES
+
+    collector.until(check)
