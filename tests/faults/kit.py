@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -238,3 +239,52 @@ def assert_exactly_once(acc: Accounting) -> None:
     assert acc.distinct_items == n and acc.distinct_clients == n, acc
     assert acc.result_keys == n, acc
     assert acc.ok == s["done"], acc
+
+
+class RealtimeLoad:
+    """Real-time calls in a thread alongside a fault: every answer must be a 200, or a
+    503/429 problem+json (never a 500, never a hang past the client's timeout)."""
+
+    def __init__(self, gateway_url: str, image_url: str, every_s: float = 0.25) -> None:
+        self.gateway_url, self.image_url, self.every_s = gateway_url, image_url, every_s
+        self.statuses: list[int] = []
+        self.bad: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="realtime-load", daemon=True)
+
+    def __enter__(self) -> RealtimeLoad:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(120)
+
+    @property
+    def answers(self) -> int:
+        return len(self.statuses)
+
+    def counts(self) -> dict[str, int]:
+        return {str(s): self.statuses.count(s) for s in sorted(set(self.statuses))}
+
+    def _run(self) -> None:
+        with httpx.Client(base_url=self.gateway_url, timeout=90) as http:
+            while not self._stop.wait(self.every_s):
+                try:
+                    r = http.post("/v1/tags", json={"url": self.image_url})
+                except httpx.TransportError as exc:
+                    self.bad.append(f"no answer: {exc!r}")
+                    continue
+                self.statuses.append(r.status_code)
+                problem = r.headers.get("content-type") == "application/problem+json"
+                if r.status_code != 200 and not (r.status_code in (429, 503) and problem):
+                    self.bad.append(f"{r.status_code} {r.text[:200]}")
+
+
+def outage_warnings(stack: Stack) -> dict[str, int]:
+    """Per service, the outage episodes it logged (one WARNING line each)."""
+    return {
+        s.name: s.log_path.read_text(errors="replace").count("unavailable, retrying with backoff")
+        for s in stack.services
+        if s.log_path.exists()
+    }
