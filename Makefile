@@ -8,7 +8,7 @@ PY := $(BIN)/python
 MODEL_DIR ?= models/efficientnet-lite0
 PYTEST_ARGS ?=
 
-.PHONY: help setup venv tools model test test-unit test-integration test-faults lint format run \
+.PHONY: help setup venv tools model test test-unit test-integration test-stress test-faults lint format run \
         bench bench-inference bench-downloader e2e images clean
 
 help: ## list targets
@@ -41,6 +41,10 @@ bench: venv ## end-to-end: ideal loop vs tagpipe vs naive monolith vs Ray Serve 
 
 test: venv ## the whole suite: unit, integration (real NATS/Redis), chart checks
 	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+STRESS_RUNS ?= 3
+test-stress: venv ## make test with one busy loop per core alongside, STRESS_RUNS (3) times in a row
+	$(PY) tools/stress.py --repeat $(STRESS_RUNS) -- $(MAKE) test
 
 test-unit: venv
 	$(BIN)/pytest -q tests/unit $(PYTEST_ARGS)
