@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 from redis.asyncio import Redis
 from tagpipe_common.messages import TagResult
+from tagpipe_common.outage import Outage
 from tagpipe_common.results import ResultStore
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class Notifier:
         self._waiters: dict[str, Waiter] = {}
         self._task: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
+        self.outage = Outage("redis (result notifications)", log, base_s=0.25)
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._listen(), name="notifier")
@@ -65,6 +67,7 @@ class Notifier:
                 pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
                 await pubsub.subscribe(self.channel)
                 self._subscribed.set()
+                self.outage.ok()
                 try:
                     async for msg in pubsub.listen():
                         self._dispatch(msg.get("data"))
@@ -73,8 +76,7 @@ class Notifier:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a Redis restart: resubscribe; waiters poll meanwhile
-                log.warning("notify subscription lost (%s); resubscribing", exc)
-                await asyncio.sleep(0.5)
+                await self.outage.pause(exc)
 
     def _dispatch(self, data: object) -> None:
         if not isinstance(data, bytes | str):
