@@ -16,7 +16,8 @@ PR_SET_PDEATHSIG fires when the *thread* that started a child exits, so call
 main thread, or an executor thread that stays alive (`asyncio.to_thread` is).
 
 Fault-injection tests reach single services by name:
-`stack.service("downloader-0").kill()`, then `.restart()`.
+`stack.service("downloader-0").kill()`, then `.restart()`. `tagpipe up` restarts
+services that die on their own (supervise.py).
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ class Service:
     log_path: Path
     health_url: str | None
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    crashes: int = 0  # exits the supervisor found (tagpipe up's restarts)
+    restarts: list[float] = field(default_factory=list)  # when it restarted them (monotonic)
 
     def start(self) -> None:
         with self.log_path.open("ab") as log:
@@ -132,6 +135,7 @@ class Stack:
         self.services: list[Service] = []
         self.port = self.config.port or free_port()
         self.log_dir = self.config.data_dir / "logs"
+        self.stopping = False  # set by stop(): exits from here on are no crashes
 
     @property
     def gateway_url(self) -> str:
@@ -261,7 +265,12 @@ class Stack:
         """Services that exited (for a supervisor loop)."""
         return [s for s in self.services if s.proc is not None and not s.alive]
 
+    def crashed(self) -> list[Service]:
+        """Services that died, now or at any time before a supervisor restarted them."""
+        return [s for s in self.services if s.crashes or (s.proc is not None and not s.alive)]
+
     def stop(self, grace_s: float = 15.0) -> None:
+        self.stopping = True
         # Pipeline order: stop taking work, then drain downloads, then inference.
         for group in ("gateway", "downloader", "inference"):
             members = [s for s in self.services if s.name.startswith(group)]

@@ -1,4 +1,4 @@
-"""`tagpipe up`: the whole stack in the foreground until Ctrl-C."""
+"""`tagpipe up`: the whole stack in the foreground until Ctrl-C, dead workers restarted."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from types import FrameType
 
 from tagpipe_cli.servers import ServerStartError
 from tagpipe_cli.stack import DEFAULT_MODEL_DIR, Stack, StackConfig
+from tagpipe_cli.supervise import Supervisor
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -57,14 +58,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"tagpipe up: {exc}")
         return 1
     print(f"tagpipe is up: {stack.gateway_url}  (Ctrl-C stops everything)", flush=True)
-    code = 0
     try:
-        while not stop.wait(1.0):
-            if dead := stack.dead():
-                names = ", ".join(f"{s.name} (exit {s.proc and s.proc.returncode})" for s in dead)
-                print(f"tagpipe up: {names} stopped; see {stack.log_dir}/; shutting down")
-                code = 1
-                break
+        # A worker that dies is restarted; a crash loop stops everything (supervise.py).
+        code = Supervisor(stack).run(stop)
     finally:
         print("stopping ...", flush=True)
         stack.stop()

@@ -89,7 +89,7 @@ def test_nats_restarts_at_every_moment_of_a_job(
     assert_exactly_once(acc)
     assert acc.status["done"] == N, acc.codes
     assert ready.status_code == 200, ready.text  # the gateway reconnected by itself
-    assert not stack.dead(), [s.name for s in stack.dead()]  # no service exited over it
+    assert not stack.crashed(), [s.name for s in stack.crashed()]  # no service exited over it
     assert realtime.answers, "the real-time load never got an answer"
     assert realtime.bad == [], realtime.bad  # only 200, or 503/429 problem+json
     record(
@@ -135,7 +135,7 @@ def test_redis_outage_mid_job(
     assert before < N
     assert_exactly_once(acc)
     assert acc.status["done"] == N, acc.codes
-    assert not stack.dead(), [s.name for s in stack.dead()]
+    assert not stack.crashed(), [s.name for s in stack.crashed()]
     record(
         acc,
         duplicates_absorbed=redelivered_duplicates(stack),
