@@ -34,6 +34,8 @@ class ErrorCode(StrEnum):
     # Lifecycle
     RETRIES_EXHAUSTED = "retries_exhausted"
     CANCELLED = "cancelled"
+    # Real-time: the caller's deadline passed before the item was served; skipped.
+    DEADLINE_EXCEEDED = "deadline_exceeded"
     # Bulk: the same URL appeared earlier in the job; the message names that item.
     DUPLICATE_URL = "duplicate_url"
     BAD_MESSAGE = "bad_message"

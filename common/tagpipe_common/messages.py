@@ -98,12 +98,18 @@ class ItemRef(WireModel):
     client_item_id: str | None = None
     lane: Lane = Lane.REALTIME
     submitted_at: float = Field(default_factory=now)
+    # Epoch seconds after which nobody waits for this item (real-time only; bulk
+    # items have none). A stage that picks it up later skips it: deadline_exceeded.
+    deadline: float | None = None
 
     @model_validator(mode="after")
     def _owner(self) -> Self:
         if (self.request_id is None) == (self.job_id is None):
             raise ValueError("exactly one of request_id and job_id must be set")
         return self
+
+    def expired(self, at: float | None = None) -> bool:
+        return self.deadline is not None and (now() if at is None else at) > self.deadline
 
     def ref(self) -> dict[str, Any]:
         """The routing fields, to copy into the next stage's message."""
