@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -483,3 +484,14 @@ async def test_a_jetstream_outage_is_waited_out_and_reported_not_ready(
     assert pixels.shape == (224, 224, 3)
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert [w.split(",")[0] for w in warnings] == ["jetstream unavailable"], warnings
+
+
+async def test_an_item_past_its_deadline_is_not_downloaded(h: Harness) -> None:
+    url = h.images.add("late", make_jpeg(64, 64))
+    late = await h.submit(url, deadline=time.time() - 1.0)
+    out = await h.outcome(late)
+    assert isinstance(out, TagResult)
+    assert (out.status, out.code) == ("error", "deadline_exceeded")
+    assert not h.images.hits["/img/late"]  # no connection spent on a departed caller
+    live = await h.outcome(await h.submit(url, deadline=time.time() + 600))
+    assert isinstance(live, InferenceTask) and live.deadline is not None  # travels on

@@ -384,3 +384,24 @@ async def test_a_jetstream_outage_is_waited_out_not_fatal(
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_an_item_past_its_deadline_is_skipped_once_without_model_time(
+    js: JetStreamContext, store: ResultStore, make_worker: Callable[..., InferenceWorker]
+) -> None:
+    late = make_task("late", noise(31), Lane.REALTIME)
+    late.deadline = time.time() - 1.0  # its caller gave up while it queued
+    live = make_task("live", noise(32), Lane.REALTIME)
+    live.deadline = time.time() + 600
+    for t in (late, live):
+        await publish(js, t)
+    async with running(make_worker()) as w:
+        by_id = {r.item_id: r for r in await results_for(store, ["late", "live"])}
+        await wait_until(lambda: _zero(backlog(js)))
+        # A redelivery's twin (no Msg-Id, so JetStream keeps it): still one result.
+        await js.publish(INFER.subject(late.lane), late.to_wire())
+        await wait_until(lambda: _zero(backlog(js)))
+    assert (by_id["late"].status, by_id["late"].code) == ("error", "deadline_exceeded")
+    assert by_id["live"].status == "ok"
+    assert w.items == 1  # only the live item reached the model
+    assert w.duplicates == 1

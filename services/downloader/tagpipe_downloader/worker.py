@@ -62,6 +62,12 @@ _INFRA_ERRORS = (
 _FETCH_ERRORS: tuple[type[Exception], ...] = (*TRANSIENT_NATS_ERRORS, nats.errors.Error)
 
 
+def _check_deadline(task: DownloadTask, where: str) -> None:
+    """Nobody waits for an item past its deadline: no more work is spent on it."""
+    if task.expired():
+        raise PermanentError(ErrorCode.DEADLINE_EXCEEDED, f"the caller's deadline passed {where}")
+
+
 class InfraUnavailable(Exception):
     """Redis or NATS stayed unreachable for the whole retry budget."""
 
@@ -252,12 +258,14 @@ class DownloadWorker:
         timings = StageTimings(download_queue_ms=max(0.0, (time.time() - task.enqueued_at) * 1000))
         try:
             try:
+                _check_deadline(task, "before its download")
                 if await self._cancelled(task):
                     raise PermanentError(ErrorCode.CANCELLED, "the job was cancelled")
                 data = await self._source_bytes(msg, task, timings)
                 metrics.BYTES.observe(len(data))
                 decoded = await self._decode(data, lane)
                 timings.decode_ms, timings.preprocess_ms = decoded.decode_ms, decoded.preprocess_ms
+                _check_deadline(task, "before inference")  # spare the inference tier
                 await self._infra(
                     lambda: self._publish(task, lane, decoded, timings), self.nats_outage
                 )

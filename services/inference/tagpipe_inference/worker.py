@@ -49,6 +49,7 @@ class Batch:
     fetched_at: float
     good: list[tuple[Msg, Decoded]] = field(default_factory=list)
     bad: list[tuple[Msg, Rejected]] = field(default_factory=list)
+    expired: list[tuple[Msg, Decoded]] = field(default_factory=list)  # caller gave up
     trace: BatchTrace = field(default_factory=BatchTrace)
 
 
@@ -175,7 +176,9 @@ class InferenceWorker:
         crop = self.model.manifest.preprocess.crop
         for m in batch.msgs:
             d = decode(m.data, crop)
-            if isinstance(d, Decoded):
+            if isinstance(d, Decoded) and d.task.expired(batch.fetched_at):
+                batch.expired.append((m, d))  # no model time for a caller who left
+            elif isinstance(d, Decoded):
                 batch.good.append((m, d))
                 batch.trace.add(d.task.item_id, m.headers)
                 t = d.task
@@ -212,6 +215,9 @@ class InferenceWorker:
             if rej.ref is not None:
                 log.warning("bad tensor for %s: %s", rej.ref.item_id, rej.reason)
                 out.append((m, error_result(rej.ref, ErrorCode.BAD_TENSOR, rej.reason, now)))
+        late = "the caller's deadline passed before inference"
+        for m, d in batch.expired:
+            out.append((m, error_result(d.task, ErrorCode.DEADLINE_EXCEEDED, late, now)))
         return out
 
     async def _infer(self, batch: Batch) -> tuple[list[tuple[Msg, TagResult]], list[Msg]]:
