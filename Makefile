@@ -78,10 +78,10 @@ IMAGE_TAG ?= 0.1.0
 INFERENCE_BUILD_ARGS ?=
 images: ## build the four images (needs a Docker engine; INFERENCE_BUILD_ARGS for the CPU variant)
 	@docker info >/dev/null 2>&1 || { echo "make images: no Docker engine reachable ('docker info' failed); build where Docker runs, e.g. the e2e workflow" >&2; exit 1; }
-	docker build -f operator/Dockerfile -t $(IMAGE_PREFIX)operator:$(IMAGE_TAG) .
-	docker build -f services/gateway/Dockerfile -t $(IMAGE_PREFIX)gateway:$(IMAGE_TAG) .
-	docker build -f services/downloader/Dockerfile -t $(IMAGE_PREFIX)downloader:$(IMAGE_TAG) .
-	docker build -f services/inference/Dockerfile $(INFERENCE_BUILD_ARGS) -t $(IMAGE_PREFIX)inference:$(IMAGE_TAG) .
+	docker build --target operator -t $(IMAGE_PREFIX)operator:$(IMAGE_TAG) .
+	docker build --target gateway -t $(IMAGE_PREFIX)gateway:$(IMAGE_TAG) .
+	docker build --target downloader -t $(IMAGE_PREFIX)downloader:$(IMAGE_TAG) .
+	docker build --target inference $(INFERENCE_BUILD_ARGS) -t $(IMAGE_PREFIX)inference:$(IMAGE_TAG) .
 
 bench-downloader: venv ## downloader images/s (fetch + decode, 0/100 ms latency) and the JPEG fast path
 	$(PY) bench/bench_downloader.py --out bench/results/downloader.json

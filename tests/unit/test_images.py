@@ -1,6 +1,7 @@
-"""Each Dockerfile installs an extra that exists and runs a console script that exists.
+"""The one Dockerfile's target per component installs an extra that exists and runs a
+console script that exists.
 
-No Docker engine runs here, so the Dockerfiles are checked as text against pyproject.toml,
+No Docker engine runs here, so the Dockerfile is checked as text against pyproject.toml,
 the operator's rendered commands and .dockerignore (evaluated with Docker's rules: the
 last matching pattern wins, `!` re-includes).
 """
@@ -22,12 +23,8 @@ ROOT = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 EXTRAS = set(PYPROJECT["project"]["optional-dependencies"])
 SCRIPTS = set(PYPROJECT["project"]["scripts"])
-DOCKERFILES = {
-    "gateway": ROOT / "services" / "gateway" / "Dockerfile",
-    "downloader": ROOT / "services" / "downloader" / "Dockerfile",
-    "inference": ROOT / "services" / "inference" / "Dockerfile",
-    "operator": ROOT / "operator" / "Dockerfile",
-}
+DOCKERFILE = ROOT / "Dockerfile"
+COMPONENTS = ("gateway", "downloader", "inference", "operator")
 SLIM = "python:3.11-slim"
 
 
@@ -46,9 +43,21 @@ class Dockerfile:
     def expand(self, text: str) -> str:
         return re.sub(r"\$\{(\w+)\}", lambda m: self.args.get(m[1], m[0]), text)
 
-    @property
-    def final(self) -> Stage:
-        return self.stages[-1]
+    def stage(self, name: str) -> Stage:
+        (found,) = [s for s in self.stages if s.name == name]
+        return found
+
+    def chain(self, stage: Stage) -> list[Stage]:
+        """The stage and the earlier stages it is built FROM, nearest first."""
+        names = {s.name for s in self.stages}
+        out = [stage]
+        while out[-1].base in names:
+            out.append(self.stage(out[-1].base))
+        return out
+
+    def image(self, stage: Stage) -> str:
+        """The registry image a stage starts from, through the stages it builds on."""
+        return self.expand(self.chain(stage)[-1].base)
 
 
 def parse(path: Path) -> Dockerfile:
@@ -68,51 +77,61 @@ def parse(path: Path) -> Dockerfile:
     return Dockerfile(args, stages)
 
 
+DF = parse(DOCKERFILE)
+
+
 def pip_extras(df: Dockerfile, stage: Stage) -> set[str]:
     found = set()
-    for line in stage.lines:
+    for line in (ln for s in df.chain(stage) for ln in s.lines):
         for m in re.finditer(r"pip install [^&]*?\"\.\[([^\]]+)\]\"", df.expand(line)):
             found |= {e.strip() for e in m[1].split(",")}
     return found
 
 
-def entrypoint(stage: Stage) -> list[str]:
-    (line,) = [ln for ln in stage.lines if ln.startswith("ENTRYPOINT")]
-    return re.findall(r'"([^"]+)"', line)
+def entrypoint(df: Dockerfile, stage: Stage) -> list[str]:
+    lines = [ln for s in df.chain(stage) for ln in s.lines if ln.startswith("ENTRYPOINT")]
+    return re.findall(r'"([^"]+)"', lines[0])
 
 
-def runtime_venv_stage(df: Dockerfile) -> Stage:
-    """The stage whose /opt/venv the final stage copies."""
-    (copy,) = [ln for ln in df.final.lines if "/opt/venv" in ln and ln.startswith("COPY")]
+def runtime_venv_stage(df: Dockerfile, target: Stage) -> Stage:
+    """The stage whose /opt/venv the target copies."""
+    (copy,) = [
+        ln for s in df.chain(target) for ln in s.lines
+        if "/opt/venv" in ln and ln.startswith("COPY")
+    ]  # fmt: skip
     source = re.search(r"--from=(\S+)", copy)
     assert source is not None
-    (stage,) = [s for s in df.stages if s.name == source[1]]
-    return stage
+    return df.stage(source[1])
 
 
-@pytest.mark.parametrize("component", DOCKERFILES)
+def test_one_dockerfile_with_a_target_per_component() -> None:
+    assert not [p for p in ROOT.glob("**/Dockerfile") if ".venv" not in p.parts and p != DOCKERFILE]
+    for component in COMPONENTS:
+        DF.stage(component)
+
+
+@pytest.mark.parametrize("component", COMPONENTS)
 def test_installs_only_its_own_existing_extra(component: str) -> None:
-    df = parse(DOCKERFILES[component])
-    extras = pip_extras(df, runtime_venv_stage(df))
+    extras = pip_extras(DF, runtime_venv_stage(DF, DF.stage(component)))
     expected = {"inference": {"inference-gpu"}}.get(component, {component})
     assert extras == expected
     assert extras <= EXTRAS
 
 
-@pytest.mark.parametrize("component", DOCKERFILES)
+@pytest.mark.parametrize("component", COMPONENTS)
 def test_entrypoint_is_an_existing_console_script(component: str) -> None:
-    df = parse(DOCKERFILES[component])
-    (script,) = entrypoint(df.final)
+    (script,) = entrypoint(DF, DF.stage(component))
     assert script in SCRIPTS
     # The operator renders pods with `command: [<script>]`; it must be the image's own.
     assert script == COMMANDS.get(component, "tagpipe-operator")
 
 
-@pytest.mark.parametrize("component", DOCKERFILES)
+@pytest.mark.parametrize("component", COMPONENTS)
 def test_multi_stage_and_non_root(component: str) -> None:
-    df = parse(DOCKERFILES[component])
-    assert len(df.stages) >= 2
-    users = [ln.split()[1] for ln in df.final.lines if ln.startswith("USER ")]
+    target = DF.stage(component)
+    # The runtime image copies its venv from a build stage, so build tools stay behind.
+    assert runtime_venv_stage(DF, target) not in DF.chain(target)
+    users = [ln.split()[1] for s in DF.chain(target) for ln in s.lines if ln.startswith("USER ")]
     assert users, "final stage sets no USER"
     uid = users[-1].split(":")[0]
     assert uid.isdigit() and int(uid) != 0, "USER must be a numeric non-root id (runAsNonRoot)"
@@ -122,20 +141,23 @@ def test_multi_stage_and_non_root(component: str) -> None:
 
 @pytest.mark.parametrize("component", ["gateway", "downloader", "operator"])
 def test_python_slim_base(component: str) -> None:
-    df = parse(DOCKERFILES[component])
-    assert {df.expand(s.base) for s in df.stages} == {f"{SLIM}-bookworm"}
+    target = DF.stage(component)
+    assert DF.image(target) == f"{SLIM}-bookworm"
+    assert DF.image(runtime_venv_stage(DF, target)) == f"{SLIM}-bookworm"
 
 
 def test_inference_image_cuda_runtime_gpu_extra_and_baked_model() -> None:
-    df = parse(DOCKERFILES["inference"])
-    assert df.expand(df.final.base).startswith("nvidia/cuda:")
-    assert "runtime" in df.expand(df.final.base)
-    model = next(s for s in df.stages if s.name == "model")
-    assert "model" in pip_extras(df, model)
+    target = DF.stage("inference")
+    assert DF.image(target).startswith("nvidia/cuda:")
+    assert "runtime" in DF.image(target)
+    # Its venv is built on the runtime base, so the venv's python is the image's python.
+    assert DF.image(runtime_venv_stage(DF, target)) == DF.image(target)
+    model = DF.stage("model")
+    assert "model" in pip_extras(DF, model)
     assert any("build_model.py --out /models/efficientnet-lite0" in ln for ln in model.lines)
     assert (ROOT / "services" / "inference" / "build_model.py").is_file()
-    assert any(ln.startswith("COPY --from=model") for ln in df.final.lines)
-    assert "TAGPIPE_MODEL_DIR=/models/efficientnet-lite0" in " ".join(df.final.lines)
+    assert any(ln.startswith("COPY --from=model") for ln in target.lines)
+    assert "TAGPIPE_MODEL_DIR=/models/efficientnet-lite0" in " ".join(target.lines)
 
 
 def _dockerignore() -> list[tuple[bool, re.Pattern[str]]]:
@@ -200,3 +222,11 @@ def test_crd_default_images_are_what_make_images_tags() -> None:
     for component in ("gateway", "downloader", "inference"):
         default = spec["properties"][component]["properties"]["image"]["default"]
         assert default == f"{prefix}{component}:{tag}"
+
+
+def test_make_images_builds_each_target_under_its_chart_name() -> None:
+    makefile = (ROOT / "Makefile").read_text()
+    recipe = makefile[makefile.index("\nimages:") :].split("\n\n")[0]
+    for component in COMPONENTS:
+        built = rf"docker build --target {component} .*-t \$\(IMAGE_PREFIX\){component}:"
+        assert re.search(built, recipe), component
