@@ -30,7 +30,11 @@ def pipeline(name: str, nats_url: str, prefix: str) -> dict[str, Any]:
             "inference": {
                 "gpu": 0,
                 "replicas": {"min": 1, "max": 4},
-                "autoscaling": {"targetBacklogPerReplica": 10, "maxScaleUpStep": 10, **fast},
+                "autoscaling": {
+                    "targetBacklogPerReplica": 10,
+                    "scaleUpPolicies": [{"type": "Pods", "value": 10, "periodSeconds": 1}],
+                    **fast,
+                },
             },
             "downloader": {"autoscaling": fast},
             "deletionPolicy": "Delete",

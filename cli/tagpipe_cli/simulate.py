@@ -11,6 +11,11 @@ What the operator reads as backlog matters: a busy replica holds `in_flight`
 fetched-but-unacked messages, which KEDA-style lag counts (notes: "messages
 fetched but not yet acked count as lag"). By Little's law the in-service count
 is throughput x in_flight / per-replica rate, and that is added to the queue.
+
+The rate term reads what the operator reads: the stage's cumulative arrivals
+(the stream's last sequence), completions (acked), queue and in-service counts,
+turned into rates over the policy's window by the operator's own
+`ratemeter.observe`.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from tagpipe_operator.ratemeter import Counters, MeterState, observe
+from tagpipe_operator.scalelimits import parse_rules
 from tagpipe_operator.scaling import ScalingContext, ScalingPolicy, ScalingState, decide
 from tagpipe_operator.spec import DownloaderSpec, InferenceSpec
 
@@ -139,6 +146,8 @@ def simulate(trace: Trace, stages: list[StageModel], latency_target_s: float = 6
         StageSeries(m.name, _zeros(n), _zeros(n), _zeros(n), _zeros(n), _zeros(n)) for m in stages
     ]
     arrivals = trace.arrivals.tolist()  # python ints: the loop is scalar work
+    meters = [MeterState() for _ in stages]
+    arrived, completed = [0] * len(stages), [0] * len(stages)
     for t in range(n):
         now = (t + 1) * dt
         inflow = int(arrivals[t])
@@ -147,10 +156,18 @@ def simulate(trace: Trace, stages: list[StageModel], latency_target_s: float = 6
             p.advance(now - dt)
             queues[i] += inflow
             served, queues[i], carries[i] = _run_stage_tick(m, p, queues[i], carries[i], dt)
-            in_service = math.ceil(served / dt * m.in_flight / m.per_replica)
-            signal = queues[i] + min(in_service, p.ready * m.in_flight)
+            arrived[i] += inflow
+            completed[i] += served
+            in_service = min(
+                math.ceil(served / dt * m.in_flight / m.per_replica), p.ready * m.in_flight
+            )
+            signal = queues[i] + in_service
+            reading = Counters(now, arrived[i], completed[i], queues[i], in_service)
+            meters[i], rates = observe(meters[i], reading, m.policy.rate_window_s)
             decision = decide(
-                ScalingContext(now, signal, p.total, m.policy, states[i], ready_replicas=p.ready)
+                ScalingContext(
+                    now, signal, p.total, m.policy, states[i], ready_replicas=p.ready, rates=rates
+                )
             )
             states[i] = decision.state
             s = out[i]
@@ -227,13 +244,14 @@ def summarise(res: SimResult, stages: list[StageModel]) -> dict[str, Any]:
 
 def _cr_defaults() -> dict[str, tuple[ScalingPolicy, int]]:
     """The TagPipeline CR's default policy per stage, and what a busy replica holds
-    unacked (downloader: its download concurrency; inference: two batches, the
-    worker's pipeline depth)."""
-    dl, inf = DownloaderSpec(), InferenceSpec()
-    return {
-        "downloader": (dl.scaling_policy(), dl.limits.concurrency),
-        "inference": (inf.scaling_policy(), inf.batching.max_batch * 2),
-    }
+    unacked: the spec's own figure, which the rate term uses too (downloader: its
+    download concurrency; inference: two batches, the worker's pipeline depth)."""
+    out = {}
+    for name, spec in (("downloader", DownloaderSpec()), ("inference", InferenceSpec())):
+        in_flight = spec.in_flight_per_replica()
+        assert in_flight is not None  # both stages have slots
+        out[name] = (spec.scaling_policy(), in_flight)
+    return out
 
 
 def build_stages(args: argparse.Namespace, trace: Trace) -> list[StageModel]:
@@ -264,7 +282,7 @@ def build_stages(args: argparse.Namespace, trace: Trace) -> list[StageModel]:
             scale_down_window_s=_pick(args.scale_down_window_s, base.scale_down_window_s),
             scale_up_window_s=_pick(args.scale_up_window_s, base.scale_up_window_s),
             tolerance=_pick(args.tolerance, base.tolerance),
-            max_scale_up_step=args.max_scale_up_step or base.max_scale_up_step,
+            **_policy_flags(args, base, in_flight),
         )
         warm = math.ceil(first_minute / (rate * min(1.0, target / in_flight)))
         initial = max(policy.floor, min(warm, policy.max_replicas))
@@ -275,6 +293,20 @@ def build_stages(args: argparse.Namespace, trace: Trace) -> list[StageModel]:
 
 def _pick(flag: float | None, default: float) -> float:
     return default if flag is None else flag
+
+
+def _policy_flags(args: argparse.Namespace, base: ScalingPolicy, in_flight: int) -> dict[str, Any]:
+    """The rate-term and scale-policy fields a flag changes (what-if runs only)."""
+    up = base.scale_up
+    if args.scale_up_policies is not None or args.scale_up_select is not None:
+        up = parse_rules(args.scale_up_policies or "", args.scale_up_select or "Max")
+    return {
+        "scale_up": up,
+        "in_flight_per_replica": None if args.no_rate_term else in_flight,
+        "target_utilization": _pick(args.target_utilization, base.target_utilization),
+        "drain_s": _pick(args.drain_s, base.drain_s),
+        "rate_window_s": _pick(args.rate_window_s, base.rate_window_s),
+    }
 
 
 def with_policy(models: list[StageModel], **changes: Any) -> list[StageModel]:
@@ -299,7 +331,15 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     g.add_argument("--scale-up-window-s", type=float)
     g.add_argument("--scale-down-window-s", type=float)
     g.add_argument("--tolerance", type=float, help="no change within +-this of target")
-    g.add_argument("--max-scale-up-step", type=int)
+    g.add_argument(
+        "--scale-up-policies",
+        help="TYPE:VALUE:PERIOD_S,... (Pods or Percent), e.g. Pods:4:10 for the old fixed step",
+    )
+    g.add_argument("--scale-up-select", choices=("Max", "Min", "Disabled"))
+    g.add_argument("--no-rate-term", action="store_true", help="the backlog rule alone")
+    g.add_argument("--target-utilization", type=float, help="rate term: share of capacity")
+    g.add_argument("--drain-s", type=float, help="rate term: drain the queue within this")
+    g.add_argument("--rate-window-s", type=float, help="rate term: measurement window")
     for stage, startup in (("downloader", 20.0), ("inference", 60.0)):
         g.add_argument(f"--{stage}-target-backlog", type=int, help="backlog per replica")
         g.add_argument(f"--{stage}-in-flight", type=int, help="unacked msgs per busy replica")

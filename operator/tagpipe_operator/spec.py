@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from tagpipe_operator.scalelimits import PolicyType, RatePolicy, ScaleRules, Select
 from tagpipe_operator.scaling import ScalingPolicy
 
 T4_PRODUCT = "Tesla-T4"
@@ -56,14 +57,50 @@ class Replicas(_Model):
     max: int = 10
 
 
+class ScalePolicySpec(_Model):
+    type: Literal["Pods", "Percent"]
+    value: int
+    period_seconds: int = 15
+
+    def rule(self) -> RatePolicy:
+        return RatePolicy(PolicyType(self.type), self.value, float(self.period_seconds))
+
+
+SelectPolicy = Literal["Max", "Min", "Disabled"]
+
+
+def _default_up() -> list[ScalePolicySpec]:
+    # The HPA's own default: the larger of 4 pods or 100 % per 15 s.
+    return [
+        ScalePolicySpec(type="Pods", value=4, period_seconds=15),
+        ScalePolicySpec(type="Percent", value=100, period_seconds=15),
+    ]
+
+
+def _default_down() -> list[ScalePolicySpec]:
+    return [ScalePolicySpec(type="Percent", value=100, period_seconds=15)]
+
+
+def _rules(policies: list[ScalePolicySpec], select: SelectPolicy) -> ScaleRules:
+    return ScaleRules(tuple(p.rule() for p in policies), Select(select))
+
+
 class Autoscaling(_Model):
     target_backlog_per_replica: int = 20
     activation_backlog: int = 0
     scale_up_stabilization_seconds: int = 0
     scale_down_stabilization_seconds: int = 300
-    max_scale_up_step: int = 4
+    scale_up_policies: list[ScalePolicySpec] = Field(default_factory=_default_up)
+    scale_up_select_policy: SelectPolicy = "Max"
+    scale_down_policies: list[ScalePolicySpec] = Field(default_factory=_default_down)
+    scale_down_select_policy: SelectPolicy = "Max"
     tolerance: float = 0.1
     scale_to_zero: bool = False
+    # The rate term's defaults are the policy's own (one place; the CRD repeats them).
+    target_utilization: float = ScalingPolicy.target_utilization
+    backlog_drain_seconds: int = int(ScalingPolicy.drain_s)
+    rate_window_seconds: int = int(ScalingPolicy.rate_window_s)
+    backlog_floor: bool = ScalingPolicy.backlog_floor
 
 
 class EnvVar(_Model):
@@ -92,10 +129,20 @@ class StageSpec(_Model):
             activation_backlog=a.activation_backlog,
             scale_up_window_s=float(a.scale_up_stabilization_seconds),
             scale_down_window_s=float(a.scale_down_stabilization_seconds),
-            max_scale_up_step=a.max_scale_up_step,
+            scale_up=_rules(a.scale_up_policies, a.scale_up_select_policy),
+            scale_down=_rules(a.scale_down_policies, a.scale_down_select_policy),
             tolerance=a.tolerance,
             scale_to_zero=a.scale_to_zero,
+            in_flight_per_replica=self.in_flight_per_replica(),
+            target_utilization=a.target_utilization,
+            drain_s=float(a.backlog_drain_seconds),
+            rate_window_s=float(a.rate_window_seconds),
+            backlog_floor=a.backlog_floor,
         )
+
+    def in_flight_per_replica(self) -> int | None:
+        """Messages one busy replica holds unacked: the rate term's slots (None: off)."""
+        return None
 
 
 class ServiceSpec(_Model):
@@ -116,6 +163,12 @@ class GatewayAutoscaling(Autoscaling):
 
 class DownloaderReplicas(Replicas):
     max: int = 20
+
+
+class DownloaderAutoscaling(Autoscaling):
+    # Its backlog is mostly downloads in flight, sized by latency, not by the CPU
+    # the stage needs: as a floor it would keep idle replicas (docs/benchmarks.md).
+    backlog_floor: bool = False
 
 
 class InferenceReplicas(Replicas):
@@ -144,7 +197,11 @@ class DownloadLimits(_Model):
 class DownloaderSpec(StageSpec):
     image: str = "tagpipe/downloader:0.1.0"
     replicas: DownloaderReplicas = DownloaderReplicas()
+    autoscaling: DownloaderAutoscaling = DownloaderAutoscaling()
     limits: DownloadLimits = DownloadLimits()
+
+    def in_flight_per_replica(self) -> int | None:
+        return self.limits.concurrency
 
 
 class Batching(_Model):
@@ -158,6 +215,10 @@ class InferenceSpec(StageSpec):
     autoscaling: InferenceAutoscaling = InferenceAutoscaling()
     gpu: int = 1
     batching: Batching = Batching()
+
+    def in_flight_per_replica(self) -> int | None:
+        # The worker fetches the next batch while one runs: two batches unacked.
+        return self.batching.max_batch * 2
 
 
 class TagPipelineSpec(_Model):

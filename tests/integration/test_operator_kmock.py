@@ -51,7 +51,11 @@ def pipeline(nats_url: str) -> dict[str, Any]:
             "redis": {"url": "redis://127.0.0.1:6379/0"},
             "inference": {
                 "replicas": {"min": 1, "max": 5},
-                "autoscaling": {"targetBacklogPerReplica": 10, "maxScaleUpStep": 10, **fast},
+                "autoscaling": {
+                    "targetBacklogPerReplica": 10,
+                    "scaleUpPolicies": [{"type": "Pods", "value": 10, "periodSeconds": 1}],
+                    **fast,
+                },
             },
             "downloader": {"autoscaling": fast},
         },

@@ -123,7 +123,11 @@ def pipeline(nats_url: str) -> dict[str, Any]:
             "inference": {
                 "gpu": 0,
                 "replicas": {"min": 1, "max": 3},
-                "autoscaling": {"targetBacklogPerReplica": 5, "maxScaleUpStep": 5, **fast},
+                "autoscaling": {
+                    "targetBacklogPerReplica": 5,
+                    "scaleUpPolicies": [{"type": "Pods", "value": 5, "periodSeconds": 1}],
+                    **fast,
+                },
             },
             "deletionPolicy": "Delete",
         },

@@ -96,7 +96,14 @@ _DELETE = object()
         ("spec.gateway.service.port", 70000, "port"),
         ("spec.downloader.replicas.min", -1, "min"),
         ("spec.downloader.autoscaling.targetBacklogPerReplica", 0, "targetBacklogPerReplica"),
-        ("spec.downloader.autoscaling.maxScaleUpStep", 0, "maxScaleUpStep"),
+        ("spec.downloader.autoscaling.scaleUpPolicies", [{"type": "Pods", "value": 0}], "value"),
+        ("spec.downloader.autoscaling.scaleUpPolicies", [{"type": "Step", "value": 4}], "type"),
+        ("spec.downloader.autoscaling.scaleDownPolicies", [{"value": 10}], "type"),
+        ("spec.downloader.autoscaling.scaleUpSelectPolicy", "Sum", "scaleUpSelectPolicy"),
+        ("spec.downloader.autoscaling.targetUtilization", 1.5, "targetUtilization"),
+        ("spec.inference.autoscaling.targetUtilization", 0, "targetUtilization"),
+        ("spec.downloader.autoscaling.backlogDrainSeconds", 0, "backlogDrainSeconds"),
+        ("spec.downloader.autoscaling.rateWindowSeconds", 1, "rateWindowSeconds"),
         ("spec.downloader.autoscaling.tolerance", 0.9, "tolerance"),
         ("spec.inference.autoscaling.tolerance", -0.1, "tolerance"),
         ("spec.inference.batching.maxBatch", 0, "maxBatch"),
@@ -153,6 +160,13 @@ def test_operator_defaults_match_the_crd(partial: dict[str, Any]) -> None:
         ours[stage].pop("env")  # a list default the CRD leaves absent
         ours[stage].pop("image")  # compared below: image defaults are per stage
     ours["gateway"]["autoscaling"].pop("scaleToZero")  # the gateway never sleeps
+    for rate_field in (
+        "targetUtilization",
+        "backlogDrainSeconds",
+        "rateWindowSeconds",
+        "backlogFloor",
+    ):
+        ours["gateway"]["autoscaling"].pop(rate_field)  # the gateway scales on backlog only
     for stage in ("gateway", "downloader", "inference"):
         assert defaulted[stage].pop("image") == parse_spec(minimal).stage(stage).image
     assert ours == defaulted

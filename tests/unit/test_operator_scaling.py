@@ -13,6 +13,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+from tagpipe_operator.scalelimits import PolicyType, RatePolicy, ScaleRules
 from tagpipe_operator.scaling import (
     Reason,
     Recommendation,
@@ -29,8 +30,10 @@ POLICY = ScalingPolicy(
     activation_backlog=5,
     scale_up_window_s=0,
     scale_down_window_s=60,
-    max_scale_up_step=4,
+    # The old fixed step: 4 pods a decision (a period shorter than any tick here).
+    scale_up=ScaleRules((RatePolicy(PolicyType.PODS, 4, 1.0),)),
 )
+STEP = 4
 # A history old enough that the "no full window seen yet" guard is off.
 SETTLED = ScalingState(started_at=-1000.0)
 
@@ -289,7 +292,7 @@ def test_a_noisy_steady_load_settles_in_few_changes() -> None:
     target = policy.target_backlog
     lo = math.ceil((load + d) / ((1 + tol) * target))
     changes = [(x, y) for x, y in itertools.pairwise([start, *replicas]) if x != y]
-    assert len(changes) <= math.ceil((lo - start) / policy.max_scale_up_step) + 1, changes
+    assert len(changes) <= math.ceil((lo - start) / STEP) + 1, changes
     assert all(y > x for x, y in changes)
     assert lo <= replicas[-1] <= (load - d) / ((1 - tol) * target)
     # the same series with no tolerance flaps on most ticks: the bound can fail

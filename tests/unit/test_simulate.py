@@ -6,12 +6,14 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from tagpipe_cli import simulate as sim
 from tagpipe_cli import traces
 from tagpipe_cli.simulate import StageModel, simulate, summarise, with_policy
+from tagpipe_operator.scalelimits import PolicyType, RatePolicy, ScaleRules
 from tagpipe_operator.scaling import ScalingPolicy
 
 
@@ -22,7 +24,8 @@ def _stages(max_replicas: int = 50, step: int = 4, down_window: float = 300.0) -
             max_replicas=max_replicas,
             target_backlog=target,
             scale_down_window_s=down_window,
-            max_scale_up_step=step,
+            # a fixed step per 15 s tick (the backlog rule alone: no in_flight_per_replica)
+            scale_up=ScaleRules((RatePolicy(PolicyType.PODS, step, 15.0),)),
         )
 
     return [
@@ -89,7 +92,7 @@ def test_scale_up_step_changes_the_outcome() -> None:
     trace = _burst()
     slow = summarise(simulate(trace, _stages(step=1)), _stages(step=1))
     fast = summarise(simulate(trace, _stages(step=20)), _stages(step=20))
-    # decide() limits each scale-up to max_scale_up_step: a step of 1 builds a
+    # decide()'s scale-up policy limits each scale-up to `step` pods: a step of 1 builds a
     # far bigger queue in the burst than a step of 20.
     assert slow["stages"][0]["peak_backlog"] > 2 * fast["stages"][0]["peak_backlog"]
     assert slow["time_over_latency_target_s"] > fast["time_over_latency_target_s"]
@@ -148,3 +151,38 @@ def test_tolerance_from_the_cr_reaches_decide_and_damps_flapping() -> None:
     assert calm.stages[0].scale_events < noisy.stages[0].scale_events
     late = [summarise(r, [dl])["time_over_latency_target_s"] for r in (calm, noisy)]
     assert late[0] <= late[1]  # and no image waits longer for it
+
+
+def _run(argv: list[str], trace: traces.Trace) -> dict[str, Any]:
+    parser = argparse.ArgumentParser()
+    sim.add_parser(parser.add_subparsers())
+    models = sim.build_stages(parser.parse_args(["simulate", *argv]), trace)
+    return summarise(simulate(trace, models), models)
+
+
+def test_cr_defaults_meet_the_autoscaling_goals() -> None:
+    """Issue 19's goals, on the CRD's defaults (the same objects the operator builds):
+    a diurnal day at <= 0.70 of static-peak replica-hours per stage, nobody waiting
+    over 60 s and no more reversals than the backlog rule made; bursts at least 5x
+    less time over 60 s than the old fixed step, and no image older than 300 s."""
+    day = _run([], traces.diurnal())
+    assert day["time_over_latency_target_s"] == 0
+    for stage, reversals in zip(day["stages"], (2, 10), strict=True):
+        assert stage["vs_static"] <= 0.70, stage
+        assert stage["direction_reversals"] <= reversals, stage
+    burst, before = (_run(a, traces.burst()) for a in ([], OLD_POLICY))
+    assert burst["completed"] == burst["arrivals"]
+    assert before["time_over_latency_target_s"] >= 5 * burst["time_over_latency_target_s"] > 0
+    assert burst["max_head_of_line_age_s"] <= 300
+
+
+# The policy before issue 19, reproduced with flags: backlog rule, 4 pods per 10 s tick.
+OLD_POLICY = ["--no-rate-term", "--scale-up-policies", "Pods:4:10"]
+
+
+def test_the_old_policy_is_reproducible_with_flags() -> None:
+    parser = argparse.ArgumentParser()
+    sim.add_parser(parser.add_subparsers())
+    old = sim.build_stages(parser.parse_args(["simulate", *OLD_POLICY]), traces.diurnal())
+    assert all(m.policy.in_flight_per_replica is None for m in old)
+    assert [p.value for p in old[0].policy.scale_up.policies] == [4]
