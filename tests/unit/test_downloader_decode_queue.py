@@ -19,24 +19,25 @@ def pool() -> Iterator[ThreadPoolExecutor]:
 
 
 async def _until(cond: Callable[[], bool]) -> None:
-    async with asyncio.timeout(5):
+    async with asyncio.timeout(30):  # a hang guard on a loaded runner, no speed claim
         while not cond():  # noqa: ASYNC110 (polls a counter the queue keeps)
             await asyncio.sleep(0.005)
 
 
 async def test_realtime_runs_before_bulk_queued_earlier(pool: ThreadPoolExecutor) -> None:
     q = DecodeQueue(pool, slots=1)
-    gate = threading.Event()
+    gate, started = threading.Event(), threading.Event()
     order: list[str] = []
 
     def work(name: str) -> str:
         if name == "first":
-            gate.wait(5)
+            started.set()
+            gate.wait(30)
         order.append(name)
         return name
 
     first = asyncio.create_task(q.run(Lane.BULK, work, "first"))
-    await asyncio.sleep(0.05)  # `first` holds the only slot
+    await _until(started.is_set)  # `first` holds the only slot
     bulk = [asyncio.create_task(q.run(Lane.BULK, work, f"bulk{i}")) for i in range(3)]
     await _until(lambda: q.queued(Lane.BULK) == 3)
     rt = asyncio.create_task(q.run(Lane.REALTIME, work, "rt"))
@@ -52,25 +53,34 @@ async def test_never_more_running_than_slots(pool: ThreadPoolExecutor) -> None:
     lock = threading.Lock()
     running, peak = 0, 0
 
-    def work() -> None:
+    both = threading.Barrier(2, timeout=30)
+
+    def work(i: int) -> None:
         nonlocal running, peak
         with lock:
             running += 1
             peak = max(peak, running)
+        if i < 2:
+            both.wait()  # the first two (they get the free slots) overlap, however slow the box
         threading.Event().wait(0.01)
         with lock:
             running -= 1
 
     lanes = [Lane.BULK, Lane.REALTIME] * 10
-    await asyncio.gather(*(q.run(lane, work) for lane in lanes))
+    await asyncio.gather(*(q.run(lane, work, i) for i, lane in enumerate(lanes)))
     assert peak == 2
 
 
 async def test_a_cancelled_waiter_does_not_leak_its_slot(pool: ThreadPoolExecutor) -> None:
     q = DecodeQueue(pool, slots=1)
-    gate = threading.Event()
-    holder = asyncio.create_task(q.run(Lane.BULK, gate.wait, 5))
-    await asyncio.sleep(0.05)
+    gate, started = threading.Event(), threading.Event()
+
+    def hold() -> bool:
+        started.set()
+        return gate.wait(30)
+
+    holder = asyncio.create_task(q.run(Lane.BULK, hold))
+    await _until(started.is_set)  # the holder has the only slot
     waiter = asyncio.create_task(q.run(Lane.REALTIME, lambda: "never"))
     await _until(lambda: q.queued() == 1)
     waiter.cancel()
