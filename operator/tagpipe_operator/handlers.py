@@ -4,7 +4,8 @@ Registration is a function, not import-time decorators, so the timer interval
 and the login come from settings built in `main()` (or a test), never from the
 environment at import time.
 
-* create/update/resume: converge children (create or patch) and ensure streams.
+* create/update/resume: converge children (create or patch) and ensure streams;
+  a NATS that does not answer leaves the streams to the scaling loop's next tick.
 * index + one background loop (`loop.py`, every `scale_interval_s`): recreate
   missing children, read backlogs, decide and apply replicas, write status.
   Not a kopf timer: timers force a finalizer onto every object.
@@ -60,12 +61,14 @@ async def converge(
     typed, rt, namespace = typed_spec(spec, name), runtime(memo), namespace or "default"
     try:
         children = await reconcile.converge(rt, name, namespace, uid, typed)
-        await reconcile.ensure_pipeline_streams(rt, namespace, typed)
     except Exception as exc:
         raise kopf.TemporaryError(
             f"converge failed: {exc!r}", delay=rt.settings.converge_retry_s
         ) from exc
-    return {"children": children}
+    # An unreachable NATS does not fail the handler: the scaling loop ensures
+    # the streams on its next tick and the MetricsStale condition says why.
+    streams = await reconcile.try_ensure_streams(rt, namespace, name, typed)
+    return {"children": children, "streams": streams}
 
 
 def index_pipeline(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:

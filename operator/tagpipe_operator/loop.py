@@ -42,15 +42,19 @@ async def tick(rt: Runtime, body: Mapping[str, Any]) -> dict[str, Any]:
     ns, name = meta["namespace"], meta["name"]
     spec = parse_spec(body["spec"])
     recreated = await reconcile.recreate_missing(rt, body, spec)
-    backlogs = await reconcile.read_backlogs(rt, ns, spec)
+    backlogs = await reconcile.read_backlogs(rt, ns, spec, name)
+    if backlogs.problem:  # one line per tick: the condition carries the rest
+        log.warning("TagPipeline %s/%s: %s; holding replicas", ns, name, backlogs.problem)
     observed = []
     for stage in STAGES:
-        result = await reconcile.scale_stage(rt, body, spec, stage, backlogs[stage])
+        backlog = backlogs.by_stage[stage]
+        result = await reconcile.scale_stage(rt, body, spec, stage, backlog)
         decision, ready = result if result else (None, 0)
-        observed.append(StageObservation(stage, backlogs[stage], decision, ready))
+        observed.append(StageObservation(stage, backlog, decision, ready))
     now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     previous = dict(body.get("status") or {})
-    status = build_status(int(meta.get("generation") or 0), observed, previous, now, recreated)
+    generation = int(meta.get("generation") or 0)
+    status = build_status(generation, observed, previous, now, recreated, backlogs.problem)
     await rt.client().patch("TagPipeline", ns, name, {"status": status}, sub="status")
     return status
 
@@ -64,7 +68,10 @@ async def _guarded_tick(rt: Runtime, body: Mapping[str, Any]) -> None:
             await tick(rt, body)
     except Exception as exc:  # one broken pipeline must not stop the others
         log.warning(
-            "scaling tick failed for %s/%s: %r", meta.get("namespace"), meta.get("name"), exc
+            "TagPipeline %s/%s: scaling tick failed: %s",
+            meta.get("namespace"),
+            meta.get("name"),
+            reconcile.describe(exc),
         )
 
 

@@ -16,6 +16,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import kopf
@@ -46,6 +47,10 @@ class Runtime:
     connection: kopf.ConnectionInfo | None = None
     kube: KubeClient | None = None
     nats: dict[str, Client] = field(default_factory=dict)
+    nats_errors: dict[str, str] = field(default_factory=dict)
+    """The last connection error per URL: what a bare timeout was really waiting on."""
+    streams_ready: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
+    """(namespace, name) -> (url, prefix) whose streams are known to exist."""
     scaling: dict[StateKey, ScalingState] = field(default_factory=dict)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -76,12 +81,49 @@ async def nats_url(rt: Runtime, namespace: str, spec: TagPipelineSpec) -> str:
     return await rt.client().secret_value(namespace, ref.name, ref.key)
 
 
+def redact(url: str) -> str:
+    """A NATS URL fit for a log line: user and password dropped."""
+    parts = []
+    for one in url.split(","):
+        u = urlsplit(one.strip())
+        host = u.hostname or ""
+        netloc = f"{host}:{u.port}" if u.port else host
+        parts.append(urlunsplit((u.scheme, netloc, u.path, u.query, u.fragment)))
+    return ",".join(parts)
+
+
+def describe(exc: BaseException) -> str:
+    """One line for a log or a condition: the reason, never a traceback."""
+    if isinstance(exc, TimeoutError) and not str(exc):
+        return "no answer in time"
+    return str(exc) or type(exc).__name__
+
+
+def _callbacks(rt: Runtime, url: str) -> dict[str, Any]:
+    """nats-py's default error callback logs a traceback at ERROR on every reconnect
+    attempt (twice a second against a dead server). Keep the reason for the tick's
+    one WARNING line instead, and log a disconnect once per episode."""
+
+    async def on_error(exc: Exception) -> None:
+        rt.nats_errors[url] = describe(exc)
+        log.debug("nats %s: %s", redact(url), describe(exc))
+
+    async def on_disconnect() -> None:
+        log.warning("nats %s disconnected; reconnecting", redact(url))
+
+    async def on_reconnect() -> None:
+        rt.nats_errors.pop(url, None)
+        log.info("nats %s reconnected", redact(url))
+
+    return {"error_cb": on_error, "disconnected_cb": on_disconnect, "reconnected_cb": on_reconnect}
+
+
 async def jetstream(rt: Runtime, url: str) -> Any:
     """A cached connection per URL; bounded, so a dead NATS never hangs a handler."""
     nc = rt.nats.get(url)
     if nc is None or nc.is_closed:
-        # Bounded as a whole: nats-py's own retries on a refused first connect
-        # add up to many seconds, and a dead NATS must fail fast here.
+        # Bounded as a whole: nats-py retries a refused first connect forever
+        # (max_reconnect_attempts=-1), and a dead NATS must fail fast here.
         nc = await asyncio.wait_for(
             nats.connect(
                 servers=[u.strip() for u in url.split(",")],
@@ -89,11 +131,18 @@ async def jetstream(rt: Runtime, url: str) -> Any:
                 connect_timeout=rt.settings.nats_timeout_s,
                 max_reconnect_attempts=-1,  # once connected, ride out NATS restarts
                 reconnect_time_wait=0.5,
+                **_callbacks(rt, url),
             ),
             timeout=rt.settings.nats_timeout_s,
         )
         rt.nats[url] = nc
+        rt.nats_errors.pop(url, None)
     return nc.jetstream(timeout=rt.settings.nats_timeout_s)
+
+
+def nats_problem(rt: Runtime, url: str, exc: BaseException) -> str:
+    """'NATS <url>: <reason>', the reason being the last connect error when there is one."""
+    return f"NATS {redact(url)}: {rt.nats_errors.get(url) or describe(exc)}"
 
 
 def stream_policy(rt: Runtime, spec: TagPipelineSpec) -> StreamPolicy:
@@ -112,9 +161,27 @@ async def converge(
     return done
 
 
-async def ensure_pipeline_streams(rt: Runtime, namespace: str, spec: TagPipelineSpec) -> None:
-    js = await jetstream(rt, await nats_url(rt, namespace, spec))
-    await ensure_streams(js, stream_policy(rt, spec))
+async def ensure_pipeline_streams(
+    rt: Runtime, namespace: str, spec: TagPipelineSpec, name: str | None = None
+) -> None:
+    url = await nats_url(rt, namespace, spec)
+    await ensure_streams(await jetstream(rt, url), stream_policy(rt, spec))
+    if name is not None:
+        rt.streams_ready[(namespace, name)] = (url, spec.nats.prefix)
+
+
+async def try_ensure_streams(rt: Runtime, namespace: str, name: str, spec: TagPipelineSpec) -> str:
+    """Ensure the streams, or say why not: an unreachable NATS is retried by the
+    scaling loop every tick (one WARNING there), not by failing the handler, which
+    kopf would log at ERROR on every retry."""
+    try:
+        async with asyncio.timeout(rt.settings.nats_timeout_s * 2):
+            await ensure_pipeline_streams(rt, namespace, spec, name)
+    except Exception as exc:
+        problem = nats_problem(rt, spec.nats.url, exc)
+        log.warning("TagPipeline %s/%s: streams not ensured yet, %s", namespace, name, problem)
+        return f"pending: {problem}"
+    return "ensured"
 
 
 async def remove_streams(rt: Runtime, namespace: str, spec: TagPipelineSpec) -> list[str]:
@@ -142,25 +209,37 @@ async def recreate_missing(
     return recreated
 
 
+@dataclass(frozen=True)
+class Backlogs:
+    by_stage: dict[str, int | None]
+    """Backlog per operator stage; None where it could not be read (never a guess)."""
+    problem: str | None = None
+    """Why it could not be read ('NATS <url>: <reason>'), for the log and the condition."""
+
+
 async def read_backlogs(
-    rt: Runtime, namespace: str, spec: TagPipelineSpec
-) -> dict[str, int | None]:
-    """Backlog per operator stage; None where it could not be read (never a guess).
+    rt: Runtime, namespace: str, spec: TagPipelineSpec, name: str = ""
+) -> Backlogs:
+    """Backlog per operator stage, ensuring the streams first if converge could not.
 
     The gateway scales on the whole pipeline's backlog: its work per item
     (accepting, publishing, streaming results back) follows the items in flight.
+    Any failure means "unknown": the caller holds replicas, flags and logs it.
     """
     out: dict[str, int | None] = {"downloader": None, "inference": None, "gateway": None}
+    url = spec.nats.url
     try:
         async with asyncio.timeout(rt.settings.nats_timeout_s * 2):
-            js = await jetstream(rt, await nats_url(rt, namespace, spec))
+            url = await nats_url(rt, namespace, spec)
+            js = await jetstream(rt, url)
+            if rt.streams_ready.get((namespace, name)) != (url, spec.nats.prefix):
+                await ensure_pipeline_streams(rt, namespace, spec, name)
             out["downloader"] = await stage_backlog(js, Stage.DOWNLOAD, spec.nats.prefix)
             out["inference"] = await stage_backlog(js, Stage.INFER, spec.nats.prefix)
-    except Exception as exc:  # any failure means "unknown": hold, flag, log
-        log.warning("backlog read failed for %s: %r", namespace, exc)
-    if out["downloader"] is not None and out["inference"] is not None:
-        out["gateway"] = out["downloader"] + out["inference"]
-    return out
+    except Exception as exc:  # transient or not, the answer is the same: hold and say why
+        return Backlogs(out, nats_problem(rt, url, exc))
+    out["gateway"] = (out["downloader"] or 0) + (out["inference"] or 0)
+    return Backlogs(out)
 
 
 async def scale_stage(
@@ -205,6 +284,7 @@ async def scale_stage(
 
 
 def forget(rt: Runtime, namespace: str, name: str) -> None:
+    rt.streams_ready.pop((namespace, name), None)
     for stage in STAGES:
         rt.scaling.pop((namespace, name, stage), None)
         for g in (metrics.BACKLOG, metrics.DESIRED, metrics.CURRENT):

@@ -59,8 +59,12 @@ def build_status(
     previous: dict[str, Any],
     now: str,
     recreated: list[str] | None = None,
+    metrics_problem: str | None = None,
 ) -> dict[str, Any]:
-    """The whole status block for one tick; `now` is an RFC 3339 timestamp."""
+    """The whole status block for one tick; `now` is an RFC 3339 timestamp.
+
+    `metrics_problem` says why the backlog could not be read ('NATS <url>: <reason>').
+    """
     prev_conditions: list[dict[str, Any]] = list(previous.get("conditions") or [])
     prev_stages: dict[str, Any] = dict(previous.get("stages") or {})
     by_stage = {o.stage: o for o in observed}
@@ -76,7 +80,7 @@ def build_status(
         "stages": {
             o.stage: _stage_status(o, dict(prev_stages.get(o.stage) or {}), now) for o in observed
         },
-        "conditions": _conditions(observed, prev_conditions, now, recreated),
+        "conditions": _conditions(observed, prev_conditions, now, recreated, metrics_problem),
     }
 
 
@@ -85,6 +89,7 @@ def _conditions(
     prev_conditions: list[dict[str, Any]],
     now: str,
     recreated: list[str] | None,
+    metrics_problem: str | None = None,
 ) -> list[dict[str, Any]]:
     not_serving = [o.stage for o in observed if not _serving(o)]
     lagging = [
@@ -122,15 +127,23 @@ def _conditions(
             "; ".join(limited) or "no stage is capped",
             now,
         ),
-        _condition(
-            prev_conditions,
-            "MetricsStale",
-            bool(stale),
-            "BacklogUnavailable" if stale else "BacklogRead",
-            "holding replicas for: " + ", ".join(stale) if stale else "backlog read",
-            now,
-        ),
+        _stale_condition(prev_conditions, stale, metrics_problem, now),
     ]
+
+
+def _stale_condition(
+    prev_conditions: list[dict[str, Any]], stale: list[str], problem: str | None, now: str
+) -> dict[str, Any]:
+    if not stale:
+        return _condition(
+            prev_conditions, "MetricsStale", False, "BacklogRead", "backlog read", now
+        )
+    held = "holding replicas for: " + ", ".join(stale)
+    if problem is None:  # a stage without a Deployment: nothing to read it for
+        return _condition(prev_conditions, "MetricsStale", True, "BacklogUnavailable", held, now)
+    # Say which NATS and why: the operator's log holds one line per tick, no more.
+    msg = f"{problem}; {held}"
+    return _condition(prev_conditions, "MetricsStale", True, "NatsUnavailable", msg, now)
 
 
 def _ratio(o: StageObservation | None) -> str:

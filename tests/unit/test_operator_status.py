@@ -107,3 +107,16 @@ def test_transition_time_moves_only_on_flip() -> None:
         1, observe(inference=StageObservation("inference", 99, decision(3, 3), 3)), scaled, "T5"
     )
     assert later["stages"]["inference"]["lastScaleTime"] == "T4"
+
+
+def test_unreadable_backlog_names_the_nats_and_the_reason() -> None:
+    held = decision(2, 2, metrics_stale=True)
+    obs = [StageObservation(s, None, held, 2) for s in ("gateway", "downloader", "inference")]
+    problem = "NATS nats://127.0.0.1:4999: Connect call failed"
+    stale = next(
+        c
+        for c in build_status(1, obs, {}, "T1", None, problem)["conditions"]
+        if c["type"] == "MetricsStale"
+    )
+    assert stale["status"] == "True" and stale["reason"] == "NatsUnavailable"
+    assert stale["message"].startswith(problem + "; holding replicas for: gateway")
