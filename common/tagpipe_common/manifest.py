@@ -38,6 +38,20 @@ class TensorSpec(BaseModel):
     dtype: Literal["float32", "float16"] = "float32"
 
 
+class ModelVariant(BaseModel):
+    """Another file of the same model, e.g. `fp16`: weights in half precision with
+    float32 inputs and outputs, so preprocessing and results read it unchanged."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    file: str
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    # What the build checked before it wrote the variant: top-1 agreement with
+    # the main file on real photos (a fraction), and how many photos.
+    top1_agreement: Annotated[float, Field(ge=0, le=1)] | None = None
+    checked_images: int | None = None
+
+
 class ModelManifest(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -51,13 +65,17 @@ class ModelManifest(BaseModel):
     output: TensorSpec
     output_kind: Literal["logits", "probabilities"] = "logits"
     preprocess: PreprocessSpec
+    variants: dict[str, ModelVariant] = Field(default_factory=dict)
 
     @classmethod
     def load(cls, model_dir: Path) -> ModelManifest:
         return cls.model_validate_json((model_dir / MANIFEST_FILE).read_bytes())
 
     def save(self, model_dir: Path) -> None:
-        (model_dir / MANIFEST_FILE).write_text(self.model_dump_json(indent=2) + "\n")
+        # No empty `variants`: a manifest without one stays readable by older builds.
+        skip = None if self.variants else {"variants"}
+        text = self.model_dump_json(indent=2, exclude=skip)
+        (model_dir / MANIFEST_FILE).write_text(text + "\n")
 
 
 def sha256_file(path: Path) -> str:

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from tagpipe_common.manifest import MANIFEST_FILE, ModelManifest
-from tagpipe_inference.model import Model, ModelLoadError, choose_providers, load_model, softmax
+from tagpipe_inference.model import Model, ModelLoadError, load_model, softmax
+from tagpipe_inference.providers import choose_providers
 
 
 @pytest.fixture(scope="module")

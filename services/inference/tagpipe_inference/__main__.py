@@ -1,7 +1,8 @@
 """`tagpipe-inference`: load the model, then serve the infer stream until SIGTERM.
 
 Exit status: 0 after a clean SIGTERM (the batch in flight is finished and acked),
-2 when the settings or the model directory are wrong (one clear line on stderr).
+2 when the settings or the model directory are wrong, or the GPU is required and
+absent (one clear line on stderr).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from tagpipe_common.settings import load_settings
 from tagpipe_common.telemetry import setup_logging, setup_tracing
 
 from tagpipe_inference.model import Model, ModelLoadError, load_model
+from tagpipe_inference.providers import GpuUnavailable
 from tagpipe_inference.settings import InferenceSettings
 from tagpipe_inference.worker import InferenceWorker
 
@@ -34,6 +36,7 @@ def load(settings: InferenceSettings) -> Model:
         intra_op_threads=settings.intra_op_threads,
         inter_op_threads=settings.inter_op_threads,
         allow_spinning=settings.allow_spinning,
+        gpu=settings.gpu_options,
     )
     # Warm up at the largest batch: the first real one must not pay for allocations.
     model.warm_up(settings.max_batch)
@@ -80,6 +83,9 @@ def main() -> None:
         model = load(settings)
     except ModelLoadError as exc:
         print(f"tagpipe-inference: cannot serve model: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except GpuUnavailable as exc:
+        print(f"tagpipe-inference: no GPU: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     asyncio.run(serve(settings, model))
 

@@ -21,6 +21,15 @@ from pydantic import ValidationError
 from tagpipe_common.manifest import MANIFEST_FILE, ModelManifest, sha256_file
 from tagpipe_common.messages import Tag
 
+from tagpipe_inference.providers import (
+    GPU_PROVIDERS,
+    TENSORRT,
+    GpuOptions,
+    gpu_outcome,
+    plan_providers,
+    trt_profile,
+)
+
 log = logging.getLogger(__name__)
 
 U8Batch = npt.NDArray[np.uint8]
@@ -29,12 +38,6 @@ F32 = npt.NDArray[np.float32]
 
 class ModelLoadError(RuntimeError):
     """The model directory is missing, corrupt or inconsistent."""
-
-
-def choose_providers(preferred: list[str], available: list[str]) -> list[str]:
-    """Preferred providers this onnxruntime build has, in preference order; CPU always last."""
-    chosen = [p for p in preferred if p in available and p != "CPUExecutionProvider"]
-    return [*chosen, "CPUExecutionProvider"]
 
 
 def read_labels(path: Path, num_classes: int) -> list[str]:
@@ -58,14 +61,17 @@ def load_manifest(model_dir: Path) -> ModelManifest:
         raise ModelLoadError(f"{path} is not a valid model manifest: {exc}") from exc
 
 
-def verify_file(model_dir: Path, manifest: ModelManifest) -> Path:
-    path = model_dir / manifest.file
+def verify_file(model_dir: Path, manifest: ModelManifest, variant: str | None = None) -> Path:
+    file, sha256 = manifest.file, manifest.sha256
+    if variant is not None:
+        file, sha256 = manifest.variants[variant].file, manifest.variants[variant].sha256
+    path = model_dir / file
     if not path.is_file():
         raise ModelLoadError(f"model file {path} is missing")
     digest = sha256_file(path)
-    if digest != manifest.sha256:
+    if digest != sha256:
         raise ModelLoadError(
-            f"model file {path} has sha256 {digest}, the manifest says {manifest.sha256}: "
+            f"model file {path} has sha256 {digest}, the manifest says {sha256}: "
             "corrupt or replaced file"
         )
     return path
@@ -183,29 +189,65 @@ def check_io(session: ort.InferenceSession, manifest: ModelManifest) -> None:
         )
 
 
+def pick_variant(manifest: ModelManifest, providers: list[str], fp16: bool) -> str | None:
+    """The fp16 file for the CUDA provider only: TensorRT makes its own FP16 engine
+    from the FP32 file (trt_fp16_enable), and the CPU provider runs FP16 slower."""
+    if not fp16 or "fp16" not in manifest.variants:
+        return None
+    gpu = [p for p in providers if p in GPU_PROVIDERS]
+    return "fp16" if gpu and gpu[0] != TENSORRT else None
+
+
+def _open(path: Path, opts: ort.SessionOptions, providers: list[Any]) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own untyped errors
+        raise ModelLoadError(f"onnxruntime cannot load {path}: {exc}") from exc
+
+
+def _preload_cuda(providers: list[str]) -> None:
+    # onnxruntime-gpu finds the nvidia-*-cu12 wheels' libraries only once told to.
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None and any(p in GPU_PROVIDERS for p in providers):
+        try:
+            preload()
+        except Exception as exc:  # a missing wheel: gpu_outcome reports it
+            log.debug("preload_dlls failed: %s", exc)
+
+
 def load_model(
     model_dir: Path,
     providers: list[str] | None = None,
     intra_op_threads: int = 0,
     inter_op_threads: int = 0,
     allow_spinning: bool = False,
+    gpu: GpuOptions | None = None,
 ) -> Model:
-    """Load and check a model directory; raises ModelLoadError with the reason."""
+    """Load and check a model directory; raises ModelLoadError with the reason, or
+    GpuUnavailable when `gpu.require_gpu` and no GPU provider came up."""
+    gpu = gpu or GpuOptions()
+    requested = providers or ["CPUExecutionProvider"]
     manifest = load_manifest(model_dir)
     labels = read_labels(model_dir / manifest.labels_file, manifest.num_classes)
-    path = verify_file(model_dir, manifest)
-    chosen = choose_providers(providers or ["CPUExecutionProvider"], ort.get_available_providers())
+    _preload_cuda(requested)
+    profile = trt_profile(manifest.input.name, manifest.preprocess.crop, gpu.max_batch)
+    plan = plan_providers(requested, ort.get_available_providers(), gpu, profile)
+    variant = pick_variant(manifest, [n for n, _ in plan], gpu.fp16)
     opts = session_options(intra_op_threads, inter_op_threads, allow_spinning)
-    try:
-        session = ort.InferenceSession(str(path), sess_options=opts, providers=chosen)
-    except Exception as exc:  # onnxruntime raises its own untyped errors
-        raise ModelLoadError(f"onnxruntime cannot load {path}: {exc}") from exc
-    check_io(session, manifest)
+    session = _open(verify_file(model_dir, manifest, variant), opts, list(plan))
     used = list(session.get_providers())
+    warning = gpu_outcome(requested, used, gpu.require_gpu)
+    if warning is not None:
+        log.warning(warning, extra={"fields": {"event": "gpu_fallback", "providers": used}})
+    if variant is not None and not any(p in GPU_PROVIDERS for p in used):
+        variant = None  # the GPU fell away: serve the FP32 file the CPU runs best
+        session = _open(verify_file(model_dir, manifest), opts, [p for p in plan if p[0] in used])
+    check_io(session, manifest)
     fields: dict[str, Any] = {
         "event": "model_loaded",
         "model": manifest.name,
         "version": manifest.version,
+        "variant": variant or "fp32",
         "providers_requested": providers,
         "providers": used,
         "intra_op_threads": intra_op_threads,

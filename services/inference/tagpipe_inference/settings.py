@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from tagpipe_common.settings import CommonSettings
+
+from tagpipe_inference.providers import GpuOptions
 
 # Preference order; intersected at start-up with what this onnxruntime build offers.
 DEFAULT_PROVIDERS = "TensorrtExecutionProvider,CUDAExecutionProvider,CPUExecutionProvider"
@@ -15,6 +17,15 @@ DEFAULT_PROVIDERS = "TensorrtExecutionProvider,CUDAExecutionProvider,CPUExecutio
 class InferenceSettings(CommonSettings):
     model_dir: Path = Field(Path("models/efficientnet-lite0"), description="model directory")
     providers: str = Field(DEFAULT_PROVIDERS, description="execution providers, by preference")
+    device_id: Annotated[int, Field(ge=0, le=63)] = 0  # which GPU (CUDA / TensorRT)
+    # CUDA: serve the model directory's `fp16` variant; TensorRT: build an FP16 engine.
+    fp16: bool = False
+    trt_engine_cache_dir: Path | None = None  # None: TensorRT rebuilds engines at start
+    # The operator sets it for GPU replicas: exit 2 rather than serve on the CPU.
+    require_gpu: bool = False
+    # gpu: `original` frames are decoded, resized and normalised on the GPU (DALI);
+    # cpu: on this process's CPU. Raw-crop frames never need decoding either way.
+    decode: Literal["cpu", "gpu"] = "cpu"
     intra_op_threads: Annotated[int, Field(ge=0, le=256)] = 0  # 0: onnxruntime's default
     inter_op_threads: Annotated[int, Field(ge=0, le=256)] = 0
     # Spinning threads burn the CPU between batches, which starves the event loop
@@ -45,3 +56,13 @@ class InferenceSettings(CommonSettings):
     @property
     def provider_list(self) -> list[str]:
         return [p.strip() for p in self.providers.split(",") if p.strip()]
+
+    @property
+    def gpu_options(self) -> GpuOptions:
+        return GpuOptions(
+            device_id=self.device_id,
+            fp16=self.fp16,
+            trt_engine_cache=self.trt_engine_cache_dir,
+            require_gpu=self.require_gpu,
+            max_batch=self.max_batch,
+        )
