@@ -4,9 +4,24 @@ Every model ignores unknown fields (a newer producer may add some) and carries a
 schema version `v`. A version outside [MIN_SCHEMA_VERSION, SCHEMA_VERSION] is
 refused with `SchemaVersionError`, never half-parsed.
 
-Inference tasks carry raw uint8 pixels. Base64 inside JSON would cost a third
-more bytes on the hottest path, so they travel framed: a small magic, the JSON
-header length, the JSON header, then the pixel bytes.
+Inference tasks carry image bytes. Base64 inside JSON would cost a third more
+bytes on the hottest path, so they travel framed: a small magic, the JSON header
+length, the JSON header, then the payload. The header's `encoding` says what the
+payload is; `shape` is always the (height, width, 3) it decodes to:
+
+- `raw` (the default, so frames without the field still parse): the model's
+  uint8 HWC RGB crop, exactly height * width * 3 bytes;
+- `encoded_crop`: that same crop compressed (`media_type`, e.g. image/jpeg),
+  to move fewer bytes over the wire;
+- `original`: the source image compressed, upright, for decoding on the GPU;
+  the downloader first shrinks large photos with a DCT draft decode, so `shape`
+  is small enough (a few times the crop) for a batch to fit the GPU decoder.
+
+An inference worker of this build reads all three whatever its decode setting
+(the CPU decodes what the GPU is not asked to), so downloaders and workers can
+be switched in any order. A worker of an older build reads a non-raw payload as
+pixels of the wrong length and answers the item with a bad_tensor error: the
+item fails visibly, it is never lost.
 """
 
 from __future__ import annotations
@@ -133,16 +148,28 @@ class DownloadTask(ItemRef):
         return self.url if self.url is not None else f"upload:{self.item_id}"
 
 
+Encoding = Literal["raw", "encoded_crop", "original"]
+
+
 class InferenceTask(ItemRef):
-    shape: tuple[int, int, int]  # height, width, channels (HWC, RGB)
+    shape: tuple[int, int, int]  # height, width, channels (HWC, RGB) of the decoded payload
     dtype: Literal["uint8"] = "uint8"
+    encoding: Encoding = "raw"
+    media_type: str | None = None  # the compressed payload's type; None for raw
     source: str | None = None
     options: TaskOptions = Field(default_factory=TaskOptions)
     timings: StageTimings = Field(default_factory=StageTimings)
     enqueued_at: float = Field(default_factory=now)
     pixels: bytes = Field(default=b"", exclude=True, repr=False)
 
+    @model_validator(mode="after")
+    def _media_type(self) -> Self:
+        if (self.encoding == "raw") != (self.media_type is None):
+            raise ValueError("a compressed payload needs its media_type; a raw one has none")
+        return self
+
     def expected_nbytes(self) -> int:
+        """Payload bytes of a raw frame (compressed frames have no fixed size)."""
         h, w, c = self.shape
         return h * w * c
 

@@ -127,3 +127,47 @@ def test_error_result_needs_a_code_and_keeps_routing() -> None:
         Lane.BULK,
         "http_404",
     )
+
+
+@pytest.mark.parametrize(
+    ("encoding", "media_type", "payload"),
+    [
+        ("encoded_crop", "image/jpeg", b"\xff\xd8\xff\xe0 a jpeg crop"),
+        ("original", "image/jpeg", b"\xff\xd8\xff\xe0 a shrunk photo" * 100),
+        ("original", "image/png", b"\x89PNG\r\n\x1a\n" + bytes(range(256))),
+    ],
+)
+def test_compressed_frames_round_trip(encoding: str, media_type: str, payload: bytes) -> None:
+    t = inference_task().model_copy(
+        update={"encoding": encoding, "media_type": media_type, "pixels": payload}
+    )
+    again = InferenceTask.from_wire(t.to_wire())
+    assert again == t
+    assert (again.encoding, again.media_type, again.pixels) == (encoding, media_type, payload)
+    assert again.shape == (2, 3, 3)  # what it decodes to, whatever the payload's size
+
+
+def test_a_frame_without_encoding_reads_as_raw() -> None:
+    # Frames written before the field existed carry no `encoding` key.
+    t = inference_task()
+    header = json.loads(t.to_json())
+    header.pop("encoding", None)
+    old = InferenceTask.model_validate(header)
+    assert old.encoding == "raw"
+    assert old.media_type is None
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"encoding": "original"},  # compressed, no media type
+        {"encoding": "raw", "media_type": "image/jpeg"},  # raw with one
+        {"encoding": "webp_tiles", "media_type": "image/webp"},  # unknown encoding
+    ],
+)
+def test_inconsistent_encodings_are_refused(fields: dict[str, str]) -> None:
+    header = json.loads(inference_task().to_json()) | fields
+    body = json.dumps(header).encode()
+    frame = b"TPI1" + len(body).to_bytes(4, "big") + body + b"x"
+    with pytest.raises(MessageDecodeError):
+        InferenceTask.from_wire(frame)
