@@ -131,9 +131,53 @@ async def stage_backlog(js: JetStreamContext, stage: Stage, prefix: str) -> int:
     return sum(await asyncio.gather(*reads))
 
 
+@dataclass(frozen=True)
+class StageCounters:
+    """A stage's monotonic counters, for rates over a window (the operator's rate term)."""
+
+    published: int
+    """Every message ever stored in the stage's stream: its last sequence number."""
+    removed: int
+    """Messages no longer stored: WorkQueue retention removes a message on its ack (or term)."""
+    pending: int
+    """Not yet delivered, over the stage's consumers."""
+    ack_pending: int
+    """Delivered and not yet acked, over the stage's consumers."""
+
+
+async def stage_counters(js: JetStreamContext, stage: Stage, prefix: str) -> StageCounters:
+    """One stream info and the lanes' consumer infos, read concurrently.
+
+    Through the JetStream API, as `consumer_backlog`; raises NotFoundError when the
+    stream or a consumer is missing, so callers hold instead of guessing.
+    """
+    names = stage_names(stage, prefix)
+    stream, *consumers = await asyncio.gather(
+        js.stream_info(names.stream),
+        *(js.consumer_info(names.stream, names.consumer(lane)) for lane in LANES),
+    )
+    last, stored = int(stream.state.last_seq or 0), int(stream.state.messages or 0)
+    return StageCounters(
+        published=last,
+        removed=last - stored,
+        pending=sum(int(c.num_pending or 0) for c in consumers),
+        ack_pending=sum(int(c.num_ack_pending or 0) for c in consumers),
+    )
+
+
+async def lane_backlogs(js: JetStreamContext, prefix: str) -> dict[Lane, int]:
+    """Each lane's backlog summed over every stage (all consumers read concurrently)."""
+    pairs = [(stage, lane) for stage in Stage for lane in LANES]
+    counts = await asyncio.gather(*(consumer_backlog(js, s, ln, prefix) for s, ln in pairs))
+    out = dict.fromkeys(LANES, 0)
+    for (_, lane), n in zip(pairs, counts, strict=True):
+        out[lane] += n
+    return out
+
+
 async def pipeline_backlog(js: JetStreamContext, prefix: str) -> int:
     """Every stage's backlog: what a stalled tier anywhere downstream adds up to."""
-    return sum(await asyncio.gather(*(stage_backlog(js, stage, prefix) for stage in Stage)))
+    return sum((await lane_backlogs(js, prefix)).values())
 
 
 def delivery_count(msg: Msg) -> int:

@@ -17,9 +17,10 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from tagpipe_common import telemetry
 from tagpipe_common.messages import SCHEMA_VERSION, DownloadTask
-from tagpipe_common.streams import pipeline_backlog
-from tagpipe_common.subjects import HDR_MSG_ID, HDR_SCHEMA, Stage, stage_names
+from tagpipe_common.streams import lane_backlogs, stage_counters
+from tagpipe_common.subjects import HDR_MSG_ID, HDR_SCHEMA, Lane, Stage, stage_names
 
+from tagpipe_gateway.admission import DrainRate, Reading
 from tagpipe_gateway.problems import ProblemCode, ProblemError
 
 # JetStream API error codes for a stream at its message/byte limits.
@@ -29,17 +30,23 @@ _tracer = telemetry.tracer("tagpipe_gateway")
 
 class BacklogCache:
     """The whole pipeline's backlog (download + inference stages), re-read at most
-    every `ttl_s` (four API calls, made concurrently).
+    every `ttl_s` (the consumers and the inference stream, read concurrently).
 
     Both stages count: a stalled inference tier drains the download queue into
     the inference queue, so the download backlog alone would never push back.
+    Each read also feeds the drain rate that real-time admission estimates from,
+    and keeps the real-time lane's share (`realtime`).
     """
 
-    def __init__(self, js: JetStreamContext, prefix: str, ttl_s: float) -> None:
+    def __init__(
+        self, js: JetStreamContext, prefix: str, ttl_s: float, rate_window_s: float = 10.0
+    ) -> None:
         self.js = js
         self.prefix = prefix
         self.ttl_s = ttl_s
+        self.drain = DrainRate(rate_window_s)
         self._value = 0
+        self.realtime = 0  # the real-time lane's backlog, over both stages
         self._read_at = float("-inf")
         self._lock = asyncio.Lock()
 
@@ -48,13 +55,22 @@ class BacklogCache:
             return self._value
         async with self._lock:  # one read serves every request waiting on it
             if time.monotonic() - self._read_at >= self.ttl_s:
-                self._value = await pipeline_backlog(self.js, self.prefix)
-                self._read_at = time.monotonic()
+                await self._read()
         return self._value
 
-    def note_published(self, n: int) -> None:
+    async def _read(self) -> None:
+        lanes, infer = await asyncio.gather(
+            lane_backlogs(self.js, self.prefix), stage_counters(self.js, Stage.INFER, self.prefix)
+        )
+        self._read_at = time.monotonic()
+        self._value, self.realtime = sum(lanes.values()), lanes[Lane.REALTIME]
+        self.drain.observe(Reading(self._read_at, infer.removed, self._value))
+
+    def note_published(self, n: int, lane: Lane = Lane.BULK) -> None:
         """Count our own publishes until the next read, so bursts cannot overshoot a limit."""
         self._value += n
+        if lane is Lane.REALTIME:
+            self.realtime += n
 
 
 class Publisher:

@@ -1,0 +1,73 @@
+"""Real-time admission by expected wait: the drain rate and the verdict, as pure functions."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from tagpipe_gateway.admission import DrainRate, Reading, admit
+
+
+def feed(rate: DrainRate, *readings: tuple[float, int, int]) -> DrainRate:
+    for at, completed, backlog in readings:
+        rate.observe(Reading(at, completed, backlog))
+    return rate
+
+
+def test_no_rate_before_a_busy_stretch_of_at_least_min_span() -> None:
+    r = feed(DrainRate(window_s=10, min_span_s=1.0), (0.0, 0, 0), (1.0, 0, 0), (2.0, 0, 0))
+    assert r.rate is None  # idle: says nothing of capacity
+    feed(r, (2.5, 10, 50), (3.0, 40, 40))
+    assert r.rate is None  # busy for 0.5 s only
+    feed(r, (3.5, 60, 30))
+    assert r.rate == pytest.approx((60 - 10) / 1.0)
+
+
+def test_idle_time_keeps_the_last_measured_rate() -> None:
+    r = feed(DrainRate(), (0, 0, 100), (1, 50, 60), (2, 100, 0))
+    assert r.rate == pytest.approx(50.0)
+    feed(r, (3, 100, 0), (60, 100, 0))  # a quiet minute
+    assert r.rate == pytest.approx(50.0)
+    feed(r, (61, 100, 30), (62, 180, 10))  # a new burst measures afresh
+    assert r.rate == pytest.approx(80.0)
+
+
+def test_the_window_slides() -> None:
+    r = DrainRate(window_s=5, min_span_s=1)
+    for t in range(0, 10):  # 100/s for 10 s
+        r.observe(Reading(float(t), 100 * t, 500))
+    for t in range(10, 20):  # then 10/s
+        r.observe(Reading(float(t), 900 + 10 * (t - 9), 500))
+    assert r.rate == pytest.approx(10.0)
+
+
+def test_a_counter_going_backwards_restarts_the_window() -> None:
+    r = feed(DrainRate(), (0, 1000, 5), (1, 1100, 5))
+    assert r.rate == pytest.approx(100.0)
+    feed(r, (2, 3, 5))  # streams recreated
+    feed(r, (3, 23, 5))
+    assert r.rate == pytest.approx(20.0)
+
+
+def test_nothing_ahead_or_no_measurement_admits() -> None:
+    assert admit(ahead=0, items=1, rate=0.5, deadline_s=0.1).admit
+    v = admit(ahead=10_000, items=1, rate=None, deadline_s=1.0)
+    assert v.admit and v.expected_wait_s is None  # the fixed limits are the ceiling then
+
+
+def test_refuses_when_the_expected_wait_exceeds_the_deadline() -> None:
+    ok = admit(ahead=40, items=4, rate=50.0, deadline_s=1.0)
+    assert ok.admit and ok.expected_wait_s == pytest.approx(44 / 50)
+    no = admit(ahead=200, items=4, rate=50.0, deadline_s=1.0)
+    assert not no.admit and no.expected_wait_s == pytest.approx(204 / 50)
+    assert no.retry_after_s == math.ceil(204 / 50 - 1.0)
+
+
+def test_admits_again_as_the_backlog_drains() -> None:
+    verdicts = [admit(ahead, 1, rate=50.0, deadline_s=1.0).admit for ahead in (300, 100, 49)]
+    assert verdicts == [False, False, True]
+
+
+def test_a_stalled_pipeline_admits_nothing_behind_a_queue() -> None:
+    v = admit(ahead=5, items=1, rate=0.0, deadline_s=2.0)
+    assert not v.admit and v.retry_after_s == 2
