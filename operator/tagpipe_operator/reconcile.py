@@ -22,11 +22,18 @@ import aiohttp
 import kopf
 import nats
 from nats.aio.client import Client
-from tagpipe_common.streams import StreamPolicy, delete_streams, ensure_streams, stage_backlog
+from tagpipe_common.streams import (
+    StreamPolicy,
+    delete_streams,
+    ensure_streams,
+    stage_backlog,
+    stage_counters,
+)
 from tagpipe_common.subjects import Stage
 
 from tagpipe_operator import metrics
 from tagpipe_operator.kube import ApiError, KubeClient
+from tagpipe_operator.ratemeter import Counters, MeterState, RateReading, observe
 from tagpipe_operator.render import child_name, patch_ops, render
 from tagpipe_operator.scaling import ScalingContext, ScalingDecision, ScalingState, decide
 from tagpipe_operator.settings import OperatorSettings
@@ -52,6 +59,8 @@ class Runtime:
     streams_ready: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
     """(namespace, name) -> (url, prefix) whose streams are known to exist."""
     scaling: dict[StateKey, ScalingState] = field(default_factory=dict)
+    meters: dict[StateKey, MeterState] = field(default_factory=dict)
+    """Each stage's recent JetStream counter readings, for its rates (ratemeter.py)."""
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     def client(self) -> KubeClient:
@@ -242,6 +251,34 @@ async def read_backlogs(
     return Backlogs(out)
 
 
+RATE_STAGES = {"downloader": Stage.DOWNLOAD, "inference": Stage.INFER}
+
+
+async def read_rates(
+    rt: Runtime, key: StateKey, spec: TagPipelineSpec, stage: str, fresh: bool
+) -> RateReading | None:
+    """The stage's traffic over its rate window, or None when its rate term is off.
+
+    Reads only when this tick's backlog read worked (`fresh`): with NATS down a
+    second read would only wait out another timeout. A failed read adds no
+    reading, so the rates age and decide() falls back to the backlog rule.
+    """
+    policy, js_stage = spec.stage(stage).scaling_policy(), RATE_STAGES.get(stage)
+    if js_stage is None or policy.in_flight_per_replica is None:
+        return None
+    reading = None
+    if fresh:
+        try:
+            async with asyncio.timeout(rt.settings.nats_timeout_s * 2):
+                js = await jetstream(rt, await nats_url(rt, key[0], spec))
+                c = await stage_counters(js, js_stage, spec.nats.prefix)
+            reading = Counters(time.monotonic(), c.published, c.removed, c.pending, c.ack_pending)
+        except Exception as exc:  # the rates age; decide() ignores them once stale
+            log.debug("counter read failed for %s: %s", "/".join(key), describe(exc))
+    rt.meters[key], rates = observe(rt.meters.get(key, MeterState()), reading, policy.rate_window_s)
+    return rates
+
+
 async def scale_stage(
     rt: Runtime, body: Mapping[str, Any], spec: TagPipelineSpec, stage: str, backlog: int | None
 ) -> tuple[ScalingDecision, int] | None:
@@ -254,6 +291,7 @@ async def scale_stage(
         return None
     current, ready = observed
     key = (ns, name, stage)
+    rates = await read_rates(rt, key, spec, stage, fresh=backlog is not None)
     ctx = ScalingContext(
         now=time.monotonic(),
         backlog=backlog,
@@ -261,6 +299,7 @@ async def scale_stage(
         policy=spec.stage(stage).scaling_policy(),
         state=rt.scaling.get(key, ScalingState()),
         ready_replicas=ready,
+        rates=rates,
     )
     decision = decide(ctx)
     rt.scaling[key] = decision.state
@@ -287,6 +326,7 @@ def forget(rt: Runtime, namespace: str, name: str) -> None:
     rt.streams_ready.pop((namespace, name), None)
     for stage in STAGES:
         rt.scaling.pop((namespace, name, stage), None)
+        rt.meters.pop((namespace, name, stage), None)
         for g in (metrics.BACKLOG, metrics.DESIRED, metrics.CURRENT):
             with contextlib.suppress(KeyError):
                 g.remove(namespace, name, stage)

@@ -20,6 +20,7 @@ from tagpipe_common.streams import (
     is_final_delivery,
     pipeline_backlog,
     stage_backlog,
+    stage_counters,
 )
 from tagpipe_common.subjects import HDR_MSG_ID, Lane, Stage, stage_names
 
@@ -123,10 +124,29 @@ async def test_ensure_streams_is_idempotent_and_applies_policy(js: JetStreamCont
     assert sinfo.config.duplicate_window == 120.0
 
 
+async def test_stage_counters_feed_the_rate_term(js: JetStreamContext) -> None:
+    """5 published over both lanes, 3 delivered, 2 of those acked: what the operator's
+    rate meter differences over a window (published and removed only ever grow)."""
+    for i in range(3):
+        await js.publish(DL.subject(Lane.BULK), task(f"b{i}").to_json())
+    for i in range(2):
+        await js.publish(DL.subject(Lane.REALTIME), task(f"r{i}").to_json())
+    msgs = await (await bind(js, Lane.BULK)).fetch(3, timeout=2)
+    for msg in msgs[:2]:
+        await msg.ack_sync()
+    c = await stage_counters(js, Stage.DOWNLOAD, "tagpipe")
+    assert (c.published, c.removed, c.pending, c.ack_pending) == (5, 2, 2, 1)
+    await msgs[2].ack_sync()
+    later = await stage_counters(js, Stage.DOWNLOAD, "tagpipe")
+    assert (later.published, later.removed, later.ack_pending) == (5, 3, 0)
+
+
 async def test_missing_consumer_raises_rather_than_guessing(js: JetStreamContext) -> None:
     assert await delete_streams(js, "tagpipe") == ["TAGPIPE_DOWNLOAD", "TAGPIPE_INFER"]
     with pytest.raises(NotFoundError):
         await stage_backlog(js, Stage.DOWNLOAD, "tagpipe")
+    with pytest.raises(NotFoundError):
+        await stage_counters(js, Stage.DOWNLOAD, "tagpipe")
 
 
 async def test_result_write_read_and_ttl(store: ResultStore, redis: Redis) -> None:
