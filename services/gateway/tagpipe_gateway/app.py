@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from tagpipe_gateway import __version__
+from tagpipe_gateway import __version__, openapi
 from tagpipe_gateway.auth import ApiKeys
 from tagpipe_gateway.metrics import install_middleware
 from tagpipe_gateway.problems import install_handlers
@@ -41,10 +41,12 @@ def create_app(settings: GatewaySettings, api_keys: ApiKeys | None = None) -> Fa
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
+        generate_unique_id_function=openapi.operation_id,
     )
     install_handlers(app)
     install_middleware(app)
     app.include_router(health.router)
     app.include_router(tags.router)
     app.include_router(jobs.router)
+    openapi.install(app)
     return app

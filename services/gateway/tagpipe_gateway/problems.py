@@ -99,6 +99,7 @@ def problem_response(
     *,
     instance: str | None = None,
     headers: dict[str, str] | None = None,
+    request_id: str | None = None,
     **extra: Any,
 ) -> JSONResponse:
     body = Problem(
@@ -108,6 +109,8 @@ def problem_response(
         code=code,
         detail=detail,
         instance=instance,
+        # Within a request, RequestIdMiddleware has set the id its log lines carry.
+        request_id=request_id or telemetry.request_id_var.get(),
         **extra,
     ).model_dump(exclude_none=True)
     return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_MEDIA_TYPE)

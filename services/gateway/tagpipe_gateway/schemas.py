@@ -42,6 +42,12 @@ class TagRequest(BaseModel):
         return TaskOptions(top_k=self.top_k, min_score=self.min_score)
 
 
+class TagUpload(BaseModel):
+    """`POST /v1/tags` as multipart/form-data: one `file` part per image."""
+
+    file: bytes = Field(description="The image (repeat the part for several)")
+
+
 class ItemResult(BaseModel):
     """One item's outcome; `pending` only from GET /v1/results before it finished."""
 
@@ -108,6 +114,29 @@ class JobItem(BaseModel):
 
     url: Annotated[str, Field(min_length=1)]
     id: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+
+
+class JobUpload(BaseModel):
+    """`POST /v1/jobs` as multipart/form-data: the item list as an NDJSON `file`."""
+
+    file: bytes = Field(description="NDJSON: one `JobItem`, JSON string or bare URL per line")
+
+
+class JobResultLine(TagResult):
+    """One line of `GET /v1/jobs/{job_id}/results`: an item's result and its cursor."""
+
+    cursor: str = Field(description="Pass as `cursor` to resume after this line")
+
+
+class JobResultsPage(BaseModel):
+    """A page of a job's results, for clients that cannot read an NDJSON stream."""
+
+    results: list[JobResultLine]
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` for the next page; null when nothing has been read yet"
+    )
+    state: JobState = Field(description="The job's state when the page was read")
+    over: bool = Field(description="The job is over and this page holds its last results")
 
 
 class JobCreated(BaseModel):

@@ -36,7 +36,7 @@ async def _check(name: str, probe: asyncio.Future[object] | object) -> tuple[str
         503: {
             "model": Problem,
             "description": "Not ready: `checks` names the dependency that failed",
-            "content": {PROBLEM_MEDIA_TYPE: {}},
+            "content": {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}},
         }
     },
 )

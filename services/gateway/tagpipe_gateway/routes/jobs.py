@@ -10,13 +10,22 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
-from tagpipe_common.messages import TagResult, TaskOptions
+from tagpipe_common.messages import TaskOptions
 
 from tagpipe_gateway.deps import PrincipalDep, RuntimeDep
 from tagpipe_gateway.intake import NDJSON_TYPES, Spool, spool_json_array, spool_ndjson
+from tagpipe_gateway.jobs import FINAL_STATES
+from tagpipe_gateway.openapi import ref
 from tagpipe_gateway.problems import ProblemCode, ProblemError, problem_responses
 from tagpipe_gateway.runtime import Runtime
-from tagpipe_gateway.schemas import JobCreated, JobItem, JobStatus
+from tagpipe_gateway.schemas import (
+    JobCreated,
+    JobItem,
+    JobResultLine,
+    JobResultsPage,
+    JobStatus,
+    JobUpload,
+)
 
 router = APIRouter(prefix="/v1/jobs", tags=["bulk"])
 
@@ -25,33 +34,42 @@ _NDJSON_EXAMPLE = (
     '{"url": "https://images.example.com/cat.jpg", "id": "sku-1"}\n'
     '{"url": "https://images.example.com/coffee.png", "id": "sku-2"}\n'
 )
-_BODY_DOC: dict[str, Any] = {
+# Client generators cannot send one operation's body as either a top-level JSON
+# array or something else (openapi-python-client's call raises TypeError), so the
+# JSON array, which POST /v1/jobs accepts too, is documented as its own operation.
+_UPLOAD_DOC: dict[str, Any] = {
     "requestBody": {
         "required": True,
         "content": {
-            "application/x-ndjson": {
-                "schema": {"type": "string"},
-                "example": _NDJSON_EXAMPLE,
-            },
+            "application/x-ndjson": {"schema": {"type": "string"}, "example": _NDJSON_EXAMPLE},
+            "multipart/form-data": {"schema": ref(JobUpload)},
+        },
+    }
+}
+_JSON_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
             "application/json": {
-                "schema": {
-                    "type": "array",
-                    "items": {"anyOf": [{"type": "string"}, JobItem.model_json_schema()]},
-                },
+                "schema": {"type": "array", "items": {"anyOf": [{"type": "string"}, ref(JobItem)]}},
                 "example": [
                     "https://images.example.com/cat.jpg",
                     {"url": "https://images.example.com/coffee.png", "id": "sku-2"},
                 ],
             },
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {"file": {"type": "string", "format": "binary"}},
-                    "required": ["file"],
-                }
-            },
         },
     }
+}
+_SUBMIT_DOC = (
+    "The body is streamed, validated and stored; the job id comes back as soon as it "
+    "is read, and items are published in the background. `id` is your item id: a "
+    "repeated id is one item. A URL repeated within a job ends as error `duplicate_url` "
+    "naming the first item. With an `Idempotency-Key`, a retried submission returns the "
+    "same job (200, `reused`)."
+)
+_SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"model": JobCreated, "description": "Idempotent replay"},
+    **problem_responses(401, 409, 413, 415, 422, 503),
 }
 
 
@@ -138,18 +156,24 @@ async def _read_items(request: Request, rt: Runtime, job_id: str) -> int:
     status_code=202,
     summary="Submit a bulk job",
     description=(
-        "A JSON array of URLs or `{url, id}` objects, or NDJSON (one object, JSON string or "
-        "bare URL per line; also as a multipart `file`). The body is streamed, validated "
-        "and stored; the job id comes back as soon as it is read, and items are published in "
-        "the background. `id` is your item id: a repeated id is one item. A URL repeated "
-        "within a job ends as error `duplicate_url` naming the first item. With an "
-        "`Idempotency-Key`, a retried submission returns the same job (200, `reused`)."
+        "NDJSON (one `JobItem` object, JSON string or bare URL per line), as the body or "
+        "as a multipart `file`; also a JSON array, as in `submit_job_json`. " + _SUBMIT_DOC
     ),
-    responses={
-        200: {"model": JobCreated, "description": "Idempotent replay"},
-        **problem_responses(401, 409, 413, 415, 422, 503),
-    },
-    openapi_extra=_BODY_DOC,
+    responses=_SUBMIT_RESPONSES,
+    openapi_extra=_UPLOAD_DOC,
+)
+@router.post(
+    "/json",
+    response_model=JobCreated,
+    status_code=202,
+    operation_id="submit_job_json",
+    summary="Submit a bulk job as a JSON array",
+    description=(
+        "A JSON array of URLs or `JobItem` objects: the same as `POST /v1/jobs` with "
+        "`application/json`, for clients that cannot send an array there. " + _SUBMIT_DOC
+    ),
+    responses=_SUBMIT_RESPONSES,
+    openapi_extra=_JSON_DOC,
 )
 async def submit_job(
     request: Request,
@@ -204,31 +228,48 @@ async def _status_or_404(rt: Runtime, job_id: str, principal: str) -> JobStatus:
     summary="Job progress",
     responses=problem_responses(401, 404, 422, 503),
 )
-async def job_status(job_id: str, rt: RuntimeDep, principal: PrincipalDep) -> JobStatus:
+async def get_job(job_id: str, rt: RuntimeDep, principal: PrincipalDep) -> JobStatus:
     return await _status_or_404(rt, job_id, principal)
+
+
+CursorQuery = Annotated[
+    str | None, Query(description="Resume after this cursor", examples=["1764072000000-0"])
+]
+
+
+def _check_cursor(cursor: str | None) -> None:
+    if cursor is not None and not _CURSOR.match(cursor):
+        raise ProblemError(
+            422,
+            ProblemCode.VALIDATION_ERROR,
+            "Request validation failed",
+            "invalid field(s): query.cursor",
+            errors=[{"field": "query.cursor", "message": "not a cursor from this API"}],
+        )
 
 
 @router.get(
     "/{job_id}/results",
-    response_model=TagResult,
     response_class=StreamingResponse,
     summary="Job results as NDJSON",
     description=(
-        "One result per line (the schema below), each with a `cursor`. Pass the last "
-        "cursor you read as `cursor` to resume after it. Results appear as items finish."
+        "One `JobResultLine` per line, each with a `cursor`. Pass the last cursor you "
+        "read as `cursor` to resume after it. Results appear as items finish. Clients "
+        "that cannot read NDJSON page through `get_job_results_page` instead."
     ),
     responses={
-        200: {"content": {"application/x-ndjson": {}}},
+        200: {
+            "content": {"application/x-ndjson": {"schema": ref(JobResultLine)}},
+            "description": "NDJSON: one `JobResultLine` per line",
+        },
         **problem_responses(401, 404, 422, 503),
     },
 )
-async def job_results(
+async def get_job_results(
     job_id: str,
     rt: RuntimeDep,
     principal: PrincipalDep,
-    cursor: Annotated[
-        str | None, Query(description="Resume after this cursor", examples=["1764072000000-0"])
-    ] = None,
+    cursor: CursorQuery = None,
     limit: Annotated[int | None, Query(ge=1, le=10_000_000)] = None,
     follow: Annotated[
         float,
@@ -240,19 +281,47 @@ async def job_results(
         ),
     ] = 0.0,
 ) -> StreamingResponse:
-    if cursor is not None and not _CURSOR.match(cursor):
-        raise ProblemError(
-            422,
-            ProblemCode.VALIDATION_ERROR,
-            "Request validation failed",
-            "invalid field(s): query.cursor",
-            errors=[{"field": "query.cursor", "message": "not a cursor from this API"}],
-        )
+    _check_cursor(cursor)
     status = await _status_or_404(rt, job_id, principal)
     return StreamingResponse(
         rt.jobs.iter_results(job_id, cursor, limit, follow),
         media_type="application/x-ndjson",
         headers={"Tagpipe-Job-State": status.state},
+    )
+
+
+@router.get(
+    "/{job_id}/results/page",
+    response_model=JobResultsPage,
+    summary="Job results, a JSON page at a time",
+    description=(
+        "The results `GET /v1/jobs/{job_id}/results` streams, as one JSON document of at "
+        "most `limit` lines; pass `next_cursor` as `cursor` for the next page until `over`."
+    ),
+    responses=problem_responses(401, 404, 422, 503),
+)
+async def get_job_results_page(
+    job_id: str,
+    rt: RuntimeDep,
+    principal: PrincipalDep,
+    cursor: CursorQuery = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+) -> JobResultsPage:
+    _check_cursor(cursor)
+    # State first: results are written with their counters, so a job read as over
+    # here has all of its results in the stream already.
+    status = await _status_or_404(rt, job_id, principal)
+    lines = [
+        JobResultLine.model_validate_json(line)
+        async for line in rt.jobs.iter_results(job_id, cursor, limit)
+    ]
+    next_cursor = lines[-1].cursor if lines else cursor
+    ended = status.state in FINAL_STATES and status.finished >= (status.total or 0)
+    return JobResultsPage(
+        results=lines,
+        next_cursor=next_cursor,
+        state=status.state,
+        over=ended and len(lines) < limit,
     )
 
 

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import json
-from typing import Any, NoReturn
+import time
+from typing import Annotated, Any, NoReturn
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from tagpipe_common import telemetry
 from tagpipe_common.messages import DownloadTask, TagResult, TaskOptions
 from tagpipe_common.subjects import Lane
 
+from tagpipe_gateway.admission import admit
 from tagpipe_gateway.deps import PrincipalDep, RuntimeDep
 from tagpipe_gateway.intake import check_url
-from tagpipe_gateway.metrics import BACKPRESSURE, observe_item
+from tagpipe_gateway.metrics import BACKPRESSURE, DEADLINES, observe_deadlines, observe_item
+from tagpipe_gateway.openapi import ref
 from tagpipe_gateway.problems import (
     ProblemCode,
     ProblemError,
@@ -22,7 +25,7 @@ from tagpipe_gateway.problems import (
     request_id_of,
 )
 from tagpipe_gateway.runtime import Runtime
-from tagpipe_gateway.schemas import ItemResult, TagRequest, TagResponse
+from tagpipe_gateway.schemas import ItemResult, TagRequest, TagResponse, TagUpload
 
 router = APIRouter(prefix="/v1", tags=["real-time"])
 _tracer = telemetry.tracer("tagpipe_gateway")
@@ -32,7 +35,7 @@ _BODY_DOC: dict[str, Any] = {
         "required": True,
         "content": {
             "application/json": {
-                "schema": TagRequest.model_json_schema(),
+                "schema": ref(TagRequest),
                 "examples": {
                     "one": {"value": {"url": "https://images.example.com/cat.jpg"}},
                     "several": {
@@ -46,13 +49,9 @@ _BODY_DOC: dict[str, Any] = {
                     },
                 },
             },
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {"file": {"type": "string", "format": "binary"}},
-                    "required": ["file"],
-                }
-            },
+            "multipart/form-data": {"schema": ref(TagUpload)},
+            # The same raw upload as image/*, for client generators that know no image/*.
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
             "image/*": {"schema": {"type": "string", "format": "binary"}},
         },
     }
@@ -129,31 +128,39 @@ async def _parse_uploads(request: Request, rt: Runtime) -> list[bytes]:
     return [data]
 
 
-def _options_from_query(request: Request) -> TaskOptions:
-    try:
-        return TaskOptions.model_validate(
-            {k: v for k, v in request.query_params.items() if k in ("top_k", "min_score")}
-        )
-    except ValidationError as exc:
-        raise RequestValidationError(
-            [{**e, "loc": ("query", *e["loc"])} for e in exc.errors()]
-        ) from None
-
-
 @router.post(
     "/tags",
     response_model=TagResponse,
     summary="Tag images now",
     description=(
-        "Send one URL or several (`application/json`), or upload one image "
-        "(`multipart/form-data` part `file`, or a raw `image/*` body; `top_k` and "
-        "`min_score` as query parameters). Waits up to the configured timeout; on "
-        "timeout returns 504 with the `request_id` for `GET /v1/results/{request_id}`."
+        "Send one URL or several (`application/json`), or upload images "
+        "(`multipart/form-data` parts `file`, or one raw `image/*` or "
+        "`application/octet-stream` body; `top_k` and `min_score` as query parameters, "
+        "a JSON body carries its own). Waits up to the configured timeout; on timeout "
+        "returns 504 with the `request_id` for `GET /v1/results/{request_id}`."
     ),
     responses=problem_responses(401, 413, 415, 422, 429, 503, 504),
     openapi_extra=_BODY_DOC,
 )
-async def tag_images(request: Request, rt: RuntimeDep, principal: PrincipalDep) -> TagResponse:
+async def tag_images(
+    request: Request,
+    rt: RuntimeDep,
+    principal: PrincipalDep,
+    top_k: Annotated[int, Query(ge=1, le=100, description="Tags per upload")] = 5,
+    min_score: Annotated[
+        float, Query(ge=0.0, le=1.0, description="Drop an upload's tags scoring below this")
+    ] = 0.0,
+    timeout_ms: Annotated[
+        int | None,
+        Query(
+            ge=1,
+            description="This request's deadline in ms (default and maximum: the gateway's "
+            "`TAGPIPE_REALTIME_TIMEOUT_S`). Refused at once (429) when the expected wait is "
+            "longer; items still queued past it are skipped as `deadline_exceeded`.",
+        ),
+    ] = None,
+) -> TagResponse:
+    deadline_s = _deadline_s(rt, timeout_ms)
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     blobs: list[bytes] = []
     if ctype == "application/json":
@@ -164,7 +171,7 @@ async def tag_images(request: Request, rt: RuntimeDep, principal: PrincipalDep) 
         or ctype == "application/octet-stream"
     ):
         blobs = await _parse_uploads(request, rt)
-        urls, options = [], _options_from_query(request)
+        urls, options = [], TaskOptions(top_k=top_k, min_score=min_score)
     else:
         raise ProblemError(
             415,
@@ -182,7 +189,36 @@ async def tag_images(request: Request, rt: RuntimeDep, principal: PrincipalDep) 
             f"pipeline backlog is {backlog} (limit {rt.settings.realtime_backlog_limit})",
             headers={"Retry-After": "2"},
         )
-    return await _run_request(rt, principal, request_id_of(request), urls, blobs, options)
+    _admit(rt, len(urls) + len(blobs), deadline_s)
+    return await _run_request(
+        rt, principal, request_id_of(request), urls, blobs, options, deadline_s
+    )
+
+
+def _deadline_s(rt: Runtime, timeout_ms: int | None) -> float:
+    most = rt.settings.realtime_timeout_s
+    if timeout_ms is None:
+        return most
+    if timeout_ms > most * 1000:
+        _field_error(("query", "timeout_ms"), f"at most {most * 1000:.0f} ms on this gateway")
+    return timeout_ms / 1000.0
+
+
+def _admit(rt: Runtime, items: int, deadline_s: float) -> None:
+    """429 when the real-time queue ahead would not drain within the deadline."""
+    verdict = admit(rt.backlog.realtime, items, rt.backlog.drain.rate, deadline_s)
+    if verdict.admit:
+        return
+    BACKPRESSURE.labels("realtime_wait_429").inc()
+    DEADLINES.labels(Lane.REALTIME.value, "rejected").inc(items)
+    raise ProblemError(
+        429,
+        ProblemCode.BACKLOG_FULL,
+        "Expected wait exceeds the deadline",
+        f"about {verdict.expected_wait_s:.1f} s of real-time work is queued ahead; "
+        f"the deadline is {deadline_s:.3g} s",
+        headers={"Retry-After": str(verdict.retry_after_s)},
+    )
 
 
 async def _run_request(
@@ -192,6 +228,7 @@ async def _run_request(
     urls: list[str],
     blobs: list[bytes],
     options: TaskOptions,
+    deadline_s: float,
 ) -> TagResponse:
     # The id of the HTTP request (its X-Request-Id) also names its items and results.
     token = telemetry.request_id_var.set(request_id)  # every log line of this request
@@ -202,28 +239,30 @@ async def _run_request(
     # The span's context rides in each task's traceparent header down the pipeline.
     with _tracer.start_as_current_span("tag_request", attributes=attrs):
         try:
-            return await _publish_and_wait(rt, principal, request_id, urls, blobs, options)
+            return await _publish_and_wait(
+                rt, principal, request_id, urls, blobs, options, deadline_s
+            )
         finally:
             telemetry.request_id_var.reset(token)
 
 
 def _tasks(
-    rt: Runtime, request_id: str, urls: list[str], uploads: int, options: TaskOptions
+    rt: Runtime,
+    request_id: str,
+    urls: list[str],
+    uploads: int,
+    options: TaskOptions,
+    deadline: float,
 ) -> list[DownloadTask]:
     """One real-time task per URL, then one per upload (its bytes wait under a blob key)."""
     ids = [f"{request_id}-{i}" for i in range(len(urls) + uploads)]
-    rt_lane = Lane.REALTIME
+    common = {"request_id": request_id, "lane": Lane.REALTIME, "options": options}
     tasks = [
-        DownloadTask(item_id=i, request_id=request_id, lane=rt_lane, url=u, options=options)
+        DownloadTask(item_id=i, url=u, deadline=deadline, **common)
         for i, u in zip(ids, urls, strict=False)
     ]
     for i in ids[len(urls) :]:
-        blob = rt.keys.blob(i)
-        tasks.append(
-            DownloadTask(
-                item_id=i, request_id=request_id, lane=rt_lane, blob_key=blob, options=options
-            )
-        )
+        tasks.append(DownloadTask(item_id=i, blob_key=rt.keys.blob(i), deadline=deadline, **common))
     return tasks
 
 
@@ -234,8 +273,9 @@ async def _publish_and_wait(
     urls: list[str],
     blobs: list[bytes],
     options: TaskOptions,
+    deadline_s: float,
 ) -> TagResponse:
-    tasks = _tasks(rt, request_id, urls, len(blobs), options)
+    tasks = _tasks(rt, request_id, urls, len(blobs), options, time.time() + deadline_s)
     index = [[t.item_id, t.source] for t in tasks]
     async with rt.redis.pipeline(transaction=False) as pipe:
         record = json.dumps({"owner": principal, "items": index})
@@ -250,8 +290,9 @@ async def _publish_and_wait(
     except BaseException:
         rt.notifier.unregister(waiter)
         raise
-    rt.backlog.note_published(len(tasks))
-    results = await rt.notifier.wait(waiter, rt.settings.realtime_timeout_s)
+    rt.backlog.note_published(len(tasks), Lane.REALTIME)
+    results = await rt.notifier.wait(waiter, deadline_s)
+    observe_deadlines(Lane.REALTIME.value, results)
     response = _response(request_id, index, results)
     if not response.complete:
         raise ProblemError(
