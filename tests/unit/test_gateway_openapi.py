@@ -90,4 +90,8 @@ def test_results_lines_have_a_schema_with_the_cursor() -> None:
 
 def test_tags_declares_the_query_parameters_it_reads() -> None:
     op = _operations(spec())["tag_images"]
-    assert {p["name"] for p in op["parameters"] if p["in"] == "query"} == {"top_k", "min_score"}
+    assert {p["name"] for p in op["parameters"] if p["in"] == "query"} == {
+        "top_k",
+        "min_score",
+        "timeout_ms",
+    }

@@ -34,6 +34,19 @@ BACKPRESSURE = Counter(
     ["kind"],
 )
 
+DEADLINES = Counter(
+    "tagpipe_gateway_deadline_items_total",
+    "Items with a deadline by outcome: rejected at admission (429), expired (no result "
+    "by the deadline, or skipped as deadline_exceeded), served_in_time",
+    ["lane", "outcome"],
+)
+
+
+def observe_deadlines(lane: str, results: list[TagResult | None]) -> None:
+    late = sum(r is None or r.code == "deadline_exceeded" for r in results)
+    DEADLINES.labels(lane, "expired").inc(late)
+    DEADLINES.labels(lane, "served_in_time").inc(len(results) - late)
+
 
 def observe_item(result: TagResult) -> None:
     ITEMS.labels(result.lane.value, result.status, result.code or "").inc()

@@ -43,7 +43,9 @@ class Runtime:
         keys = RedisKeys(settings.prefix)
         store = ResultStore(redis, keys, ttl_s=settings.result_ttl_s)
         publisher = Publisher(js, settings.prefix)
-        backlog = BacklogCache(js, settings.prefix, settings.backlog_cache_s)
+        backlog = BacklogCache(
+            js, settings.prefix, settings.backlog_cache_s, settings.drain_rate_window_s
+        )
         notifier = Notifier(redis, store, keys.notify_channel)
         await notifier.start()
         jobs = JobManager(redis, store, keys, publisher, backlog, settings)

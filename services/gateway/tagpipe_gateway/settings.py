@@ -21,7 +21,11 @@ class GatewaySettings(CommonSettings):
     max_urls_per_request: Annotated[int, Field(ge=1, le=1000)] = 32
     max_upload_bytes: Annotated[int, Field(ge=1024)] = 16 * 1024 * 1024
     max_url_length: Annotated[int, Field(ge=16, le=65536)] = 4096
+    # A real-time request's deadline: the default, and the most a caller's
+    # `timeout_ms` may ask for. Items carry it; a stage past it skips the item.
     realtime_timeout_s: Annotated[float, Field(gt=0, le=600)] = 30.0
+    # The moving window over which admission measures the pipeline's drain rate.
+    drain_rate_window_s: Annotated[float, Field(gt=0, le=600)] = 10.0
     blob_ttl_s: Annotated[int, Field(ge=10)] = 600
 
     # Backpressure: real-time requests get 429 above the first limit; bulk

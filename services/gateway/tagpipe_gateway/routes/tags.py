@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Annotated, Any, NoReturn
 
 from fastapi import APIRouter, Query, Request
@@ -12,9 +13,10 @@ from tagpipe_common import telemetry
 from tagpipe_common.messages import DownloadTask, TagResult, TaskOptions
 from tagpipe_common.subjects import Lane
 
+from tagpipe_gateway.admission import admit
 from tagpipe_gateway.deps import PrincipalDep, RuntimeDep
 from tagpipe_gateway.intake import check_url
-from tagpipe_gateway.metrics import BACKPRESSURE, observe_item
+from tagpipe_gateway.metrics import BACKPRESSURE, DEADLINES, observe_deadlines, observe_item
 from tagpipe_gateway.openapi import ref
 from tagpipe_gateway.problems import (
     ProblemCode,
@@ -148,7 +150,17 @@ async def tag_images(
     min_score: Annotated[
         float, Query(ge=0.0, le=1.0, description="Drop an upload's tags scoring below this")
     ] = 0.0,
+    timeout_ms: Annotated[
+        int | None,
+        Query(
+            ge=1,
+            description="This request's deadline in ms (default and maximum: the gateway's "
+            "`TAGPIPE_REALTIME_TIMEOUT_S`). Refused at once (429) when the expected wait is "
+            "longer; items still queued past it are skipped as `deadline_exceeded`.",
+        ),
+    ] = None,
 ) -> TagResponse:
+    deadline_s = _deadline_s(rt, timeout_ms)
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     blobs: list[bytes] = []
     if ctype == "application/json":
@@ -177,7 +189,36 @@ async def tag_images(
             f"pipeline backlog is {backlog} (limit {rt.settings.realtime_backlog_limit})",
             headers={"Retry-After": "2"},
         )
-    return await _run_request(rt, principal, request_id_of(request), urls, blobs, options)
+    _admit(rt, len(urls) + len(blobs), deadline_s)
+    return await _run_request(
+        rt, principal, request_id_of(request), urls, blobs, options, deadline_s
+    )
+
+
+def _deadline_s(rt: Runtime, timeout_ms: int | None) -> float:
+    most = rt.settings.realtime_timeout_s
+    if timeout_ms is None:
+        return most
+    if timeout_ms > most * 1000:
+        _field_error(("query", "timeout_ms"), f"at most {most * 1000:.0f} ms on this gateway")
+    return timeout_ms / 1000.0
+
+
+def _admit(rt: Runtime, items: int, deadline_s: float) -> None:
+    """429 when the real-time queue ahead would not drain within the deadline."""
+    verdict = admit(rt.backlog.realtime, items, rt.backlog.drain.rate, deadline_s)
+    if verdict.admit:
+        return
+    BACKPRESSURE.labels("realtime_wait_429").inc()
+    DEADLINES.labels(Lane.REALTIME.value, "rejected").inc(items)
+    raise ProblemError(
+        429,
+        ProblemCode.BACKLOG_FULL,
+        "Expected wait exceeds the deadline",
+        f"about {verdict.expected_wait_s:.1f} s of real-time work is queued ahead; "
+        f"the deadline is {deadline_s:.3g} s",
+        headers={"Retry-After": str(verdict.retry_after_s)},
+    )
 
 
 async def _run_request(
@@ -187,6 +228,7 @@ async def _run_request(
     urls: list[str],
     blobs: list[bytes],
     options: TaskOptions,
+    deadline_s: float,
 ) -> TagResponse:
     # The id of the HTTP request (its X-Request-Id) also names its items and results.
     token = telemetry.request_id_var.set(request_id)  # every log line of this request
@@ -197,28 +239,30 @@ async def _run_request(
     # The span's context rides in each task's traceparent header down the pipeline.
     with _tracer.start_as_current_span("tag_request", attributes=attrs):
         try:
-            return await _publish_and_wait(rt, principal, request_id, urls, blobs, options)
+            return await _publish_and_wait(
+                rt, principal, request_id, urls, blobs, options, deadline_s
+            )
         finally:
             telemetry.request_id_var.reset(token)
 
 
 def _tasks(
-    rt: Runtime, request_id: str, urls: list[str], uploads: int, options: TaskOptions
+    rt: Runtime,
+    request_id: str,
+    urls: list[str],
+    uploads: int,
+    options: TaskOptions,
+    deadline: float,
 ) -> list[DownloadTask]:
     """One real-time task per URL, then one per upload (its bytes wait under a blob key)."""
     ids = [f"{request_id}-{i}" for i in range(len(urls) + uploads)]
-    rt_lane = Lane.REALTIME
+    common = {"request_id": request_id, "lane": Lane.REALTIME, "options": options}
     tasks = [
-        DownloadTask(item_id=i, request_id=request_id, lane=rt_lane, url=u, options=options)
+        DownloadTask(item_id=i, url=u, deadline=deadline, **common)
         for i, u in zip(ids, urls, strict=False)
     ]
     for i in ids[len(urls) :]:
-        blob = rt.keys.blob(i)
-        tasks.append(
-            DownloadTask(
-                item_id=i, request_id=request_id, lane=rt_lane, blob_key=blob, options=options
-            )
-        )
+        tasks.append(DownloadTask(item_id=i, blob_key=rt.keys.blob(i), deadline=deadline, **common))
     return tasks
 
 
@@ -229,8 +273,9 @@ async def _publish_and_wait(
     urls: list[str],
     blobs: list[bytes],
     options: TaskOptions,
+    deadline_s: float,
 ) -> TagResponse:
-    tasks = _tasks(rt, request_id, urls, len(blobs), options)
+    tasks = _tasks(rt, request_id, urls, len(blobs), options, time.time() + deadline_s)
     index = [[t.item_id, t.source] for t in tasks]
     async with rt.redis.pipeline(transaction=False) as pipe:
         record = json.dumps({"owner": principal, "items": index})
@@ -245,8 +290,9 @@ async def _publish_and_wait(
     except BaseException:
         rt.notifier.unregister(waiter)
         raise
-    rt.backlog.note_published(len(tasks))
-    results = await rt.notifier.wait(waiter, rt.settings.realtime_timeout_s)
+    rt.backlog.note_published(len(tasks), Lane.REALTIME)
+    results = await rt.notifier.wait(waiter, deadline_s)
+    observe_deadlines(Lane.REALTIME.value, results)
     response = _response(request_id, index, results)
     if not response.complete:
         raise ProblemError(
