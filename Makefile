@@ -9,7 +9,7 @@ MODEL_DIR ?= models/efficientnet-lite0
 PYTEST_ARGS ?=
 
 .PHONY: help setup venv tools model test test-unit test-integration test-stress test-faults lint format run \
-        bench bench-inference bench-downloader e2e images clean
+        bench bench-inference bench-downloader bench-realtime e2e images clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -82,6 +82,10 @@ images: ## build the four images (needs a Docker engine; INFERENCE_BUILD_ARGS fo
 	docker build --target gateway -t $(IMAGE_PREFIX)gateway:$(IMAGE_TAG) .
 	docker build --target downloader -t $(IMAGE_PREFIX)downloader:$(IMAGE_TAG) .
 	docker build --target inference $(INFERENCE_BUILD_ARGS) -t $(IMAGE_PREFIX)inference:$(IMAGE_TAG) .
+
+bench-realtime: venv ## real-time deadlines under 0.5x/1.3x/3x overload (~3 min): bench/results/realtime.json
+	test -f $(MODEL_DIR)/manifest.json || $(MAKE) model
+	$(PY) -m bench.bench_realtime
 
 bench-downloader: venv ## downloader images/s (fetch + decode, 0/100 ms latency) and the JPEG fast path
 	$(PY) bench/bench_downloader.py --out bench/results/downloader.json
