@@ -125,3 +125,15 @@ async def test_every_problem_carries_the_request_id_of_its_response(
         ids.add(request_id)
     assert len(ids) == 4  # one per request
     assert (await client.get("/healthz")).headers["x-request-id"]
+
+
+async def test_problems_made_outside_the_handlers_carry_the_id_too(
+    client: httpx.AsyncClient, nats_proc: ServerProcess
+) -> None:
+    nats_proc.stop()
+    for r in (
+        await client.get("/readyz"),  # built by the route itself
+        await client.post("/v1/tags", json={"url": "http://img.example/a.jpg"}),  # NATS down
+    ):
+        assert r.status_code == 503, r.text
+        assert r.json()["request_id"] == r.headers["x-request-id"]
