@@ -1,10 +1,12 @@
-"""Downloader defaults derived from the cores the process may really use."""
+"""Downloader defaults derived from the cores the process may really use, and the item deadline."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import pytest
+from pydantic import ValidationError
 from tagpipe_downloader.settings import INFLIGHT_PER_CPU, DownloaderSettings, usable_cpus
 
 AFFINITY = len(os.sched_getaffinity(0))
@@ -32,3 +34,10 @@ def test_defaults_follow_the_cores() -> None:
     fields = DownloaderSettings.model_fields
     assert fields["decode_workers"].default == cpus
     assert fields["max_inflight"].default == min(256, INFLIGHT_PER_CPU * cpus)
+
+
+def test_the_item_deadline_defaults_to_two_minutes_and_reaches_the_fetcher() -> None:
+    assert DownloaderSettings().fetch_config().item_deadline_s == 120.0
+    assert DownloaderSettings(item_deadline_s=5).fetch_config().item_deadline_s == 5.0
+    with pytest.raises(ValidationError):
+        DownloaderSettings(item_deadline_s=0)
