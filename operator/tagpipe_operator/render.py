@@ -17,6 +17,7 @@ import hashlib
 import json
 from typing import Any
 
+from tagpipe_operator.modelsource import fetch_container, model_volume
 from tagpipe_operator.spec import (
     GPU_PRODUCT_LABEL,
     GPU_RESOURCE,
@@ -148,13 +149,13 @@ def _secret_env(spec: TagPipelineSpec) -> list[Manifest]:
     return env
 
 
-def _model_volume(spec: TagPipelineSpec) -> tuple[Manifest, str]:
-    """The model's volume and the sub-path of the model directory inside it."""
-    m = spec.model
-    if m.storage_uri is not None:
-        claim, _, path = m.storage_uri.removeprefix("pvc://").partition("/")
-        return {"persistentVolumeClaim": {"claimName": claim, "readOnly": True}}, path
-    return dict(m.volume or {}), m.sub_path
+def _security() -> Manifest:
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
 
 
 def _placement(component: str, stage: StageSpec) -> Manifest:
@@ -190,7 +191,7 @@ def _container(component: str, stage: StageSpec, spec: TagPipelineSpec, name: st
     if component == "gateway" and spec.gateway.api_key_secret_ref is not None:
         mounts.append({"name": "api-keys", "mountPath": API_KEYS_MOUNT, "readOnly": True})
     if component != "gateway":
-        _, sub_path = _model_volume(spec)
+        _, sub_path = model_volume(spec.model)
         if sub_path:
             mounts[-1]["subPath"] = sub_path
     ports = [{"name": "metrics", "containerPort": METRICS_PORT}]
@@ -207,12 +208,7 @@ def _container(component: str, stage: StageSpec, spec: TagPipelineSpec, name: st
         "ports": ports,
         "resources": _resources(stage),
         "volumeMounts": mounts,
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
+        "securityContext": _security(),
     }
     port_name = "http" if component == "gateway" else "health"
     port = GATEWAY_PORT if component == "gateway" else HEALTH_PORT
@@ -225,7 +221,7 @@ def _container(component: str, stage: StageSpec, spec: TagPipelineSpec, name: st
 def _volumes(component: str, spec: TagPipelineSpec) -> list[Manifest]:
     vols: list[Manifest] = [{"name": "tmp", "emptyDir": {}}]
     if component != "gateway":
-        source, _ = _model_volume(spec)
+        source, _ = model_volume(spec.model)
         vols.append({"name": "model", **source})
     ref = spec.gateway.api_key_secret_ref
     if component == "gateway" and ref is not None:
@@ -253,6 +249,17 @@ def deployment(
         "volumes": _volumes(component, spec),
         **_placement(component, stage),
     }
+    if component != "gateway" and spec.model.fetched:
+        pod_spec["initContainers"] = [
+            fetch_container(
+                component,
+                spec.model,
+                stage.image,
+                stage.image_pull_policy,
+                _security(),
+                MODEL_MOUNT,
+            )
+        ]
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",

@@ -33,12 +33,24 @@ class SecretRef(_Model):
     key: str = "url"
 
 
+class LocalRef(_Model):
+    name: str
+
+
 class ModelSource(_Model):
     name: str
     version: str
     storage_uri: str | None = None
+    # The model file's sha256 (as manifest.json states it): required for https://.
+    sha256: str | None = None
+    storage_secret_ref: LocalRef | None = None
     volume: dict[str, Any] | None = None
     sub_path: str = ""
+
+    @property
+    def fetched(self) -> bool:
+        """True when an init container fetches the model (https://, s3://), not a mount."""
+        return self.storage_uri is not None and not self.storage_uri.startswith("pvc://")
 
 
 class NatsSpec(_Model):

@@ -110,7 +110,10 @@ _DELETE = object()
         ("spec.inference.imagePullPolicy", "Sometimes", "imagePullPolicy"),
         ("spec.nats.prefix", "Bad_Prefix", "prefix"),
         ("spec.model.name", "Not A Name", "name"),
-        ("spec.model.storageUri", "s3://bucket/model", "storageUri"),
+        ("spec.model.storageUri", "ftp://bucket/model", "storageUri"),
+        ("spec.model.storageUri", "s3://Bad_Bucket/model", "storageUri"),
+        ("spec.model.sha256", "E1" * 32, "sha256"),
+        ("spec.model.storageSecretRef", {}, "name"),
         ("spec.gateway.apiKeySecretRef", {"key": "k"}, "name"),
     ],
 )
@@ -125,6 +128,22 @@ def test_model_needs_a_source() -> None:
     assert errors(obj), "a model with neither storageUri nor volume was accepted"
     obj["spec"]["model"]["volume"] = {"persistentVolumeClaim": {"claimName": "m"}}
     assert errors(obj) == []
+
+
+@pytest.mark.parametrize(
+    ("uri", "pinned", "ok"),
+    [
+        ("s3://models/efficientnet-lite0", False, True),
+        ("https://models.example.com/m/", True, True),
+        ("https://models.example.com/m/", False, False),  # https needs the sha256 pin
+        ("pvc://models/m", False, True),
+    ],
+)
+def test_storage_uri_schemes(uri: str, pinned: bool, ok: bool) -> None:
+    obj = _with("spec.model.storageUri", uri)
+    if pinned:
+        obj["spec"]["model"]["sha256"] = "e1" * 32
+    assert (errors(obj) == []) is ok, [e.message for e in errors(obj)]
 
 
 def apply_defaults(schema: dict[str, Any], obj: Any) -> Any:

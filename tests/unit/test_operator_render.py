@@ -31,6 +31,22 @@ MINIMAL = {
 }
 
 
+S3_MODEL = {
+    "name": "m",
+    "version": "1",
+    "storageUri": "s3://models/efficientnet-lite0",
+    "storageSecretRef": {"name": "model-store"},
+}
+HTTPS_MODEL = {
+    "name": "m",
+    "version": "1",
+    "storageUri": "https://models.example.com/efficientnet-lite0/",
+    "sha256": "e1" * 32,
+}
+S3 = {**MINIMAL, "model": S3_MODEL}
+HTTPS = {**MINIMAL, "model": HTTPS_MODEL}
+
+
 def children(spec: dict[str, Any], name: str = "tp") -> dict[tuple[str, str], dict[str, Any]]:
     return {
         (m["kind"], m["metadata"]["name"]): m for m in render(name, "ns", "uid-9", parse_spec(spec))
@@ -48,7 +64,9 @@ def env_of(container: dict[str, Any]) -> dict[str, Any]:
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
 
 
-@pytest.mark.parametrize("spec", [SAMPLE, MINIMAL], ids=["sample", "minimal"])
+@pytest.mark.parametrize(
+    "spec", [SAMPLE, MINIMAL, S3, HTTPS], ids=["sample", "minimal", "s3", "https"]
+)
 def test_children_are_valid_kubernetes_objects(spec: dict[str, Any]) -> None:
     objs = children(spec)
     kinds = sorted(k for k, _ in objs)
@@ -146,6 +164,57 @@ def test_model_volume_from_pvc_uri() -> None:
     assert vol["persistentVolumeClaim"] == {"claimName": "models", "readOnly": True}
     mount = next(m for m in p["containers"][0]["volumeMounts"] if m["name"] == "model")
     assert mount["subPath"] == "dir/m" and mount["readOnly"] is True
+
+
+def test_model_from_s3_is_fetched_into_an_empty_dir_by_an_init_container() -> None:
+    for component in ("downloader", "inference"):
+        p = pod(S3, component)
+        assert {"name": "model", "emptyDir": {}} in p["volumes"]
+        (init,) = p["initContainers"]
+        main = p["containers"][0]
+        assert init["image"] == main["image"]  # the worker's own image carries the fetcher
+        assert init["command"] == ["python", "-m", "tagpipe_common.storage"]
+        assert init["args"][:4] == [
+            "--uri",
+            "s3://models/efficientnet-lite0",
+            "--dest",
+            "/models/model",
+        ]
+        # Endpoint and credentials from the Secret, into the init container only.
+        assert init["envFrom"] == [{"secretRef": {"name": "model-store"}}]
+        assert "model-store" not in str(main)
+        assert init["securityContext"] == main["securityContext"]
+        (mount,) = [m for m in init["volumeMounts"] if m["name"] == "model"]
+        assert mount["mountPath"] == "/models/model" and not mount.get("readOnly")
+        (mount,) = [m for m in main["volumeMounts"] if m["name"] == "model"]
+        assert mount == {"name": "model", "mountPath": "/models/model", "readOnly": True}
+    assert "--manifest-only" in pod(S3, "downloader")["initContainers"][0]["args"]
+    assert "--manifest-only" not in pod(S3, "inference")["initContainers"][0]["args"]
+    assert "initContainers" not in pod(S3, "gateway")
+
+
+def test_model_from_https_passes_its_pin() -> None:
+    (init,) = pod(HTTPS, "inference")["initContainers"]
+    assert init["args"][init["args"].index("--sha256") + 1] == "e1" * 32
+    assert "envFrom" not in init
+
+
+def test_a_mounted_model_has_no_init_container() -> None:
+    assert "initContainers" not in pod(MINIMAL, "inference")
+
+
+def test_the_fetcher_is_in_both_worker_images() -> None:
+    import tomllib
+
+    from tagpipe_common import storage
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    assert any(d.startswith("boto3") for d in extras["storage"])
+    for extra in ("downloader", "inference", "inference-gpu"):
+        assert "tagpipe[storage]" in extras[extra]
+    assert storage.main.__module__ == "tagpipe_common.storage"
 
 
 def _load(cls: type[CommonSettings], env: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> Any:
