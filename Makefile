@@ -70,8 +70,8 @@ format: venv
 run: venv ## the whole stack on this machine (tagpipe up)
 	$(BIN)/tagpipe up --model-dir $(MODEL_DIR)
 
-e2e: venv ## tests against a real cluster (KUBECONFIG); skipped otherwise
-	$(BIN)/pytest -q -rs e2e $(PYTEST_ARGS)
+e2e: venv tools ## operator, CRD and chart against a real API server: KUBECONFIG, else ../shared/k8s
+	e2e/run.sh $(PYTEST_ARGS)
 
 IMAGE_PREFIX ?= tagpipe/
 IMAGE_TAG ?= 0.1.0

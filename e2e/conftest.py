@@ -1,50 +1,81 @@
-"""End-to-end fixtures: a real cluster (KUBECONFIG) and a NATS the test can reach.
+"""End-to-end fixtures: a real Kubernetes API server (KUBECONFIG) and a real NATS.
 
-Opt-in: without KUBECONFIG pointing at a file and TAGPIPE_E2E_NATS_URL, every
-test here is reported as skipped, with the reason. Only the Kubernetes API is
-needed (no pod has to run): the operator runs in-process (KopfRunner) against
-the cluster, and scaling/ownership are read from the API objects.
+`make e2e` gives KUBECONFIG: the cluster it names, or, when unset, the control
+plane in ../shared/k8s started for the run (e2e/run.sh). Without KUBECONFIG, a
+plain `pytest e2e` reports every test skipped with the reason; `make e2e` sets
+TAGPIPE_E2E_REQUIRED=1, which turns that skip into an error (CI never skips).
+
+NATS: TAGPIPE_E2E_NATS_URL when set, else a nats-server this session starts under
+.tagpipe/e2e/ (the one launcher the tests and `tagpipe up` share). The operator runs
+as its own process (`python -m tagpipe_operator`), authenticated with the token of
+the ServiceAccount the chart creates: it can do exactly what the chart grants. No
+pod has to run: scaling and ownership are read from the API objects.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import kopf
 import pytest
 import yaml
-from e2e_helpers import eventually
-from kopf.testing import KopfRunner
+from e2e_helpers import (
+    ROOT,
+    TP_PATH,
+    OperatorProcess,
+    conditions,
+    eventually,
+    run,
+    token_kubeconfig,
+)
 from nats.aio.client import Client
+from tagpipe_cli.servers import ServerProcess, nats_server
 from tagpipe_common.nats_io import connect_nats
-from tagpipe_operator.handlers import register
 from tagpipe_operator.kube import ApiError, KubeClient
-from tagpipe_operator.settings import OperatorSettings
 
-ROOT = Path(__file__).resolve().parents[1]
 CRD_FILE = ROOT / "crds" / "tagpipelines.tagpipe.io.yaml"
 CRD_PATH = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
+# Fast enough for a test, slow enough for a busy 2-core machine.
+OPERATOR_SETTINGS = {
+    "TAGPIPE_SCALE_INTERVAL_S": "1",
+    "TAGPIPE_NATS_TIMEOUT_S": "1",
+    "TAGPIPE_CONVERGE_RETRY_S": "2",
+    "TAGPIPE_STREAM_DELETE_RETRIES": "3",
+    "TAGPIPE_STREAM_DELETE_RETRY_S": "1",
+}
 
 
 def _skip_reason() -> str | None:
     kubeconfig = os.environ.get("KUBECONFIG", "")
     if not kubeconfig or not all(Path(p).is_file() for p in kubeconfig.split(os.pathsep)):
-        return "e2e needs KUBECONFIG pointing at a cluster's kubeconfig file"
-    if not os.environ.get("TAGPIPE_E2E_NATS_URL"):
-        return "e2e needs TAGPIPE_E2E_NATS_URL (a NATS JetStream reachable from here)"
+        return "e2e needs KUBECONFIG pointing at a cluster's kubeconfig file (make e2e sets it)"
     return None
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     reason = _skip_reason()
+    if reason and os.environ.get("TAGPIPE_E2E_REQUIRED") == "1":
+        raise pytest.UsageError(f"TAGPIPE_E2E_REQUIRED=1 but {reason}")
     for item in items:
         item.add_marker(pytest.mark.e2e)
         if reason:
             item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="session")
+def run_dir() -> Iterator[Path]:
+    """This session's scratch space under .tagpipe/e2e/ (several runs may share the tree):
+    operator logs, token kubeconfigs, NATS data. TAGPIPE_E2E_KEEP=1 keeps it."""
+    path = ROOT / ".tagpipe" / "e2e" / f"pytest-{os.getpid()}"
+    path.mkdir(parents=True, exist_ok=True)
+    yield path
+    if os.environ.get("TAGPIPE_E2E_KEEP") != "1":
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -71,58 +102,113 @@ async def crd(kube: KubeClient) -> dict[str, Any]:
     except ApiError as exc:
         if exc.status != 409:
             raise
-        await kube.request(
-            "PATCH", f"{CRD_PATH}/{name}", {"spec": body["spec"]}, "application/merge-patch+json"
+        patch = {"spec": body["spec"]}
+        await eventually(
+            lambda: kube.request(
+                "PATCH", f"{CRD_PATH}/{name}", patch, "application/merge-patch+json"
+            )
         )
 
     async def established() -> bool:
         got = await kube.request("GET", f"{CRD_PATH}/{name}")
-        conds = got.get("status", {}).get("conditions", [])
-        return any(c["type"] == "Established" and c["status"] == "True" for c in conds)
+        return any(
+            c.get("type") == "Established" and c.get("status") == "True" for c in conditions(got)
+        )
 
     await eventually(established, within=30)
     return body
 
 
+async def _drop_finalizers(kube: KubeClient, ns: str) -> None:
+    """A test that failed may leave a TagPipeline whose finalizer nobody will remove
+    (its operator has stopped): drop it so the namespace can go."""
+    listing = await kube.request("GET", TP_PATH.format(ns=ns))
+    for item in listing.get("items") or []:
+        try:
+            await kube.patch(
+                "TagPipeline", ns, item["metadata"]["name"], {"metadata": {"finalizers": None}}
+            )
+        except ApiError as exc:
+            if exc.status != 404:  # deleted in between: nothing to release
+                raise
+
+
 @pytest.fixture
 async def namespace(kube: KubeClient, crd: dict[str, Any]) -> AsyncIterator[str]:
     ns = f"tagpipe-e2e-{uuid.uuid4().hex[:6]}"
-    await kube.request(
-        "POST",
-        "/api/v1/namespaces",
-        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}},
-    )
+    body = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}
+    await kube.request("POST", "/api/v1/namespaces", body)
     yield ns
-    # A failed test may leave a TagPipeline whose finalizer nobody will remove
-    # (the operator has stopped): drop it so the namespace can go.
-    listing = await kube.request("GET", f"/apis/tagpipe.io/v1alpha1/namespaces/{ns}/tagpipelines")
-    for item in listing.get("items", []):
-        await kube.patch(
-            "TagPipeline", ns, item["metadata"]["name"], {"metadata": {"finalizers": None}}
-        )
+    await _drop_finalizers(kube, ns)
     await kube.request("DELETE", f"/api/v1/namespaces/{ns}")
 
 
-@pytest.fixture
-def operator(connection: kopf.ConnectionInfo, namespace: str) -> Iterator[OperatorSettings]:
-    """The real operator code, in-process, watching only the test's namespace."""
-    settings = OperatorSettings(
-        scale_interval_s=1.0,
-        nats_timeout_s=3.0,
-        converge_retry_s=2.0,
-        stream_delete_retries=3,
-        stream_delete_retry_s=1.0,
+@pytest.fixture(scope="session")
+def operator_kubeconfig(run_dir: Path) -> Iterator[Path]:
+    """The chart installed with default values; a kubeconfig holding its ServiceAccount's token.
+
+    The chart's RBAC is what the operator gets, no more: a call it does not grant is a
+    403 in the operator's log, which fails the test (see `operator`).
+    """
+    release, ns = f"op{uuid.uuid4().hex[:6]}", f"tagpipe-e2e-op-{uuid.uuid4().hex[:6]}"
+    run(
+        "helm", "install", release, str(ROOT / "charts" / "tagpipe"), "-n", ns, "--create-namespace"
     )
-    registry = kopf.OperatorRegistry()
-    register(registry, settings, connection=connection)
-    args = ["run", "--standalone", "--namespace", namespace]
-    with KopfRunner(args, registry=registry, timeout=60):
-        yield settings
+    sa = f"{release}-tagpipe-operator"
+    token = run("kubectl", "-n", ns, "create", "token", sa, "--duration", "2h").strip()
+    admin = Path(os.environ["KUBECONFIG"].split(os.pathsep)[0])
+    yield token_kubeconfig(admin, token, run_dir / f"{sa}.kubeconfig")
+    run("helm", "uninstall", release, "-n", ns, check=False)
+    run("kubectl", "delete", "namespace", ns, "--wait=false", check=False)
 
 
 @pytest.fixture
-def nats_url() -> str:
-    return os.environ["TAGPIPE_E2E_NATS_URL"]
+def start_operator(
+    operator_kubeconfig: Path, run_dir: Path
+) -> Iterator[Callable[..., OperatorProcess]]:
+    """start_operator(namespace, **env) -> a running operator watching that namespace.
+
+    Every one started is stopped at teardown, and its log must hold no 403.
+    """
+    started: list[OperatorProcess] = []
+
+    def start(namespace: str, **env: str) -> OperatorProcess:
+        log = run_dir / f"operator-{namespace}-{len(started)}.log"
+        proc = OperatorProcess(operator_kubeconfig, namespace, log, {**OPERATOR_SETTINGS, **env})
+        started.append(proc.start())
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()
+    for proc in started:
+        assert not proc.forbidden(), "the chart's RBAC refused a call:\n" + "\n".join(
+            proc.forbidden()[:5]
+        )
+
+
+@pytest.fixture
+def operator(start_operator: Callable[..., OperatorProcess], namespace: str) -> OperatorProcess:
+    """The operator, as its own process, watching the test's namespace only."""
+    return start_operator(namespace)
+
+
+@pytest.fixture(scope="session")
+def nats_url(run_dir: Path) -> Iterator[str]:
+    if url := os.environ.get("TAGPIPE_E2E_NATS_URL"):
+        yield url
+        return
+    srv = nats_server(run_dir / "nats").start()
+    yield srv.url
+    srv.stop()
+
+
+@pytest.fixture
+def own_nats(run_dir: Path) -> Iterator[ServerProcess]:
+    """A NATS of the test's own, which it may stop and restart (same port, same data)."""
+    srv = nats_server(run_dir / f"nats-{uuid.uuid4().hex[:6]}").start()
+    yield srv
+    srv.stop()
 
 
 @pytest.fixture

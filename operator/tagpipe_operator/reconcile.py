@@ -62,6 +62,8 @@ class Runtime:
     meters: dict[StateKey, MeterState] = field(default_factory=dict)
     """Each stage's recent JetStream counter readings, for its rates (ratemeter.py)."""
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    closing: bool = False
+    """Set by close(): our own disconnects are not worth a WARNING."""
 
     def client(self) -> KubeClient:
         if self.kube is None:
@@ -71,6 +73,7 @@ class Runtime:
         return self.kube
 
     async def close(self) -> None:
+        self.closing = True
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
@@ -118,7 +121,8 @@ def _callbacks(rt: Runtime, url: str) -> dict[str, Any]:
         log.debug("nats %s: %s", redact(url), describe(exc))
 
     async def on_disconnect() -> None:
-        log.warning("nats %s disconnected; reconnecting", redact(url))
+        if not rt.closing:
+            log.warning("nats %s disconnected; reconnecting", redact(url))
 
     async def on_reconnect() -> None:
         rt.nats_errors.pop(url, None)
