@@ -169,8 +169,10 @@ def test_submit_follow_and_resume_a_job(
 
     # The NDJSON stream holds the same lines, each a JobResultLine. The generator omits
     # an NDJSON answer (a strict client would raise on it): read it raw, parse each line.
-    lenient = api.package.AuthenticatedClient(base_url=stack.gateway_url, token=KEY)
-    raw = api.get_job_results.sync_detailed(job.job_id, client=lenient, cursor=first.next_cursor)
+    with api.package.AuthenticatedClient(base_url=stack.gateway_url, token=KEY) as lenient:
+        raw = api.get_job_results.sync_detailed(
+            job.job_id, client=lenient, cursor=first.next_cursor
+        )
     assert raw.status_code == 200 and raw.parsed is None
     streamed = [m.JobResultLine.from_dict(json.loads(x)) for x in raw.content.splitlines()]
     assert [r.cursor for r in streamed] == [r.cursor for r in rest.results]
