@@ -92,7 +92,7 @@ def gone(read: Callable[[], Awaitable[Any]]) -> Callable[[], Awaitable[bool]]:
         (("deletionPolicy",), "Keep", "spec.deletionPolicy"),
         (("nats", "url"), "http://nats:4222", "spec.nats.url"),
         (("nats", "prefix"), "Bad_Prefix", "spec.nats.prefix"),
-        (("model", "storageUri"), "s3://bucket/m", "spec.model.storageUri"),
+        (("model", "storageUri"), "ftp://models/m", "spec.model.storageUri"),
     ],
 )
 async def test_invalid_tagpipeline_is_refused_by_the_api_server(
