@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 import math
 import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 
 import httpx
@@ -33,6 +34,9 @@ from tagpipe_common.messages import InferenceTask, TagResult
 from tagpipe_common.results import ResultStore
 from tagpipe_common.streams import StreamPolicy, consumer_backlog, delete_streams, ensure_streams
 from tagpipe_common.subjects import HDR_MSG_ID, Lane, Stage, stage_names
+from tagpipe_downloader.decode import Geometry
+from tagpipe_downloader.forward import decode_for_gpu
+from tagpipe_inference.decoders import PillowDecoder
 from tagpipe_inference.model import Model, load_model
 from tagpipe_inference.settings import InferenceSettings
 from tagpipe_inference.worker import InferenceWorker
@@ -405,3 +409,70 @@ async def test_an_item_past_its_deadline_is_skipped_once_without_model_time(
     assert by_id["live"].status == "ok"
     assert w.items == 1  # only the live item reached the model
     assert w.duplicates == 1
+
+
+class CountingDecoder(PillowDecoder):
+    """The CPU stand-in for the GPU decoder: same interface, counts its batches."""
+
+    name = "gpu"
+
+    def __init__(self, resize: int, crop: int) -> None:
+        super().__init__(resize, crop)
+        self.batches: list[int] = []
+
+    def decode(self, payloads: Sequence[bytes], crops: Sequence[bool]) -> npt.NDArray[np.uint8]:
+        self.batches.append(len(payloads))
+        return super().decode(payloads, crops)
+
+
+def jpeg_bytes(image: npt.NDArray[np.uint8], quality: int = 95) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def compressed(
+    item_id: str, payload: bytes, shape: tuple[int, int, int], enc: str
+) -> InferenceTask:
+    return InferenceTask(
+        item_id=item_id,
+        job_id="job-1",
+        lane=Lane.BULK,
+        shape=shape,
+        encoding=enc,  # type: ignore[arg-type]
+        media_type="image/jpeg",
+        pixels=payload,
+    )
+
+
+async def test_compressed_frames_are_decoded_in_batches_and_a_corrupt_one_fails_alone(
+    js: JetStreamContext,
+    store: ResultStore,
+    model: Model,
+    make_worker: Callable[..., InferenceWorker],
+) -> None:
+    pre = model.manifest.preprocess
+    cat = data.chelsea()  # type: ignore[no-untyped-call]
+    big = np.asarray(Image.fromarray(cat).resize((cat.shape[1] * 4, cat.shape[0] * 4)))
+    fwd = decode_for_gpu(jpeg_bytes(big), Geometry(pre.resize, pre.crop), 50_000_000)
+    assert fwd.original is not None and fwd.original_shape is not None
+    tasks = [
+        compressed("original", fwd.original, fwd.original_shape, "original"),
+        compressed("crop", jpeg_bytes(crop(cat, model.manifest)), (224, 224, 3), "encoded_crop"),
+        compressed("corrupt", b"\xff\xd8\xff\xe0 cut short", (300, 451, 3), "original"),
+        make_task("raw", crop(cat, model.manifest)),
+    ]
+    for t in tasks:
+        await publish(js, t)
+    worker = make_worker(max_batch=4, max_wait_ms=500)
+    decoder = CountingDecoder(pre.resize, pre.crop)
+    worker.decoder = decoder
+    async with running(worker):
+        by_id = {r.item_id: r for r in await results_for(store, [t.item_id for t in tasks])}
+        await wait_until(lambda: _zero(backlog(js)))
+    for name in ("original", "crop", "raw"):
+        assert by_id[name].status == "ok", by_id[name]
+        assert any(281 <= (t.class_id or 0) <= 285 for t in by_id[name].tags), by_id[name].tags
+    assert (by_id["corrupt"].status, by_id["corrupt"].code) == ("error", "decode_error")
+    assert sum(decoder.batches) >= 3  # every compressed item went through the decoder
+    assert max(decoder.batches) >= 2  # in batches, not one call per item

@@ -64,11 +64,14 @@ class Geometry:
 
 @dataclass
 class Decoded:
-    pixels: npt.NDArray[np.uint8]  # crop x crop x 3
+    pixels: npt.NDArray[np.uint8]  # crop x crop x 3 (empty when `original` is set)
     format: str
     source_size: tuple[int, int]  # width, height as stored in the file
     decode_ms: float
     preprocess_ms: float
+    # decode: gpu: the JPEG to forward instead of pixels (forward.py), and its HWC shape.
+    original: bytes | None = None
+    original_shape: tuple[int, int, int] | None = None
 
 
 def open_image(data: bytes, max_pixels: int) -> Image.Image:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from tagpipe_common.settings import CommonSettings
@@ -70,6 +70,10 @@ class DownloaderSettings(CommonSettings):
     # Comma-separated CIDRs exempt from the private-address block (e.g. an
     # in-cluster image store). Empty: only public addresses are fetched.
     allow_cidrs: str = ""
+
+    # gpu: forward camera JPEGs compressed (shrunk if large) for the inference
+    # tier's GPU to decode (forward.py); cpu: decode and crop here.
+    decode: Literal["cpu", "gpu"] = "cpu"
 
     # Model geometry: from the manifest when given, else 256/224/bicubic.
     model_dir: Path | None = None

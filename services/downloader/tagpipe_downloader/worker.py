@@ -46,6 +46,7 @@ from tagpipe_downloader.deadline import ItemDeadlines
 from tagpipe_downloader.decode import Decoded, decode_image
 from tagpipe_downloader.decode_queue import DecodeQueue
 from tagpipe_downloader.fetch import Fetcher, FetchResult
+from tagpipe_downloader.forward import decode_for_gpu
 from tagpipe_downloader.settings import DownloaderSettings
 
 log = logging.getLogger("tagpipe.downloader")
@@ -342,7 +343,8 @@ class DownloadWorker:
 
     async def _decode(self, data: bytes, lane: Lane) -> Decoded:
         # Lane-ordered: a real-time item takes the next free decode thread.
-        decoded = await self.decodes.run(lane, decode_image, data, self.geometry, self.s.max_pixels)
+        fn = decode_for_gpu if self.s.decode == "gpu" else decode_image
+        decoded = await self.decodes.run(lane, fn, data, self.geometry, self.s.max_pixels)
         t0 = time.time() - (decoded.decode_ms + decoded.preprocess_ms) / 1000
         self._spans(t0, ("decode", decoded.decode_ms), ("preprocess", decoded.preprocess_ms))
         return decoded
@@ -356,14 +358,17 @@ class DownloadWorker:
     async def _publish(
         self, task: DownloadTask, lane: Lane, decoded: Decoded, timings: StageTimings
     ) -> None:
+        crop = (self.geometry.crop, self.geometry.crop, 3)
         out = InferenceTask(
             **task.ref(),
-            shape=(self.geometry.crop, self.geometry.crop, 3),
+            shape=decoded.original_shape or crop,
             source=task.source,
             options=task.options,
             timings=timings,
-            pixels=decoded.pixels.tobytes(),
+            pixels=decoded.original or decoded.pixels.tobytes(),
         )
+        if decoded.original is not None:
+            out.encoding, out.media_type = "original", "image/jpeg"
         # Msg-Id dedupes a republish after a crash between publish and ack.
         # The publish span's context is what inference's spans hang under.
         with self.tracer.start_as_current_span("publish"):

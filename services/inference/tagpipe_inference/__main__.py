@@ -17,10 +17,13 @@ from prometheus_client import start_http_server
 from redis.asyncio import Redis
 from tagpipe_common.keys import RedisKeys
 from tagpipe_common.nats_io import close_nats, connect_nats
+from tagpipe_common.pulse import beating
 from tagpipe_common.results import ResultStore
 from tagpipe_common.settings import load_settings
+from tagpipe_common.subjects import Stage
 from tagpipe_common.telemetry import setup_logging, setup_tracing
 
+from tagpipe_inference.decoders import BatchDecoder, make_decoder
 from tagpipe_inference.model import Model, ModelLoadError, load_model
 from tagpipe_inference.providers import GpuUnavailable
 from tagpipe_inference.settings import InferenceSettings
@@ -43,11 +46,11 @@ def load(settings: InferenceSettings) -> Model:
     return model
 
 
-async def serve(settings: InferenceSettings, model: Model) -> None:
+async def serve(settings: InferenceSettings, model: Model, decoder: BatchDecoder) -> None:
     nc = await connect_nats(settings.nats_servers, "tagpipe-inference")
     redis = Redis.from_url(settings.redis_url)
     store = ResultStore(redis, RedisKeys(settings.prefix), ttl_s=settings.result_ttl_s)
-    worker = InferenceWorker(settings, model, nc.jetstream(), store)
+    worker = InferenceWorker(settings, model, nc.jetstream(), store, decoder)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)
@@ -63,7 +66,8 @@ async def serve(settings: InferenceSettings, model: Model) -> None:
     try:
         await worker.subscribe()
         log.info("consuming", extra={"fields": {"event": "started", "prefix": settings.prefix}})
-        await worker.run()
+        async with beating(redis, settings.prefix, Stage.INFER):
+            await worker.run()
     finally:
         if runner is not None:
             await runner.cleanup()
@@ -81,13 +85,21 @@ def main() -> None:
         start_http_server(settings.metrics_port)
     try:
         model = load(settings)
+        decoder = make_decoder(
+            settings.decode,
+            model.manifest.preprocess.resize,
+            model.manifest.preprocess.crop,
+            device_id=settings.device_id,
+            max_batch=settings.max_batch,
+            require_gpu=settings.require_gpu,
+        )
     except ModelLoadError as exc:
         print(f"tagpipe-inference: cannot serve model: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     except GpuUnavailable as exc:
         print(f"tagpipe-inference: no GPU: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    asyncio.run(serve(settings, model))
+    asyncio.run(serve(settings, model, decoder))
 
 
 if __name__ == "__main__":

@@ -27,12 +27,20 @@ from tagpipe_common.messages import (
 _FRAME = struct.Struct(">4sI")
 
 
+_NO_PIXELS = np.empty((0, 0, 3), dtype=np.uint8)
+
+
 @dataclass
 class Decoded:
-    """A well-formed task and its pixels as an HWC uint8 view."""
+    """A well-formed task and its pixels as an HWC uint8 view (empty until a
+    compressed payload is decoded: see `needs_decode`)."""
 
     task: InferenceTask
     pixels: npt.NDArray[np.uint8]
+
+    @property
+    def needs_decode(self) -> bool:
+        return self.task.encoding != "raw" and self.pixels.size == 0
 
 
 @dataclass
@@ -41,6 +49,7 @@ class Rejected:
 
     ref: ItemRef | None
     reason: str
+    code: ErrorCode = ErrorCode.BAD_TENSOR
 
 
 def _salvage_ref(data: bytes) -> ItemRef | None:
@@ -59,6 +68,8 @@ def decode(data: bytes, crop: int) -> Decoded | Rejected:
         task = InferenceTask.from_wire(data)
     except (MessageDecodeError, SchemaVersionError) as exc:
         return Rejected(_salvage_ref(data), f"undecodable inference frame: {exc}")
+    if task.encoding != "raw":
+        return _compressed(task, crop)
     if task.shape != (crop, crop, 3):
         return Rejected(task, f"tensor shape {task.shape}, this model takes ({crop}, {crop}, 3)")
     if len(task.pixels) != task.expected_nbytes():
@@ -68,9 +79,20 @@ def decode(data: bytes, crop: int) -> Decoded | Rejected:
     return Decoded(task, pixels)
 
 
+def _compressed(task: InferenceTask, crop: int) -> Decoded | Rejected:
+    """A compressed frame, checked before decoding; the worker's decoder fills its pixels."""
+    if task.encoding == "encoded_crop" and task.shape != (crop, crop, 3):
+        return Rejected(task, f"crop shape {task.shape}, this model takes ({crop}, {crop}, 3)")
+    if task.shape[2] != 3 or min(task.shape) < 1:
+        return Rejected(task, f"image shape {task.shape} is not (height, width, 3)")
+    if not task.pixels:
+        return Rejected(task, f"{task.encoding} frame without a payload")
+    return Decoded(task, _NO_PIXELS)
+
+
 def stack(items: list[Decoded]) -> npt.NDArray[np.uint8]:
     """One contiguous NHWC batch (a single copy per image)."""
-    h, w, c = items[0].task.shape
+    h, w, c = items[0].pixels.shape  # decoded crops: a compressed task's shape is its source
     out = np.empty((len(items), h, w, c), dtype=np.uint8)
     for i, item in enumerate(items):
         out[i] = item.pixels

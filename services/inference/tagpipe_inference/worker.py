@@ -6,6 +6,9 @@
   the first one arrives for more to join.
 - Pipelining: the session runs in its own single thread while the event loop
   fetches, decodes and normalises the next batch, so it never waits on NATS/Redis.
+- Compressed frames (`original`, `encoded_crop`) are decoded per batch by the
+  configured decoder (GPU or CPU, `decoders.py`); one that will not decode gets
+  a decode_error result, the rest of its batch goes on.
 - Exactly-once results on at-least-once delivery: results are stored (SET NX in
   `ResultStore`) before any ack; a redelivered item's duplicate is acked, not stored.
 """
@@ -33,6 +36,7 @@ from tagpipe_common.subjects import LANES, Stage, stage_names
 from tagpipe_common.telemetry import log_item_timings
 
 from tagpipe_inference import metrics
+from tagpipe_inference.decoders import BatchDecoder, DecodeFailed, PillowDecoder, decode_each
 from tagpipe_inference.items import Decoded, Rejected, decode, error_result, ok_result, stack
 from tagpipe_inference.model import F32, Model
 from tagpipe_inference.settings import InferenceSettings
@@ -59,10 +63,18 @@ class StoreUnavailable(RuntimeError):
 
 class InferenceWorker:
     def __init__(
-        self, settings: InferenceSettings, model: Model, js: JetStreamContext, store: ResultStore
+        self,
+        settings: InferenceSettings,
+        model: Model,
+        js: JetStreamContext,
+        store: ResultStore,
+        decoder: BatchDecoder | None = None,
     ) -> None:
         self.settings = settings
         self.model = model
+        pre = model.manifest.preprocess
+        self._cpu_decoder = PillowDecoder(pre.resize, pre.crop)
+        self.decoder = decoder or self._cpu_decoder
         self.js = js
         self.store = store
         self.batches = 0  # batches that reached the model (tests assert on it)
@@ -187,6 +199,8 @@ class InferenceWorker:
                 batch.bad.append((m, d))
                 if d.ref is not None:
                     batch.trace.add(d.ref.item_id, m.headers)
+        if any(d.needs_decode for _, d in batch.good):
+            await self._decode(batch)
         results: list[tuple[Msg, TagResult]] = self._rejections(batch)
         to_nak: list[Msg] = []
         if batch.good:
@@ -208,13 +222,28 @@ class InferenceWorker:
                 log.error("dropping an unattributable message: %s", rej.reason)
                 await m.term()
 
+    async def _decode(self, batch: Batch) -> None:
+        """Fill in the pixels of compressed items; those that fail move to `bad`."""
+        todo = [(m, d) for m, d in batch.good if d.needs_decode]
+        payloads = [d.task.pixels for _, d in todo]
+        crops = [d.task.encoding == "encoded_crop" for _, d in todo]
+        out = await asyncio.to_thread(decode_each, self.decoder, self._cpu_decoder, payloads, crops)
+        failed = set()
+        for (m, d), px in zip(todo, out, strict=True):
+            if isinstance(px, DecodeFailed):
+                failed.add(id(m))
+                batch.bad.append((m, Rejected(d.task, str(px), ErrorCode.DECODE_ERROR)))
+            else:
+                d.pixels = px
+        batch.good = [(m, d) for m, d in batch.good if id(m) not in failed]
+
     def _rejections(self, batch: Batch) -> list[tuple[Msg, TagResult]]:
         now = time.time()
         out = []
         for m, rej in batch.bad:
             if rej.ref is not None:
-                log.warning("bad tensor for %s: %s", rej.ref.item_id, rej.reason)
-                out.append((m, error_result(rej.ref, ErrorCode.BAD_TENSOR, rej.reason, now)))
+                log.warning("%s for %s: %s", rej.code.value, rej.ref.item_id, rej.reason)
+                out.append((m, error_result(rej.ref, rej.code, rej.reason, now)))
         late = "the caller's deadline passed before inference"
         for m, d in batch.expired:
             out.append((m, error_result(d.task, ErrorCode.DEADLINE_EXCEEDED, late, now)))
