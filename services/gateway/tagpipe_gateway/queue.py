@@ -46,7 +46,8 @@ class BacklogCache:
         self.ttl_s = ttl_s
         self.drain = DrainRate(rate_window_s)
         self._value = 0
-        self.realtime = 0  # the real-time lane's backlog, over both stages
+        self._realtime = 0  # the real-time lane's backlog at the last read, both stages
+        self._realtime_since = 0  # real-time items this gateway published since
         self._read_at = float("-inf")
         self._lock = asyncio.Lock()
 
@@ -63,14 +64,27 @@ class BacklogCache:
             lane_backlogs(self.js, self.prefix), stage_counters(self.js, Stage.INFER, self.prefix)
         )
         self._read_at = time.monotonic()
-        self._value, self.realtime = sum(lanes.values()), lanes[Lane.REALTIME]
+        self._value, self._realtime = sum(lanes.values()), lanes[Lane.REALTIME]
+        self._realtime_since = 0
         self.drain.observe(Reading(self._read_at, infer.removed, self._value))
+
+    @property
+    def realtime(self) -> int:
+        """The real-time backlog now: the last read, plus what we published since, less
+        what the pipeline drained since at its measured rate (a read is up to `ttl_s`
+        old, and at the drain rate most of what was published since is already done)."""
+        queued = self._realtime + self._realtime_since
+        rate = self.drain.rate
+        if rate is None:
+            return queued
+        drained = rate * max(0.0, time.monotonic() - self._read_at)
+        return max(0, round(queued - drained))
 
     def note_published(self, n: int, lane: Lane = Lane.BULK) -> None:
         """Count our own publishes until the next read, so bursts cannot overshoot a limit."""
         self._value += n
         if lane is Lane.REALTIME:
-            self.realtime += n
+            self._realtime_since += n
 
 
 class Publisher:

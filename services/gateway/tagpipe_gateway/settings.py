@@ -26,6 +26,10 @@ class GatewaySettings(CommonSettings):
     realtime_timeout_s: Annotated[float, Field(gt=0, le=600)] = 30.0
     # The moving window over which admission measures the pipeline's drain rate.
     drain_rate_window_s: Annotated[float, Field(gt=0, le=600)] = 10.0
+    # The share of a deadline the expected wait may fill: the estimate is a mean
+    # (Little's law over the queue ahead), the deadline a bound, and the item's own
+    # download and inference come on top of its wait.
+    admission_wait_share: Annotated[float, Field(gt=0, le=1)] = 0.75
     blob_ttl_s: Annotated[int, Field(ge=10)] = 600
 
     # Backpressure: real-time requests get 429 above the first limit; bulk

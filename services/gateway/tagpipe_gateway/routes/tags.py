@@ -206,7 +206,8 @@ def _deadline_s(rt: Runtime, timeout_ms: int | None) -> float:
 
 def _admit(rt: Runtime, items: int, deadline_s: float) -> None:
     """429 when the real-time queue ahead would not drain within the deadline."""
-    verdict = admit(rt.backlog.realtime, items, rt.backlog.drain.rate, deadline_s)
+    budget_s = deadline_s * rt.settings.admission_wait_share
+    verdict = admit(rt.backlog.realtime, items, rt.backlog.drain.rate, budget_s)
     if verdict.admit:
         return
     BACKPRESSURE.labels("realtime_wait_429").inc()

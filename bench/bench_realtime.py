@@ -1,0 +1,204 @@
+"""Real-time deadlines under overload: answer fast or refuse fast.
+
+    python -m bench.bench_realtime --seconds 20 --deadline-ms 1000   (make bench-realtime)
+
+On the local stack (one downloader, one inference worker, real NATS/Redis and
+model), one-image URL requests to `POST /v1/tags`:
+
+1. capacity: a closed loop (enough requests in flight to keep both stages busy)
+   measures the images/s the stack sustains;
+2. then an open loop at 0.5x, 1.3x and 3x that capacity, every request with
+   `timeout_ms` = the deadline, records per phase: the share of answers within
+   the deadline, the 429 share, p50/p95 of the answered, the served rate against
+   capacity, and the work wasted on callers who gave up (items tagged after
+   their request had already answered 504) next to the items skipped as
+   `deadline_exceeded`.
+
+Results: bench/results/realtime.json, machine stated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+
+from bench.baselines.runners import MODEL_DIR, ROOT
+from bench.bench_e2e import machine
+from bench.imageserver import ImageServer
+
+OUT = ROOT / "bench" / "results" / "realtime.json"
+
+
+@dataclass
+class Phase:
+    offered_per_s: float
+    seconds: float = 0.0
+    statuses: dict[int, int] = field(default_factory=dict)
+    latencies_s: list[float] = field(default_factory=list)  # of the 200s
+    in_deadline: int = 0
+    late_ids: list[str] = field(default_factory=list)  # request ids answered 504
+
+    def record(self, status: int, latency_s: float, deadline_s: float, request_id: str) -> None:
+        self.statuses[status] = self.statuses.get(status, 0) + 1
+        if status == 200:
+            self.latencies_s.append(latency_s)
+            self.in_deadline += latency_s <= deadline_s
+        elif status == 504:
+            self.late_ids.append(request_id)
+
+    def summary(self, capacity: float, wasted: dict[str, int]) -> dict[str, Any]:
+        sent = sum(self.statuses.values())
+        answered = self.statuses.get(200, 0)
+        p = np.percentile(self.latencies_s, [50, 95]) * 1000 if self.latencies_s else [None] * 2
+        served = self.in_deadline / self.seconds if self.seconds else 0.0
+        return {
+            "offered_per_s": round(self.offered_per_s, 1),
+            "offered_x_capacity": round(self.offered_per_s / capacity, 2),
+            "requests": sent,
+            "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
+            "answered_within_deadline_share": round(self.in_deadline / answered, 4)
+            if answered
+            else None,
+            "rejected_429_share": round(self.statuses.get(429, 0) / sent, 4) if sent else None,
+            "p50_ms": None if p[0] is None else round(float(p[0]), 1),
+            "p95_ms": None if p[1] is None else round(float(p[1]), 1),
+            "served_in_deadline_per_s": round(served, 2),
+            "served_x_capacity": round(served / capacity, 3),
+            **wasted,
+        }
+
+
+async def post(
+    s: aiohttp.ClientSession, base: str, url: str, timeout_ms: int | None
+) -> tuple[int, str]:
+    params = {"timeout_ms": str(timeout_ms)} if timeout_ms else {}
+    async with s.post(f"{base}/v1/tags", json={"url": url}, params=params) as r:
+        body = await r.json(content_type=None)
+        return r.status, str(body.get("request_id") or "")
+
+
+async def capacity(s: aiohttp.ClientSession, base: str, urls: list[str], secs: float) -> float:
+    done, stop_at = 0, time.monotonic() + secs
+
+    async def loop(i: int) -> None:
+        nonlocal done
+        while time.monotonic() < stop_at:
+            status, _ = await post(s, base, urls[i % len(urls)], None)
+            done += status == 200
+            i += 7
+
+    t0 = time.monotonic()
+    await asyncio.gather(*(loop(k) for k in range(24)))
+    return done / (time.monotonic() - t0)
+
+
+async def open_phase(
+    s: aiohttp.ClientSession, base: str, urls: list[str], rate: float, secs: float, deadline_ms: int
+) -> Phase:
+    phase, tasks = Phase(rate), []
+
+    async def one(url: str) -> None:
+        t0 = time.monotonic()
+        try:
+            status, rid = await post(s, base, url, deadline_ms)
+        except (aiohttp.ClientError, TimeoutError):
+            status, rid = 0, ""
+        phase.record(status, time.monotonic() - t0, deadline_ms / 1000, rid)
+
+    t0 = time.monotonic()
+    n = int(rate * secs)
+    for i in range(n):
+        tasks.append(asyncio.create_task(one(urls[i % len(urls)])))
+        delay = t0 + (i + 1) / rate - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+    phase.seconds = time.monotonic() - t0
+    await asyncio.gather(*tasks)
+    return phase
+
+
+async def wasted_work(s: aiohttp.ClientSession, base: str, late_ids: list[str]) -> dict[str, int]:
+    """Of the requests answered 504, how many items were tagged anyway (work for
+    nobody) and how many were skipped as deadline_exceeded."""
+    counts = {"wasted_items_tagged_after_deadline": 0, "items_skipped_deadline_exceeded": 0}
+    for rid in late_ids:
+        async with s.get(f"{base}/v1/results/{rid}") as r:
+            if r.status != 200:
+                continue
+            for item in (await r.json())["items"]:
+                if item["status"] == "ok":
+                    counts["wasted_items_tagged_after_deadline"] += 1
+                elif item.get("code") == "deadline_exceeded":
+                    counts["items_skipped_deadline_exceeded"] += 1
+    return counts
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    from tagpipe_cli.stack import Stack, StackConfig
+
+    async with ImageServer(latency_ms=args.latency_ms) as images:
+        urls = [images.url(f"/corpus/640x480/{i % 64}.jpg?i={i}") for i in range(4096)]
+        cfg = StackConfig(
+            data_dir=ROOT / ".tagpipe" / "bench-realtime",
+            downloaders=1,
+            inference=1,
+            model_dir=MODEL_DIR,
+            allow_cidrs="127.0.0.0/8",
+            fresh=True,
+        )
+        stack = await asyncio.to_thread(Stack(cfg).start)
+        try:
+            base = stack.gateway_url
+            conn = aiohttp.TCPConnector(limit=0)
+            timeout = aiohttp.ClientTimeout(total=120)
+            async with aiohttp.ClientSession(connector=conn, timeout=timeout) as s:
+                await capacity(s, base, urls, 5)  # warm-up
+                cap = await capacity(s, base, urls, args.capacity_seconds)
+                print(f"capacity {cap:.1f} img/s", flush=True)
+                phases = []
+                for factor in args.factors:
+                    await asyncio.sleep(args.settle_s)  # the queue drains between phases
+                    ph = await open_phase(
+                        s, base, urls, factor * cap, args.seconds, args.deadline_ms
+                    )
+                    await asyncio.sleep(args.settle_s)
+                    row = ph.summary(cap, await wasted_work(s, base, ph.late_ids))
+                    print(json.dumps(row), flush=True)
+                    phases.append(row)
+        finally:
+            await asyncio.to_thread(stack.stop)
+    return {
+        "machine": machine(),
+        "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "deadline_ms": args.deadline_ms,
+        "image_latency_ms": args.latency_ms,
+        "capacity_images_per_s": round(cap, 2),
+        "phases": phases,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seconds", type=float, default=20.0, help="open-loop seconds per phase")
+    ap.add_argument("--capacity-seconds", type=float, default=20.0)
+    ap.add_argument("--deadline-ms", type=int, default=1000)
+    ap.add_argument("--latency-ms", type=float, default=20.0, help="image server latency")
+    ap.add_argument("--factors", type=float, nargs="+", default=[0.5, 1.3, 3.0])
+    ap.add_argument("--settle-s", type=float, default=5.0)
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args()
+    doc = asyncio.run(run(args))
+    args.out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
