@@ -41,6 +41,7 @@ METRICS_PORT = 9090
 HEALTH_PORT = 8081  # the workers' /healthz and /readyz
 GPU_PROVIDERS = "CUDAExecutionProvider,CPUExecutionProvider"
 CPU_PROVIDERS = "CPUExecutionProvider"
+TRT_CACHE = "/tmp/tagpipe-trt"
 RUN_AS = 10001
 # `<name>-gateway` must fit a 63-character Service name, and the name is a label value.
 MAX_NAME = 63 - len("-gateway")
@@ -120,15 +121,29 @@ def component_env(component: str, spec: TagPipelineSpec) -> dict[str, str]:
             "TAGPIPE_MAX_PIXELS": str(lim.max_pixels),
             "TAGPIPE_TOTAL_TIMEOUT_S": str(lim.timeout_seconds),
             "TAGPIPE_MAX_INFLIGHT": str(lim.concurrency),
+            "TAGPIPE_DECODE": spec.inference.decode,  # gpu: forward JPEGs compressed
         }
-    inf = spec.inference
-    return {
+    return _inference_env(spec.inference)
+
+
+def _inference_env(inf: InferenceSpec) -> dict[str, str]:
+    default = GPU_PROVIDERS if inf.gpu > 0 else CPU_PROVIDERS
+    providers = ",".join(inf.providers) if inf.providers else default
+    env = {
         "TAGPIPE_HEALTH_PORT": str(HEALTH_PORT),
         "TAGPIPE_MODEL_DIR": MODEL_MOUNT,
         "TAGPIPE_MAX_BATCH": str(inf.batching.max_batch),
         "TAGPIPE_MAX_WAIT_MS": str(inf.batching.max_wait_ms),
-        "TAGPIPE_PROVIDERS": GPU_PROVIDERS if inf.gpu > 0 else CPU_PROVIDERS,
+        "TAGPIPE_PROVIDERS": providers,
+        "TAGPIPE_DECODE": inf.decode,
+        "TAGPIPE_DEVICE_ID": str(inf.device_id),
+        "TAGPIPE_FP16": str(inf.fp16).lower(),
+        "TAGPIPE_REQUIRE_GPU": str(inf.gpu > 0 and inf.require_gpu).lower(),
     }
+    if "TensorrtExecutionProvider" in providers:
+        # /tmp is the pod's emptyDir: engines survive container restarts.
+        env["TAGPIPE_TRT_ENGINE_CACHE_DIR"] = TRT_CACHE
+    return env
 
 
 def checksum(data: dict[str, str], *extra: Any) -> str:

@@ -221,12 +221,23 @@ class Batching(_Model):
     max_wait_ms: int = 10
 
 
+Provider = Literal["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
 class InferenceSpec(StageSpec):
     image: str = "tagpipe/inference:0.1.0"
     replicas: InferenceReplicas = InferenceReplicas()
     autoscaling: InferenceAutoscaling = InferenceAutoscaling()
     gpu: int = 1
     batching: Batching = Batching()
+    # Where JPEGs are decoded: cpu (the downloader ships crops) or gpu (the
+    # downloader forwards them compressed, inference decodes on its GPU).
+    decode: Literal["cpu", "gpu"] = "cpu"
+    providers: list[Provider] | None = None  # None: CUDA then CPU with a GPU, CPU without
+    device_id: int = 0
+    fp16: bool = False
+    # With a GPU: exit 2 (and CrashLoop, visibly) rather than serve at CPU speed.
+    require_gpu: bool = True
 
     def in_flight_per_replica(self) -> int | None:
         # The worker fetches the next batch while one runs: two batches unacked.

@@ -132,6 +132,33 @@ def test_gpu_zero_runs_on_cpu() -> None:
     assert env_of(p["containers"][0])["TAGPIPE_PROVIDERS"] == "CPUExecutionProvider"
 
 
+def test_gpu_settings_reach_inference_and_decode_reaches_both_tiers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    inf = env_of(pod(MINIMAL, "inference")["containers"][0])
+    assert inf["TAGPIPE_DECODE"] == "cpu" and inf["TAGPIPE_FP16"] == "false"
+    assert inf["TAGPIPE_REQUIRE_GPU"] == "true"  # a GPU replica never serves on CPU
+    assert "TAGPIPE_TRT_ENGINE_CACHE_DIR" not in inf  # no TensorRT asked for
+    trt = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    spec = {
+        **MINIMAL,
+        "inference": {"decode": "gpu", "providers": trt, "deviceId": 1, "fp16": True},
+    }
+    env = env_of(pod(spec, "inference")["containers"][0])
+    assert env["TAGPIPE_PROVIDERS"] == ",".join(trt)
+    assert (env["TAGPIPE_DECODE"], env["TAGPIPE_DEVICE_ID"], env["TAGPIPE_FP16"]) == (
+        "gpu",
+        "1",
+        "true",
+    )
+    assert env["TAGPIPE_TRT_ENGINE_CACHE_DIR"].startswith("/tmp/")  # the pod's writable emptyDir
+    assert env_of(pod(spec, "downloader")["containers"][0])["TAGPIPE_DECODE"] == "gpu"
+    s = _load(InferenceSettings, {**config_data(parse_spec(spec)), **env}, monkeypatch)
+    assert s.gpu_options.fp16 and s.gpu_options.device_id == 1 and s.decode == "gpu"
+    cpu = env_of(pod({**MINIMAL, "inference": {"gpu": 0}}, "inference")["containers"][0])
+    assert cpu["TAGPIPE_REQUIRE_GPU"] == "false"
+
+
 @pytest.mark.parametrize("component", ["gateway", "downloader", "inference"])
 def test_strict_pod_security(component: str) -> None:
     p = pod(SAMPLE, component)
