@@ -11,10 +11,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-from tagpipe_cli import client, plan, simulate, up
+from tagpipe_cli import client, plan, simulate, status, up
 
 # In help order.
-SUBCOMMANDS = (up, client, plan, simulate)
+SUBCOMMANDS = (up, status, client, plan, simulate)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -66,6 +66,9 @@ class StackConfig:
     downloader_env: dict[str, str] = field(default_factory=dict)
     inference_env: dict[str, str] = field(default_factory=dict)
     fresh: bool = False  # wipe data_dir first
+    # Each process's Prometheus /metrics: None, none; 0, free ports; N: gateway on N, then
+    # the downloaders and inference processes on N+1, N+2, ... (tagpipe up prints them).
+    metrics_port: int | None = None
     ready_timeout_s: float = 120.0
 
 
@@ -76,6 +79,7 @@ class Service:
     env: dict[str, str]
     log_path: Path
     health_url: str | None
+    metrics_url: str | None = None
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     crashes: int = 0  # exits the supervisor found (tagpipe up's restarts)
     restarts: list[float] = field(default_factory=list)  # when it restarted them (monotonic)
@@ -212,7 +216,13 @@ class Stack:
             port = free_port()
             env["TAGPIPE_HEALTH_PORT"] = str(port)
             health_url = f"http://127.0.0.1:{port}/readyz"
-        return Service(name, [find_binary(binary)], env, self.log_dir / f"{name}.log", health_url)
+        svc = Service(name, [find_binary(binary)], env, self.log_dir / f"{name}.log", health_url)
+        base = self.config.metrics_port
+        if base is not None:
+            port = base + len(self.services) if base else free_port()
+            env["TAGPIPE_METRICS_PORT"] = str(port)
+            svc.metrics_url = f"http://127.0.0.1:{port}/metrics"
+        return svc
 
     def _start_services(self) -> None:
         cfg = self.config

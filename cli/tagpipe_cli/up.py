@@ -26,7 +26,20 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         default="",
         help="downloader SSRF allowlist, e.g. 127.0.0.0/8 to fetch from a local server",
     )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=9100,
+        help="each process's /metrics: the gateway on this port, then the workers on the next",
+    )
     p.set_defaults(func=run)
+
+
+def print_metrics(stack: Stack) -> None:
+    print("metrics (Prometheus text; `tagpipe status` for a live view):")
+    for svc in stack.services:
+        print(f"  {svc.name:<14} {svc.metrics_url}")
+    print("", flush=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
         model_dir=args.model_dir,
         allow_cidrs=args.allow_cidrs,
         fresh=args.fresh,
+        metrics_port=args.metrics_port,
     )
     stack = Stack(config)
     print(f"starting tagpipe (logs in {stack.log_dir}/) ...", flush=True)
@@ -58,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"tagpipe up: {exc}")
         return 1
     print(f"tagpipe is up: {stack.gateway_url}  (Ctrl-C stops everything)", flush=True)
+    print_metrics(stack)
     try:
         # A worker that dies is restarted; a crash loop stops everything (supervise.py).
         code = Supervisor(stack).run(stop)

@@ -14,6 +14,9 @@
   kept across redeliveries (the downloader's deadline.py), with a TTL.
 - `{p}:request:{request_id}`: a real-time request's item ids, with a TTL.
 - `{p}:notify`: pub/sub channel; each message is a finished item's routing info.
+- `{p}:pulse:{stage}:{worker}`, `{p}:pulse:{stage}`: a worker's last pulse (a hash with a
+  TTL) and the stage's workers scored by their last beat (pulse.py).
+- `{p}:jobs:recent`: the newest job ids scored by creation time (the live view's job list).
 """
 
 from __future__ import annotations
@@ -67,6 +70,16 @@ class RedisKeys:
     @property
     def notify_channel(self) -> str:
         return f"{self.prefix}:notify"
+
+    def pulse(self, stage: str, worker: str) -> str:
+        return f"{self.prefix}:pulse:{stage}:{worker}"
+
+    def pulse_index(self, stage: str) -> str:
+        return f"{self.prefix}:pulse:{stage}"
+
+    @property
+    def recent_jobs(self) -> str:
+        return f"{self.prefix}:jobs:recent"
 
 
 # Job hash fields, shared by the writer (Lua in results.py) and the readers.

@@ -19,7 +19,9 @@ from prometheus_client import start_http_server
 from redis.asyncio import Redis
 from tagpipe_common import telemetry
 from tagpipe_common.nats_io import close_nats, connect_nats
+from tagpipe_common.pulse import beating
 from tagpipe_common.settings import load_settings
+from tagpipe_common.subjects import Stage
 
 from tagpipe_downloader.fetch import Fetcher
 from tagpipe_downloader.settings import DownloaderSettings
@@ -71,7 +73,8 @@ async def serve(settings: DownloaderSettings) -> None:
                 await runner.setup()
                 await web.TCPSite(runner, settings.health_host, settings.health_port).start()
             log.info("downloader started", extra={"fields": {"geometry": str(worker.geometry)}})
-            await worker.run()
+            async with beating(redis_client, settings.prefix, Stage.DOWNLOAD):
+                await worker.run()
             log.info("downloader stopped cleanly")
     finally:
         if runner is not None:

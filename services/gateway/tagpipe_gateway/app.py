@@ -11,7 +11,7 @@ from tagpipe_gateway import __version__, openapi
 from tagpipe_gateway.auth import ApiKeys
 from tagpipe_gateway.metrics import install_middleware
 from tagpipe_gateway.problems import install_handlers
-from tagpipe_gateway.routes import health, jobs, tags
+from tagpipe_gateway.routes import health, jobs, pipeline, tags
 from tagpipe_gateway.runtime import Runtime
 from tagpipe_gateway.settings import GatewaySettings
 
@@ -48,5 +48,6 @@ def create_app(settings: GatewaySettings, api_keys: ApiKeys | None = None) -> Fa
     app.include_router(health.router)
     app.include_router(tags.router)
     app.include_router(jobs.router)
+    app.include_router(pipeline.router)
     openapi.install(app)
     return app

@@ -41,6 +41,7 @@ return 'cancelled'
 """
 
 FINAL_STATES = (K.JOB_STATE_COMPLETED, K.JOB_STATE_CANCELLED)
+RECENT_JOBS = 100
 
 
 class JobManager:
@@ -80,6 +81,9 @@ class JobManager:
             )
             pipe.expire(key, self.settings.job_ttl_s)
             pipe.sadd(self.keys.submitting_jobs, job_id)
+            # The live view's job list: the newest RECENT_JOBS, whatever their state.
+            pipe.zadd(self.keys.recent_jobs, {job_id: time.time()})
+            pipe.zremrangebyrank(self.keys.recent_jobs, 0, -RECENT_JOBS - 1)
             await pipe.execute()
 
     def start(self) -> None:
