@@ -9,7 +9,7 @@ MODEL_DIR ?= models/efficientnet-lite0
 PYTEST_ARGS ?=
 
 .PHONY: help setup venv tools model test test-unit test-integration test-stress test-faults lint format run \
-        bench bench-inference bench-downloader bench-realtime e2e images clean
+        bench bench-inference bench-downloader bench-realtime bench-gpu bench-gpu-dry-run e2e images clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -86,6 +86,12 @@ images: ## build the four images (needs a Docker engine; INFERENCE_BUILD_ARGS fo
 bench-realtime: venv ## real-time deadlines under 0.5x/1.3x/3x overload (~3 min): bench/results/realtime.json
 	test -f $(MODEL_DIR)/manifest.json || $(MAKE) model
 	$(PY) -m bench.bench_realtime
+
+bench-gpu: ## GPU inference + GPU decode, JSON in bench/results (own venv; ARGS=--dry-run on CPU)
+	bash bench/bench_gpu.sh $(ARGS)
+
+bench-gpu-dry-run: venv ## bench-gpu on the CPU in seconds: installs nothing, writes to a temp dir
+	bash bench/bench_gpu.sh --dry-run $(ARGS)
 
 bench-downloader: venv ## downloader images/s (fetch + decode, 0/100 ms latency) and the JPEG fast path
 	$(PY) bench/bench_downloader.py --out bench/results/downloader.json

@@ -1,0 +1,40 @@
+"""`make bench-gpu --dry-run`: the GPU benchmark's every step, on the CPU, in seconds.
+
+It keeps the script that GPU time is spent on from rotting between GPU loans: a
+broken import, a renamed field or a step that cannot finish fails here first.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_dry_run_writes_both_files_naming_the_device(model_dir: Path, tmp_path: Path) -> None:
+    args = ["--dry-run", "--out-dir", str(tmp_path), "--model-dir", str(model_dir)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.bench_gpu", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    inference = json.loads((tmp_path / "inference-gpu.json").read_text())
+    decode = json.loads((tmp_path / "decode-gpu.json").read_text())
+    for doc in (inference, decode):
+        assert doc["device"] == "cpu (dry run)" and doc["dry_run"] is True
+        assert "met" in doc["goal"]
+    assert inference["variants"]["cpu-fp32"]["raw_images_per_s_by_batch"].keys() == {"1", "8"}
+    assert inference["service_images_per_s"] > 0 and inference["best"]["batch"] in (1, 8)
+    assert decode["cpu_decode_images_per_s_per_core"] > 0
+    assert decode["gpu_decode_and_inference_images_per_s"] > 0
+    # The stand-in decodes exactly as the CPU path: the contract check itself must pass.
+    assert decode["top1_agreement_with_cpu_path"] >= 0.995
