@@ -28,6 +28,7 @@ from e2e_helpers import (
     ROOT,
     TP_PATH,
     OperatorProcess,
+    admin_kubeconfig,
     conditions,
     eventually,
     run,
@@ -156,8 +157,7 @@ def operator_kubeconfig(run_dir: Path) -> Iterator[Path]:
     )
     sa = f"{release}-tagpipe-operator"
     token = run("kubectl", "-n", ns, "create", "token", sa, "--duration", "2h").strip()
-    admin = Path(os.environ["KUBECONFIG"].split(os.pathsep)[0])
-    yield token_kubeconfig(admin, token, run_dir / f"{sa}.kubeconfig")
+    yield token_kubeconfig(admin_kubeconfig(), token, run_dir / f"{sa}.kubeconfig")
     run("helm", "uninstall", release, "-n", ns, check=False)
     run("kubectl", "delete", "namespace", ns, "--wait=false", check=False)
 

@@ -66,6 +66,11 @@ def run(name: str, *args: str, check: bool = True, stdin: str | None = None) -> 
     return proc.stdout
 
 
+def admin_kubeconfig() -> Path:
+    """The kubeconfig the suite runs with (the first of $KUBECONFIG)."""
+    return Path(os.environ["KUBECONFIG"].split(os.pathsep)[0])
+
+
 def token_kubeconfig(admin_kubeconfig: Path, token: str, out: Path) -> Path:
     """A kubeconfig for the same cluster that authenticates with a bearer token only."""
     admin = yaml.safe_load(admin_kubeconfig.read_text())

@@ -8,10 +8,19 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e_helpers import TP_PATH, OperatorProcess, conditions, eventually
+from e2e_helpers import (
+    TP_PATH,
+    OperatorProcess,
+    admin_kubeconfig,
+    conditions,
+    eventually,
+    run,
+    token_kubeconfig,
+)
 from nats.aio.client import Client
 from tagpipe_cli.servers import ServerProcess, free_port
 from tagpipe_common.nats_io import connect_nats
@@ -240,6 +249,13 @@ async def test_stale_metrics_hold_replicas_and_recover(
     )
     assert await replicas(kube, namespace, down) == 4
 
+    # NATS gone for good: shutdown closes the dead connection without raising.
+    own_nats.stop()
+    operator.stop()
+    assert operator.proc is not None and operator.proc.returncode == 0, operator.tail()
+    bad = [r for r in operator.records() if r["level"] in ("ERROR", "CRITICAL", "RAW")]
+    assert not bad, operator.tail()
+
 
 async def _with_status(
     kube: KubeClient, ns: str, name: str, type_: str, status: str
@@ -277,3 +293,18 @@ async def test_restart_during_scale_up_never_scales_down_before_a_full_window(
         )
         assert time.monotonic() - restarted < window + 90, operator.tail()
         await asyncio.sleep(0.5)
+
+
+async def test_the_rbac_check_catches_a_call_the_token_may_not_make(
+    namespace: str, tmp_path: Path
+) -> None:
+    """The check every operator fixture runs at teardown, shown to fail: the namespace's
+    `default` ServiceAccount has none of the chart's rules."""
+    await eventually(lambda: run("kubectl", "-n", namespace, "get", "sa", "default", check=False))
+    token = run("kubectl", "-n", namespace, "create", "token", "default").strip()
+    config = token_kubeconfig(admin_kubeconfig(), token, tmp_path / "nobody.kubeconfig")
+    proc = OperatorProcess(config, namespace, tmp_path / "operator.log").start()
+    try:
+        await eventually(proc.forbidden, within=30)
+    finally:
+        proc.stop()
