@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ class StagePlan:
     replicas: int
     cores_per_replica: float
     gpus_per_replica: int = 0
+    basis: str = "measured"  # measured, scaled (from another GPU) or assumed
 
     @property
     def capacity(self) -> float:
@@ -105,12 +106,11 @@ def pods_per_node(node_cores: float, reserved: float, pod_cores: float) -> int:
 
 
 def _cpu_scenario(inp: PlanInputs, target: float, download: StagePlan) -> Scenario:
+    cpu = inp.rates.cpu_inference
     infer = StagePlan(
-        "inference (CPU)",
-        inp.rates.cpu_inference.value,
-        replicas_for(target, inp.rates.cpu_inference.value),
-        inp.cpu_inference_cores,
+        "inference (CPU)", cpu.value, replicas_for(target, cpu.value), inp.cpu_inference_cores
     )
+    infer = replace(infer, basis=basis(cpu.source))
     # Pack each stage on its own nodes: simple, and what a nodeSelector per
     # tier gives; mixing tiers on one node saves at most one node per stage.
     nodes = 0
@@ -123,7 +123,12 @@ def _cpu_scenario(inp: PlanInputs, target: float, download: StagePlan) -> Scenar
 def _gpu_scenario(inp: PlanInputs, target: float, download: StagePlan) -> Scenario:
     gpu_rate = inp.rates.gpu_inference.value
     infer = StagePlan(
-        "inference (T4 GPU)", gpu_rate, replicas_for(target, gpu_rate), inp.gpu_inference_cores, 1
+        "inference (T4 GPU)",
+        gpu_rate,
+        replicas_for(target, gpu_rate),
+        inp.gpu_inference_cores,
+        1,
+        basis(inp.rates.gpu_inference.source),
     )
     gpu_nodes = math.ceil(infer.replicas / inp.gpus_per_node)
     # The GPU nodes' spare cores host downloader pods first: they are paid for.
@@ -140,6 +145,13 @@ def _gpu_scenario(inp: PlanInputs, target: float, download: StagePlan) -> Scenar
         if download.cores > infer.cores * 4
         else "inference and download tiers are of similar size",
     ]
+    dec = inp.rates.gpu_decode
+    if dec is not None:
+        notes.append(
+            f"decode: gpu measured at {dec.value:,.0f} img/s per T4 (decode + inference), "
+            f"{math.ceil(target / dec.value)} T4s for the target; the downloaders then forward "
+            "JPEGs instead of decoding them"
+        )
     return Scenario("T4 GPU nodes", [download, infer], gpu_nodes, cpu_nodes, notes)
 
 
@@ -151,8 +163,13 @@ def plan_capacity(inp: PlanInputs) -> Plan:
         raise ValueError(f"mix shares sum to {total:g}, not 1")
     target = inp.rate / inp.target_util
     dl_per_replica = mixed_rate({c: r.value for c, r in inp.rates.download.items()}, inp.mix)
+    dl_basis = [basis(r.source) for c, r in inp.rates.download.items() if inp.mix.get(c, 0) > 0]
     download = StagePlan(
-        "downloader", dl_per_replica, replicas_for(target, dl_per_replica), inp.downloader_cores
+        "downloader",
+        dl_per_replica,
+        replicas_for(target, dl_per_replica),
+        inp.downloader_cores,
+        basis="assumed" if "assumed" in dl_basis else "measured",
     )
     return Plan(
         rate=inp.rate,
@@ -161,6 +178,15 @@ def plan_capacity(inp: PlanInputs) -> Plan:
         scenarios=[_gpu_scenario(inp, target, download), _cpu_scenario(inp, target, download)],
         sources=inp.rates.sources(),
     )
+
+
+def basis(source: str) -> str:
+    """measured, scaled or assumed, from a Rate's source (flags count as measured:
+    whoever passes one vouches for it)."""
+    for word in ("assumed", "scaled"):
+        if source.startswith(word):
+            return word
+    return "measured"
 
 
 def parse_mix(text: str) -> dict[str, float]:
@@ -180,14 +206,14 @@ def render_table(plan: Plan) -> str:
         f"provisioned for {plan.provisioned_rate:,.0f} img/s",
         "",
     ]
-    header = f"{'stage':<20} {'img/s/replica':>13} {'replicas':>9} {'cores':>7} {'GPUs':>5}"
+    header = f"{'stage':<20} {'img/s/replica':>13} {'replicas':>9} {'cores':>7} {'GPUs':>5}  rate"
     for sc in plan.scenarios:
         lines += [f"== {sc.name}: {sc.gpu_nodes} GPU nodes + {sc.cpu_nodes} CPU nodes ==", header]
         for st in sc.stages:
             gpus = st.replicas * st.gpus_per_replica
             lines.append(
                 f"{st.stage:<20} {st.per_replica:>13,.1f} {st.replicas:>9,} "
-                f"{st.cores:>7,.0f} {gpus:>5}"
+                f"{st.cores:>7,.0f} {gpus:>5}  {st.basis}"
             )
         lines += [f"  - {n}" for n in sc.notes] + [""]
     lines.append("rates from:")

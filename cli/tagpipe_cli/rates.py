@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tagpipe_cli.gpurates import to_t4
+
 # Assumptions, used only when neither a flag nor a bench result gives the figure.
 # EfficientNet-Lite0, onnxruntime CPU, one replica = 2 threads: notes say 92-148 img/s.
 DEFAULT_CPU_INFER = 110.0
@@ -38,6 +40,8 @@ class StageRates:
     download: dict[str, Rate]  # per image class
     cpu_inference: Rate
     gpu_inference: Rate
+    # decode: gpu, decode + inference on one T4 (None: never measured, not planned).
+    gpu_decode: Rate | None = None
 
     def sources(self) -> dict[str, str]:
         out = {
@@ -45,6 +49,9 @@ class StageRates:
         }
         out["inference/cpu"] = f"{self.cpu_inference.value:g} img/s ({self.cpu_inference.source})"
         out["inference/t4"] = f"{self.gpu_inference.value:g} img/s ({self.gpu_inference.source})"
+        if self.gpu_decode is not None:
+            d = self.gpu_decode
+            out["decode+inference/t4 (decode: gpu)"] = f"{d.value:.0f} img/s ({d.source})"
         return out
 
 
@@ -129,8 +136,8 @@ def add_rate_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--t4-infer-rate",
         type=float,
-        default=DEFAULT_T4_INFER,
-        help=f"img/s per T4 GPU (default {DEFAULT_T4_INFER:g}: an assumption from public figures)",
+        help="img/s per T4 GPU (default: bench/results/inference-gpu.json, scaled to a T4; "
+        f"without it {DEFAULT_T4_INFER:g}, an assumption from public figures)",
     )
 
 
@@ -154,5 +161,19 @@ def resolve(args: argparse.Namespace) -> StageRates:
         cpu = Rate(args.cpu_infer_rate, "flag")
     else:
         cpu = measured_cpu_inference(results_dir) or Rate(DEFAULT_CPU_INFER, "assumed, notes")
-    t4_source = "flag" if args.t4_infer_rate != DEFAULT_T4_INFER else "assumed, public figures"
-    return StageRates(download, cpu, Rate(args.t4_infer_rate, t4_source))
+    return StageRates(download, cpu, _t4(args, results_dir), _t4_decode(results_dir))
+
+
+def _t4(args: argparse.Namespace, results_dir: Path) -> Rate:
+    if args.t4_infer_rate is not None:
+        return Rate(args.t4_infer_rate, "flag")
+    # The service's rate, not raw onnxruntime's: a replica delivers what the service does.
+    measured = to_t4(results_dir / "inference-gpu.json", "service_images_per_s")
+    if measured is not None:
+        return Rate(*measured)
+    return Rate(DEFAULT_T4_INFER, "assumed, public figures")
+
+
+def _t4_decode(results_dir: Path) -> Rate | None:
+    measured = to_t4(results_dir / "decode-gpu.json", "gpu_decode_and_inference_images_per_s")
+    return Rate(*measured) if measured is not None else None

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
+from typing import Any
 
 import pytest
-from tagpipe_cli import plan, rates
+from tagpipe_cli import gpurates, plan, rates
 from tagpipe_cli.plan import PlanInputs, mixed_rate, plan_capacity, replicas_for
 from tagpipe_cli.rates import Rate, StageRates
 
@@ -114,3 +116,74 @@ def test_downloader_bench_is_read_per_core_by_size_alias(tmp_path: Path) -> None
     # The median of the best setting, not the luckiest round; divided by the bench's cores.
     assert resolved.download["thumb"].value == 45.0
     assert resolved.download["phone"].value == 10.0
+
+
+def _gpu_file(tmp_path: Path, name: str, **doc: object) -> None:
+    (tmp_path / name).write_text(json.dumps({"machine": {"cores": 16}, **doc}))
+
+
+def test_a_gpu_measurement_is_scaled_to_a_t4_with_the_factor_stated(tmp_path: Path) -> None:
+    _gpu_file(tmp_path, "inference-gpu.json", device="NVIDIA H200", service_images_per_s=20000.0)
+    t4 = rates.resolve(_args(tmp_path)).gpu_inference
+    factor = min(65 / 989, 320 / 4800)  # the T4 held back by what it lacks most
+    assert t4.value == pytest.approx(20000 * factor)
+    assert t4.source.startswith("scaled from NVIDIA H200 20000 img/s")
+    assert f"x {factor:.3f}" in t4.source
+
+
+def test_a_t4_measurement_is_used_as_it_is(tmp_path: Path) -> None:
+    _gpu_file(tmp_path, "inference-gpu.json", device="Tesla T4", service_images_per_s=2100.0)
+    t4 = rates.resolve(_args(tmp_path)).gpu_inference
+    assert t4.value == 2100.0 and t4.source.startswith("measured")
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        {"device": "cpu (dry run)", "dry_run": True, "service_images_per_s": 45.0},
+        {"device": "Mystery Accelerator X9", "service_images_per_s": 9000.0},  # no known factor
+        {"device": "NVIDIA H200"},  # no rate in it
+    ],
+    ids=["dry-run", "unknown-gpu", "no-rate"],
+)
+def test_no_usable_gpu_measurement_means_assumed(tmp_path: Path, doc: dict[str, Any]) -> None:
+    _gpu_file(tmp_path, "inference-gpu.json", **doc)
+    t4 = rates.resolve(_args(tmp_path)).gpu_inference
+    assert t4 == Rate(rates.DEFAULT_T4_INFER, "assumed, public figures")
+    assert rates.resolve(_args(tmp_path, "--t4-infer-rate", "1500")).gpu_inference == Rate(
+        1500.0, "flag"
+    )
+
+
+@pytest.mark.parametrize(
+    ("device", "model"),
+    [
+        ("Tesla T4", "T4"),
+        ("NVIDIA L4", "L4"),
+        ("NVIDIA L40S", "L40S"),
+        ("NVIDIA A100-SXM4-80GB", "A100"),
+        ("NVIDIA A10", "A10"),
+        ("NVIDIA H200", "H200"),
+        ("NVIDIA GeForce RTX 4090", None),
+    ],
+)
+def test_gpu_names_are_matched_by_whole_word(device: str, model: str | None) -> None:
+    assert gpurates.gpu_model(device) == model
+
+
+def test_the_table_says_which_rates_are_assumed_and_notes_gpu_decode(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _gpu_file(
+        tmp_path,
+        "decode-gpu.json",
+        device="Tesla T4",
+        gpu_decode_and_inference_images_per_s=1800.0,
+    )
+    args = _args(tmp_path, "--rate", "1000")
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    t4_row = next(line for line in out.splitlines() if line.startswith("inference (T4 GPU)"))
+    assert t4_row.endswith("assumed")  # no inference-gpu.json in tmp_path
+    assert "decode: gpu measured at 1,800 img/s per T4" in out
+    assert "decode+inference/t4 (decode: gpu): 1800 img/s (measured" in out
