@@ -15,19 +15,21 @@ if [[ ! -f $control_plane ]]; then
     echo "make e2e: KUBECONFIG is unset and there is no control plane at $control_plane" >&2
     exit 1
 fi
-# One state directory per run: other runs may share this working tree.
+# One state directory per run: other runs may share this working tree. It goes when
+# the run ends (even interrupted), unless the control plane failed: then its logs stay.
 state=.tagpipe/e2e/k8s-$$
+keep=0
 mkdir -p .tagpipe/e2e
-stop() { bash "$control_plane" down "$state" >/dev/null 2>&1 || true; }
+stop() {
+    bash "$control_plane" down "$state" >/dev/null 2>&1 || true
+    [[ $keep == 1 ]] || rm -rf "$state"
+}
 trap stop EXIT
+trap "exit 130" INT TERM  # so that the EXIT trap runs on Ctrl-C and kill too
 if ! KUBECONFIG=$(bash "$control_plane" up "$state"); then
+    keep=1
     echo "make e2e: the control plane did not start; its logs are in $state/logs" >&2
     exit 1
 fi
 export KUBECONFIG
-rc=0
-"${pytest[@]}" || rc=$?
-stop
-trap - EXIT
-rm -rf "$state"
-exit "$rc"
+"${pytest[@]}"
