@@ -75,7 +75,10 @@ class ModelManifest(BaseModel):
         # No empty `variants`: a manifest without one stays readable by older builds.
         skip = None if self.variants else {"variants"}
         text = self.model_dump_json(indent=2, exclude=skip)
-        (model_dir / MANIFEST_FILE).write_text(text + "\n")
+        # Atomic: a service or test reading the directory never sees half a manifest.
+        tmp = model_dir / f".{MANIFEST_FILE}.tmp"
+        tmp.write_text(text + "\n")
+        tmp.replace(model_dir / MANIFEST_FILE)
 
 
 def sha256_file(path: Path) -> str:

@@ -8,6 +8,14 @@ The export checks itself (torch and onnxruntime must agree on the same input wit
 Re-running is cheap: when the directory already holds a manifest whose sha256 matches
 the ONNX file and a full labels file, nothing is rebuilt (torch is not even imported).
 
+An FP16 variant (`model.fp16.onnx`, the manifest's `variants.fp16`) is built beside
+it for the CUDA provider: weights and activations in half precision, inputs and
+outputs kept float32 (onnxruntime's own float16 converter, the maintained fork of
+onnxconverter-common's, so no extra package). It is written only after its top-1
+class agrees with FP32's on real photos (scikit-image's, whole, mirrored and
+halved) on at least FP16_MIN_AGREEMENT of them; the figure goes into the manifest.
+It takes seconds, so a directory built before it existed just gains the variant.
+
 Usage: python services/inference/build_model.py --out models/efficientnet-lite0 [--force]
 """
 
@@ -25,6 +33,7 @@ import numpy as np
 from tagpipe_common.manifest import (
     MANIFEST_FILE,
     ModelManifest,
+    ModelVariant,
     PreprocessSpec,
     TensorSpec,
     sha256_file,
@@ -43,6 +52,10 @@ OPSET = 17
 TOLERANCE = 1e-4
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
+FP16_FILE = "model.fp16.onnx"
+FP16_MIN_AGREEMENT = 0.97
+FP16_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field")
+FP16_PHOTOS += ("immunohistochemistry", "retina")
 
 
 class BuildError(RuntimeError):
@@ -77,6 +90,74 @@ def is_up_to_date(out: Path) -> bool:
         return False
     n_labels = len([ln for ln in labels.read_text().splitlines() if ln.strip()])
     return n_labels == m.num_classes and sha256_file(model) == m.sha256
+
+
+def fp16_up_to_date(out: Path) -> bool:
+    m = ModelManifest.load(out)
+    v = m.variants.get("fp16")
+    return v is not None and (out / v.file).is_file() and sha256_file(out / v.file) == v.sha256
+
+
+def agreement_inputs() -> np.ndarray | None:
+    """Normalised NCHW crops of real photos: each whole, mirrored, and its four halves
+    (None without scikit-image: no variant is written unchecked)."""
+    try:
+        from PIL import Image
+        from skimage import data
+    except ImportError:
+        return None
+    crops = []
+    for name in FP16_PHOTOS:
+        a = getattr(data, name)()
+        h, w = a.shape[:2]
+        for v in (a, a[:, ::-1], a[: h // 2], a[h // 2 :], a[:, : w // 2], a[:, w // 2 :]):
+            im = Image.fromarray(np.ascontiguousarray(v))
+            scale = RESIZE / min(im.size)
+            im = im.resize((round(im.width * scale), round(im.height * scale)), Image.BICUBIC)
+            left, top = (im.width - CROP) // 2, (im.height - CROP) // 2
+            crops.append(np.asarray(im.crop((left, top, left + CROP, top + CROP))))
+    x = (np.stack(crops).astype(np.float32) / 255.0 - np.float32(MEAN[0])) / np.float32(STD[0])
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def top1_agreement(fp32: Path, fp16: Path, x: np.ndarray) -> float:
+    import onnxruntime as ort
+
+    tops = []
+    for path in (fp32, fp16):
+        s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        (logits,) = s.run([OUTPUT_NAME], {INPUT_NAME: x})
+        tops.append(np.asarray(logits).argmax(axis=1))
+    return float(np.mean(tops[0] == tops[1]))
+
+
+def build_fp16(out: Path, manifest: ModelManifest) -> ModelManifest:
+    """The manifest with an agreement-checked fp16 variant (unchanged without photos)."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    x = agreement_inputs()
+    if x is None:
+        print("build_model: no scikit-image, so no checked FP16 variant", file=sys.stderr)
+        return manifest
+    with tempfile.TemporaryDirectory(dir=out, prefix=".build-") as tmp:
+        tmp_model = Path(tmp) / FP16_FILE
+        half = convert_float_to_float16(onnx.load(str(out / manifest.file)), keep_io_types=True)
+        onnx.save(half, str(tmp_model))
+        agreement = top1_agreement(out / manifest.file, tmp_model, x)
+        if agreement < FP16_MIN_AGREEMENT:
+            raise BuildError(
+                f"FP16 top-1 agrees with FP32 on {agreement:.1%} of {len(x)} photos, "
+                f"below {FP16_MIN_AGREEMENT:.0%}"
+            )
+        tmp_model.replace(out / FP16_FILE)
+    variant = ModelVariant(
+        file=FP16_FILE,
+        sha256=sha256_file(out / FP16_FILE),
+        top1_agreement=round(agreement, 4),
+        checked_images=len(x),
+    )
+    return manifest.model_copy(update={"variants": {"fp16": variant}})
 
 
 def imagenet_labels() -> list[str]:
@@ -186,9 +267,15 @@ def build(out: Path) -> dict[str, Any]:
         diff = verify(net, tmp_model)
         (out / "labels.txt").write_text("\n".join(imagenet_labels()) + "\n")
         tmp_model.replace(out / "model.onnx")
-    manifest = manifest_for(sha256_file(out / "model.onnx"))
+    manifest = build_fp16(out, manifest_for(sha256_file(out / "model.onnx")))
     manifest.save(out)  # last: its presence marks the directory complete
     return {"built": str(out), "sha256": manifest.sha256, "max_abs_diff": diff}
+
+
+def add_fp16(out: Path) -> dict[str, Any]:
+    manifest = build_fp16(out, ModelManifest.load(out))
+    manifest.save(out)
+    return {"fp16_added": str(out), "variants": manifest.model_dump()["variants"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,12 +284,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true", help="rebuild even when up to date")
     args = ap.parse_args(argv)
     out: Path = args.out
-    if not args.force and is_up_to_date(out):
+    if not args.force and is_up_to_date(out) and fp16_up_to_date(out):
         print(json.dumps({"up_to_date": str(out / MANIFEST_FILE)}))
         return 0
-    (out / MANIFEST_FILE).unlink(missing_ok=True)  # stale or partial: mark incomplete first
     try:
-        report = build(out)
+        if not args.force and is_up_to_date(out):
+            report = add_fp16(out)  # seconds: no torch
+        else:
+            (out / MANIFEST_FILE).unlink(missing_ok=True)  # stale or partial: incomplete first
+            report = build(out)
     except BuildError as exc:
         print(f"build_model: {exc}", file=sys.stderr)
         return 1

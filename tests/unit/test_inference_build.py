@@ -8,8 +8,9 @@ import shutil
 from pathlib import Path
 from types import ModuleType
 
+import onnxruntime as ort
 import pytest
-from tagpipe_common.manifest import MANIFEST_FILE
+from tagpipe_common.manifest import MANIFEST_FILE, ModelManifest
 
 SCRIPT = Path(__file__).resolve().parents[2] / "services/inference/build_model.py"
 
@@ -62,3 +63,41 @@ def test_the_export_check_rejects_onnx_that_disagrees_with_torch(
         net._fc.bias += 1e-3  # a drift far below what top-1 would notice, above tolerance
     with pytest.raises(build.BuildError, match="disagree"):
         build.verify(net, path)
+
+
+def linked_copy(model_dir: Path, d: Path) -> Path:
+    d.mkdir()
+    (d / "model.onnx").symlink_to((model_dir / "model.onnx").resolve())
+    shutil.copy(model_dir / "labels.txt", d / "labels.txt")
+    doc = json.loads((model_dir / MANIFEST_FILE).read_text())
+    doc.pop("variants", None)  # a directory built before FP16 variants existed
+    (d / MANIFEST_FILE).write_text(json.dumps(doc))
+    return d
+
+
+def test_the_fp16_variant_agrees_with_fp32_on_real_photos(
+    build: ModuleType, model_dir: Path, tmp_path: Path
+) -> None:
+    d = linked_copy(model_dir, tmp_path / "m")
+    assert build.is_up_to_date(d) and not build.fp16_up_to_date(d)
+    build.add_fp16(d)
+    v = ModelManifest.load(d).variants["fp16"]
+    assert v.file == "model.fp16.onnx" and build.fp16_up_to_date(d)
+    assert v.checked_images == 42  # 7 photos: whole, mirrored, four halves
+    assert v.top1_agreement is not None and v.top1_agreement >= build.FP16_MIN_AGREEMENT
+    # Half the bytes, float32 in and out: the service feeds it unchanged.
+    assert (d / v.file).stat().st_size < 0.6 * (d / "model.onnx").stat().st_size
+    session = ort.InferenceSession(str(d / v.file), providers=["CPUExecutionProvider"])
+    assert [i.type for i in session.get_inputs()] == ["tensor(float)"]
+    assert [o.type for o in session.get_outputs()] == ["tensor(float)"]
+
+
+def test_an_fp16_variant_that_disagrees_is_never_written(
+    build: ModuleType, model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d = linked_copy(model_dir, tmp_path / "m")
+    monkeypatch.setattr(build, "top1_agreement", lambda *_: 0.9)
+    with pytest.raises(build.BuildError, match=r"FP16 top-1 agrees with FP32 on 90\.0% of 42"):
+        build.add_fp16(d)
+    assert not (d / "model.fp16.onnx").exists()
+    assert "fp16" not in ModelManifest.load(d).variants
