@@ -495,3 +495,24 @@ async def test_an_item_past_its_deadline_is_not_downloaded(h: Harness) -> None:
     assert not h.images.hits["/img/late"]  # no connection spent on a departed caller
     live = await h.outcome(await h.submit(url, deadline=time.time() + 600))
     assert isinstance(live, InferenceTask) and live.deadline is not None  # travels on
+
+
+async def test_decode_gpu_forwards_camera_jpegs_and_crops_the_rest(start: Start) -> None:
+    h = await start(decode="gpu")
+    small = make_jpeg(640, 480)
+    out = await h.outcome(await h.submit(h.images.add("small", small)))
+    assert isinstance(out, InferenceTask)
+    assert (out.encoding, out.media_type, out.shape) == ("original", "image/jpeg", (480, 640, 3))
+    assert out.pixels == small  # not decoded here at all
+    big = await h.outcome(await h.submit(h.images.add("rot", exif_rotated_jpeg(2400, 1200, 6))))
+    assert isinstance(big, InferenceTask) and big.encoding == "original"
+    height, width, _ = big.shape
+    assert height > width and 256 <= width <= 512  # shrunk by the draft, upright
+    with Image.open(io.BytesIO(big.pixels)) as img:
+        assert img.size == (width, height)
+    crop = await h.tensor(h.images.add("png", png(Image.new("RGB", (300, 300))), "image/png"))
+    assert crop.shape == (224, 224, 3)  # not a camera JPEG: the CPU path, as before
+    # A cut-short small JPEG is only header-checked here: it goes on, and the
+    # inference tier answers it with decode_error (test_inference_worker.py).
+    cut = await h.outcome(await h.submit(h.images.add("cut", small[: len(small) // 2])))
+    assert isinstance(cut, InferenceTask) and cut.encoding == "original"

@@ -11,6 +11,8 @@ on the same contract:
 - a larger one is decoded with the DCT draft (1/2 to 1/8 scale, nearly free in
   libjpeg), made upright, and re-encoded at `QUALITY` with full chroma: the frame's shorter side
   ends between the resize target and twice it, never a 12 MP frame on the wire;
+- a small JPEG is only header-checked, so one whose body is corrupt is caught by
+  the inference tier, which answers it with `decode_error` as this tier would;
 - anything else (PNG, WebP, CMYK, grey, ...) takes the CPU path (`decode_image`):
   a raw crop, which every inference worker reads. The GPU path is for the bulk
   of real traffic, camera JPEGs, not for every format a CPU can read.
