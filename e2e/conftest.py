@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -156,10 +157,21 @@ def operator_kubeconfig(run_dir: Path) -> Iterator[Path]:
         "helm", "install", release, str(ROOT / "charts" / "tagpipe"), "-n", ns, "--create-namespace"
     )
     sa = f"{release}-tagpipe-operator"
-    token = run("kubectl", "-n", ns, "create", "token", sa, "--duration", "2h").strip()
+    token = _token(ns, sa)
     yield token_kubeconfig(admin_kubeconfig(), token, run_dir / f"{sa}.kubeconfig")
     run("helm", "uninstall", release, "-n", ns, check=False)
     run("kubectl", "delete", "namespace", ns, "--wait=false", check=False)
+
+
+def _token(ns: str, sa: str, within: float = 30.0) -> str:
+    """A token for the ServiceAccount, asked again while a just-made one settles."""
+    deadline = time.monotonic() + within
+    while True:
+        out = run("kubectl", "-n", ns, "create", "token", sa, "--duration", "2h", check=False)
+        if out.strip() or time.monotonic() > deadline:
+            assert out.strip(), f"no token for {ns}/{sa} within {within}s"
+            return out.strip()
+        time.sleep(1)
 
 
 @pytest.fixture
