@@ -2,19 +2,23 @@
 
 A fixed item limit says nothing of time: 5,000 queued items are two minutes of
 work on a 2-core box and a few seconds on a GPU tier. So the gateway estimates
-how long a new real-time item would wait, from
+how long a new real-time item would wait, by Little's law: the real-time work in
+the pipeline now (both stages; real-time items jump the bulk queue at each
+stage, so bulk work is not ahead of them) over the rate at which the pipeline is
+completing items now (items leaving the inference stream per second over a
+short moving window). Under light load that is about one service time; past
+capacity the queue grows while the rate cannot, and the estimate grows with it.
 
-- the real-time backlog ahead of it (both stages; real-time items jump the bulk
-  queue at each stage, so bulk work is not ahead of them), and
-- the pipeline's measured drain rate: items leaving the inference stream per
-  second over a moving window, counted only while the pipeline had work. An
-  idle pipeline completes nothing and says nothing of its capacity, so idle
-  time neither lowers the rate nor starts it from zero again.
+It refuses (429 with Retry-After) when that wait exceeds the request's deadline.
+Triton's queue policy and Ray Serve's `max_queued_requests` cap a count; this
+caps the time a caller would actually wait. The fixed item limits stay as a
+hard ceiling behind it.
 
-and refuses (429 with Retry-After) when that wait exceeds the request's
-deadline. Triton's queue policy and Ray Serve's `max_queued_requests` cap a
-count; this caps the time a caller would actually wait. The fixed item limits
-stay as a hard ceiling behind it.
+The rate is the throughput of the current busy stretch, never a remembered one:
+a rate measured in a quiet spell and kept would refuse a later burst for good (a
+quiet pipeline completes little, so it looks slow), and nothing would correct it
+while everything is refused. With no busy stretch of a second yet there is no
+estimate, and the request is admitted; the fixed limits still apply.
 
 Pure: the I/O side (`queue.BacklogCache`) feeds it readings.
 """
@@ -34,32 +38,29 @@ class Reading:
 
 
 class DrainRate:
-    """Items/s the pipeline completes while busy, over the last `window_s`."""
+    """Items/s the pipeline completed over the current busy stretch (its last
+    `window_s`): None while there is no such stretch of at least `min_span_s`."""
 
-    def __init__(self, window_s: float = 10.0, min_span_s: float = 1.0) -> None:
+    def __init__(self, window_s: float = 5.0, min_span_s: float = 1.0) -> None:
         self.window_s = window_s
         self.min_span_s = min_span_s
         self._busy: deque[Reading] = deque()
-        self._last: Reading | None = None
-        self.rate: float | None = None  # None until measured once; then kept while idle
+        self.rate: float | None = None
 
     def observe(self, r: Reading) -> None:
-        prev, self._last = self._last, r
-        if prev is None or r.completed < prev.completed:  # first reading, or a reset stream
+        if r.backlog == 0 or (self._busy and r.completed < self._busy[-1].completed):
+            # Idle (or the streams were recreated): nothing is known about the next
+            # burst, and a rate from a quiet spell must not be held against it.
             self._busy.clear()
-            return
-        if prev.backlog == 0 and r.backlog == 0:
-            self._busy.clear()  # idle: the next busy stretch starts a new window
-            return
-        if not self._busy and prev.backlog > 0:
-            self._busy.append(prev)  # busy already then; else the stretch starts at r
+            self.rate = None
+            if r.backlog == 0:
+                return
         self._busy.append(r)
         while len(self._busy) > 2 and r.at - self._busy[1].at >= self.window_s:
             self._busy.popleft()
         first = self._busy[0]
         span = r.at - first.at
-        if span >= self.min_span_s:
-            self.rate = (r.completed - first.completed) / span
+        self.rate = (r.completed - first.completed) / span if span >= self.min_span_s else None
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,8 @@ class Verdict:
 
 
 def admit(ahead: int, items: int, rate: float | None, deadline_s: float) -> Verdict:
-    """May `items` more real-time items join `ahead` queued ones and make `deadline_s`?
+    """May `items` more real-time items join the `ahead` in the pipeline and make
+    `deadline_s`?
 
     With nothing ahead the wait is the service time alone: always admitted. With
     no measurement yet there is nothing to estimate from: admitted (the fixed
@@ -80,7 +82,7 @@ def admit(ahead: int, items: int, rate: float | None, deadline_s: float) -> Verd
         return Verdict(True, None)
     if rate <= 0:
         return Verdict(False, math.inf, retry_after_s=max(1, math.ceil(deadline_s)))
-    wait = (ahead + items) / rate
+    wait = (ahead + items - 1) / rate  # Little's law, plus the request's own extra items
     if wait <= deadline_s:
         return Verdict(True, wait)
     # When the queue ahead will have drained to what fits in a deadline.

@@ -39,7 +39,7 @@ class BacklogCache:
     """
 
     def __init__(
-        self, js: JetStreamContext, prefix: str, ttl_s: float, rate_window_s: float = 10.0
+        self, js: JetStreamContext, prefix: str, ttl_s: float, rate_window_s: float = 5.0
     ) -> None:
         self.js = js
         self.prefix = prefix

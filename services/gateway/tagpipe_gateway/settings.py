@@ -25,7 +25,7 @@ class GatewaySettings(CommonSettings):
     # `timeout_ms` may ask for. Items carry it; a stage past it skips the item.
     realtime_timeout_s: Annotated[float, Field(gt=0, le=600)] = 30.0
     # The moving window over which admission measures the pipeline's drain rate.
-    drain_rate_window_s: Annotated[float, Field(gt=0, le=600)] = 10.0
+    drain_rate_window_s: Annotated[float, Field(gt=0, le=600)] = 5.0
     # The share of a deadline the expected wait may fill: the estimate is a mean
     # (Little's law over the queue ahead), the deadline a bound, and the item's own
     # download and inference come on top of its wait.
