@@ -56,7 +56,10 @@ def assert_servable(dest: Path) -> None:
     manifest = load_manifest(dest)
     verify_file(dest, manifest)
     read_labels(dest / manifest.labels_file, manifest.num_classes)
-    assert sorted(p.name for p in dest.iterdir()) == ["labels.txt", "manifest.json", "model.onnx"]
+    # Every file the manifest names (a built model may carry an fp16 variant), nothing else.
+    named = {"manifest.json", manifest.labels_file, manifest.file}
+    named |= {v.file for v in manifest.variants.values()}
+    assert sorted(p.name for p in dest.iterdir()) == sorted(named)
 
 
 # --- HTTPS -------------------------------------------------------------------------------
