@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+from nats.js.client import JetStreamContext
 from tagpipe_cli.servers import ServerProcess
+from tagpipe_common.messages import DownloadTask
+from tagpipe_common.subjects import Lane, Stage, stage_names
 from tagpipe_gateway.app import create_app
 from tagpipe_gateway.auth import ApiKeys, parse_entries
 from tagpipe_gateway.settings import GatewaySettings
@@ -30,3 +34,25 @@ async def gateway_client(
         ) as c,
     ):
         yield c
+
+
+async def pull_tasks(js: JetStreamContext, lane: Lane, n: int) -> list[DownloadTask]:
+    """Play the downloader: take (and ack) `n` download tasks of `lane`."""
+    names = stage_names(Stage.DOWNLOAD)
+    sub = await js.pull_subscribe(names.subject(lane), durable=names.consumer(lane))
+    tasks: list[DownloadTask] = []
+    while len(tasks) < n:
+        for msg in await sub.fetch(n - len(tasks), timeout=5):
+            tasks.append(DownloadTask.from_json(msg.data))
+            await msg.ack()
+    return tasks
+
+
+async def wait_status(c: httpx.AsyncClient, job_id: str, **want: object) -> dict[str, Any]:
+    """The job's status once every field in `want` has its value (10 s at most)."""
+    for _ in range(200):
+        body: dict[str, Any] = (await c.get(f"/v1/jobs/{job_id}")).json()
+        if all(body.get(k) == v for k, v in want.items()):
+            return body
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"job never reached {want}: {body}")

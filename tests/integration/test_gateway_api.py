@@ -24,7 +24,7 @@ from tagpipe_common.streams import StreamPolicy, ensure_streams
 from tagpipe_common.subjects import Lane, Stage, stage_names
 from tagpipe_gateway.submit import item_id_for
 
-from tests.integration.gateway_kit import gateway_client
+from tests.integration.gateway_kit import gateway_client, pull_tasks, wait_status
 
 pytestmark = pytest.mark.integration
 
@@ -52,25 +52,6 @@ async def client(
 ) -> AsyncIterator[httpx.AsyncClient]:
     async with gateway(nats_proc, redis_proc) as c:
         yield c
-
-
-async def pull_tasks(js: JetStreamContext, lane: Lane, n: int) -> list[DownloadTask]:
-    sub = await js.pull_subscribe(DOWNLOAD.subject(lane), durable=DOWNLOAD.consumer(lane))
-    tasks: list[DownloadTask] = []
-    while len(tasks) < n:
-        for msg in await sub.fetch(n - len(tasks), timeout=5):
-            tasks.append(DownloadTask.from_json(msg.data))
-            await msg.ack()
-    return tasks
-
-
-async def wait_status(c: httpx.AsyncClient, job_id: str, **want: object) -> dict[str, object]:
-    for _ in range(100):
-        body: dict[str, object] = (await c.get(f"/v1/jobs/{job_id}")).json()
-        if all(body.get(k) == v for k, v in want.items()):
-            return body
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"job never reached {want}: {body}")
 
 
 def ok_result(task: DownloadTask, label: str = "tabby") -> TagResult:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
 
 import httpx
 import pytest
@@ -22,7 +21,7 @@ from tagpipe_common.messages import DownloadTask, Tag, TagResult
 from tagpipe_common.results import ResultStore
 from tagpipe_common.subjects import Lane, Stage, stage_names
 
-from tests.integration.gateway_kit import gateway_client
+from tests.integration.gateway_kit import gateway_client, pull_tasks, wait_status
 
 pytestmark = pytest.mark.integration
 
@@ -36,25 +35,6 @@ async def client(
     fast = {"backlog_cache_s": 0, "bulk_batch_size": 4, "realtime_timeout_s": 0.5}
     async with gateway_client(nats_proc, redis_proc, ["end-key-0123"], **fast) as c:
         yield c
-
-
-async def pull_tasks(js: JetStreamContext, n: int) -> list[DownloadTask]:
-    sub = await js.pull_subscribe(DOWNLOAD.subject(Lane.BULK), durable=DOWNLOAD.consumer(Lane.BULK))
-    tasks: list[DownloadTask] = []
-    while len(tasks) < n:
-        for msg in await sub.fetch(n - len(tasks), timeout=5):
-            tasks.append(DownloadTask.from_json(msg.data))
-            await msg.ack()
-    return tasks
-
-
-async def wait_status(c: httpx.AsyncClient, job_id: str, **want: object) -> dict[str, Any]:
-    for _ in range(200):
-        body: dict[str, Any] = (await c.get(f"/v1/jobs/{job_id}")).json()
-        if all(body.get(k) == v for k, v in want.items()):
-            return body
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"job never reached {want}: {body}")
 
 
 def ok(task: DownloadTask) -> TagResult:
@@ -71,7 +51,7 @@ async def test_a_cancelled_job_ends_like_a_completed_one(
     urls = [f"http://img.example/{i}.jpg" for i in range(4)]
     job_id = (await client.post("/v1/jobs", json=urls)).json()["job_id"]
     await wait_status(client, job_id, submitted=4, state="running")
-    tasks = await pull_tasks(js, 4)
+    tasks = await pull_tasks(js, Lane.BULK, 4)
     await store.record_many([ok(t) for t in tasks[:2]])
 
     settling = (await client.delete(f"/v1/jobs/{job_id}")).json()
@@ -96,7 +76,7 @@ async def test_cancelling_a_job_whose_items_all_settled_ends_it_at_once(
 ) -> None:
     job_id = (await client.post("/v1/jobs", json=["http://img.example/a.jpg"])).json()["job_id"]
     await wait_status(client, job_id, submitted=1, state="running")
-    (task,) = await pull_tasks(js, 1)
+    (task,) = await pull_tasks(js, Lane.BULK, 1)
     # The item settles while the job still reads `submitting` (a gateway resuming it):
     # the ResultStore only completes running jobs, so the cancel has to end it.
     await redis.hset(RedisKeys().job(job_id), "state", "submitting")  # type: ignore[misc]
