@@ -370,3 +370,12 @@ async def test_follow_streams_results_until_the_job_is_over(
     r = await client.get(f"/v1/jobs/{job_id}/results", params={"follow": 3600})
     await later
     assert sorted(json.loads(x)["source"] for x in r.text.splitlines()) == sorted(urls)
+
+
+async def test_a_multipart_job_without_its_file_part_is_a_422_naming_it(
+    client: httpx.AsyncClient,
+) -> None:
+    r = await client.post("/v1/jobs", files={"other": ("x.txt", b"http://ok/a.jpg\n")})
+    assert r.status_code == 422, r.text
+    assert r.headers["content-type"] == "application/problem+json"
+    assert [e["field"] for e in r.json()["errors"]] == ["body.file"]

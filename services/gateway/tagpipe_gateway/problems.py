@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import uuid
 from enum import StrEnum
-from typing import Any
+from typing import Any, NoReturn
 
 import nats.errors
 import nats.js.errors
@@ -179,6 +179,11 @@ _NATS_DOWN = (
     *(e for e in TRANSIENT_NATS_ERRORS if issubclass(e, nats.errors.Error)),
     nats.js.errors.NoStreamResponseError,
 )
+
+
+def field_error(field: tuple[str | int, ...], message: str, kind: str = "value_error") -> NoReturn:
+    """A 422 naming one field, in the same shape as FastAPI's own validation errors."""
+    raise RequestValidationError([{"loc": field, "msg": message, "type": kind}])
 
 
 def install_handlers(app: FastAPI) -> None:

@@ -16,7 +16,7 @@ from tagpipe_gateway.deps import PrincipalDep, RuntimeDep
 from tagpipe_gateway.intake import NDJSON_TYPES, Spool, spool_json_array, spool_ndjson
 from tagpipe_gateway.jobs import FINAL_STATES
 from tagpipe_gateway.openapi import ref
-from tagpipe_gateway.problems import ProblemCode, ProblemError, problem_responses
+from tagpipe_gateway.problems import ProblemCode, ProblemError, field_error, problem_responses
 from tagpipe_gateway.runtime import Runtime
 from tagpipe_gateway.schemas import (
     JobCreated,
@@ -99,13 +99,7 @@ async def _body_chunks(request: Request) -> AsyncIterator[bytes]:
         form = await request.form(max_files=1)
         upload = form.get("file")
         if upload is None or isinstance(upload, str):
-            raise ProblemError(
-                422,
-                ProblemCode.VALIDATION_ERROR,
-                "Request validation failed",
-                "invalid field(s): body.file",
-                errors=[{"field": "body.file", "message": "a `file` part is required"}],
-            )
+            field_error(("body", "file"), "a `file` part is required", "missing")
         while chunk := await upload.read(1 << 16):
             yield chunk
         return
@@ -239,13 +233,7 @@ CursorQuery = Annotated[
 
 def _check_cursor(cursor: str | None) -> None:
     if cursor is not None and not _CURSOR.match(cursor):
-        raise ProblemError(
-            422,
-            ProblemCode.VALIDATION_ERROR,
-            "Request validation failed",
-            "invalid field(s): query.cursor",
-            errors=[{"field": "query.cursor", "message": "not a cursor from this API"}],
-        )
+        field_error(("query", "cursor"), "not a cursor from this API")
 
 
 @router.get(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -21,6 +21,7 @@ from tagpipe_gateway.openapi import ref
 from tagpipe_gateway.problems import (
     ProblemCode,
     ProblemError,
+    field_error,
     problem_responses,
     request_id_of,
 )
@@ -76,10 +77,6 @@ async def _read_limited(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def _field_error(field: tuple[str | int, ...], message: str, kind: str = "value_error") -> NoReturn:
-    raise RequestValidationError([{"loc": field, "msg": message, "type": kind}])
-
-
 async def _parse_json(request: Request, rt: Runtime) -> tuple[list[str], TaskOptions]:
     raw = await _read_limited(request, 1024 * 1024)
     try:
@@ -91,7 +88,7 @@ async def _parse_json(request: Request, rt: Runtime) -> tuple[list[str], TaskOpt
     located = req.located_urls()
     urls = [url for _, url in located]
     if not urls:
-        _field_error(("body", "url"), "give `url` or a non-empty `urls`", "missing")
+        field_error(("body", "url"), "give `url` or a non-empty `urls`", "missing")
     limit = rt.settings.max_urls_per_request
     if len(urls) > limit:
         raise ProblemError(
@@ -103,7 +100,7 @@ async def _parse_json(request: Request, rt: Runtime) -> tuple[list[str], TaskOpt
         )
     for loc, url in located:
         if (why := check_url(url, rt.settings.max_url_length)) is not None:
-            _field_error(loc, why)
+            field_error(loc, why)
     return urls, req.options()
 
 
@@ -114,7 +111,7 @@ async def _parse_uploads(request: Request, rt: Runtime) -> list[bytes]:
         form = await request.form(max_files=rt.settings.max_urls_per_request)
         files = [f for f in form.getlist("file") if not isinstance(f, str)]
         if not files:
-            _field_error(("body", "file"), "a multipart upload needs a `file` part", "missing")
+            field_error(("body", "file"), "a multipart upload needs a `file` part", "missing")
         blobs = []
         for f in files:
             data = await f.read(limit + 1)
@@ -124,7 +121,7 @@ async def _parse_uploads(request: Request, rt: Runtime) -> list[bytes]:
         return blobs
     data = await _read_limited(request, limit)
     if not data:
-        _field_error(("body",), "the upload is empty", "missing")
+        field_error(("body",), "the upload is empty", "missing")
     return [data]
 
 
@@ -200,7 +197,7 @@ def _deadline_s(rt: Runtime, timeout_ms: int | None) -> float:
     if timeout_ms is None:
         return most
     if timeout_ms > most * 1000:
-        _field_error(("query", "timeout_ms"), f"at most {most * 1000:.0f} ms on this gateway")
+        field_error(("query", "timeout_ms"), f"at most {most * 1000:.0f} ms on this gateway")
     return timeout_ms / 1000.0
 
 
