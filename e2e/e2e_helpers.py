@@ -153,3 +153,27 @@ class OperatorProcess:
 
     def tail(self, n: int = 40) -> str:
         return "\n".join(self.lines()[-n:])
+
+
+def tagpipeline(
+    name: str,
+    nats_url: str,
+    prefix: str,
+    downloader: dict[str, Any],
+    inference: dict[str, Any] | None = None,
+    policy: str = "Delete",
+) -> dict[str, Any]:
+    """A CPU TagPipeline whose tests differ in the stages' specs only."""
+    return {
+        "apiVersion": "tagpipe.io/v1alpha1",
+        "kind": "TagPipeline",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"name": "m", "version": "1", "storageUri": "pvc://models/m"},
+            "nats": {"url": nats_url, "prefix": prefix},
+            "redis": {"url": "redis://redis:6379/0"},
+            "inference": {"gpu": 0, **(inference or {})},
+            "downloader": downloader,
+            "deletionPolicy": policy,
+        },
+    }

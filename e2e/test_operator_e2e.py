@@ -19,6 +19,7 @@ from e2e_helpers import (
     conditions,
     eventually,
     run,
+    tagpipeline,
     token_kubeconfig,
 )
 from nats.aio.client import Client
@@ -33,26 +34,15 @@ STAGES = ("gateway", "downloader", "inference")
 def pipeline(name: str, nats_url: str, prefix: str, policy: str = "Delete") -> dict[str, Any]:
     """A small CPU pipeline; the downloader scales 1..6 at 50 messages per replica."""
     fast = {"scaleUpStabilizationSeconds": 0, "scaleDownStabilizationSeconds": 5}
-    return {
-        "apiVersion": "tagpipe.io/v1alpha1",
-        "kind": "TagPipeline",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {"name": "m", "version": "1", "storageUri": "pvc://models/m"},
-            "nats": {"url": nats_url, "prefix": prefix},
-            "redis": {"url": "redis://redis:6379/0"},
-            "inference": {"gpu": 0, "autoscaling": fast},
-            "downloader": {
-                "replicas": {"min": 1, "max": 6},
-                "autoscaling": {
-                    **fast,
-                    "targetBacklogPerReplica": 50,
-                    "scaleUpPolicies": [{"type": "Pods", "value": 10, "periodSeconds": 1}],
-                },
-            },
-            "deletionPolicy": policy,
+    downloader = {
+        "replicas": {"min": 1, "max": 6},
+        "autoscaling": {
+            **fast,
+            "targetBacklogPerReplica": 50,
+            "scaleUpPolicies": [{"type": "Pods", "value": 10, "periodSeconds": 1}],
         },
     }
+    return tagpipeline(name, nats_url, prefix, downloader, {"autoscaling": fast}, policy)
 
 
 async def create(kube: KubeClient, ns: str, body: dict[str, Any]) -> dict[str, Any]:

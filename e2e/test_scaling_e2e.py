@@ -19,7 +19,7 @@ from collections import deque
 from functools import partial
 from typing import Any
 
-from e2e_helpers import TP_PATH, OperatorProcess, eventually
+from e2e_helpers import TP_PATH, OperatorProcess, eventually, tagpipeline
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
@@ -30,32 +30,21 @@ HELD = 80  # messages the stand-in worker keeps in service
 
 
 def pipeline(name: str, nats_url: str, prefix: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "tagpipe.io/v1alpha1",
-        "kind": "TagPipeline",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {"name": "m", "version": "1", "storageUri": "pvc://models/m"},
-            "nats": {"url": nats_url, "prefix": prefix},
-            "redis": {"url": "redis://redis:6379/0"},
-            "inference": {"gpu": 0},
-            "downloader": {
-                "replicas": {"min": 2, "max": 50},
-                "limits": {"concurrency": 2},
-                "autoscaling": {
-                    "targetBacklogPerReplica": 1000,
-                    "targetUtilization": 1.0,
-                    "rateWindowSeconds": 5,
-                    "scaleUpPolicies": [
-                        {"type": "Pods", "value": 1, "periodSeconds": 60},
-                        {"type": "Percent", "value": 400, "periodSeconds": 60},
-                    ],
-                    "scaleUpSelectPolicy": "Max",
-                },
-            },
-            "deletionPolicy": "Delete",
+    downloader = {
+        "replicas": {"min": 2, "max": 50},
+        "limits": {"concurrency": 2},
+        "autoscaling": {
+            "targetBacklogPerReplica": 1000,
+            "targetUtilization": 1.0,
+            "rateWindowSeconds": 5,
+            "scaleUpPolicies": [
+                {"type": "Pods", "value": 1, "periodSeconds": 60},
+                {"type": "Percent", "value": 400, "periodSeconds": 60},
+            ],
+            "scaleUpSelectPolicy": "Max",
         },
     }
+    return tagpipeline(name, nats_url, prefix, downloader)
 
 
 async def stand_in_worker(nc: Client, prefix: str, stop: asyncio.Event) -> None:
