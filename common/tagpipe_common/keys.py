@@ -17,6 +17,8 @@
 - `{p}:pulse:{stage}:{worker}`, `{p}:pulse:{stage}`: a worker's last pulse (a hash with a
   TTL) and the stage's workers scored by their last beat (pulse.py).
 - `{p}:jobs:recent`: the newest job ids scored by creation time (the live view's job list).
+- `{p}:tagcache:{model}:{sha256}`: the tags one model identity gave these exact bytes
+  (tagcache.py), with a TTL: the content-addressed dedupe.
 """
 
 from __future__ import annotations
@@ -80,6 +82,11 @@ class RedisKeys:
     @property
     def recent_jobs(self) -> str:
         return f"{self.prefix}:jobs:recent"
+
+    def tag_cache(self, model: str, digest: str) -> str:
+        """Tags of the bytes whose sha256 is `digest`, from the model `model` names
+        (name, version and file checksum: tagcache.ModelIdentity.key)."""
+        return f"{self.prefix}:tagcache:{model}:{digest}"
 
 
 # Job hash fields, shared by the writer (Lua in results.py) and the readers.

@@ -160,6 +160,9 @@ class InferenceTask(ItemRef):
     options: TaskOptions = Field(default_factory=TaskOptions)
     timings: StageTimings = Field(default_factory=StageTimings)
     enqueued_at: float = Field(default_factory=now)
+    # sha256 of the downloaded bytes when the downloader's dedupe is on: inference
+    # then remembers the tags under it (tagcache.py). None: nothing is cached.
+    content_sha256: str | None = None
     pixels: bytes = Field(default=b"", exclude=True, repr=False)
 
     @model_validator(mode="after")
@@ -208,6 +211,11 @@ class TagResult(ItemRef):
     source: str | None = None
     timings: StageTimings = Field(default_factory=StageTimings)
     finished_at: float = Field(default_factory=now)
+    cached: bool = Field(
+        False,
+        description="The tags `model_version` gave byte-identical content lately "
+        "(tagcache.py), served without inference",
+    )
 
     @model_validator(mode="after")
     def _error_has_code(self) -> Self:

@@ -5,13 +5,17 @@ Exactly-once results on top of at-least-once delivery: a Lua script does
 job's result stream and publishes the notification, all atomically. A
 redelivered item (worker killed after the write, before the ack) therefore
 cannot produce a second result, count twice, or notify twice.
+
+With replicas (Sentinel), `durability` adds a WAIT to the same round trip: a batch
+counts as stored (and its messages are acked) only once enough replicas have it, so
+a promoted replica cannot lack a result whose message is gone.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
 from redis.asyncio import Redis
@@ -20,6 +24,8 @@ from tagpipe_common import keys as K
 from tagpipe_common.errors import ErrorCode
 from tagpipe_common.keys import RedisKeys
 from tagpipe_common.messages import TagResult
+from tagpipe_common.redis_io import Durability
+from tagpipe_common.settings import CommonSettings
 
 # KEYS: result, [job hash, job results stream]
 # ARGV: payload, ttl_s, counter field, notify channel ('' for none), notify payload
@@ -61,6 +67,13 @@ class ResultStore:
     redis: Redis
     keys: RedisKeys
     ttl_s: int = 86400
+    durability: Durability = field(default_factory=Durability)
+
+    @classmethod
+    def for_settings(cls, redis: Redis, settings: CommonSettings) -> ResultStore:
+        """The store every service uses: its prefix, TTL and WAIT policy from settings."""
+        keys = RedisKeys(settings.prefix)
+        return cls(redis, keys, settings.result_ttl_s, settings.redis_durability())
 
     def __post_init__(self) -> None:
         self._record = self.redis.register_script(_RECORD_LUA)
@@ -77,7 +90,8 @@ class ResultStore:
             for r in results:
                 keys_, args = self._script_args(r)
                 await self._record(keys=keys_, args=args, client=pipe)
-            replies = await pipe.execute()
+            self.durability.queue(pipe)
+            replies = self.durability.check(await pipe.execute())
         return [bool(x) for x in replies]
 
     def _script_args(self, r: TagResult) -> tuple[list[str], list[str | int | float]]:

@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from tagpipe_common.redis_io import Durability, check_redis_url, is_sentinel
+
 ENV_PREFIX = "TAGPIPE_"
 
 
@@ -21,7 +23,17 @@ class CommonSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
     nats_url: str = Field("nats://127.0.0.1:4222", description="NATS server(s), comma-separated")
-    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL")
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="Redis: redis://host:port/db, or redis+sentinel://h1:p,h2:p,h3:p/service/db",
+    )
+    # WAIT after writes that must survive a failover (redis_io.Durability): how many
+    # replicas must have them (unset: 1 with Sentinel, 0 with one server) and how long
+    # to wait before the write counts as failed and is retried.
+    redis_wait_replicas: Annotated[int | None, Field(ge=0, le=10)] = None
+    redis_wait_timeout_ms: Annotated[int, Field(ge=10, le=60_000)] = 1000
+    # How long start-up waits for Redis (or a Sentinel to name the primary) before exit 2.
+    redis_startup_timeout_s: Annotated[float, Field(gt=0, le=600)] = 15.0
     prefix: Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,30}$")] = "tagpipe"
     result_ttl_s: Annotated[int, Field(ge=60, le=30 * 86400)] = 86400
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -48,9 +60,13 @@ class CommonSettings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, v: str) -> str:
-        if not v.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"{v!r} is not a redis://, rediss:// or unix:// URL")
-        return v
+        return check_redis_url(v)
+
+    def redis_durability(self) -> Durability:
+        replicas = self.redis_wait_replicas
+        if replicas is None:
+            replicas = 1 if is_sentinel(self.redis_url) else 0
+        return Durability(replicas, self.redis_wait_timeout_ms, f"{self.prefix}:wait-fence")
 
     @property
     def nats_servers(self) -> list[str]:

@@ -16,10 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 from prometheus_client import start_http_server
-from redis.asyncio import Redis
 from tagpipe_common import telemetry
 from tagpipe_common.nats_io import close_nats, connect_nats
 from tagpipe_common.pulse import beating
+from tagpipe_common.redis_io import connect_redis, require_redis
 from tagpipe_common.settings import load_settings
 from tagpipe_common.subjects import Stage
 
@@ -59,7 +59,7 @@ def health_app(worker: DownloadWorker) -> web.Application:
 
 async def serve(settings: DownloaderSettings) -> None:
     nc = await connect_nats(settings.nats_servers, "tagpipe-downloader")
-    redis_client = Redis.from_url(settings.redis_url)
+    redis_client = connect_redis(settings.redis_url)
     pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")
     runner: web.AppRunner | None = None
     try:
@@ -94,6 +94,7 @@ def main() -> None:
     except (OSError, ValueError) as exc:
         print(f"DownloaderSettings: cannot read the model manifest: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    require_redis(settings.redis_url, "DownloaderSettings", settings.redis_startup_timeout_s)
     telemetry.setup_logging("downloader", settings.log_level, settings.log_json)
     telemetry.setup_tracing("tagpipe-downloader")
     # Hostile and sloppy images make Pillow warn (corrupt EXIF, pixel counts

@@ -7,8 +7,13 @@ from tagpipe_common.messages import StageTimings
 
 ITEMS = Counter(
     "tagpipe_downloader_items_total",
-    "Items finished here, by lane and outcome (published, or the error code)",
+    "Items finished here, by lane and outcome (published, cached, or the error code)",
     ["lane", "outcome"],
+)
+DEDUPE = Counter(
+    "tagpipe_downloader_dedupe_total",
+    "Tag cache look-ups of downloaded bytes (content dedupe), by result: hit or miss",
+    ["result"],
 )
 RETRIES = Counter(
     "tagpipe_downloader_naks_total",

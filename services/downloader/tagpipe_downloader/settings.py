@@ -75,6 +75,13 @@ class DownloaderSettings(CommonSettings):
     # tier's GPU to decode (forward.py); cpu: decode and crop here.
     decode: Literal["cpu", "gpu"] = "cpu"
 
+    # Answer bytes this model version tagged within TAGPIPE_CONTENT_DEDUPE_TTL_S
+    # from the tag cache (dedupe.py). Off by default: `cached: true` and the
+    # quicker answer tell a caller that someone tagged the same bytes lately,
+    # which a multi-tenant deployment may not want, and the cache costs Redis
+    # memory to size first (docs/architecture.md, "Content-addressed dedupe").
+    content_dedupe: bool = False
+
     # Model geometry: from the manifest when given, else 256/224/bicubic.
     model_dir: Path | None = None
     manifest_path: Path | None = None

@@ -91,7 +91,7 @@ class DownloadWorker:
         self.js: JetStreamContext = nc.jetstream()
         self.redis = redis_client
         self.keys = RedisKeys(settings.prefix)
-        self.store = ResultStore(redis_client, self.keys, ttl_s=settings.result_ttl_s)
+        self.store = ResultStore.for_settings(redis_client, settings)
         self.deadlines = ItemDeadlines(redis_client, self.keys, settings.item_deadline_s)
         self.fetcher = fetcher
         self.pool = pool

@@ -10,6 +10,7 @@ from nats.js.client import JetStreamContext
 from redis.asyncio import Redis
 from tagpipe_common.keys import RedisKeys
 from tagpipe_common.nats_io import connect_nats
+from tagpipe_common.redis_io import connect_redis
 from tagpipe_common.results import ResultStore
 
 from tagpipe_gateway.auth import ApiKeys
@@ -39,9 +40,9 @@ class Runtime:
     async def start(cls, settings: GatewaySettings, api_keys: ApiKeys) -> Runtime:
         nc = await connect_nats(settings.nats_servers, "tagpipe-gateway")
         js = nc.jetstream()
-        redis = Redis.from_url(settings.redis_url, health_check_interval=10)
+        redis = connect_redis(settings.redis_url, health_check_interval=10)
         keys = RedisKeys(settings.prefix)
-        store = ResultStore(redis, keys, ttl_s=settings.result_ttl_s)
+        store = ResultStore.for_settings(redis, settings)
         publisher = Publisher(js, settings.prefix)
         backlog = BacklogCache(
             js, settings.prefix, settings.backlog_cache_s, settings.drain_rate_window_s

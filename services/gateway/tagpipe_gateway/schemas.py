@@ -61,6 +61,11 @@ class ItemResult(BaseModel):
     model: str | None = None
     model_version: str | None = None
     timings: StageTimings | None = None
+    cached: bool = Field(
+        False,
+        description="The tags `model_version` gave byte-identical content lately, "
+        "served from the content cache without inference (TAGPIPE_CONTENT_DEDUPE)",
+    )
 
     @classmethod
     def of(cls, index: int, item_id: str, source: str, result: TagResult | None) -> ItemResult:
@@ -77,6 +82,7 @@ class ItemResult(BaseModel):
             model=result.model,
             model_version=result.model_version,
             timings=result.timings,
+            cached=result.cached,
         )
 
 

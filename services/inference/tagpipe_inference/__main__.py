@@ -14,10 +14,9 @@ import signal
 import sys
 
 from prometheus_client import start_http_server
-from redis.asyncio import Redis
-from tagpipe_common.keys import RedisKeys
 from tagpipe_common.nats_io import close_nats, connect_nats
 from tagpipe_common.pulse import beating
+from tagpipe_common.redis_io import connect_redis, require_redis
 from tagpipe_common.results import ResultStore
 from tagpipe_common.settings import load_settings
 from tagpipe_common.subjects import Stage
@@ -48,8 +47,8 @@ def load(settings: InferenceSettings) -> Model:
 
 async def serve(settings: InferenceSettings, model: Model, decoder: BatchDecoder) -> None:
     nc = await connect_nats(settings.nats_servers, "tagpipe-inference")
-    redis = Redis.from_url(settings.redis_url)
-    store = ResultStore(redis, RedisKeys(settings.prefix), ttl_s=settings.result_ttl_s)
+    redis = connect_redis(settings.redis_url)
+    store = ResultStore.for_settings(redis, settings)
     worker = InferenceWorker(settings, model, nc.jetstream(), store, decoder)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -79,6 +78,7 @@ async def serve(settings: InferenceSettings, model: Model, decoder: BatchDecoder
 
 def main() -> None:
     settings = load_settings(InferenceSettings)
+    require_redis(settings.redis_url, "InferenceSettings", settings.redis_startup_timeout_s)
     setup_logging("inference", settings.log_level, settings.log_json)
     setup_tracing("tagpipe-inference")
     if settings.metrics_port:

@@ -33,6 +33,7 @@ from tagpipe_common.outage import TRANSIENT_NATS_ERRORS, Outage, is_transient
 from tagpipe_common.results import ResultStore
 from tagpipe_common.streams import is_final_delivery
 from tagpipe_common.subjects import LANES, Stage, stage_names
+from tagpipe_common.tagcache import CacheEntry, ModelIdentity, TagCache
 from tagpipe_common.telemetry import log_item_timings
 
 from tagpipe_inference import metrics
@@ -54,6 +55,7 @@ class Batch:
     good: list[tuple[Msg, Decoded]] = field(default_factory=list)
     bad: list[tuple[Msg, Rejected]] = field(default_factory=list)
     expired: list[tuple[Msg, Decoded]] = field(default_factory=list)  # caller gave up
+    remember: list[CacheEntry] = field(default_factory=list)  # tags for the content cache
     trace: BatchTrace = field(default_factory=BatchTrace)
 
 
@@ -77,6 +79,8 @@ class InferenceWorker:
         self.decoder = decoder or self._cpu_decoder
         self.js = js
         self.store = store
+        ttl = settings.content_dedupe_ttl_s
+        self.cache = TagCache(store.redis, store.keys, ModelIdentity.of(model.manifest), ttl)
         self.batches = 0  # batches that reached the model (tests assert on it)
         self.items = 0
         self.duplicates = 0
@@ -208,6 +212,7 @@ class InferenceWorker:
             results += ok
         if results:
             await self._store([r for _, r in results], batch.msgs, batch.trace)
+        await self._remember(batch.remember)
         if self.settings.crash_before_ack:
             os._exit(3)  # test hook: results are stored, acks never sent
         for m, r in results:
@@ -286,7 +291,18 @@ class InferenceWorker:
                 finished_at=done,
             )
             out.append((m, result))
+            if d.task.content_sha256 is not None:  # the downloader dedupes: keep unfiltered tags
+                full = tags if opts.min_score == 0 else self.model.top_k(row, opts.top_k)
+                batch.remember.append(CacheEntry(d.task.content_sha256, opts.top_k, full))
         return out, []
+
+    async def _remember(self, entries: list[CacheEntry]) -> None:
+        """After the results are stored: a lost entry only costs a later cache miss,
+        so Redis trouble here is logged, never retried, never fails the batch."""
+        try:
+            await self.cache.put_many(entries)
+        except (RedisError, OSError) as exc:
+            log.warning("tag cache not updated for %d items: %s", len(entries), exc)
 
     def _timed_run(self, x: F32) -> tuple[F32, float, float]:
         # Timed on the session thread: time queued behind the previous batch is not inference.

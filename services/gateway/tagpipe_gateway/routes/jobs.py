@@ -203,6 +203,7 @@ async def submit_job(
     if idem is not None:
         await rt.redis.expire(idem, rt.settings.job_ttl_s)
     await rt.jobs.submit(job_id)
+    await rt.store.durability.confirm(rt.redis)  # a 202 survives the primary's loss
     status = await rt.jobs.status(job_id)
     assert status is not None
     return _created(status, reused=False)

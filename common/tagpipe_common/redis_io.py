@@ -1,0 +1,239 @@
+"""Connecting to Redis the same way everywhere: one server, or a primary Sentinel watches.
+
+`TAGPIPE_REDIS_URL` takes one of two forms:
+
+- `redis://[user:password@]host:6379/0` (`rediss://` for TLS, `unix://` a socket): one
+  server, as redis-py's `from_url` reads it;
+- `redis+sentinel://[user:password@]h1:26379,h2:26379,h3:26379/<service>/<db>`
+  (`rediss+sentinel://` for TLS to the data nodes): the primary of `<service>` as the
+  sentinels name it. The credentials are the data nodes'; sentinels that need their own
+  password take `?sentinel_password=...`.
+
+Clients come from redis-py's own Sentinel support: each new connection asks the
+sentinels for the primary, and a connection that finds its server gone (or demoted:
+READONLY) is dropped, so the next command goes to the promoted replica. The callers'
+retry loops (outage.py) ride the seconds in between.
+
+`Durability` is the WAIT after writes that must not be lost (see `docs/operations.md`).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import redis
+import redis.asyncio
+import redis.asyncio.retry
+import redis.asyncio.sentinel
+import redis.retry
+import redis.sentinel
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+
+PLAIN_SCHEMES = ("redis://", "rediss://", "unix://")
+SENTINEL_SCHEMES = ("redis+sentinel://", "rediss+sentinel://")
+SETTING = "TAGPIPE_REDIS_URL"
+
+# A dead server must fail fast (the caller's loop backs off and retries), never block
+# a worker or a real-time request for long.
+_CONNECT_TIMEOUT_S = 2.0
+_SENTINEL_TIMEOUT_S = 1.0
+
+
+class NotReplicated(redis.exceptions.ConnectionError):
+    """WAIT timed out before enough replicas had the writes.
+
+    A ConnectionError on purpose: every caller already treats that as "Redis cannot
+    take this write durably right now" (retry with backoff, hold the message, answer
+    503), which is exactly what a write that might not survive a failover needs.
+    """
+
+
+@dataclass(frozen=True)
+class SentinelTarget:
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    sentinel_password: str | None = None
+    ssl: bool = False
+
+
+def is_sentinel(url: str) -> bool:
+    return url.startswith(SENTINEL_SCHEMES)
+
+
+def parse_sentinel_url(url: str) -> SentinelTarget:
+    """The parts of a `redis+sentinel://` URL; ValueError naming what is wrong."""
+    parts = urlsplit(url)
+    hosts = parts.netloc.rpartition("@")[2]
+    sentinels = []
+    for entry in filter(None, hosts.split(",")):
+        host, _, port = entry.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"sentinel address {entry!r} is not host:port")
+        sentinels.append((host.strip("[]"), int(port)))
+    if not sentinels:
+        raise ValueError("no sentinel host:port before the path")
+    path = [p for p in parts.path.split("/") if p]
+    if not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
+        raise ValueError("the path must be /<service name>[/<db number>], e.g. /mymaster/0")
+    query = parse_qs(parts.query)
+    return SentinelTarget(
+        sentinels=tuple(sentinels),
+        service=unquote(path[0]),
+        db=int(path[1]) if len(path) == 2 else 0,
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password else None,
+        sentinel_password=query.get("sentinel_password", [None])[0],
+        ssl=url.startswith("rediss+"),
+    )
+
+
+def check_redis_url(url: str) -> str:
+    """The settings validator: a plain URL redis-py reads, or a well-formed Sentinel one."""
+    if is_sentinel(url):
+        parse_sentinel_url(url)
+        return url
+    if not url.startswith(PLAIN_SCHEMES):
+        raise ValueError(
+            f"{redacted(url)!r} is not a redis://, rediss://, unix:// or redis+sentinel:// URL"
+        )
+    return url
+
+
+def redacted(url: str) -> str:
+    """The URL with its password replaced, for logs and error lines."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    return url.replace(f":{parts.password}@", ":***@", 1)
+
+
+def _connection_kwargs(target: SentinelTarget | None) -> dict[str, Any]:
+    kw: dict[str, Any] = {"socket_connect_timeout": _CONNECT_TIMEOUT_S, "socket_keepalive": True}
+    if target is not None:
+        kw.update(db=target.db, username=target.username, password=target.password)
+        if target.ssl:
+            kw["ssl"] = True
+    return kw
+
+
+def _sentinel_kwargs(target: SentinelTarget, retry: Any) -> dict[str, Any]:
+    # One try per sentinel per discovery, with a short timeout: a dead sentinel is
+    # skipped for the next one instead of retried with redis-py's default backoff.
+    return {
+        "socket_timeout": _SENTINEL_TIMEOUT_S,
+        "socket_connect_timeout": _SENTINEL_TIMEOUT_S,
+        "password": target.sentinel_password,
+        "retry": retry,
+    }
+
+
+def connect_redis(url: str, **kwargs: Any) -> redis.asyncio.Redis:
+    """An asyncio client for either form of the URL (no I/O until the first command)."""
+    retry = redis.asyncio.retry.Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.05), 3)
+    if not is_sentinel(url):
+        return redis.asyncio.Redis.from_url(url, **_connection_kwargs(None), retry=retry, **kwargs)
+    target = parse_sentinel_url(url)
+    sentinel = redis.asyncio.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+        list(target.sentinels),
+        sentinel_kwargs=_sentinel_kwargs(target, redis.asyncio.retry.Retry(NoBackoff(), 0)),
+    )
+    client: redis.asyncio.Redis = sentinel.master_for(
+        target.service, **_connection_kwargs(target), retry=retry, **kwargs
+    )
+    return client
+
+
+def connect_redis_sync(url: str, **kwargs: Any) -> redis.Redis:
+    """The blocking client for either form (the CLI, tests, start-up checks)."""
+    retry = redis.retry.Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.05), 3)
+    if not is_sentinel(url):
+        return redis.Redis.from_url(url, **_connection_kwargs(None), retry=retry, **kwargs)
+    target = parse_sentinel_url(url)
+    sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+        list(target.sentinels),
+        sentinel_kwargs=_sentinel_kwargs(target, redis.retry.Retry(NoBackoff(), 0)),
+    )
+    client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+        target.service, **_connection_kwargs(target), retry=retry, **kwargs
+    )
+    return client
+
+
+def require_redis(url: str, label: str, timeout_s: float = 10.0) -> None:
+    """Start-up check: the primary answers a PING within `timeout_s`, or the process
+    stops with exit status 2 and one line naming the setting.
+
+    A typo'd host or a Sentinel set that names no primary is a deployment error to
+    show at once; a Redis restarting while the process starts is ridden out by the
+    retries within `timeout_s`.
+    """
+    deadline = time.monotonic() + timeout_s
+    client = connect_redis_sync(url)
+    try:
+        while True:
+            try:
+                client.ping()
+                return
+            except (redis.RedisError, OSError) as exc:
+                if time.monotonic() >= deadline:
+                    what = "no Sentinel named a primary" if is_sentinel(url) else "no answer"
+                    line = (
+                        f"{label}: cannot reach {SETTING}={redacted(url)} within {timeout_s:g}s"
+                        f" ({what}: {type(exc).__name__}: {str(exc)[:200]})"
+                    )
+                    print(line, file=sys.stderr)
+                    raise SystemExit(2) from None
+                time.sleep(0.5)
+    finally:
+        client.close()
+
+
+@dataclass(frozen=True)
+class Durability:
+    """WAIT for `replicas` replicas (up to `timeout_ms`) after writes that must
+    survive the primary's loss. `replicas=0` (one server): no WAIT at all.
+
+    The WAIT follows an INCR of a fence key on the same connection: Redis 7 makes
+    WAIT cover only the writes of its own connection, so a retry whose script wrote
+    nothing (the result was stored on an earlier try) still waits for everything
+    written before it, that earlier write included.
+    """
+
+    replicas: int = 0
+    timeout_ms: int = 1000
+    fence_key: str = "tagpipe:wait-fence"
+
+    def queue(self, pipe: Any) -> None:
+        """Append the fence and the WAIT to a pipeline (no-op without replicas)."""
+        if self.replicas:
+            pipe.incr(self.fence_key)
+            pipe.execute_command("WAIT", self.replicas, self.timeout_ms)
+
+    def check(self, replies: Sequence[Any]) -> list[Any]:
+        """The pipeline's replies without the two `queue` added; NotReplicated if the
+        WAIT came back short."""
+        if not self.replicas:
+            return list(replies)
+        acked = int(replies[-1])
+        if acked < self.replicas:
+            raise NotReplicated(
+                f"WAIT: {acked} of {self.replicas} replicas acknowledged within "
+                f"{self.timeout_ms} ms"
+            )
+        return list(replies[:-2])
+
+    async def confirm(self, client: redis.asyncio.Redis) -> None:
+        """WAIT for everything written so far (after a write outside a pipeline)."""
+        if not self.replicas:
+            return
+        async with client.pipeline(transaction=False) as pipe:
+            self.queue(pipe)
+            self.check(await pipe.execute())
