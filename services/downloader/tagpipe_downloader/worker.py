@@ -27,7 +27,7 @@ from nats.js.client import JetStreamContext
 from redis.asyncio import Redis
 from tagpipe_common import telemetry
 from tagpipe_common.errors import ErrorCode, PermanentError, RetryableError
-from tagpipe_common.keys import JOB_STATE_CANCELLED, RedisKeys
+from tagpipe_common.keys import RedisKeys
 from tagpipe_common.messages import (
     DownloadTask,
     InferenceTask,
@@ -45,8 +45,10 @@ from tagpipe_downloader import metrics
 from tagpipe_downloader.deadline import ItemDeadlines
 from tagpipe_downloader.decode import Decoded, decode_image
 from tagpipe_downloader.decode_queue import DecodeQueue
+from tagpipe_downloader.dedupe import Dedupe
 from tagpipe_downloader.fetch import Fetcher, FetchResult
 from tagpipe_downloader.forward import decode_for_gpu
+from tagpipe_downloader.jobstates import JobStates
 from tagpipe_downloader.settings import DownloaderSettings
 
 log = logging.getLogger("tagpipe.downloader")
@@ -93,6 +95,7 @@ class DownloadWorker:
         self.keys = RedisKeys(settings.prefix)
         self.store = ResultStore.for_settings(redis_client, settings)
         self.deadlines = ItemDeadlines(redis_client, self.keys, settings.item_deadline_s)
+        self.dedupe = Dedupe.from_settings(settings, redis_client, self.keys)
         self.fetcher = fetcher
         self.pool = pool
         self.decodes = DecodeQueue(pool, settings.decode_workers)
@@ -103,7 +106,7 @@ class DownloadWorker:
         self._publishes = asyncio.Semaphore(settings.max_pending_publishes)
         self._tasks: set[asyncio.Task[None]] = set()
         self._busy = 0  # slots held; _tasks lags behind until done-callbacks run
-        self._job_states: dict[str, tuple[float, str | None]] = {}
+        self.jobs = JobStates(self.store.job_state, self._infra, settings.job_state_cache_s)
         self._stopping = asyncio.Event()
         self._flowing: set[Lane] = set()  # lanes whose last fetch returned work
         self.bound = False
@@ -260,18 +263,15 @@ class DownloadWorker:
         try:
             try:
                 _check_deadline(task, "before its download")
-                if await self._cancelled(task):
+                if task.job_id is not None and await self.jobs.cancelled(task.job_id):
                     raise PermanentError(ErrorCode.CANCELLED, "the job was cancelled")
                 data = await self._source_bytes(msg, task, timings)
                 metrics.BYTES.observe(len(data))
-                decoded = await self._decode(data, lane)
-                timings.decode_ms, timings.preprocess_ms = decoded.decode_ms, decoded.preprocess_ms
-                _check_deadline(task, "before inference")  # spare the inference tier
-                await self._infra(
-                    lambda: self._publish(task, lane, decoded, timings), self.nats_outage
-                )
-                metrics.ITEMS.labels(lane.value, "published").inc()
-                metrics.observe_timings(timings)
+                seen = await self._infra(lambda: self.dedupe.lookup(task, data, timings))
+                if seen.result is not None:  # these bytes were tagged lately: no inference
+                    await self._settle(seen.result)
+                else:
+                    await self._forward(task, lane, data, timings, seen.digest)
             except PermanentError as exc:
                 await self._fail(task, exc.code, exc.message, timings)
             except RetryableError as exc:
@@ -302,18 +302,15 @@ class DownloadWorker:
             with contextlib.suppress(Exception):
                 await msg.nak(delay=self.s.transient_nak_delay_s)
 
-    async def _cancelled(self, task: DownloadTask) -> bool:
-        if task.job_id is None:
-            return False
-        now = time.monotonic()
-        cached = self._job_states.get(task.job_id)
-        if cached is None or cached[0] < now:
-            state = await self._infra(lambda: self.store.job_state(task.job_id or ""))
-            if len(self._job_states) > 10_000:
-                self._job_states.clear()
-            cached = (now + self.s.job_state_cache_s, state)
-            self._job_states[task.job_id] = cached
-        return cached[1] == JOB_STATE_CANCELLED
+    async def _forward(
+        self, task: DownloadTask, lane: Lane, data: bytes, t: StageTimings, digest: str | None
+    ) -> None:
+        decoded = await self._decode(data, lane)
+        t.decode_ms, t.preprocess_ms = decoded.decode_ms, decoded.preprocess_ms
+        _check_deadline(task, "before inference")  # spare the inference tier
+        await self._infra(lambda: self._publish(task, lane, decoded, t, digest), self.nats_outage)
+        metrics.ITEMS.labels(lane.value, "published").inc()
+        metrics.observe_timings(t)
 
     async def _source_bytes(self, msg: Msg, task: DownloadTask, timings: StageTimings) -> bytes:
         if task.url is not None:
@@ -356,7 +353,12 @@ class DownloadWorker:
             t0 += ms / 1000
 
     async def _publish(
-        self, task: DownloadTask, lane: Lane, decoded: Decoded, timings: StageTimings
+        self,
+        task: DownloadTask,
+        lane: Lane,
+        decoded: Decoded,
+        timings: StageTimings,
+        digest: str | None = None,
     ) -> None:
         crop = (self.geometry.crop, self.geometry.crop, 3)
         out = InferenceTask(
@@ -365,6 +367,7 @@ class DownloadWorker:
             source=task.source,
             options=task.options,
             timings=timings,
+            content_sha256=digest,
             pixels=decoded.original or decoded.pixels.tobytes(),
         )
         if decoded.original is not None:
@@ -382,26 +385,23 @@ class DownloadWorker:
                 )
 
     async def _fail(self, task: DownloadTask, code: str, message: str, t: StageTimings) -> None:
+        await self._settle(TagResult.error(task, code, message, source=task.source, timings=t))
+
+    async def _settle(self, result: TagResult) -> None:
+        """Write the result of an item that ends here: an error, or tags from the cache."""
+        t, code = result.timings, result.code or "cached"
         # This is the item's last stage: its end to end ends here, as inference's does.
-        t.end_to_end_ms = round(max(0.0, time.time() - task.submitted_at) * 1000, 3)
-        result = TagResult.error(task, code, message, source=task.source, timings=t)
+        t.end_to_end_ms = round(max(0.0, time.time() - result.submitted_at) * 1000, 3)
         with self.tracer.start_as_current_span("result_write", attributes={"tagpipe.code": code}):
             first = await self._infra(lambda: self.store.record(result))
         if not first:
             # A redelivered item whose result is already stored: counted and logged once.
             log.info("result already stored (redelivery); not counted again")
             return
-        metrics.ITEMS.labels(task.lane.value, code).inc()
+        metrics.ITEMS.labels(result.lane.value, code).inc()
         metrics.observe_timings(t)
-        telemetry.log_item_timings(
-            log,
-            {
-                "status": "error",
-                "code": code,
-                "source": task.source,
-                **t.model_dump(exclude_none=True),
-            },
-        )
+        fields = {"status": result.status, "code": result.code, "source": result.source}
+        telemetry.log_item_timings(log, {**fields, **t.model_dump(exclude_none=True)})
 
     async def _drop_blob(self, task: DownloadTask) -> None:
         if task.blob_key is not None:
