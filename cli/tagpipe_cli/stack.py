@@ -30,7 +30,7 @@ import shutil
 import signal
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import httpx
@@ -38,6 +38,8 @@ import nats
 from tagpipe_common.settings import CommonSettings, load_settings
 from tagpipe_common.streams import StreamPolicy, ensure_streams
 
+from tagpipe_cli.nats_cluster import NatsCluster
+from tagpipe_cli.redis_ha import RedisSentinelSet
 from tagpipe_cli.servers import (
     ServerProcess,
     ServerStartError,
@@ -70,6 +72,11 @@ class StackConfig:
     # the downloaders and inference processes on N+1, N+2, ... (tagpipe up prints them).
     metrics_port: int | None = None
     ready_timeout_s: float = 120.0
+    # Past one node (tagpipe up --ha): a JetStream cluster of this many servers, its
+    # streams at `stream_replicas` (None: min(servers, 3)), and a Redis Sentinel set.
+    nats_servers: int = 1
+    stream_replicas: int | None = None
+    redis_sentinel: bool = False
 
 
 @dataclass
@@ -134,8 +141,11 @@ class Service:
 class Stack:
     def __init__(self, config: StackConfig | None = None) -> None:
         self.config = config or StackConfig()
+        # One server each, or (config.nats_servers > 1, config.redis_sentinel) the sets.
         self.nats: ServerProcess | None = None
         self.redis: ServerProcess | None = None
+        self.nats_cluster: NatsCluster | None = None
+        self.redis_set: RedisSentinelSet | None = None
         self.services: list[Service] = []
         self.port = self.config.port or free_port()
         self.log_dir = self.config.data_dir / "logs"
@@ -146,12 +156,43 @@ class Stack:
         return f"http://127.0.0.1:{self.port}"
 
     @property
+    def nats_url(self) -> str:
+        """TAGPIPE_NATS_URL: one server, or every server of the cluster, comma-separated."""
+        if self.nats_cluster is not None:
+            return self.nats_cluster.url
+        assert self.nats is not None
+        return self.nats.url
+
+    @property
+    def redis_url(self) -> str:
+        """TAGPIPE_REDIS_URL: one server, or the Sentinel set's redis+sentinel:// URL."""
+        if self.redis_set is not None:
+            return self.redis_set.url
+        assert self.redis is not None
+        return self.redis.url
+
+    @property
+    def server_processes(self) -> list[ServerProcess]:
+        """Every NATS and Redis process (a sentinel counts), for logs and memory reads."""
+        out = [s for s in (self.nats, self.redis) if s is not None]
+        if self.nats_cluster is not None:
+            out += self.nats_cluster.servers
+        if self.redis_set is not None:
+            out += self.redis_set.processes
+        return out
+
+    @property
+    def stream_replicas(self) -> int:
+        cfg = self.config
+        return cfg.stream_replicas or min(cfg.nats_servers, 3)
+
+    @property
     def base_env(self) -> dict[str, str]:
-        assert self.nats is not None and self.redis is not None
         env = dict(os.environ)
         env.update(
-            TAGPIPE_NATS_URL=self.nats.url,
-            TAGPIPE_REDIS_URL=self.redis.url,
+            TAGPIPE_NATS_URL=self.nats_url,
+            TAGPIPE_REDIS_URL=self.redis_url,
+            TAGPIPE_STREAM_REPLICAS=str(self.stream_replicas),
             TAGPIPE_PREFIX=self.config.prefix,
             TAGPIPE_MODEL_DIR=str(self.config.model_dir.resolve()),
         )
@@ -180,25 +221,37 @@ class Stack:
         return self
 
     def _start_servers(self) -> None:
-        self.nats = nats_server(self.config.data_dir / "nats")
-        self.redis = redis_server(self.config.data_dir / "redis")
+        cfg = self.config
+        if cfg.nats_servers > 1:
+            self.nats_cluster = NatsCluster(
+                cfg.data_dir / "nats", cfg.nats_servers, tie_to_parent=True, log_dir=self.log_dir
+            )
+            self.nats_cluster.start()
+        else:
+            self.nats = nats_server(cfg.data_dir / "nats")
+        if cfg.redis_sentinel:
+            self.redis_set = RedisSentinelSet(cfg.data_dir / "redis", tie_to_parent=True)
+            self.redis_set.start()
+        else:
+            self.redis = redis_server(cfg.data_dir / "redis")
         for srv in (self.nats, self.redis):
-            srv.tie_to_parent = True
-            srv.log_path = self.log_dir / f"{srv.name}.log"
-            srv.start()
+            if srv is not None:
+                srv.tie_to_parent = True
+                srv.log_path = self.log_dir / f"{srv.name}.log"
+                srv.start()
 
     def _ensure_streams(self) -> None:
-        assert self.nats is not None
         # The services read TAGPIPE_MAX_DELIVER etc. from the same environment, so
         # the streams must too, or a worker's "final delivery" would be a guess.
         policy = self.config.policy or StreamPolicy.from_settings(
             load_settings(CommonSettings, prefix=self.config.prefix)
         )
-        url = self.nats.url
+        policy = replace(policy, replicas=self.stream_replicas)
+        urls = self.nats_url.split(",")
 
         async def ensure() -> None:
             # A one-shot client: no reconnect callbacks, so no "disconnected" noise at close.
-            nc = await nats.connect(servers=[url], name="tagpipe-up", connect_timeout=5)
+            nc = await nats.connect(servers=urls, name="tagpipe-up", connect_timeout=5)
             try:
                 await ensure_streams(nc.jetstream(), policy)
             finally:
@@ -293,3 +346,7 @@ class Stack:
         for srv in (self.redis, self.nats):
             if srv is not None:
                 srv.stop()
+        if self.redis_set is not None:
+            self.redis_set.stop()
+        if self.nats_cluster is not None:
+            self.nats_cluster.stop()

@@ -22,6 +22,12 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--data-dir", type=Path, default=Path(".tagpipe"), help="servers' data, logs")
     p.add_argument("--fresh", action="store_true", help="wipe the data dir first")
     p.add_argument(
+        "--ha",
+        action="store_true",
+        help="past one node: 3 NATS servers (JetStream cluster, R3 streams) and a Redis "
+        "Sentinel set (primary, 2 replicas, 3 sentinels), to watch a failover locally",
+    )
+    p.add_argument(
         "--allow-cidrs",
         default="",
         help="downloader SSRF allowlist, e.g. 127.0.0.0/8 to fetch from a local server",
@@ -39,6 +45,16 @@ def print_metrics(stack: Stack) -> None:
     print("metrics (Prometheus text; `tagpipe status` for a live view):")
     for svc in stack.services:
         print(f"  {svc.name:<14} {svc.metrics_url}")
+    print("", flush=True)
+
+
+def print_servers(stack: Stack) -> None:
+    """What to kill -9 to watch a failover: every server's pid and port."""
+    print(f"NATS  {stack.nats_url}  (streams at R{stack.stream_replicas})")
+    print(f"Redis {stack.redis_url}")
+    for srv in stack.server_processes:
+        pid = srv.proc.pid if srv.proc is not None else "-"
+        print(f"  {srv.log_path.stem:<18} port {srv.port:<6} pid {pid}")
     print("", flush=True)
 
 
@@ -63,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
         allow_cidrs=args.allow_cidrs,
         fresh=args.fresh,
         metrics_port=args.metrics_port,
+        nats_servers=3 if args.ha else 1,
+        redis_sentinel=args.ha,
     )
     stack = Stack(config)
     print(f"starting tagpipe (logs in {stack.log_dir}/) ...", flush=True)
@@ -72,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"tagpipe up: {exc}")
         return 1
     print(f"tagpipe is up: {stack.gateway_url}  (Ctrl-C stops everything)", flush=True)
+    if args.ha:
+        print_servers(stack)
     print_metrics(stack)
     try:
         # A worker that dies is restarted; a crash loop stops everything (supervise.py).

@@ -14,9 +14,9 @@ from typing import Any
 
 import httpx
 import nats
-import redis
 from tagpipe_cli.stack import Service, Stack, StackConfig
 from tagpipe_common.keys import RedisKeys
+from tagpipe_common.redis_io import connect_redis_sync
 from tagpipe_common.streams import StreamPolicy
 from tagpipe_common.subjects import LANES, Stage, stage_names
 from tagpipe_gateway.submit import item_id_for
@@ -100,9 +100,9 @@ def process_rss(stack: Stack) -> dict[str, int]:
     for svc in stack.services:
         if svc.alive and svc.proc is not None:
             out[svc.name] = rss_kb(svc.proc.pid)
-    for srv in (stack.nats, stack.redis):
-        if srv is not None and srv.proc is not None and srv.proc.poll() is None:
-            out[srv.name] = rss_kb(srv.proc.pid)
+    for srv in stack.server_processes:
+        if srv.proc is not None and srv.proc.poll() is None:
+            out[f"{srv.name}-{srv.port}" if srv.name in out else srv.name] = rss_kb(srv.proc.pid)
     return out
 
 
@@ -165,11 +165,10 @@ class Accounting:
 
 def consumer_states(stack: Stack) -> dict[str, dict[str, int]]:
     """Pending / unacked / redelivered per durable consumer (for failure messages)."""
-    assert stack.nats is not None
-    url = stack.nats.url
+    urls = stack.nats_url.split(",")
 
     async def read() -> dict[str, dict[str, int]]:
-        nc = await nats.connect(url)
+        nc = await nats.connect(servers=urls)
         js, out = nc.jetstream(), {}
         try:
             for stage in Stage:
@@ -189,9 +188,8 @@ def consumer_states(stack: Stack) -> dict[str, dict[str, int]]:
 
 
 def missing_items(stack: Stack, job_id: str, n: int) -> list[str]:
-    assert stack.redis is not None
     ids = [item_id_for(job_id, f"c{i}", i) for i in range(n)]
-    r = redis.Redis.from_url(stack.redis.url)
+    r = connect_redis_sync(stack.redis_url)
     try:
         return [i for i, v in zip(ids, r.mget([KEYS.result(i) for i in ids]), strict=True) if not v]
     finally:
@@ -205,8 +203,7 @@ def account(stack: Stack, http: httpx.Client, job_id: str, submitted: int) -> Ac
     except AssertionError as exc:
         missing = missing_items(stack, job_id, submitted)[:10]
         raise AssertionError(f"{exc}\nmissing: {missing}\n{consumer_states(stack)}") from None
-    assert stack.redis is not None
-    r = redis.Redis.from_url(stack.redis.url)
+    r = connect_redis_sync(stack.redis_url)
     try:
         entries = r.xrange(KEYS.job_results(job_id))
         results = [json.loads(fields[b"r"]) for _, fields in entries]
