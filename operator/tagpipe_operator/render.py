@@ -101,6 +101,8 @@ def config_data(spec: TagPipelineSpec) -> dict[str, str]:
         data["TAGPIPE_NATS_URL"] = spec.nats.url
     if spec.redis.credentials_secret_ref is None:
         data["TAGPIPE_REDIS_URL"] = spec.redis.url
+    if spec.redis.wait_replicas is not None:
+        data["TAGPIPE_REDIS_WAIT_REPLICAS"] = str(spec.redis.wait_replicas)
     return data
 
 

@@ -60,8 +60,9 @@ class NatsSpec(_Model):
 
 
 class RedisSpec(_Model):
-    url: str
+    url: str  # redis://... or redis+sentinel://s1:26379,s2:26379,s3:26379/<master>/<db>
     credentials_secret_ref: SecretRef | None = None
+    wait_replicas: int | None = None  # unset: the services' default (1 with Sentinel)
 
 
 class Replicas(_Model):

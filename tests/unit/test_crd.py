@@ -189,3 +189,11 @@ def test_operator_defaults_match_the_crd(partial: dict[str, Any]) -> None:
     for stage in ("gateway", "downloader", "inference"):
         assert defaulted[stage].pop("image") == parse_spec(minimal).stage(stage).image
     assert ours == defaulted
+
+
+def test_redis_takes_one_server_or_a_sentinel_set() -> None:
+    sentinel = "redis+sentinel://s0:26379,s1:26379,s2:26379/tagpipe/0"
+    assert errors(_with("spec.redis.url", sentinel)) == []
+    assert errors(_with("spec.redis.waitReplicas", 1)) == []
+    assert errors(_with("spec.redis.url", "sentinel://s0:26379/tagpipe"))
+    assert any(names_field(e, "waitReplicas") for e in errors(_with("spec.redis.waitReplicas", -1)))

@@ -304,3 +304,15 @@ def test_replicas_set_on_create_and_never_patched() -> None:
             assert [op["path"] for op in ops if op["path"].startswith("/spec")] == [
                 "/spec/template"
             ]
+
+
+def test_a_sentinel_redis_and_its_wait_reach_every_component(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    url = "redis+sentinel://redis-0.redis:26379,redis-1.redis:26379,redis-2.redis:26379/tagpipe/0"
+    spec = {**MINIMAL, "redis": {"url": url, "waitReplicas": 2}}
+    data = config_data(parse_spec(spec))
+    assert (data["TAGPIPE_REDIS_URL"], data["TAGPIPE_REDIS_WAIT_REPLICAS"]) == (url, "2")
+    s = _load(InferenceSettings, data, monkeypatch)
+    assert s.redis_url == url and s.redis_durability().replicas == 2
+    assert "TAGPIPE_REDIS_WAIT_REPLICAS" not in config_data(parse_spec(MINIMAL))  # the default
