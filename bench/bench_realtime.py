@@ -12,7 +12,11 @@ model), one-image URL requests to `POST /v1/tags`:
    the deadline, the 429 share, p50/p95 of the answered, the served rate against
    capacity, and the work wasted on callers who gave up (items tagged after
    their request had already answered 504) next to the items skipped as
-   `deadline_exceeded`.
+   `deadline_exceeded`;
+3. for the capacity run and each phase, the CPU of the stack by process, of the
+   bench process itself (load generator and image server: `harness_cores`) and
+   of everything else on the box (`other_cores_busy`): on a shared 2-core box
+   the load generator's cost and the neighbours' are part of the result.
 
 Results: bench/results/realtime.json, machine stated.
 """
@@ -22,6 +26,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +36,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 
+from bench.baselines.cpu import CpuMeter
 from bench.baselines.runners import MODEL_DIR, ROOT
 from bench.bench_e2e import machine
 from bench.imageserver import ImageServer
@@ -45,6 +52,7 @@ class Phase:
     latencies_s: list[float] = field(default_factory=list)  # of the 200s
     in_deadline: int = 0
     late_ids: list[str] = field(default_factory=list)  # request ids answered 504
+    timeline: list[tuple[float, int, float]] = field(default_factory=list)  # sent, status, s
 
     def record(self, status: int, latency_s: float, deadline_s: float, request_id: str) -> None:
         self.statuses[status] = self.statuses.get(status, 0) + 1
@@ -112,8 +120,9 @@ async def open_phase(
         except (aiohttp.ClientError, TimeoutError):
             status, rid = 0, ""
         phase.record(status, time.monotonic() - t0, deadline_ms / 1000, rid)
+        phase.timeline.append((t0 - start, status, time.monotonic() - t0))
 
-    t0 = time.monotonic()
+    t0 = start = time.monotonic()
     n = int(rate * secs)
     for i in range(n):
         tasks.append(asyncio.create_task(one(urls[i % len(urls)])))
@@ -141,6 +150,18 @@ async def wasted_work(s: aiohttp.ClientSession, base: str, late_ids: list[str]) 
     return counts
 
 
+def profile(args: argparse.Namespace, stack: Any, factor: float) -> subprocess.Popen[bytes] | None:
+    """py-spy on the gateway for this phase (--profile DIR), as collapsed stacks."""
+    if args.profile is None:
+        return None
+    args.profile.mkdir(parents=True, exist_ok=True)
+    pid = stack.service("gateway").proc.pid
+    out = args.profile / f"gateway-{factor}x.txt"
+    spy = str(Path(sys.executable).parent / "py-spy")
+    cmd = [spy, "record", "-p", str(pid), "-d", str(int(args.seconds)), "-r", "50"]
+    return subprocess.Popen([*cmd, "-f", "raw", "-o", str(out)], stdout=subprocess.DEVNULL)
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     from tagpipe_cli.stack import Stack, StackConfig
 
@@ -161,16 +182,30 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             timeout = aiohttp.ClientTimeout(total=120)
             async with aiohttp.ClientSession(connector=conn, timeout=timeout) as s:
                 await capacity(s, base, urls, 5)  # warm-up
+                # The stack (our children) against the bench process itself (load
+                # generator and image server: the harness) and the rest of the box.
+                meter = CpuMeter()
+                meter.start()
                 cap = await capacity(s, base, urls, args.capacity_seconds)
-                print(f"capacity {cap:.1f} img/s", flush=True)
+                cap_cores = meter.stop(round(cap * args.capacity_seconds))
+                print(f"capacity {cap:.1f} img/s {cap_cores}", flush=True)
                 phases = []
                 for factor in args.factors:
                     await asyncio.sleep(args.settle_s)  # the queue drains between phases
+                    meter.start()
+                    spy = profile(args, stack, factor)
                     ph = await open_phase(
                         s, base, urls, factor * cap, args.seconds, args.deadline_ms
                     )
+                    cores = meter.stop(ph.statuses.get(200, 0))
+                    if spy is not None:
+                        spy.wait()
                     await asyncio.sleep(args.settle_s)
                     row = ph.summary(cap, await wasted_work(s, base, ph.late_ids))
+                    row["cpu"] = cores
+                    if args.profile is not None:
+                        tl = args.profile / f"timeline-{factor}x.json"
+                        tl.write_text(json.dumps(ph.timeline))
                     print(json.dumps(row), flush=True)
                     phases.append(row)
         finally:
@@ -181,6 +216,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "deadline_ms": args.deadline_ms,
         "image_latency_ms": args.latency_ms,
         "capacity_images_per_s": round(cap, 2),
+        "capacity_cpu": cap_cores,
         "phases": phases,
     }
 
@@ -194,6 +230,7 @@ def main() -> None:
     ap.add_argument("--factors", type=float, nargs="+", default=[0.5, 1.3, 3.0])
     ap.add_argument("--settle-s", type=float, default=5.0)
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--profile", type=Path, help="py-spy the gateway per phase into DIR")
     args = ap.parse_args()
     doc = asyncio.run(run(args))
     args.out.write_text(json.dumps(doc, indent=2) + "\n")

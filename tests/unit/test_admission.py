@@ -6,6 +6,7 @@ import math
 
 import pytest
 from tagpipe_gateway.admission import DrainRate, Reading, admit
+from tagpipe_gateway.early import deadline_of
 
 
 def feed(rate: DrainRate, *readings: tuple[float, int, int]) -> DrainRate:
@@ -21,13 +22,17 @@ def test_no_rate_before_a_busy_stretch_of_min_span() -> None:
     assert r.rate == pytest.approx(40.0)
 
 
-def test_idle_forgets_the_rate_so_a_quiet_spell_cannot_refuse_the_next_burst() -> None:
-    r = feed(DrainRate(window_s=5), (0, 0, 3), (1, 3, 2), (2, 6, 1))
-    assert r.rate == pytest.approx(3.0)  # a quiet stretch: little completes
-    feed(r, (3, 7, 0))
-    assert r.rate is None  # idle: unknown, so admitted, never "3/s" held against a burst
-    feed(r, (4, 7, 50), (5, 87, 60), (6, 167, 70))
+def test_a_new_busy_stretch_uses_the_last_ones_rate_until_it_has_its_own() -> None:
+    r = feed(DrainRate(window_s=5), (0, 0, 30), (1, 80, 30), (2, 160, 30))
     assert r.rate == pytest.approx(80.0)
+    feed(r, (3, 170, 0))  # idle: that stretch is over
+    assert r.rate == pytest.approx(80.0)  # never unknown again: a burst is not admitted blind
+    feed(r, (10, 170, 50), (10.5, 171, 60))  # a new stretch, under a second old
+    assert r.rate == pytest.approx(80.0)
+    feed(r, (11, 180, 70))  # its own second: a quiet stretch stands for itself
+    assert r.rate == pytest.approx(10.0)
+    feed(r, (12, 180, 0), (13, 180, 40), (14, 280, 40))  # and is replaced in turn
+    assert r.rate == pytest.approx(100.0)
 
 
 def test_the_window_slides() -> None:
@@ -68,3 +73,23 @@ def test_admits_again_as_the_backlog_drains() -> None:
 def test_a_stalled_pipeline_admits_nothing_behind_a_queue() -> None:
     v = admit(ahead=5, items=1, rate=0.0, deadline_s=2.0)
     assert not v.admit and v.retry_after_s == 2
+
+
+@pytest.mark.parametrize(
+    ("query", "deadline_s"),
+    [
+        (b"", 30.0),  # none asked for: the gateway's
+        (b"top_k=3", 30.0),
+        (b"timeout_ms=250", 0.25),
+        (b"top_k=3&timeout_ms=30000", 30.0),
+        # Left to the route, which answers 422 naming the field:
+        (b"timeout_ms=30001", None),
+        (b"timeout_ms=0", None),
+        (b"timeout_ms=soon", None),
+        (b"timeout_ms=", None),
+    ],
+)
+def test_the_early_check_reads_the_deadline_from_the_query_alone(
+    query: bytes, deadline_s: float | None
+) -> None:
+    assert deadline_of(query, most_s=30.0) == deadline_s

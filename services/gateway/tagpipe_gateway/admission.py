@@ -14,11 +14,14 @@ Triton's queue policy and Ray Serve's `max_queued_requests` cap a count; this
 caps the time a caller would actually wait. The fixed item limits stay as a
 hard ceiling behind it.
 
-The rate is the throughput of the current busy stretch, never a remembered one:
-a rate measured in a quiet spell and kept would refuse a later burst for good (a
-quiet pipeline completes little, so it looks slow), and nothing would correct it
-while everything is refused. With no busy stretch of a second yet there is no
-estimate, and the request is admitted; the fixed limits still apply.
+The rate is the throughput of the current busy stretch. A new stretch has none
+for its first second; until then the last stretch's rate stands in (a burst
+after a quiet minute must not be admitted blind: at 3x capacity that second
+alone queued several seconds of work, then everything was refused while it
+drained, and so on in waves). A stand-in that is too low refuses a little too
+much for that second only; the stretch's own rate replaces it. Only before any
+busy stretch at all is there no estimate, and the request is admitted; the fixed
+limits still apply.
 
 Pure: the I/O side (`queue.BacklogCache`) feeds it readings.
 """
@@ -45,14 +48,18 @@ class DrainRate:
         self.window_s = window_s
         self.min_span_s = min_span_s
         self._busy: deque[Reading] = deque()
-        self.rate: float | None = None
+        self._current: float | None = None  # this busy stretch's rate
+        self._last: float | None = None  # the previous stretch's, standing in meanwhile
+
+    @property
+    def rate(self) -> float | None:
+        return self._current if self._current is not None else self._last
 
     def observe(self, r: Reading) -> None:
         if r.backlog == 0 or (self._busy and r.completed < self._busy[-1].completed):
-            # Idle (or the streams were recreated): nothing is known about the next
-            # burst, and a rate from a quiet spell must not be held against it.
+            # Idle (or the streams were recreated): this stretch is over.
             self._busy.clear()
-            self.rate = None
+            self._last, self._current = self.rate, None
             if r.backlog == 0:
                 return
         self._busy.append(r)
@@ -60,7 +67,8 @@ class DrainRate:
             self._busy.popleft()
         first = self._busy[0]
         span = r.at - first.at
-        self.rate = (r.completed - first.completed) / span if span >= self.min_span_s else None
+        if span >= self.min_span_s:
+            self._current = (r.completed - first.completed) / span
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from fastapi import FastAPI
 
 from tagpipe_gateway import __version__, openapi
 from tagpipe_gateway.auth import ApiKeys
+from tagpipe_gateway.early import EarlyAdmission
 from tagpipe_gateway.metrics import install_middleware
 from tagpipe_gateway.problems import install_handlers
 from tagpipe_gateway.routes import health, jobs, pipeline, tags
@@ -45,6 +46,7 @@ def create_app(settings: GatewaySettings, api_keys: ApiKeys | None = None) -> Fa
     )
     install_handlers(app)
     install_middleware(app)
+    app.add_middleware(EarlyAdmission)  # outermost: a refusal costs nothing inside
     app.include_router(health.router)
     app.include_router(tags.router)
     app.include_router(jobs.router)

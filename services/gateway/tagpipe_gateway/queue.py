@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import nats.js.errors
 from nats.js.client import JetStreamContext
@@ -45,9 +45,11 @@ class BacklogCache:
         self.prefix = prefix
         self.ttl_s = ttl_s
         self.drain = DrainRate(rate_window_s)
+        # Real-time items of this gateway's requests still waiting for a result, known
+        # at once (the notifier's count; set by the runtime). A read is up to `ttl_s` old.
+        self.local: Callable[[], int] = lambda: 0
         self._value = 0
-        self._realtime = 0  # the real-time lane's backlog at the last read, both stages
-        self._realtime_since = 0  # real-time items this gateway published since
+        self._others = 0  # real-time items at the last read that were not ours
         self._read_at = float("-inf")
         self._lock = asyncio.Lock()
 
@@ -64,27 +66,21 @@ class BacklogCache:
             lane_backlogs(self.js, self.prefix), stage_counters(self.js, Stage.INFER, self.prefix)
         )
         self._read_at = time.monotonic()
-        self._value, self._realtime = sum(lanes.values()), lanes[Lane.REALTIME]
-        self._realtime_since = 0
+        self._value = sum(lanes.values())
+        self._others = max(0, lanes[Lane.REALTIME] - self.local())
         self.drain.observe(Reading(self._read_at, infer.removed, self._value))
 
     @property
     def realtime(self) -> int:
-        """The real-time backlog now: the last read, plus what we published since, less
-        what the pipeline drained since at its measured rate (a read is up to `ttl_s`
-        old, and at the drain rate most of what was published since is already done)."""
-        queued = self._realtime + self._realtime_since
-        rate = self.drain.rate
-        if rate is None:
-            return queued
-        drained = rate * max(0.0, time.monotonic() - self._read_at)
-        return max(0, round(queued - drained))
+        """The real-time items ahead of a new one: ours, counted as they are admitted and
+        answered (a burst between two reads is seen at once), plus the others' (other
+        replicas, and our requests that gave up while their items still queue) as of
+        the last read."""
+        return self.local() + self._others
 
-    def note_published(self, n: int, lane: Lane = Lane.BULK) -> None:
+    def note_published(self, n: int) -> None:
         """Count our own publishes until the next read, so bursts cannot overshoot a limit."""
         self._value += n
-        if lane is Lane.REALTIME:
-            self._realtime_since += n
 
 
 class Publisher:

@@ -49,6 +49,7 @@ class Runtime:
         )
         notifier = Notifier(redis, store, keys.notify_channel)
         await notifier.start()
+        backlog.local = notifier.pending_items
         jobs = JobManager(redis, store, keys, publisher, backlog, settings)
         jobs.start()
         return cls(

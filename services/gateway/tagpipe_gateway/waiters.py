@@ -94,6 +94,10 @@ class Notifier:
         self._waiters[request_id] = waiter
         return waiter
 
+    def pending_items(self) -> int:
+        """Items of the requests waiting here that have no result yet."""
+        return sum(len(w.pending) for w in self._waiters.values())
+
     def unregister(self, waiter: Waiter) -> None:
         self._waiters.pop(waiter.request_id, None)
 

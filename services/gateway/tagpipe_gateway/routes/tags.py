@@ -13,10 +13,10 @@ from tagpipe_common import telemetry
 from tagpipe_common.messages import DownloadTask, TagResult, TaskOptions
 from tagpipe_common.subjects import Lane
 
-from tagpipe_gateway.admission import admit
 from tagpipe_gateway.deps import PrincipalDep, RuntimeDep
+from tagpipe_gateway.early import refused, verdict
 from tagpipe_gateway.intake import check_url
-from tagpipe_gateway.metrics import BACKPRESSURE, DEADLINES, observe_deadlines, observe_item
+from tagpipe_gateway.metrics import BACKPRESSURE, observe_deadlines, observe_item
 from tagpipe_gateway.openapi import ref
 from tagpipe_gateway.problems import (
     ProblemCode,
@@ -202,21 +202,12 @@ def _deadline_s(rt: Runtime, timeout_ms: int | None) -> float:
 
 
 def _admit(rt: Runtime, items: int, deadline_s: float) -> None:
-    """429 when the real-time queue ahead would not drain within the deadline."""
-    budget_s = deadline_s * rt.settings.admission_wait_share
-    verdict = admit(rt.backlog.realtime, items, rt.backlog.drain.rate, budget_s)
-    if verdict.admit:
-        return
-    BACKPRESSURE.labels("realtime_wait_429").inc()
-    DEADLINES.labels(Lane.REALTIME.value, "rejected").inc(items)
-    raise ProblemError(
-        429,
-        ProblemCode.BACKLOG_FULL,
-        "Expected wait exceeds the deadline",
-        f"about {verdict.expected_wait_s:.1f} s of real-time work is queued ahead; "
-        f"the deadline is {deadline_s:.3g} s",
-        headers={"Retry-After": str(verdict.retry_after_s)},
-    )
+    """429 when the real-time queue ahead would not drain within the deadline. The
+    caller registers the items (the notifier's count) before it next awaits, so
+    requests admitted together each see the ones before them."""
+    v = verdict(rt, items, deadline_s)
+    if not v.admit:
+        raise refused(v, items, deadline_s)
 
 
 async def _run_request(
@@ -275,20 +266,21 @@ async def _publish_and_wait(
 ) -> TagResponse:
     tasks = _tasks(rt, request_id, urls, len(blobs), options, time.time() + deadline_s)
     index = [[t.item_id, t.source] for t in tasks]
-    async with rt.redis.pipeline(transaction=False) as pipe:
-        record = json.dumps({"owner": principal, "items": index})
-        pipe.set(rt.keys.request(request_id), record, ex=rt.settings.result_ttl_s)
-        for t, blob in zip(tasks[len(urls) :], blobs, strict=True):
-            pipe.set(t.blob_key or "", blob, ex=rt.settings.blob_ttl_s)
-        await pipe.execute()
-    # Register before publishing: a result may be written before publish returns.
+    # Registered before anything is awaited: admission counts these items from now on,
+    # and a result may be written before publish returns.
     waiter = rt.notifier.register(request_id, [t.item_id for t in tasks])
     try:
+        async with rt.redis.pipeline(transaction=False) as pipe:
+            record = json.dumps({"owner": principal, "items": index})
+            pipe.set(rt.keys.request(request_id), record, ex=rt.settings.result_ttl_s)
+            for t, blob in zip(tasks[len(urls) :], blobs, strict=True):
+                pipe.set(t.blob_key or "", blob, ex=rt.settings.blob_ttl_s)
+            await pipe.execute()
         await rt.publisher.publish_many(tasks)
     except BaseException:
         rt.notifier.unregister(waiter)
         raise
-    rt.backlog.note_published(len(tasks), Lane.REALTIME)
+    rt.backlog.note_published(len(tasks))
     results = await rt.notifier.wait(waiter, deadline_s)
     observe_deadlines(Lane.REALTIME.value, results)
     response = _response(request_id, index, results)

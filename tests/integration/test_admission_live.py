@@ -1,0 +1,93 @@
+"""Real-time admission against a live local stack (NATS, Redis, gateway, downloader and
+inference as processes, the real model): a burst far past what the pipeline drains
+within the callers' deadline is refused at once, and admitted again once drained."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+from tagpipe_cli.stack import Stack, StackConfig
+
+from bench.imageserver import ImageServer
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+# Far past what one downloader and one inference process finish in a second on any
+# machine this runs on (tens to a few hundred images/s).
+BURST = 300
+
+
+async def test_a_burst_past_the_deadline_is_refused_and_admitted_again_once_drained(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    config = StackConfig(
+        data_dir=tmp_path / "stack",
+        model_dir=model_dir,
+        allow_cidrs="127.0.0.0/8",
+        inference_env={"TAGPIPE_INTRA_OP_THREADS": "1"},
+        gateway_env={"TAGPIPE_REALTIME_TIMEOUT_S": "60"},
+    )
+    async with ImageServer(host="127.0.0.1") as images:
+        seq = itertools.count()
+
+        def body() -> dict[str, str]:  # a new URL each time: nothing is served from a cache
+            return {"url": images.url(f"/corpus/320x240/{next(seq) % 8}.jpg?i={next(seq)}")}
+
+        stack = await asyncio.to_thread(Stack(config).start)
+        limits = httpx.Limits(max_connections=BURST + 10)
+        try:
+            async with httpx.AsyncClient(
+                base_url=stack.gateway_url, timeout=90, limits=limits
+            ) as c:
+                await _keep_busy(c, body, seconds=4.0)  # the gateway measures the drain rate
+                burst = await asyncio.gather(
+                    *(
+                        c.post("/v1/tags", params={"timeout_ms": 1000}, json=body())
+                        for _ in range(BURST)
+                    )
+                )
+                codes = Counter(r.status_code for r in burst)
+                assert set(codes) <= {200, 429, 504}, codes
+                assert codes[429] > 0 and codes[429] < BURST, codes  # refused, but not all
+                refused = next(r for r in burst if r.status_code == 429)
+                assert refused.headers["content-type"] == "application/problem+json"
+                problem = refused.json()
+                assert problem["code"] == "backlog_full" and problem["status"] == 429
+                assert "deadline" in problem["title"].lower()
+                assert problem["request_id"] == refused.headers["x-request-id"]
+                assert int(refused.headers["Retry-After"]) >= 1
+                # Once what was admitted has drained, the same deadline is admitted again.
+                assert (await _until_admitted(c, body)).status_code == 200
+        finally:
+            await asyncio.to_thread(stack.stop)
+
+
+Body = Callable[[], dict[str, str]]
+
+
+async def _keep_busy(c: httpx.AsyncClient, body: Body, seconds: float) -> None:
+    """A closed loop of long-deadline requests (all admitted) for `seconds`."""
+    stop_at = time.monotonic() + seconds
+
+    async def loop() -> None:
+        while time.monotonic() < stop_at:
+            r = await c.post("/v1/tags", json=body())
+            assert r.status_code == 200, r.text
+
+    await asyncio.gather(*(loop() for _ in range(16)))
+
+
+async def _until_admitted(c: httpx.AsyncClient, body: Body) -> httpx.Response:
+    for _ in range(120):
+        r = await c.post("/v1/tags", params={"timeout_ms": 5000}, json=body())
+        if r.status_code != 429:
+            return r
+        await asyncio.sleep(min(1.0, float(r.headers["Retry-After"])))
+    raise AssertionError("still refused after the backlog had two minutes to drain")
