@@ -87,6 +87,11 @@ bench-realtime: venv ## real-time deadlines under 0.5x/1.3x/3x overload (~3 min)
 	test -f $(MODEL_DIR)/manifest.json || $(MAKE) model
 	$(PY) -m bench.bench_realtime
 
+bench-dedupe: venv ## content dedupe off vs on, 30 % duplicate images (~4 min): bench/results/dedupe.json
+	test -f $(MODEL_DIR)/manifest.json || $(MAKE) model
+	$(PY) -m bench.bench_dedupe
+.PHONY: bench-dedupe
+
 bench-gpu: ## GPU inference + GPU decode, JSON in bench/results (own venv; ARGS=--dry-run on CPU)
 	bash bench/bench_gpu.sh $(ARGS)
 

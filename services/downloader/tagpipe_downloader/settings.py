@@ -79,7 +79,7 @@ class DownloaderSettings(CommonSettings):
     # from the tag cache (dedupe.py). Off by default: `cached: true` and the
     # quicker answer tell a caller that someone tagged the same bytes lately,
     # which a multi-tenant deployment may not want, and the cache costs Redis
-    # memory to size first (docs/architecture.md, "Content-addressed dedupe").
+    # memory to size first (docs/dedupe.md).
     content_dedupe: bool = False
 
     # Model geometry: from the manifest when given, else 256/224/bicubic.
