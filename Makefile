@@ -9,7 +9,7 @@ MODEL_DIR ?= models/efficientnet-lite0
 PYTEST_ARGS ?=
 
 .PHONY: help setup venv tools model test test-unit test-integration test-stress test-faults lint format run \
-        bench bench-inference bench-downloader bench-realtime bench-gpu bench-gpu-dry-run e2e images clean
+        bench bench-inference bench-downloader bench-realtime soak bench-gpu bench-gpu-dry-run e2e images clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -97,6 +97,11 @@ bench-gpu: ## GPU inference + GPU decode, JSON in bench/results (own venv; ARGS=
 
 bench-gpu-dry-run: venv ## bench-gpu on the CPU in seconds: installs nothing, writes to a temp dir
 	bash bench/bench_gpu.sh --dry-run $(ARGS)
+
+MINUTES ?= 30
+soak: venv ## mixed load on the local stack for MINUTES (30), RSS per process: bench/results/soak-*min.{json,png}
+	test -f $(MODEL_DIR)/manifest.json || $(MAKE) model
+	$(PY) -m bench.soak --minutes $(MINUTES) --out bench/results/soak-$(MINUTES)min.json $(ARGS)
 
 bench-downloader: venv ## downloader images/s (fetch + decode, 0/100 ms latency) and the JPEG fast path
 	$(PY) bench/bench_downloader.py --out bench/results/downloader.json

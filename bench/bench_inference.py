@@ -205,6 +205,28 @@ def summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def memory_bound(bounded: dict[str, Any], unbounded: dict[str, Any]) -> dict[str, Any]:
+    """The cost of serving without onnxruntime's memory pattern (the setting that keeps
+    inference RSS flat under varying batch sizes), against the same service with it."""
+
+    def cpu_ms(rounds: list[dict[str, Any]]) -> float:
+        per = sorted(r["worker_cpu_ms_per_image"] for r in rounds)
+        return float(per[len(per) // 2])
+
+    b, u = cpu_ms(bounded["rounds"]), cpu_ms(unbounded["rounds"])
+    rate_b, rate_u = bounded["service_images_per_s"], unbounded["service_images_per_s"]
+    return {
+        "setting": "TAGPIPE_MEM_PATTERN=false (bounded, the default) vs true (unbounded)",
+        "bounded_images_per_s": rate_b,
+        "unbounded_images_per_s": rate_u,
+        "throughput_cost_pct": round((1 - rate_b / rate_u) * 100, 2),
+        "bounded_worker_cpu_ms_per_image_median": round(b, 3),
+        "unbounded_worker_cpu_ms_per_image_median": round(u, 3),
+        "cpu_cost_pct": round((b / u - 1) * 100, 2),
+        "unbounded": unbounded,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model-dir", type=Path, default=Path("models/efficientnet-lite0"))
@@ -229,8 +251,15 @@ def main() -> None:
         health_port=0,
     )
 
-    def load(spinning: bool) -> Model:
-        m = load_model(settings.model_dir, settings.provider_list, args.threads, 1, spinning)
+    def load(spinning: bool, mem_pattern: bool = settings.mem_pattern) -> Model:
+        m = load_model(
+            settings.model_dir,
+            settings.provider_list,
+            args.threads,
+            1,
+            spinning,
+            mem_pattern=mem_pattern,
+        )
         m.warm_up(settings.max_batch)
         return m
 
@@ -239,9 +268,11 @@ def main() -> None:
     # neighbours' noise (wall-clock images/s at batch 1 swings most with load).
     raw_runs = {str(b): raw_run(model, b, args.raw_seconds) for b in BATCHES}
     raw = {k: v[0] for k, v in raw_runs.items()}
-    variants = {"default": model, "spinning": load(True)}
+    # "mem_pattern": onnxruntime's memory pattern on, i.e. without the memory bound.
+    variants = {"default": model, "spinning": load(True), "mem_pattern": load(False, True)}
     runs = interleaved(settings, variants, args.items, args.rounds, args.raw_seconds)
     head, spin = summary(runs["default"]), summary(runs["spinning"])
+    unbounded = summary(runs["mem_pattern"])
 
     gpu_providers = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
     device = "gpu" if any(p in model.providers for p in gpu_providers) else "cpu"
@@ -270,6 +301,7 @@ def main() -> None:
             **head,
         },
         "spinning_threads": spin,
+        "memory_bound": memory_bound(head, unbounded),
         "method": (
             "raw: session.run on preprocessed float32 batches of batch_size; service: the "
             "InferenceWorker draining a pre-filled JetStream stream (real nats-server) into "

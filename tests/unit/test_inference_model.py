@@ -148,3 +148,12 @@ def test_predict_returns_probabilities_per_image(model: Model) -> None:
     np.testing.assert_allclose(p.sum(axis=1), 1.0, rtol=1e-4)
     single = model.predict(batch[1:2])
     np.testing.assert_allclose(single[0], p[1], atol=1e-5)  # batching changes nothing
+
+
+def test_the_memory_pattern_is_off_unless_asked(model: Model, model_dir: Path) -> None:
+    # Off is the memory bound (dynamic batch sizes grew the CPU arena without it).
+    assert model.session.get_session_options().enable_mem_pattern is False
+    with_pattern = load_model(model_dir, intra_op_threads=1, mem_pattern=True)
+    assert with_pattern.session.get_session_options().enable_mem_pattern is True
+    x = np.random.default_rng(3).integers(0, 256, (5, 224, 224, 3), dtype=np.uint8)
+    np.testing.assert_allclose(model.predict(x), with_pattern.predict(x), atol=1e-5)

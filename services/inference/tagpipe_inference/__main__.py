@@ -39,6 +39,7 @@ def load(settings: InferenceSettings) -> Model:
         inter_op_threads=settings.inter_op_threads,
         allow_spinning=settings.allow_spinning,
         gpu=settings.gpu_options,
+        mem_pattern=settings.mem_pattern,
     )
     # Warm up at the largest batch: the first real one must not pay for allocations.
     model.warm_up(settings.max_batch)

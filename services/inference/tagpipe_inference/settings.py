@@ -31,6 +31,9 @@ class InferenceSettings(CommonSettings):
     # Spinning threads burn the CPU between batches, which starves the event loop
     # that fetches the next batch on small machines (see bench/results).
     allow_spinning: bool = False
+    # onnxruntime's memory pattern: off, since with dynamic batch sizes it made the CPU
+    # arena grow without bound (see model.session_options); on: onnxruntime's default.
+    mem_pattern: bool = False
     max_batch: Annotated[int, Field(ge=1, le=1024)] = 32
     max_wait_ms: Annotated[float, Field(ge=0, le=10_000)] = 20.0
     # How long one fetch may wait just to look at a lane that may be empty. Too short,
