@@ -95,6 +95,7 @@ def config_data(spec: TagPipelineSpec) -> dict[str, str]:
         "TAGPIPE_PREFIX": spec.nats.prefix,
         "TAGPIPE_LOG_JSON": "true",
         "TAGPIPE_METRICS_PORT": str(METRICS_PORT),
+        "TAGPIPE_CONTENT_DEDUPE_TTL_S": str(spec.dedupe.ttl_seconds),  # inference writes with it
     }
     # URLs with credentials come from Secrets as container env (which wins over envFrom).
     if spec.nats.credentials_secret_ref is None:
@@ -124,6 +125,7 @@ def component_env(component: str, spec: TagPipelineSpec) -> dict[str, str]:
             "TAGPIPE_TOTAL_TIMEOUT_S": str(lim.timeout_seconds),
             "TAGPIPE_MAX_INFLIGHT": str(lim.concurrency),
             "TAGPIPE_DECODE": spec.inference.decode,  # gpu: forward JPEGs compressed
+            "TAGPIPE_CONTENT_DEDUPE": str(spec.dedupe.enabled).lower(),
         }
     return _inference_env(spec.inference)
 

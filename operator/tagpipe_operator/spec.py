@@ -245,6 +245,13 @@ class InferenceSpec(StageSpec):
         return self.batching.max_batch * 2
 
 
+class DedupeSpec(_Model):
+    """Content-addressed dedupe (docs/dedupe.md); off unless asked for."""
+
+    enabled: bool = False
+    ttl_seconds: int = 86400
+
+
 class TagPipelineSpec(_Model):
     model: ModelSource
     nats: NatsSpec
@@ -252,6 +259,7 @@ class TagPipelineSpec(_Model):
     gateway: GatewaySpec = GatewaySpec()
     downloader: DownloaderSpec = DownloaderSpec()
     inference: InferenceSpec = InferenceSpec()
+    dedupe: DedupeSpec = DedupeSpec()
     deletion_policy: Literal["Retain", "Delete"] = "Retain"
 
     def stage(self, name: str) -> StageSpec:

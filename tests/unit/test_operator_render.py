@@ -316,3 +316,17 @@ def test_a_sentinel_redis_and_its_wait_reach_every_component(
     s = _load(InferenceSettings, data, monkeypatch)
     assert s.redis_url == url and s.redis_durability().replicas == 2
     assert "TAGPIPE_REDIS_WAIT_REPLICAS" not in config_data(parse_spec(MINIMAL))  # the default
+
+
+def test_dedupe_is_off_unless_asked_and_its_ttl_reaches_both_tiers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    off = env_of(pod(MINIMAL, "downloader")["containers"][0])
+    assert off["TAGPIPE_CONTENT_DEDUPE"] == "false"
+    spec = {**MINIMAL, "dedupe": {"enabled": True, "ttlSeconds": 3600}}
+    data = config_data(parse_spec(spec))
+    down = {**data, **env_of(pod(spec, "downloader")["containers"][0])}
+    inf = {**data, **env_of(pod(spec, "inference")["containers"][0])}
+    d = _load(DownloaderSettings, down, monkeypatch)
+    assert d.content_dedupe and d.content_dedupe_ttl_s == 3600
+    assert _load(InferenceSettings, inf, monkeypatch).content_dedupe_ttl_s == 3600
