@@ -286,3 +286,24 @@ def test_model_is_seeded_before_the_pipeline_mounts_it() -> None:
     uri = one(docs, "TagPipeline")["spec"]["model"]["storageUri"]
     assert claim == pvc["metadata"]["name"] and uri == f"pvc://{claim}/efficientnet-lite0"
     assert job["spec"]["template"]["spec"]["containers"][0]["image"].endswith("inference:0.1.0")
+
+
+def test_bundled_redis_with_sentinel_runs_three_nodes_and_names_them_all() -> None:
+    docs = render("kind", "--set", "redis.sentinel.enabled=true")
+    sts = one(docs, "StatefulSet", "redis")
+    assert sts["spec"]["replicas"] == 3
+    pod_spec = sts["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod_spec["containers"]] == ["redis", "sentinel"]
+    svc = one(docs, "Service", "redis")
+    assert svc["spec"]["clusterIP"] == "None"  # pod names, never a load-balanced primary
+    assert sts["spec"]["serviceName"] == svc["metadata"]["name"]
+    url = one(docs, "TagPipeline")["spec"]["redis"]["url"]
+    hosts = url.removeprefix("redis+sentinel://").split("/")[0].split(",")
+    assert hosts == [
+        f"{sts['metadata']['name']}-{i}.{svc['metadata']['name']}.tp.svc:26379" for i in range(3)
+    ]
+    assert url.endswith("/tagpipe/0")
+    for name, script in one(docs, "ConfigMap", "redis-sentinel")["data"].items():
+        proc = subprocess.run(["sh", "-n"], input=script, text=True, capture_output=True)
+        assert proc.returncode == 0, (name, proc.stderr)
+    assert one(render("kind"), "StatefulSet", "redis")["spec"]["replicas"] == 1  # the default

@@ -86,8 +86,15 @@ imagePullSecrets:
 {{- end -}}
 
 {{- define "tagpipe.redisUrl" -}}
-{{- if .Values.redis.enabled -}}
-{{- printf "redis://%s:%d/0" (include "tagpipe.componentName" (dict "ctx" . "c" "redis")) (int .Values.redis.port) -}}
+{{- $name := include "tagpipe.componentName" (dict "ctx" . "c" "redis") -}}
+{{- if and .Values.redis.enabled .Values.redis.sentinel.enabled -}}
+{{- $hosts := list -}}
+{{- range $i := until (int .Values.redis.sentinel.replicas) -}}
+{{- $hosts = append $hosts (printf "%s-%d.%s.%s.svc:%d" $name $i $name $.Release.Namespace (int $.Values.redis.sentinel.port)) -}}
+{{- end -}}
+{{- printf "redis+sentinel://%s/%s/0" (join "," $hosts) .Values.redis.sentinel.masterName -}}
+{{- else if .Values.redis.enabled -}}
+{{- printf "redis://%s:%d/0" $name (int .Values.redis.port) -}}
 {{- else -}}
 {{- .Values.externalRedis.url -}}
 {{- end -}}
