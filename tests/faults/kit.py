@@ -5,6 +5,7 @@ and process memory. What these tests are, and why they are opt-in: see conftest.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import threading
 import time
@@ -285,3 +286,65 @@ def outage_warnings(stack: Stack) -> dict[str, int]:
         for s in stack.services
         if s.log_path.exists()
     }
+
+
+class Progress:
+    """The job's finished count sampled in a thread: when the job moved, and when not."""
+
+    def __init__(self, gateway_url: str, job_id: str) -> None:
+        self.gateway_url, self.job_id = gateway_url, job_id
+        self.moves: list[float] = []  # monotonic times at which `finished` grew
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="progress", daemon=True)
+
+    def __enter__(self) -> Progress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        last = -1
+        with httpx.Client(base_url=self.gateway_url, timeout=30) as http:
+            while not self._stop.wait(0.1):
+                finished = int(job_status(http, self.job_id)["finished"])
+                if finished > last:
+                    self.moves.append(time.monotonic())
+                    last = finished
+
+    def stall_s(self, start: float, end: float) -> float:
+        """The longest time without a finished item that overlaps [start, end]."""
+        moves = [*self.moves, time.monotonic()]
+        gaps = [b - a for a, b in itertools.pairwise(moves) if b >= start and a <= end]
+        return round(max(gaps, default=0.0), 2)
+
+
+def deliveries(stack: Stack) -> int:
+    """Repeated deliveries so far: every delivery (each gets a consumer sequence
+    number, redeliveries included) less the messages delivered for the first time
+    (stored ever, less those still pending), over both streams."""
+    urls = stack.nats_url.split(",")
+
+    async def read() -> int:
+        nc = await nats.connect(servers=urls, connect_timeout=2)
+        js, total = nc.jetstream(timeout=5), 0
+        try:
+            for stage in Stage:
+                names = stage_names(stage)
+                stream = await js.stream_info(names.stream)
+                infos = [await js.consumer_info(names.stream, names.consumer(ln)) for ln in LANES]
+                delivered = sum(int(c.delivered.consumer_seq or 0) for c in infos)
+                pending = sum(int(c.num_pending or 0) for c in infos)
+                total += delivered - (int(stream.state.last_seq or 0) - pending)
+        finally:
+            await nc.close()
+        return total
+
+    for _ in range(50):  # a leader election in progress answers nothing for a moment
+        try:
+            return asyncio.run(read())
+        except Exception:
+            time.sleep(0.5)
+    raise AssertionError("JetStream counters unreadable for 25 s")
