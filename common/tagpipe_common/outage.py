@@ -40,6 +40,11 @@ TRANSIENT_REDIS_ERRORS: tuple[type[Exception], ...] = (
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
     redis.exceptions.BusyLoadingError,  # a restarted Redis still reading its dump
+    # A failover: a demoted primary refuses writes until the client finds the new one
+    # (the Sentinel client turns this into a ConnectionError itself; a plain URL behind
+    # a moving address does not). MasterNotFoundError and redis_io.NotReplicated are
+    # ConnectionErrors already.
+    redis.exceptions.ReadOnlyError,
 )
 TRANSIENT_ERRORS = TRANSIENT_NATS_ERRORS + TRANSIENT_REDIS_ERRORS
 

@@ -9,7 +9,9 @@ import nats.errors
 import nats.js.errors
 import pytest
 import redis.exceptions
+from redis.asyncio.sentinel import MasterNotFoundError
 from tagpipe_common.outage import Outage, describe, is_transient
+from tagpipe_common.redis_io import NotReplicated
 
 log = logging.getLogger("test.outage")
 
@@ -25,6 +27,9 @@ log = logging.getLogger("test.outage")
         ConnectionResetError("Connection lost"),
         TimeoutError(),
         redis.exceptions.ConnectionError("refused"),
+        redis.exceptions.ReadOnlyError("You can't write against a read only replica."),
+        MasterNotFoundError("No master found for 'tagpipe'"),
+        NotReplicated("WAIT: 0 of 1 replicas acknowledged within 1000 ms"),
     ],
 )
 def test_broker_hiccups_are_transient(exc: Exception) -> None:

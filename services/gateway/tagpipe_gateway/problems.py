@@ -269,6 +269,7 @@ def install_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, on_http)
     app.add_exception_handler(redis.exceptions.ConnectionError, on_redis)
     app.add_exception_handler(redis.exceptions.TimeoutError, on_redis)
+    app.add_exception_handler(redis.exceptions.ReadOnlyError, on_redis)  # a failover
     for exc_type in _NATS_DOWN:
         app.add_exception_handler(exc_type, on_nats)
     app.add_exception_handler(Exception, on_crash)
