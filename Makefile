@@ -92,6 +92,17 @@ bench-dedupe: venv ## content dedupe off vs on, 30 % duplicate images (~4 min): 
 	$(PY) -m bench.bench_dedupe
 .PHONY: bench-dedupe
 
+bench-hop: venv ## inference-hop encodings: bytes and top-1 agreement on real photos: bench/results/hop-encoding.json
+	test -f $(MODEL_DIR)/manifest.json || $(MAKE) model
+	$(PY) -m bench.hop_encoding --model-dir $(MODEL_DIR)
+
+PROFILE_LABEL ?= after
+bench-profile: venv ## py-spy flame graphs of each service in make bench's bulk run: bench/results/profiles/
+	test -f $(MODEL_DIR)/manifest.json || $(MAKE) model
+	$(PY) -c 'import psutil' 2>/dev/null && test -x $(BIN)/py-spy || $(BIN)/pip install -q -e '.[bench]'
+	$(PY) -m bench.profile_services --label $(PROFILE_LABEL) $(ARGS)
+.PHONY: bench-hop bench-profile
+
 bench-gpu: ## GPU inference + GPU decode, JSON in bench/results (own venv; ARGS=--dry-run on CPU)
 	bash bench/bench_gpu.sh $(ARGS)
 

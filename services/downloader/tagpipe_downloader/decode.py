@@ -16,12 +16,14 @@ import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageFile, ImageOps
 from tagpipe_common.errors import ErrorCode, PermanentError
 from tagpipe_common.manifest import MANIFEST_FILE, ModelManifest
+from tagpipe_common.messages import Encoding
 
 from tagpipe_downloader.guard import check_pixels, sniff_format
 
@@ -62,6 +64,15 @@ class Geometry:
         return cls(spec.resize, spec.crop, spec.interpolation)
 
 
+class FrameFields(TypedDict, total=False):
+    """InferenceTask fields: the payload, its decoded shape and encoding."""
+
+    pixels: bytes
+    shape: tuple[int, int, int]
+    encoding: Encoding
+    media_type: str
+
+
 @dataclass
 class Decoded:
     pixels: npt.NDArray[np.uint8]  # crop x crop x 3 (empty when `original` is set)
@@ -72,6 +83,26 @@ class Decoded:
     # decode: gpu: the JPEG to forward instead of pixels (forward.py), and its HWC shape.
     original: bytes | None = None
     original_shape: tuple[int, int, int] | None = None
+    # The crop compressed for the inference hop (hop.py), and its media type.
+    encoded: tuple[bytes, str] | None = None
+
+    def frame(self) -> FrameFields:
+        """The InferenceTask fields that carry this image: the forwarded original,
+        the compressed crop, or the raw crop."""
+        if self.original is not None and self.original_shape is not None:
+            return FrameFields(
+                pixels=self.original,
+                shape=self.original_shape,
+                encoding="original",
+                media_type="image/jpeg",
+            )
+        h, w, c = self.pixels.shape
+        if self.encoded is not None:
+            payload, media_type = self.encoded
+            return FrameFields(
+                pixels=payload, shape=(h, w, c), encoding="encoded_crop", media_type=media_type
+            )
+        return FrameFields(pixels=self.pixels.tobytes(), shape=(h, w, c), encoding="raw")
 
 
 def open_image(data: bytes, max_pixels: int) -> Image.Image:

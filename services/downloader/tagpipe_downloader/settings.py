@@ -12,6 +12,7 @@ from tagpipe_common.settings import CommonSettings
 from tagpipe_downloader.decode import Geometry
 from tagpipe_downloader.fetch import FetchConfig
 from tagpipe_downloader.guard import parse_cidrs
+from tagpipe_downloader.hop import HopEncoding
 
 
 def usable_cpus(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
@@ -74,6 +75,8 @@ class DownloaderSettings(CommonSettings):
     # gpu: forward camera JPEGs compressed (shrunk if large) for the inference
     # tier's GPU to decode (forward.py); cpu: decode and crop here.
     decode: Literal["cpu", "gpu"] = "cpu"
+    # decode: cpu: how the crop crosses to inference (hop.py; bench/results/hop-encoding.json).
+    hop_encoding: HopEncoding = "raw"
 
     # Answer bytes this model version tagged within TAGPIPE_CONTENT_DEDUPE_TTL_S
     # from the tag cache (dedupe.py). Off by default: `cached: true` and the

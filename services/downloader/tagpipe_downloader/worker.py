@@ -43,11 +43,12 @@ from tagpipe_common.subjects import HDR_MSG_ID, HDR_SCHEMA, LANES, Lane, Stage, 
 
 from tagpipe_downloader import metrics
 from tagpipe_downloader.deadline import ItemDeadlines
-from tagpipe_downloader.decode import Decoded, decode_image
+from tagpipe_downloader.decode import Decoded
 from tagpipe_downloader.decode_queue import DecodeQueue
 from tagpipe_downloader.dedupe import Dedupe
 from tagpipe_downloader.fetch import Fetcher, FetchResult
 from tagpipe_downloader.forward import decode_for_gpu
+from tagpipe_downloader.hop import crop_decoder
 from tagpipe_downloader.jobstates import JobStates
 from tagpipe_downloader.settings import DownloaderSettings
 
@@ -340,7 +341,7 @@ class DownloadWorker:
 
     async def _decode(self, data: bytes, lane: Lane) -> Decoded:
         # Lane-ordered: a real-time item takes the next free decode thread.
-        fn = decode_for_gpu if self.s.decode == "gpu" else decode_image
+        fn = decode_for_gpu if self.s.decode == "gpu" else crop_decoder(self.s.hop_encoding)
         decoded = await self.decodes.run(lane, fn, data, self.geometry, self.s.max_pixels)
         t0 = time.time() - (decoded.decode_ms + decoded.preprocess_ms) / 1000
         self._spans(t0, ("decode", decoded.decode_ms), ("preprocess", decoded.preprocess_ms))
@@ -360,18 +361,14 @@ class DownloadWorker:
         timings: StageTimings,
         digest: str | None = None,
     ) -> None:
-        crop = (self.geometry.crop, self.geometry.crop, 3)
         out = InferenceTask(
             **task.ref(),
-            shape=decoded.original_shape or crop,
+            **decoded.frame(),
             source=task.source,
             options=task.options,
             timings=timings,
             content_sha256=digest,
-            pixels=decoded.original or decoded.pixels.tobytes(),
         )
-        if decoded.original is not None:
-            out.encoding, out.media_type = "original", "image/jpeg"
         # Msg-Id dedupes a republish after a crash between publish and ack.
         # The publish span's context is what inference's spans hang under.
         with self.tracer.start_as_current_span("publish"):

@@ -1,0 +1,185 @@
+"""Bytes and top-1 agreement of the inference hop's encodings, on real photographs.
+
+    python -m bench.hop_encoding            (make bench-hop)
+
+The photographs scikit-image ships (colour, and grey ones as RGB), each cut
+into windows (the whole photo, and seeded random windows of 35-100 % of its
+shorter side at any position and aspect 3:4 to 4:3) and each window also
+mirrored: hundreds of distinct crops of real scenes. Every window becomes the
+model's crop exactly as the downloader makes it (`resize_crop`), and that raw
+crop is the reference. Each candidate encoding is then what the service does:
+the downloader's `encode_crop`, the inference tier's decoder (`PillowDecoder`,
+the CPU decoder; the GPU one is held to it by tests/unit/test_gpu_decode.py),
+the model's top-1 on the decoded crop against the raw crop's.
+
+Writes bench/results/hop-encoding.json: per encoding the median/p90/max bytes,
+the top-1 agreement (and the crops that disagree), the mean absolute pixel
+error, and the encode and decode CPU ms per crop on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tagpipe_downloader.decode import Geometry, resize_crop
+from tagpipe_downloader.hop import CODECS, Codec, encode_crop
+from tagpipe_inference.decoders import PillowDecoder
+from tagpipe_inference.model import Model, load_model
+
+ROOT = Path(__file__).resolve().parent.parent
+COLOUR = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "stereo_motorcycle",  # its left and right views
+    "retina",
+    "rocket",
+)
+GREY = ("camera", "moon", "coins", "grass", "gravel", "brick")
+# The candidates: the codecs the downloader offers, and the settings around them.
+CANDIDATES: dict[str, Codec] = {
+    "jpeg q95 4:4:4 (hop: jpeg)": CODECS["jpeg"],
+    "jpeg q97 4:4:4": Codec("image/jpeg", "JPEG", {"quality": 97, "subsampling": 0}),
+    "jpeg q90 4:4:4": Codec("image/jpeg", "JPEG", {"quality": 90, "subsampling": 0}),
+    "jpeg q95 4:2:0": Codec("image/jpeg", "JPEG", {"quality": 95, "subsampling": 2}),
+    "jpeg q90 4:2:0": Codec("image/jpeg", "JPEG", {"quality": 90, "subsampling": 2}),
+    "webp q95": Codec("image/webp", "WEBP", {"quality": 95, "method": 0}),
+    "avif q95 4:4:4": Codec(
+        "image/avif", "AVIF", {"quality": 95, "subsampling": "4:4:4", "speed": 10}
+    ),
+    "webp lossless (hop: webp-lossless)": CODECS["webp-lossless"],
+    "png (lossless, level 1)": Codec("image/png", "PNG", {"compress_level": 1}),
+}
+
+
+def photos() -> dict[str, np.ndarray]:
+    from skimage import data
+
+    out: dict[str, np.ndarray] = {}
+    for name in COLOUR:
+        got = getattr(data, name)()
+        if isinstance(got, tuple):  # stereo_motorcycle: (left, right, disparity)
+            out[f"{name}_left"], out[f"{name}_right"] = got[0], got[1]
+        else:
+            out[name] = got
+    for name in GREY:
+        grey = np.asarray(getattr(data, name)())
+        out[name] = np.repeat(grey[:, :, None], 3, axis=2)
+    return {k: np.ascontiguousarray(v[:, :, :3].astype(np.uint8)) for k, v in out.items()}
+
+
+def windows(img: np.ndarray, n: int, rng: random.Random) -> list[np.ndarray]:
+    """The whole photo and `n - 1` random windows, each also mirrored."""
+    h, w = img.shape[:2]
+    out = [img]
+    for _ in range(n - 1):
+        side = rng.uniform(0.35, 1.0) * min(h, w)
+        aspect = rng.uniform(0.75, 4 / 3)
+        ww, wh = min(w, int(side * aspect)), min(h, int(side))
+        x, y = rng.randint(0, w - ww), rng.randint(0, h - wh)
+        out.append(img[y : y + wh, x : x + ww])
+    return [np.ascontiguousarray(v) for a in out for v in (a, a[:, ::-1])]
+
+
+def top1(model: Model, crops: np.ndarray) -> np.ndarray:
+    return np.concatenate(
+        [model.predict(crops[i : i + 16]).argmax(axis=1) for i in range(0, len(crops), 16)]
+    )
+
+
+def sensitivity(model: Model, raw: np.ndarray) -> dict[str, Any]:
+    """How near-tied the set is: the raw crops' top-1 probability and margin, and
+    the agreement left after adding uniform noise of +-1 grey level (no codec)."""
+    probs = np.concatenate([model.predict(raw[i : i + 16]) for i in range(0, len(raw), 16)])
+    ranked = np.sort(probs, axis=1)
+    noise = np.random.default_rng(13).integers(-1, 2, raw.shape)
+    noisy = np.clip(raw.astype(int) + noise, 0, 255).astype(np.uint8)
+    return {
+        "top1_probability_median": round(float(np.median(ranked[:, -1])), 3),
+        "top1_margin_median": round(float(np.median(ranked[:, -1] - ranked[:, -2])), 3),
+        "share_with_margin_below_0.02": round(
+            float(np.mean(ranked[:, -1] - ranked[:, -2] < 0.02)), 3
+        ),
+        "top1_agreement_with_noise_pm1": round(
+            float(np.mean(top1(model, noisy) == probs.argmax(1))), 4
+        ),
+    }
+
+
+def measure(model: Model, names: list[str], raw: np.ndarray, codec: Codec) -> dict[str, Any]:
+    decoder = PillowDecoder(256, raw.shape[1])
+    t0 = time.process_time()
+    payloads = [encode_crop(c, codec) for c in raw]
+    t1 = time.process_time()
+    decoded = np.stack([decoder.one(p, True) for p in payloads])
+    t2 = time.process_time()
+    agree = top1(model, decoded) == top1(model, raw)
+    sizes = np.array([len(p) for p in payloads])
+    whole = np.array([n.split("#")[1].split("-")[0] == "0" for n in names])  # uncut
+    return {
+        "media_type": codec.media_type,
+        "options": codec.options,
+        "bytes_median": int(np.median(sizes)),
+        "bytes_p90": int(np.percentile(sizes, 90)),
+        "bytes_max": int(sizes.max()),
+        "top1_agreement": round(float(agree.mean()), 4),
+        "top1_agreement_whole_photos": round(float(agree[whole].mean()), 4),
+        "disagree": [n for n, a in zip(names, agree, strict=True) if not a],
+        "mean_abs_pixel_error": round(float(np.abs(decoded.astype(int) - raw).mean()), 3),
+        "encode_cpu_ms": round((t1 - t0) * 1000 / len(raw), 3),
+        "decode_cpu_ms": round((t2 - t1) * 1000 / len(raw), 3),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--windows", type=int, default=16, help="per photo, before mirroring")
+    ap.add_argument("--model-dir", type=Path, default=ROOT / "models" / "efficientnet-lite0")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "hop-encoding.json")
+    args = ap.parse_args()
+    geom = Geometry.from_manifest(args.model_dir)
+    model = load_model(args.model_dir, intra_op_threads=1)
+    rng = random.Random(13)
+    names, crops = [], []
+    for name, img in photos().items():
+        for i, win in enumerate(windows(img, args.windows, rng)):
+            names.append(f"{name}#{i // 2}{'-mirrored' if i % 2 else ''}")
+            crops.append(resize_crop(Image.fromarray(win), geom))
+    raw = np.stack(crops)
+    results = {label: measure(model, names, raw, codec) for label, codec in CANDIDATES.items()}
+    doc = {
+        "benchmark": "hop-encoding",
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "python": platform.python_version(),
+        },
+        "photos": {"colour": list(COLOUR), "grey_as_rgb": list(GREY)},
+        "crops": len(raw),
+        "raw_bytes": int(raw[0].nbytes),
+        "reference": sensitivity(model, raw),
+        "encodings": results,
+        "finished_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    args.out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"{len(raw)} crops; raw crops: {doc['reference']}")
+    for label, r in results.items():
+        print(
+            f"{label:26s} median {r['bytes_median']:7,d} B  p90 {r['bytes_p90']:7,d}  "
+            f"top-1 {r['top1_agreement']:.4f} ({len(r['disagree'])} differ)  "
+            f"err {r['mean_abs_pixel_error']:.2f}  enc {r['encode_cpu_ms']:.2f} ms  "
+            f"dec {r['decode_cpu_ms']:.2f} ms"
+        )
+
+
+if __name__ == "__main__":
+    main()
