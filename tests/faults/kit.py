@@ -241,7 +241,8 @@ def assert_exactly_once(acc: Accounting) -> None:
 
 class RealtimeLoad:
     """Real-time calls in a thread alongside a fault: every answer must be a 200, or a
-    503/429 problem+json (never a 500, never a hang past the client's timeout)."""
+    503/429 problem+json with Retry-After (never a 500, never a hang past the client's
+    timeout)."""
 
     def __init__(self, gateway_url: str, image_url: str, every_s: float = 0.25) -> None:
         self.gateway_url, self.image_url, self.every_s = gateway_url, image_url, every_s
@@ -275,8 +276,11 @@ class RealtimeLoad:
                     continue
                 self.statuses.append(r.status_code)
                 problem = r.headers.get("content-type") == "application/problem+json"
+                told_when = "retry-after" in r.headers
                 if r.status_code != 200 and not (r.status_code in (429, 503) and problem):
                     self.bad.append(f"{r.status_code} {r.text[:200]}")
+                elif r.status_code != 200 and not told_when:
+                    self.bad.append(f"{r.status_code} without Retry-After: {r.text[:200]}")
 
 
 def outage_warnings(stack: Stack) -> dict[str, int]:
