@@ -48,6 +48,9 @@ class CommonSettings(BaseSettings):
     max_msg_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 8 * 1024 * 1024
     stream_max_msgs: Annotated[int, Field(ge=-1)] = -1
     stream_replicas: Annotated[int, Field(ge=1, le=5)] = 1
+    # How long inference's tags answer byte-identical images (tagcache.py); the
+    # switch is the downloader's TAGPIPE_CONTENT_DEDUPE.
+    content_dedupe_ttl_s: Annotated[int, Field(ge=1, le=30 * 86400)] = 86400
 
     @field_validator("nats_url")
     @classmethod
