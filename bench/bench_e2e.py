@@ -230,6 +230,8 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
                 f" ({time.perf_counter() - t0:.0f} s)",
                 flush=True,
             )
+    if "settings" in systems.get("tagpipe", {}):
+        doc["hop"] = hop_figures(systems["tagpipe"]["settings"]["downloader_env"])
     if images and first is not None:
         # Again at the end: on a shared box the limit is the better of the two
         # brackets, so background load can't make the others look closer to it.
@@ -242,6 +244,23 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
         systems["ideal"]["cpu"] = min((r["cpu"] for r in every), key=_cpu_ms)
     finish(doc)
     return doc
+
+
+def hop_figures(downloader_env: dict[str, str]) -> dict[str, Any]:
+    """Bytes and top-1 agreement of the hop encoding tagpipe ran with, as `make
+    bench-hop` measured them on real photographs (the corpus here is generated)."""
+    from tagpipe_downloader.settings import DownloaderSettings
+
+    enc = downloader_env.get("TAGPIPE_HOP_ENCODING", DownloaderSettings().hop_encoding)
+    if enc == "raw":
+        return {"encoding": "raw", "bytes_median": 224 * 224 * 3, "top1_agreement": 1.0}
+    path = ROOT / "bench" / "results" / "hop-encoding.json"
+    measured = json.loads(path.read_text())["encodings"] if path.exists() else {}
+    for label, r in measured.items():
+        if label.endswith(f"(hop: {enc})"):
+            keep = ("bytes_median", "bytes_p90", "top1_agreement", "top1_agreement_whole_photos")
+            return {"encoding": enc, "source": path.name, **{k: r[k] for k in keep}}
+    return {"encoding": enc, "error": f"not measured: run make bench-hop ({path.name})"}
 
 
 def _adjacent_ideal(
@@ -280,6 +299,15 @@ def _metric(system: dict[str, Any], key: str) -> float | None:
     return system.get(key)
 
 
+# Issue #13's goals, from one run: (view, metric, against, at least this many times better).
+GOALS = (
+    ("CPU cost", "cpu_ms", "ideal", 0.87),
+    ("wall clock", "images_per_s", "naive", 1.0),
+    ("wall clock", "images_per_s", "ray_serve", 1.5),
+)
+RT_P95_GOAL_MS = 300.0
+
+
 def finish(doc: dict[str, Any]) -> None:
     """Ratios against the ideal, and the goals, stated with their margins.
 
@@ -309,16 +337,23 @@ def finish(doc: dict[str, Any]) -> None:
         goals["wall clock vs the ideal run just before: tagpipe >= 0.7x"] = (
             f"{tp_adj:.2f}x ({verdict})"
         )
-    for view, key in (("wall clock", "images_per_s"), ("CPU cost", "cpu_ms")):
-        val = {k: m for k, v in systems.items() if (m := _metric(v, key))}
-        tp = val.get("tagpipe")
-        if not tp:
-            continue
-        for other, need in (("ideal", 0.7), ("naive", 5.0), ("ray_serve", 1.0)):
-            if other in val:
-                r = _better(key, tp, val[other])
-                verdict = "met" if r >= need else "MISSED"
-                goals[f"{view}: tagpipe >= {need:g}x {other}"] = f"{r:.2f}x ({verdict})"
+    for view, key, other, need in GOALS:
+        tp, theirs = _metric(systems.get("tagpipe", {}), key), _metric(systems.get(other, {}), key)
+        if tp and theirs:
+            r = _better(key, tp, theirs)
+            verdict = "met" if r >= need else "MISSED"
+            goals[f"{view}: tagpipe >= {need:g}x {other}"] = f"{r:.2f}x ({verdict})"
+    p95 = (systems.get("tagpipe", {}).get("realtime") or {}).get("p95_ms")
+    if p95:
+        verdict = "met" if p95 <= RT_P95_GOAL_MS else "MISSED"
+        goals[f"real-time p95 <= {RT_P95_GOAL_MS:g} ms"] = f"{p95:,.0f} ms ({verdict})"
+    hop = doc.get("hop")
+    if hop and "bytes_median" in hop:
+        ok = hop["bytes_median"] <= 30_000 and hop["top1_agreement"] >= 0.995
+        goals["inference hop: median <= 30 KB, top-1 agreement >= 99.5 % (real photos)"] = (
+            f"{hop['encoding']}: {hop['bytes_median'] / 1000:.1f} KB, "
+            f"{hop['top1_agreement']:.1%} ({'met' if ok else 'MISSED'})"
+        )
     doc["goals"] = goals
     doc["finished_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
 
