@@ -36,3 +36,15 @@ def test_the_key_names_model_version_and_file() -> None:
     digest = content_digest(b"\xff\xd8 the same bytes")
     assert RedisKeys("p").tag_cache(a.key, digest) == f"p:tagcache:m:1.0.0:{'ab' * 8}:{digest}"
     assert content_digest(b"x") != content_digest(b"y") and len(digest) == 64
+
+
+def test_cached_reaches_every_result_the_api_serves() -> None:
+    from tagpipe_common.messages import TagResult
+    from tagpipe_gateway.schemas import ItemResult, JobResultLine
+
+    hit = TagResult(item_id="i", job_id="j", status="ok", cached=True)
+    miss = hit.model_copy(update={"cached": False})
+    assert ItemResult.of(0, "i", "u", hit).cached  # real-time responses, GET /v1/results
+    assert not ItemResult.of(0, "i", "u", miss).cached
+    line = {**hit.model_dump(mode="json"), "cursor": "1-0"}
+    assert JobResultLine.model_validate(line).cached  # job result lines
