@@ -1,9 +1,18 @@
-"""Connecting to NATS the same way everywhere: reconnect forever, log why."""
+"""Connecting to NATS the same way everywhere: reconnect forever, log why.
+
+`TAGPIPE_NATS_URL` names one server or several, comma-separated (a JetStream
+cluster): the client connects to any of them, learns the others from the
+server, and on a disconnect reconnects to whichever answers, so a killed server
+or a stream leader change is a pause, not an error.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sys
+import time
+from urllib.parse import urlsplit, urlunsplit
 
 import nats
 from nats.aio.client import Client
@@ -28,6 +37,7 @@ async def connect_nats(servers: list[str], name: str) -> Client:
 
     return await nats.connect(
         servers=servers,
+        # Reconnect to the other servers in turn: one dead node must not hold a worker.
         name=name,
         max_reconnect_attempts=-1,  # a NATS restart must never kill a worker
         reconnect_time_wait=0.5,
@@ -51,3 +61,64 @@ async def close_nats(nc: Client, timeout_s: float = 5.0) -> None:
             await asyncio.wait_for(step(), timeout_s)
         except Exception as exc:  # a dead peer: reset, timeout, closed
             log.warning("nats %s at shutdown failed: %s", step.__name__, describe(exc))
+
+
+SETTING = "TAGPIPE_NATS_URL"
+
+
+async def _reachable(servers: list[str], timeout_s: float) -> str | None:
+    """None once any server completes a NATS handshake; else the last error."""
+    last = "no answer"
+
+    async def on_error(exc: Exception) -> None:
+        nonlocal last
+        last = describe(exc)
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            # Each server twice, then NoServersError: bounded, unlike connect_nats.
+            nc = await asyncio.wait_for(
+                nats.connect(
+                    servers=servers,
+                    max_reconnect_attempts=1,
+                    reconnect_time_wait=0.2,
+                    connect_timeout=2,
+                    error_cb=on_error,
+                ),
+                max(0.1, deadline - time.monotonic()),
+            )
+        except Exception as exc:  # refused, timed out, no servers left: the callback said why
+            if last == "no answer" and not isinstance(exc, nats.errors.NoServersError):
+                last = describe(exc)
+            await asyncio.sleep(0.5)
+            continue
+        await nc.close()
+        return None
+    return last
+
+
+def require_nats(servers: list[str], label: str, timeout_s: float = 15.0) -> None:
+    """Start-up check: some server of the list answers within `timeout_s`, or the
+    process stops with exit status 2 and one line naming the setting.
+
+    A list where no server answers is a deployment error to show at once (a
+    typo'd host, a wrong port); one server of a cluster down is not, and a NATS
+    restarting while the process starts is ridden out within `timeout_s`.
+    """
+    problem = asyncio.run(_reachable(servers, timeout_s))
+    if problem is not None:
+        shown = ",".join(redact(u) for u in servers)
+        print(
+            f"{label}: no server of {SETTING}={shown} reachable within {timeout_s:g}s ({problem})",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+
+
+def redact(url: str) -> str:
+    """A NATS URL fit for a log line: user and password dropped."""
+    u = urlsplit(url)
+    host = u.hostname or ""
+    netloc = f"{host}:{u.port}" if u.port else host
+    return urlunsplit((u.scheme, netloc, u.path, u.query, u.fragment))

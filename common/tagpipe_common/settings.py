@@ -34,6 +34,8 @@ class CommonSettings(BaseSettings):
     redis_wait_timeout_ms: Annotated[int, Field(ge=10, le=60_000)] = 1000
     # How long start-up waits for Redis (or a Sentinel to name the primary) before exit 2.
     redis_startup_timeout_s: Annotated[float, Field(gt=0, le=600)] = 15.0
+    # How long start-up waits for any server of TAGPIPE_NATS_URL before exit 2.
+    nats_startup_timeout_s: Annotated[float, Field(gt=0, le=600)] = 15.0
     prefix: Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,30}$")] = "tagpipe"
     result_ttl_s: Annotated[int, Field(ge=60, le=30 * 86400)] = 86400
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import web
 from prometheus_client import start_http_server
 from tagpipe_common import telemetry
-from tagpipe_common.nats_io import close_nats, connect_nats
+from tagpipe_common.nats_io import close_nats, connect_nats, require_nats
 from tagpipe_common.pulse import beating
 from tagpipe_common.redis_io import connect_redis, require_redis
 from tagpipe_common.settings import load_settings
@@ -95,6 +95,7 @@ def main() -> None:
         print(f"DownloaderSettings: cannot read the model manifest: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     require_redis(settings.redis_url, "DownloaderSettings", settings.redis_startup_timeout_s)
+    require_nats(settings.nats_servers, "DownloaderSettings", settings.nats_startup_timeout_s)
     telemetry.setup_logging("downloader", settings.log_level, settings.log_json)
     telemetry.setup_tracing("tagpipe-downloader")
     # Hostile and sloppy images make Pillow warn (corrupt EXIF, pixel counts

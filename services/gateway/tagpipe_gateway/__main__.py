@@ -6,6 +6,7 @@ import logging
 
 import uvicorn
 from prometheus_client import start_http_server
+from tagpipe_common.nats_io import require_nats
 from tagpipe_common.redis_io import require_redis
 from tagpipe_common.settings import load_settings
 from tagpipe_common.telemetry import setup_logging, setup_tracing
@@ -20,6 +21,7 @@ log = logging.getLogger("tagpipe_gateway")
 def main() -> None:
     settings = load_settings(GatewaySettings)
     require_redis(settings.redis_url, "GatewaySettings", settings.redis_startup_timeout_s)
+    require_nats(settings.nats_servers, "GatewaySettings", settings.nats_startup_timeout_s)
     setup_logging("gateway", settings.log_level, settings.log_json)
     setup_tracing("tagpipe-gateway")
     try:

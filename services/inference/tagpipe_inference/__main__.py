@@ -14,7 +14,7 @@ import signal
 import sys
 
 from prometheus_client import start_http_server
-from tagpipe_common.nats_io import close_nats, connect_nats
+from tagpipe_common.nats_io import close_nats, connect_nats, require_nats
 from tagpipe_common.pulse import beating
 from tagpipe_common.redis_io import connect_redis, require_redis
 from tagpipe_common.results import ResultStore
@@ -80,6 +80,7 @@ async def serve(settings: InferenceSettings, model: Model, decoder: BatchDecoder
 def main() -> None:
     settings = load_settings(InferenceSettings)
     require_redis(settings.redis_url, "InferenceSettings", settings.redis_startup_timeout_s)
+    require_nats(settings.nats_servers, "InferenceSettings", settings.nats_startup_timeout_s)
     setup_logging("inference", settings.log_level, settings.log_json)
     setup_tracing("tagpipe-inference")
     if settings.metrics_port:
