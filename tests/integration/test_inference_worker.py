@@ -185,6 +185,19 @@ async def test_waiting_items_fill_batches_realtime_first(
     assert max(done[t.item_id] for t in rt) < min(done[t.item_id] for t in bulk)
 
 
+async def test_a_realtime_item_does_not_wait_for_the_batch_window(
+    js: JetStreamContext, store: ResultStore, make_worker: Callable[..., InferenceWorker]
+) -> None:
+    window_ms = 10_000.0  # the longest the settings allow; a held batch would wait it out
+    async with running(make_worker(max_batch=8, max_wait_ms=window_ms)):
+        await publish(js, make_task("rt", noise(7), Lane.REALTIME))
+        (result,) = await results_for(store, ["rt"])
+    assert result.status == "ok"
+    # Enqueue to the batch's start: a batch held for more would have waited the window.
+    assert result.timings.infer_queue_ms is not None
+    assert result.timings.infer_queue_ms < window_ms
+
+
 async def _zero(n: Awaitable[int]) -> bool:
     return await n == 0
 
