@@ -159,7 +159,8 @@ def nats_problem(rt: Runtime, url: str, exc: BaseException) -> str:
 
 
 def stream_policy(rt: Runtime, spec: TagPipelineSpec) -> StreamPolicy:
-    return replace(StreamPolicy.from_settings(rt.settings), prefix=spec.nats.prefix)
+    policy = StreamPolicy.from_settings(rt.settings)
+    return replace(policy, prefix=spec.nats.prefix, replicas=spec.nats.stream_replicas)
 
 
 async def converge(

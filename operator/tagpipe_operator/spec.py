@@ -57,6 +57,7 @@ class NatsSpec(_Model):
     url: str
     credentials_secret_ref: SecretRef | None = None
     prefix: str = "tagpipe"
+    stream_replicas: int = 1
 
 
 class RedisSpec(_Model):
