@@ -307,3 +307,34 @@ def test_bundled_redis_with_sentinel_runs_three_nodes_and_names_them_all() -> No
         proc = subprocess.run(["sh", "-n"], input=script, text=True, capture_output=True)
         assert proc.returncode == 0, (name, proc.stderr)
     assert one(render("kind"), "StatefulSet", "redis")["spec"]["replicas"] == 1  # the default
+
+
+def test_bundled_nats_cluster_runs_three_routed_servers_and_names_them_all() -> None:
+    docs = render("kind", "--set", "nats.cluster.enabled=true")
+    sts = one(docs, "StatefulSet", "nats")
+    assert sts["spec"]["replicas"] == 3 and sts["spec"]["podManagementPolicy"] == "Parallel"
+    (container,) = sts["spec"]["template"]["spec"]["containers"]
+    assert container["env"][0]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    headless = one(docs, "Service", "nats-headless")
+    assert {p["name"]: p["port"] for p in headless["spec"]["ports"]}["cluster"] == 6222
+    name, svc = sts["metadata"]["name"], headless["metadata"]["name"]
+    pods = [f"{name}-{i}.{svc}.tp.svc" for i in range(3)]
+    conf = one(docs, "ConfigMap", "nats")["data"]["nats.conf"]
+    assert "server_name: $SERVER_NAME" in conf and "name: tagpipe" in conf
+    assert all(f"nats://{p}:6222" in conf for p in pods), conf
+    assert one(docs, "PodDisruptionBudget", "nats")["spec"]["maxUnavailable"] == 1
+    nats = one(docs, "TagPipeline")["spec"]["nats"]
+    assert nats["url"] == ",".join(f"nats://{p}:4222" for p in pods)
+    assert nats["streamReplicas"] == 3
+    for doc in docs:  # the cluster's objects are ones the API server accepts
+        if doc["kind"] in ("StatefulSet", "Service", "ConfigMap", "PodDisruptionBudget"):
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    crd = yaml.safe_load(CRD_FILE.read_text())
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    assert not list(jsonschema.Draft7Validator(schema).iter_errors(one(docs, "TagPipeline")))
+    single = render("kind")  # the default stays one server, R1
+    assert one(single, "StatefulSet", "nats")["spec"]["replicas"] == 1
+    assert "cluster {" not in one(single, "ConfigMap", "nats")["data"]["nats.conf"]
+    assert not [
+        d for d in of_kind(single, "PodDisruptionBudget") if "nats" in d["metadata"]["name"]
+    ]

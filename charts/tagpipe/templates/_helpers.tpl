@@ -78,8 +78,16 @@ imagePullSecrets:
 {{- end -}}
 
 {{- define "tagpipe.natsUrl" -}}
-{{- if .Values.nats.enabled -}}
-{{- printf "nats://%s:%d" (include "tagpipe.componentName" (dict "ctx" . "c" "nats")) (int .Values.nats.port) -}}
+{{- $name := include "tagpipe.componentName" (dict "ctx" . "c" "nats") -}}
+{{- if and .Values.nats.enabled .Values.nats.cluster.enabled -}}
+{{- /* Every server by its pod name: a client reconnects to whichever is up. */ -}}
+{{- $urls := list -}}
+{{- range $i := until (int .Values.nats.cluster.replicas) -}}
+{{- $urls = append $urls (printf "nats://%s-%d.%s-headless.%s.svc:%d" $name $i $name $.Release.Namespace (int $.Values.nats.port)) -}}
+{{- end -}}
+{{- join "," $urls -}}
+{{- else if .Values.nats.enabled -}}
+{{- printf "nats://%s:%d" $name (int .Values.nats.port) -}}
 {{- else -}}
 {{- .Values.externalNats.url -}}
 {{- end -}}
@@ -102,7 +110,9 @@ imagePullSecrets:
 
 {{/* The example TagPipeline's spec.nats: bundled server, a Secret, or a plain URL. */}}
 {{- define "tagpipe.natsSpec" -}}
-{{- if .Values.nats.enabled -}}
+{{- if and .Values.nats.enabled .Values.nats.cluster.enabled -}}
+{{- dict "url" (include "tagpipe.natsUrl" .) "streamReplicas" (min 3 (int .Values.nats.cluster.replicas)) | toYaml -}}
+{{- else if .Values.nats.enabled -}}
 {{- dict "url" (include "tagpipe.natsUrl" .) | toYaml -}}
 {{- else if .Values.externalNats.existingSecret -}}
 {{- dict "url" .Values.externalNats.url "credentialsSecretRef" (dict "name" .Values.externalNats.existingSecret "key" .Values.externalNats.existingSecretKey) | toYaml -}}
