@@ -6,8 +6,8 @@ shows as a trend, not as a crash a day later:
     python -m bench.soak --minutes 30 --out bench/results/soak-30min.json
 
 Request and job sizes are drawn at random (seeded), so inference meets every batch
-size from 1 to max_batch. Results and cached tags expire after --ttl-s, so Redis
-holds a bounded window rather than a day of results (which would read as a leak).
+size from 1 to max_batch. Results, jobs and cached tags expire after --ttl-s, so
+Redis holds a bounded window rather than days of them (which would read as a leak).
 The verdict per process is its growth over the last --window-min minutes (the
 median of the window's first minute against that of its last), goal <= 5 %.
 `--memray DIR` runs each inference process under `memray run --native`.
@@ -227,7 +227,11 @@ def stack_config(args: argparse.Namespace, data_dir: Path) -> StackConfig:
         downloaders=2,
         inference=2,
         allow_cidrs="127.0.0.0/8",
-        env={"TAGPIPE_RESULT_TTL_S": ttl, "TAGPIPE_CONTENT_DEDUPE_TTL_S": ttl},
+        env={
+            "TAGPIPE_RESULT_TTL_S": ttl,
+            "TAGPIPE_CONTENT_DEDUPE_TTL_S": ttl,
+            "TAGPIPE_JOB_TTL_S": ttl,  # a job's results stream: 7 days by default
+        },
         inference_env={"TAGPIPE_INTRA_OP_THREADS": "1", **dict(args.inference_env)},
         gateway_env={"TAGPIPE_REALTIME_TIMEOUT_S": "60"},
         downloader_env={"TAGPIPE_DECODE_WORKERS": "1"},
@@ -241,7 +245,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--realtime-clients", type=int, default=2)
     ap.add_argument("--job-size", type=int, default=300, help="largest bulk job (sizes vary)")
     ap.add_argument("--sample-s", type=float, default=5)
-    ap.add_argument("--ttl-s", type=int, default=300, help="result and tag-cache TTL")
+    ap.add_argument("--ttl-s", type=int, default=300, help="result, job and tag-cache TTL")
     ap.add_argument("--model-dir", type=Path, default=MODEL_DIR)
     ap.add_argument("--memray", type=Path, help="run inference under memray, files here")
     ap.add_argument(
