@@ -89,17 +89,29 @@ TAGPIPE_CONFIGS: list[dict[str, dict[str, str]]] = [
 
 
 async def bench_tagpipe(
-    urls: list[str], rt_urls: list[str], args: argparse.Namespace
+    urls: list[str], rt_urls: list[str], args: argparse.Namespace, nats_servers: int = 1
 ) -> dict[str, Any]:
     runs = []
     for conf in TAGPIPE_CONFIGS:
-        runs.append(await _tagpipe_once(urls, rt_urls, args, conf))
+        runs.append(await _tagpipe_once(urls, rt_urls, args, conf, nats_servers))
         print(f"  tagpipe {runs[-1]['settings']}: {runs[-1]['images_per_s']} img/s", flush=True)
     return best_of(runs)
 
 
+async def bench_tagpipe_r3(
+    urls: list[str], rt_urls: list[str], args: argparse.Namespace
+) -> dict[str, Any]:
+    """The same, on a 3-server JetStream cluster with every stream at 3 replicas: what
+    replication costs (each publish and ack is stored by a quorum before it returns)."""
+    return await bench_tagpipe(urls, rt_urls, args, nats_servers=3)
+
+
 async def _tagpipe_once(
-    urls: list[str], rt_urls: list[str], args: argparse.Namespace, conf: dict[str, dict[str, str]]
+    urls: list[str],
+    rt_urls: list[str],
+    args: argparse.Namespace,
+    conf: dict[str, dict[str, str]],
+    nats_servers: int = 1,
 ) -> dict[str, Any]:
     from tagpipe_cli.stack import Stack, StackConfig
 
@@ -112,6 +124,7 @@ async def _tagpipe_once(
         fresh=True,
         downloader_env=conf["downloader_env"],
         inference_env=conf["inference_env"],
+        nats_servers=nats_servers,
     )
     stack = await asyncio.to_thread(Stack(cfg).start)
     try:
@@ -139,6 +152,8 @@ async def _tagpipe_once(
         "downloaders": args.downloaders,
         "downloader_env": cfg.downloader_env,
         "inference_env": cfg.inference_env,
+        "nats_servers": nats_servers,
+        "stream_replicas": stack.stream_replicas,
     }
     return {**bulk, "realtime": rt.summary(), "cpu": cpu, "settings": settings}
 
@@ -212,7 +227,12 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
         args.harness_pids = (srv.pid,)
         urls = [f"{img_base}/img/{n}" for n in corpus.names]
         rt_urls = [f"{img_base}/img/{n}~rt" for n in rt_corpus.names]
-        runners = {"tagpipe": bench_tagpipe, "naive": bench_naive, "ray_serve": bench_ray}
+        runners = {
+            "tagpipe": bench_tagpipe,
+            "tagpipe_r3": bench_tagpipe_r3,
+            "naive": bench_naive,
+            "ray_serve": bench_ray,
+        }
         for name, fn in runners.items():
             if name not in args.systems:
                 continue
@@ -355,6 +375,13 @@ def finish(doc: dict[str, Any]) -> None:
             f"{hop['top1_agreement']:.1%} ({'met' if ok else 'MISSED'})"
         )
     doc["goals"] = goals
+    r1, r3 = systems.get("tagpipe", {}), systems.get("tagpipe_r3", {})
+    if "images_per_s" in r1 and "images_per_s" in r3:
+        cpu1, cpu3 = _metric(r1, "cpu_ms"), _metric(r3, "cpu_ms")
+        doc["replication"] = {
+            "images_per_s_r3_over_r1": round(r3["images_per_s"] / r1["images_per_s"], 3),
+            "cpu_ms_per_image_r3_over_r1": round(cpu3 / cpu1, 3) if cpu1 and cpu3 else None,
+        }
     doc["finished_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
 
 
@@ -378,7 +405,7 @@ def main() -> None:
         type=lambda s: tuple(int(x) for x in s.split("x")),
         metavar="REPLICASxTHREADS",
     )
-    ap.add_argument("--systems", default="ideal,tagpipe,naive,ray_serve")
+    ap.add_argument("--systems", default="ideal,tagpipe,tagpipe_r3,naive,ray_serve")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "e2e.json")
     ap.add_argument("--md", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = ap.parse_args()

@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Any
 
 START, END = "<!-- bench:e2e:start -->", "<!-- bench:e2e:end -->"
-ORDER = ("ideal", "tagpipe", "naive", "ray_serve")
+ORDER = ("ideal", "tagpipe", "tagpipe_r3", "naive", "ray_serve")
 LABELS = {
     "ideal": "ideal (in-process loop, bytes in memory)",
     "tagpipe": "tagpipe (local stack, bulk job)",
+    "tagpipe_r3": "tagpipe, 3 NATS servers, R3 streams",
     "naive": "naive monolith (FastAPI, batch 1)",
     "ray_serve": "Ray Serve peer (@serve.batch)",
 }
@@ -54,6 +55,14 @@ def markdown(doc: dict[str, Any]) -> str:
             f"{_ms(rt.get('p50_ms'))} | {_ms(rt.get('p95_ms'))} | {_ms(rt.get('p99_ms'))} | "
             f"{rt.get('failed', '-')} | {cpu.get('other_cores_busy', '-')} |"
         )
+    rep = doc.get("replication")
+    if rep:
+        rate, cpu = rep["images_per_s_r3_over_r1"], rep["cpu_ms_per_image_r3_over_r1"]
+        lines += [
+            "",
+            f"Replication (R3 on 3 NATS servers vs R1 on one): {rate:.2f}x the images/s, "
+            f"{'-' if cpu is None else f'{cpu:.2f}x'} the CPU ms per image.",
+        ]
     goals = doc.get("goals", {})
     if goals:
         lines += ["", "Goals on this run:", ""] + [f"- {k}: {v}" for k, v in goals.items()]
@@ -80,7 +89,13 @@ def chart(doc: dict[str, Any], path: Path) -> None:
     rates = [doc["systems"][k]["images_per_s"] for k in keys]
     p95 = [(doc["systems"][k].get("realtime") or {}).get("p95_ms") or 0 for k in keys]
     cpu = [(doc["systems"][k].get("cpu") or {}).get("cpu_ms_per_image") or 0 for k in keys]
-    colors = {"ideal": "#999", "tagpipe": "#2a7", "naive": "#c55", "ray_serve": "#57c"}
+    colors = {
+        "ideal": "#999",
+        "tagpipe": "#2a7",
+        "tagpipe_r3": "#7c5",
+        "naive": "#c55",
+        "ray_serve": "#57c",
+    }
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(14, 4))
     panels = (
         (ax1, rates, "bulk images/s (wall clock)", "throughput", "{:.1f}"),
