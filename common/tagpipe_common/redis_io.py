@@ -185,9 +185,11 @@ def require_redis(url: str, label: str, timeout_s: float = 10.0) -> None:
             except (redis.RedisError, OSError) as exc:
                 if time.monotonic() >= deadline:
                     what = "no Sentinel named a primary" if is_sentinel(url) else "no answer"
+                    # MasterNotFoundError appends the repr of every sentinel client: cut it.
+                    why = str(exc).split(" : <")[0][:200]
                     line = (
                         f"{label}: cannot reach {SETTING}={redacted(url)} within {timeout_s:g}s"
-                        f" ({what}: {type(exc).__name__}: {str(exc)[:200]})"
+                        f" ({what}: {type(exc).__name__}: {why})"
                     )
                     print(line, file=sys.stderr)
                     raise SystemExit(2) from None

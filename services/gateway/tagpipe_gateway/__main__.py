@@ -20,14 +20,14 @@ log = logging.getLogger("tagpipe_gateway")
 
 def main() -> None:
     settings = load_settings(GatewaySettings)
-    require_redis(settings.redis_url, "GatewaySettings", settings.redis_startup_timeout_s)
-    require_nats(settings.nats_servers, "GatewaySettings", settings.nats_startup_timeout_s)
     setup_logging("gateway", settings.log_level, settings.log_json)
     setup_tracing("tagpipe-gateway")
     try:
         keys = ApiKeys.load(settings.api_keys.get_secret_value(), settings.api_keys_file)
     except (OSError, ValueError) as exc:
         raise SystemExit(f"GatewaySettings: cannot load API keys: {exc}") from None
+    require_redis(settings.redis_url, "GatewaySettings", settings.redis_startup_timeout_s)
+    require_nats(settings.nats_servers, "GatewaySettings", settings.nats_startup_timeout_s)
     app = create_app(settings, keys)
     if settings.metrics_port:
         # Also on the API port's /metrics; this one matches the other components' pods.

@@ -79,8 +79,6 @@ async def serve(settings: InferenceSettings, model: Model, decoder: BatchDecoder
 
 def main() -> None:
     settings = load_settings(InferenceSettings)
-    require_redis(settings.redis_url, "InferenceSettings", settings.redis_startup_timeout_s)
-    require_nats(settings.nats_servers, "InferenceSettings", settings.nats_startup_timeout_s)
     setup_logging("inference", settings.log_level, settings.log_json)
     setup_tracing("tagpipe-inference")
     if settings.metrics_port:
@@ -101,6 +99,10 @@ def main() -> None:
     except GpuUnavailable as exc:
         print(f"tagpipe-inference: no GPU: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    # The remote checks come after the local ones: a bad model directory or a missing
+    # GPU is named as such even while NATS or Redis is away.
+    require_redis(settings.redis_url, "InferenceSettings", settings.redis_startup_timeout_s)
+    require_nats(settings.nats_servers, "InferenceSettings", settings.nats_startup_timeout_s)
     asyncio.run(serve(settings, model, decoder))
 
 
