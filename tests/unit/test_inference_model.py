@@ -150,10 +150,18 @@ def test_predict_returns_probabilities_per_image(model: Model) -> None:
     np.testing.assert_allclose(single[0], p[1], atol=1e-5)  # batching changes nothing
 
 
-def test_the_memory_pattern_is_off_unless_asked(model: Model, model_dir: Path) -> None:
-    # Off is the memory bound (dynamic batch sizes grew the CPU arena without it).
-    assert model.session.get_session_options().enable_mem_pattern is False
-    with_pattern = load_model(model_dir, intra_op_threads=1, mem_pattern=True)
-    assert with_pattern.session.get_session_options().enable_mem_pattern is True
+def test_the_memory_bound_is_on_unless_asked_off(model: Model, model_dir: Path) -> None:
+    # The bound: no memory pattern, and a CPU arena that grows by the request only
+    # (dynamic batch sizes grew onnxruntime's defaults without end).
+    opts = model.session.get_session_options()
+    assert opts.enable_mem_pattern is False
+    assert opts.get_session_config_entry("session.use_env_allocators") == "1"
+    unbounded = load_model(
+        model_dir, intra_op_threads=1, mem_pattern=True, arena_extend="next_power_of_two"
+    )
+    opts = unbounded.session.get_session_options()
+    assert opts.enable_mem_pattern is True
+    with pytest.raises(RuntimeError, match="use_env_allocators"):  # never set: its own arena
+        opts.get_session_config_entry("session.use_env_allocators")
     x = np.random.default_rng(3).integers(0, 256, (5, 224, 224, 3), dtype=np.uint8)
-    np.testing.assert_allclose(model.predict(x), with_pattern.predict(x), atol=1e-5)
+    np.testing.assert_allclose(model.predict(x), unbounded.predict(x), atol=1e-5)
