@@ -74,16 +74,23 @@ def bench_ideal(images: list[bytes], harness: tuple[int, ...] = ()) -> dict[str,
 # tagpipe on 2 cores: the defaults (derived from the cores: 2 decode threads,
 # 64 items in flight), and the setting an operator would pick for this box: one
 # onnxruntime thread (decode needs the other core), a 50 ms batch window (CPU
-# batching saves a little per image), and 128 items in flight: a deeper buffer
-# in front of the decode threads keeps both cores busy through clumps of 12 MP
-# photos (the decode queue is lane-ordered, so real-time items do not wait
-# behind it). The naive and Ray peers already keep 1.9 of 2 cores busy at 64
-# requests in flight, so a deeper window would not help them.
+# batching saves a little per image) for batches of at most 8 (onnxruntime's
+# CPU cost per image is lowest there, ~2 ms under batch 32's, and a batch holds
+# the session ~80 ms rather than ~350 ms ahead of a real-time item), and 128
+# items in flight: a deeper buffer in front of the decode threads keeps both
+# cores busy through clumps of 12 MP photos (the decode queue is lane-ordered,
+# so real-time items do not wait behind it). The naive and Ray peers already
+# keep 1.9 of 2 cores busy at 64 requests in flight, so a deeper window would
+# not help them.
 TAGPIPE_CONFIGS: list[dict[str, dict[str, str]]] = [
     {"downloader_env": {}, "inference_env": {}},
     {
         "downloader_env": {"TAGPIPE_MAX_INFLIGHT": "128"},
-        "inference_env": {"TAGPIPE_INTRA_OP_THREADS": "1", "TAGPIPE_MAX_WAIT_MS": "50"},
+        "inference_env": {
+            "TAGPIPE_INTRA_OP_THREADS": "1",
+            "TAGPIPE_MAX_WAIT_MS": "50",
+            "TAGPIPE_MAX_BATCH": "8",
+        },
     },
 ]
 
