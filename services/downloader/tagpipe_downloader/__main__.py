@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 from prometheus_client import start_http_server
-from tagpipe_common import telemetry
+from tagpipe_common import eventloop, telemetry
 from tagpipe_common.nats_io import close_nats, connect_nats, require_nats
 from tagpipe_common.pulse import beating
 from tagpipe_common.redis_io import connect_redis, require_redis
@@ -103,7 +103,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", module=r"PIL\.")
     if settings.metrics_port:
         start_http_server(settings.metrics_port)
-    asyncio.run(serve(settings))
+    eventloop.run(serve(settings))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import signal
 import sys
 
 from prometheus_client import start_http_server
+from tagpipe_common import eventloop
 from tagpipe_common.nats_io import close_nats, connect_nats, require_nats
 from tagpipe_common.pulse import beating
 from tagpipe_common.redis_io import connect_redis, require_redis
@@ -104,7 +105,7 @@ def main() -> None:
     # GPU is named as such even while NATS or Redis is away.
     require_redis(settings.redis_url, "InferenceSettings", settings.redis_startup_timeout_s)
     require_nats(settings.nats_servers, "InferenceSettings", settings.nats_startup_timeout_s)
-    asyncio.run(serve(settings, model, decoder))
+    eventloop.run(serve(settings, model, decoder))
 
 
 if __name__ == "__main__":
