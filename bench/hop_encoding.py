@@ -14,12 +14,17 @@ the model's top-1 on the decoded crop against the raw crop's.
 
 Writes bench/results/hop-encoding.json: per encoding the median/p90/max bytes,
 the top-1 agreement (and the crops that disagree), the mean absolute pixel
-error, and the encode and decode CPU ms per crop on this machine.
+error, and the encode and decode CPU ms per crop on this machine; how near-tied
+the set is (the agreement that +-1 grey level of noise alone leaves); and, for
+the downloader's settings (raw, jpeg, webp-lossless), the CPU per frame of the
+whole hop through a real nats-server: encode, publish, store, fetch, decode, ack.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
 import platform
 import random
@@ -30,7 +35,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 from tagpipe_downloader.decode import Geometry, resize_crop
-from tagpipe_downloader.hop import CODECS, Codec, encode_crop
+from tagpipe_downloader.hop import CODECS, Codec, HopEncoding, encode_crop, hop_payload
 from tagpipe_inference.decoders import PillowDecoder
 from tagpipe_inference.model import Model, load_model
 
@@ -141,9 +146,80 @@ def measure(model: Model, names: list[str], raw: np.ndarray, codec: Codec) -> di
     }
 
 
+async def _through_jetstream(crops: np.ndarray, encoding: HopEncoding, n: int) -> dict[str, Any]:
+    """CPU per frame to cross a real JetStream hop (tagpipe's file-stored INFER
+    stream, one nats-server): encode and publish, fetch in batches of 8, decode
+    and ack, in this process and in nats-server."""
+    import tempfile
+
+    import nats
+    import psutil  # type: ignore[import-untyped]
+    from tagpipe_cli.stack import nats_server
+    from tagpipe_common.messages import InferenceTask
+    from tagpipe_common.streams import StreamPolicy, ensure_streams
+    from tagpipe_common.subjects import Lane, Stage, stage_names
+
+    with tempfile.TemporaryDirectory() as tmp:
+        srv = nats_server(Path(tmp) / "nats")
+        srv.start()
+        try:
+            assert srv.proc is not None
+            server, me = psutil.Process(srv.proc.pid), psutil.Process()
+            nc = await nats.connect(srv.url)
+            js = nc.jetstream()
+            await ensure_streams(js, StreamPolicy())
+            names = stage_names(Stage.INFER, "tagpipe")
+            sub = await js.pull_subscribe_bind(
+                durable=names.consumer(Lane.BULK), stream=names.stream
+            )
+            decoder = PillowDecoder(256, crops.shape[1])
+            cpu0 = (sum(me.cpu_times()[:2]), sum(server.cpu_times()[:2]))
+            inflight = asyncio.Semaphore(64)
+
+            async def publish(i: int) -> None:
+                payload, media_type = hop_payload(crops[i % len(crops)], encoding)
+                task = InferenceTask(
+                    item_id=f"i{i}",
+                    job_id="j",
+                    shape=crops.shape[1:],
+                    encoding="raw" if media_type is None else "encoded_crop",
+                    media_type=media_type,
+                    pixels=payload,
+                )
+                async with inflight:
+                    await js.publish(names.subject(Lane.BULK), task.to_wire())
+
+            async def consume() -> None:
+                done = 0
+                while done < n:
+                    with contextlib.suppress(nats.errors.TimeoutError):
+                        for m in await sub.fetch(8, timeout=1):
+                            task = InferenceTask.from_wire(m.data)
+                            if task.encoding != "raw":
+                                decoder.one(task.pixels, True)
+                            await m.ack()
+                            done += 1
+
+            consumer = asyncio.create_task(consume())
+            await asyncio.gather(*(publish(i) for i in range(n)))
+            await consumer
+            clients = sum(me.cpu_times()[:2]) - cpu0[0]
+            nats_cpu = sum(server.cpu_times()[:2]) - cpu0[1]
+            await nc.close()
+        finally:
+            srv.stop()
+    return {
+        "frames": n,
+        "clients_cpu_ms": round(clients * 1000 / n, 3),
+        "nats_server_cpu_ms": round(nats_cpu * 1000 / n, 3),
+        "total_cpu_ms": round((clients + nats_cpu) * 1000 / n, 3),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--windows", type=int, default=16, help="per photo, before mirroring")
+    ap.add_argument("--frames", type=int, default=2000, help="frames through JetStream per hop")
     ap.add_argument("--model-dir", type=Path, default=ROOT / "models" / "efficientnet-lite0")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "hop-encoding.json")
     args = ap.parse_args()
@@ -157,6 +233,8 @@ def main() -> None:
             crops.append(resize_crop(Image.fromarray(win), geom))
     raw = np.stack(crops)
     results = {label: measure(model, names, raw, codec) for label, codec in CANDIDATES.items()}
+    hops: tuple[HopEncoding, ...] = ("raw", "jpeg", "webp-lossless")
+    through = {enc: asyncio.run(_through_jetstream(raw, enc, args.frames)) for enc in hops}
     doc = {
         "benchmark": "hop-encoding",
         "machine": {
@@ -168,10 +246,14 @@ def main() -> None:
         "raw_bytes": int(raw[0].nbytes),
         "reference": sensitivity(model, raw),
         "encodings": results,
+        # CPU per frame for the whole hop, codec included (the settings' encodings).
+        "through_jetstream": through,
         "finished_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     args.out.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"{len(raw)} crops; raw crops: {doc['reference']}")
+    for enc, r in through.items():
+        print(f"through JetStream, {enc}: {r}")
     for label, r in results.items():
         print(
             f"{label:26s} median {r['bytes_median']:7,d} B  p90 {r['bytes_p90']:7,d}  "
