@@ -90,7 +90,7 @@ class EarlyAdmission:
         if deadline_s is None:
             return None
         try:
-            await rt.backlog.get()  # keeps the reads (and the drain rate) current
+            await rt.backlog.current()  # keeps the reads (and the drain rate) current
         except Exception:  # a broker away: the route answers that (503) its own way
             return None
         v = verdict(rt, 1, deadline_s)
