@@ -41,7 +41,6 @@ def load(settings: InferenceSettings) -> Model:
         allow_spinning=settings.allow_spinning,
         gpu=settings.gpu_options,
         mem_pattern=settings.mem_pattern,
-        arena_extend=settings.arena_extend,
     )
     # Warm up at the largest batch: the first real one must not pay for allocations.
     model.warm_up(settings.max_batch)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -77,32 +77,8 @@ def verify_file(model_dir: Path, manifest: ModelManifest, variant: str | None = 
     return path
 
 
-ArenaExtend = Literal["same_as_requested", "next_power_of_two"]
-_env_arena = False  # the process-wide CPU arena below is registered (once per process)
-
-
-def _same_as_requested_arena(opts: ort.SessionOptions) -> None:
-    # onnxruntime's CPU arena grows by doubling (kNextPowerOfTwo) and never returns
-    # memory, so once it has grown a few times one request that fits no free chunk
-    # costs hundreds of MiB (+350 MiB in one step, 10 minutes into a soak, with the
-    # memory pattern already off). Same-as-requested grows by the request only. The
-    # CPU arena's settings are per process: an environment allocator sessions opt into.
-    global _env_arena
-    if not _env_arena:
-        cpu = ort.OrtMemoryInfo(
-            "Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT
-        )
-        ort.create_and_register_allocator(cpu, ort.OrtArenaCfg({"arena_extend_strategy": 1}))
-        _env_arena = True
-    opts.add_session_config_entry("session.use_env_allocators", "1")
-
-
 def session_options(
-    intra_op: int,
-    inter_op: int,
-    allow_spinning: bool,
-    mem_pattern: bool = False,
-    arena_extend: ArenaExtend = "same_as_requested",
+    intra_op: int, inter_op: int, allow_spinning: bool, mem_pattern: bool = False
 ) -> ort.SessionOptions:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -111,8 +87,6 @@ def session_options(
     # kept growing: +500 MiB in minutes in bench/results/memray-inference.txt. Without
     # it, tensors come from the arena's bins, reused across batch sizes.
     opts.enable_mem_pattern = mem_pattern
-    if arena_extend == "same_as_requested":
-        _same_as_requested_arena(opts)
     opts.intra_op_num_threads = intra_op
     opts.inter_op_num_threads = inter_op
     spin = "1" if allow_spinning else "0"
@@ -180,6 +154,17 @@ class Model:
         if y.shape != (x.shape[0], self.manifest.num_classes):
             raise RuntimeError(f"model returned shape {y.shape} for a batch of {x.shape[0]}")
         return softmax(y) if self.manifest.output_kind == "logits" else y
+
+    def run_at_most(self, x: F32, max_batch: int) -> F32:
+        """`run` in slices of at most `max_batch` rows. A pull can hand the worker more
+        messages than it asked for (batches of up to 44 with max_batch 32 in a soak),
+        and each batch size past the warm-up's grew onnxruntime's CPU arena for good
+        (+350-420 MiB steps; bench/results/memray-inference.txt). On a GPU it would
+        also fall outside the TensorRT profile (1..max_batch)."""
+        if len(x) <= max_batch:
+            return self.run(x)
+        parts = [self.run(x[i : i + max_batch]) for i in range(0, len(x), max_batch)]
+        return np.concatenate(parts)
 
     def predict(self, batch: U8Batch) -> F32:
         return self.run(self.preprocess(batch))
@@ -256,7 +241,6 @@ def load_model(
     allow_spinning: bool = False,
     gpu: GpuOptions | None = None,
     mem_pattern: bool = False,
-    arena_extend: ArenaExtend = "same_as_requested",
 ) -> Model:
     """Load and check a model directory; raises ModelLoadError with the reason, or
     GpuUnavailable when `gpu.require_gpu` and no GPU provider came up."""
@@ -268,9 +252,7 @@ def load_model(
     profile = trt_profile(manifest.input.name, manifest.preprocess.crop, gpu.max_batch)
     plan = plan_providers(requested, ort.get_available_providers(), gpu, profile)
     variant = pick_variant(manifest, [n for n, _ in plan], gpu.fp16)
-    opts = session_options(
-        intra_op_threads, inter_op_threads, allow_spinning, mem_pattern, arena_extend
-    )
+    opts = session_options(intra_op_threads, inter_op_threads, allow_spinning, mem_pattern)
     session = _open(verify_file(model_dir, manifest, variant), opts, list(plan))
     used = list(session.get_providers())
     warning = gpu_outcome(requested, used, gpu.require_gpu)
@@ -291,7 +273,6 @@ def load_model(
         "inter_op_threads": inter_op_threads,
         "allow_spinning": allow_spinning,
         "mem_pattern": mem_pattern,
-        "arena_extend": arena_extend,
     }
     log.info("model loaded", extra={"fields": fields})
     return Model(manifest=manifest, labels=labels, session=session, providers=used)

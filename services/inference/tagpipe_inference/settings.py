@@ -34,9 +34,6 @@ class InferenceSettings(CommonSettings):
     # onnxruntime's memory pattern: off, since with dynamic batch sizes it made the CPU
     # arena grow without bound (see model.session_options); on: onnxruntime's default.
     mem_pattern: bool = False
-    # How the CPU arena grows: by the request (bounded memory), or onnxruntime's
-    # default doubling, which never gives memory back (see model._same_as_requested_arena).
-    arena_extend: Literal["same_as_requested", "next_power_of_two"] = "same_as_requested"
     max_batch: Annotated[int, Field(ge=1, le=1024)] = 32
     max_wait_ms: Annotated[float, Field(ge=0, le=10_000)] = 20.0
     # How long one fetch may wait just to look at a lane that may be empty. Too short,

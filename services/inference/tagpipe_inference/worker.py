@@ -312,7 +312,7 @@ class InferenceWorker:
     def _timed_run(self, x: F32) -> tuple[F32, float, float]:
         # Timed on the session thread: time queued behind the previous batch is not inference.
         started, t0 = time.time(), time.perf_counter()
-        scores = self.model.run(x)
+        scores = self.model.run_at_most(x, self.settings.max_batch)
         return scores, (time.perf_counter() - t0) * 1000.0, started
 
     def _inference_failed(
