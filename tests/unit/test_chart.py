@@ -338,3 +338,78 @@ def test_bundled_nats_cluster_runs_three_routed_servers_and_names_them_all() -> 
     assert not [
         d for d in of_kind(single, "PodDisruptionBudget") if "nats" in d["metadata"]["name"]
     ]
+
+
+def _sentinel_pod(tmp: Path, host: str, named: str) -> dict[str, str]:
+    """The rendered start scripts under `tmp`, with redis-cli, redis-server and hostname
+    stubbed: `named` is what every sentinel answers for the primary ('' = none up).
+    Returns the environment to run them in; redis-server writes its argv to tmp/exec."""
+    docs = render("kind", "--set", "redis.sentinel.enabled=true")
+    scripts = one(docs, "ConfigMap", "redis-sentinel")["data"]
+    for d in ("scripts", "bin", "data", "sentinel"):
+        (tmp / d).mkdir(exist_ok=True)
+    for key, text in scripts.items():
+        for path in ("/scripts/", "/data/", "/sentinel/"):
+            text = text.replace(path, f"{tmp}{path}")
+        (tmp / "scripts" / key).write_text(text)
+    stubs = {
+        "hostname": f"echo {host}",
+        "redis-cli": f'[ -n "{named}" ] && echo "{named}" && echo 6379',
+        "redis-server": f'echo "$@" > {tmp}/exec',
+        "timeout": 'shift; "$@"',
+    }
+    for cmd, body in stubs.items():
+        stub = tmp / "bin" / cmd
+        stub.write_text(f"#!/bin/sh\n{body}\n")
+        stub.chmod(0o755)
+    return {"PATH": f"{tmp}/bin:/usr/bin:/bin"}
+
+
+def _run_sentinel_script(tmp: Path, name: str, host: str, named: str) -> str:
+    env = _sentinel_pod(tmp, host, named)
+    subprocess.run(["sh", str(tmp / "scripts" / name)], env=env, timeout=20, check=True)
+    return (tmp / "exec").read_text()
+
+
+@pytest.mark.parametrize(
+    ("host", "named", "replica_of"),
+    [
+        ("rel-tagpipe-redis-0", "", None),  # first start: pod 0 is the primary
+        ("rel-tagpipe-redis-1", "", "rel-tagpipe-redis-0"),
+        ("rel-tagpipe-redis-0", "rel-tagpipe-redis-2", "rel-tagpipe-redis-2"),  # failed over
+    ],
+)
+def test_sentinel_start_script_follows_the_primary_the_sentinels_name(
+    tmp_path: Path, host: str, named: str, replica_of: str | None
+) -> None:
+    domain = "rel-tagpipe-redis.tp.svc"
+    named = f"{named}.{domain}" if named else ""
+    argv = _run_sentinel_script(tmp_path, "redis.sh", host, named)
+    assert f"--replica-announce-ip {host}.{domain}" in argv
+    if replica_of is None:
+        assert "--replicaof" not in argv
+    else:
+        assert f"--replicaof {replica_of}.{domain} 6379" in argv
+    _run_sentinel_script(tmp_path, "sentinel.sh", host, named)
+    conf = (tmp_path / "sentinel" / "sentinel.conf").read_text()
+    primary = f"{replica_of or host}.{domain}"
+    assert f"sentinel monitor tagpipe {primary} 6379 2" in conf
+
+
+def test_an_empty_node_the_sentinels_still_call_primary_waits_for_a_failover(
+    tmp_path: Path,
+) -> None:
+    """Back with no data before the sentinels noticed it was gone: serving as primary
+    would make the replicas copy an empty data set."""
+    me = "rel-tagpipe-redis-0.rel-tagpipe-redis.tp.svc"
+    env = _sentinel_pod(tmp_path, "rel-tagpipe-redis-0", me)
+    proc = subprocess.Popen(["sh", str(tmp_path / "scripts" / "redis.sh")], env=env)
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(3)  # holding back (it asks again every 2 s)
+        assert not (tmp_path / "exec").exists()
+        (tmp_path / "data" / "appendonlydir").mkdir()  # a node that kept its data starts
+        assert proc.wait(10) == 0
+    finally:
+        proc.kill()
+    assert "--replicaof" not in (tmp_path / "exec").read_text()
