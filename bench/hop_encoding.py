@@ -187,7 +187,7 @@ async def _through_jetstream(crops: np.ndarray, encoding: HopEncoding, n: int) -
                     pixels=payload,
                 )
                 async with inflight:
-                    await js.publish(names.subject(Lane.BULK), task.to_wire())
+                    await js.publish(names.subject(Lane.BULK), task.to_wire(), timeout=30)
 
             async def consume() -> None:
                 done = 0
