@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from tagpipe_common import eventloop
 from tagpipe_downloader.decode import Geometry, resize_crop
 from tagpipe_downloader.hop import CODECS, Codec, HopEncoding, encode_crop, hop_payload
 from tagpipe_inference.decoders import PillowDecoder
@@ -235,6 +236,8 @@ def main() -> None:
     results = {label: measure(model, names, raw, codec) for label, codec in CANDIDATES.items()}
     hops: tuple[HopEncoding, ...] = ("raw", "jpeg", "webp-lossless")
     through = {enc: asyncio.run(_through_jetstream(raw, enc, args.frames)) for enc in hops}
+    # The same raw hop on the services' event loop (tagpipe_common.eventloop): uvloop.
+    through["raw, uvloop"] = eventloop.run(_through_jetstream(raw, "raw", args.frames))
     doc = {
         "benchmark": "hop-encoding",
         "machine": {
@@ -246,7 +249,8 @@ def main() -> None:
         "raw_bytes": int(raw[0].nbytes),
         "reference": sensitivity(model, raw),
         "encodings": results,
-        # CPU per frame for the whole hop, codec included (the settings' encodings).
+        # CPU per frame for the whole hop, codec included (the settings' encodings),
+        # on asyncio's event loop, and the raw hop on uvloop too.
         "through_jetstream": through,
         "finished_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
