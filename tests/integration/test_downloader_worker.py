@@ -516,3 +516,16 @@ async def test_decode_gpu_forwards_camera_jpegs_and_crops_the_rest(start: Start)
     # inference tier answers it with decode_error (test_inference_worker.py).
     cut = await h.outcome(await h.submit(h.images.add("cut", small[: len(small) // 2])))
     assert isinstance(cut, InferenceTask) and cut.encoding == "original"
+
+
+async def test_a_compressed_hop_publishes_the_crop_as_an_encoded_crop(start: Start) -> None:
+    h = await start(hop_encoding="webp-lossless")
+    photo = make_jpeg(640, 480)
+    out = await h.outcome(await h.submit(h.images.add("photo", photo)))
+    assert isinstance(out, InferenceTask)
+    assert (out.encoding, out.media_type) == ("encoded_crop", "image/webp")
+    assert out.shape == (224, 224, 3) and len(out.pixels) < out.expected_nbytes()
+    with Image.open(io.BytesIO(out.pixels)) as img:
+        decoded = np.asarray(img.convert("RGB"))
+    # Lossless: exactly the crop a raw frame would carry.
+    assert np.array_equal(decoded, decode_image(photo, h.worker.geometry, 50_000_000).pixels)
