@@ -159,7 +159,7 @@ class Model:
         """`run` in slices of at most `max_batch` rows. A pull can hand the worker more
         messages than it asked for (batches of up to 44 with max_batch 32 in a soak),
         and each batch size past the warm-up's grew onnxruntime's CPU arena for good
-        (+350-420 MiB steps; bench/results/memray-inference.txt). On a GPU it would
+        (steps of 50-350 MiB; bench/results/memray-inference.txt). On a GPU it would
         also fall outside the TensorRT profile (1..max_batch)."""
         if len(x) <= max_batch:
             return self.run(x)
