@@ -49,6 +49,7 @@ class BacklogCache:
         # at once (the notifier's count; set by the runtime). A read is up to `ttl_s` old.
         self.local: Callable[[], int] = lambda: 0
         self._value = 0
+        self._noted = 0  # our publishes since the current read began (it may miss them)
         self._others = 0  # real-time items at the last read that were not ours
         self._read_at = float("-inf")
         self._lock = asyncio.Lock()
@@ -70,13 +71,18 @@ class BacklogCache:
             await self.get()
 
     async def _read(self) -> None:
+        self._noted = 0
         lanes, infer = await asyncio.gather(
             lane_backlogs(self.js, self.prefix), stage_counters(self.js, Stage.INFER, self.prefix)
         )
         self._read_at = time.monotonic()
-        self._value = sum(lanes.values())
+        backlog = sum(lanes.values())
+        # A batch published while the read was under way may be missing from it: keep
+        # counting it (perhaps twice, which only pauses a little longer), or a slow read
+        # on a busy box hands back room that batch took and a limit overshoots.
+        self._value = backlog + self._noted
         self._others = max(0, lanes[Lane.REALTIME] - self.local())
-        self.drain.observe(Reading(self._read_at, infer.removed, self._value))
+        self.drain.observe(Reading(self._read_at, infer.removed, backlog))
 
     @property
     def realtime(self) -> int:
@@ -89,6 +95,7 @@ class BacklogCache:
     def note_published(self, n: int) -> None:
         """Count our own publishes until the next read, so bursts cannot overshoot a limit."""
         self._value += n
+        self._noted += n
 
 
 class Publisher:
