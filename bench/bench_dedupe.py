@@ -32,7 +32,7 @@ import aiohttp
 from bench.baselines import corpus as corpus_mod
 from bench.baselines.cpu import CpuMeter
 from bench.baselines.runners import MODEL_DIR, ROOT, process
-from bench.bench_e2e import machine
+from bench.bench_e2e import bulk_job, machine
 from bench.imageserver import make_jpeg
 
 CORPUS_DIR = ROOT / ".tagpipe" / "bench-corpus"
@@ -83,7 +83,7 @@ async def run_once(
                     await r.read()
             meter = CpuMeter(exclude=set(harness))
             meter.start()
-            job_id, run = await _job(s, base, urls, stack)
+            job_id, run = await bulk_job(s, base, urls, stack, timeout_s=600)
             run["cpu"] = meter.stop(run["ok"])
             lines = await _results(s, base, job_id)
     finally:
@@ -91,34 +91,6 @@ async def run_once(
     run["cached"] = sum(1 for x in lines if x.get("cached"))
     run["settings"] = {"downloader_env": cfg.downloader_env}
     return {**run, "lines": lines}
-
-
-async def _job(
-    s: aiohttp.ClientSession, base: str, urls: list[str], stack: Any, timeout_s: float = 600
-) -> tuple[str, dict[str, Any]]:
-    """One job of every URL, timed from submission to its last result."""
-    t0 = time.perf_counter()
-    async with s.post(f"{base}/v1/jobs", json=urls) as r:
-        created = await r.json()
-        if r.status != 202:
-            raise RuntimeError(f"job submission: {r.status} {created}")
-    while True:
-        async with s.get(f"{base}/v1/jobs/{created['job_id']}") as r:
-            status = await r.json()
-        if status.get("total") and status["finished"] >= status["total"]:
-            break
-        if dead := stack.dead():
-            raise RuntimeError(f"{dead[0].name} died: {dead[0].log_tail(600)}")
-        if time.perf_counter() - t0 > timeout_s:
-            raise TimeoutError(f"job unfinished after {timeout_s:g} s: {status}")
-        await asyncio.sleep(0.1)
-    seconds = time.perf_counter() - t0
-    return created["job_id"], {
-        "ok": status["done"],
-        "failed": status["failed"],
-        "seconds": round(seconds, 3),
-        "images_per_s": round(status["done"] / seconds, 2),
-    }
 
 
 async def _results(s: aiohttp.ClientSession, base: str, job_id: str) -> list[dict[str, Any]]:

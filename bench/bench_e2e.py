@@ -148,7 +148,7 @@ async def _tagpipe_once(
             meter.start()
             stop = asyncio.Event()
             rt_task = asyncio.create_task(load.open_loop(realtime, rt_urls, args.rt_rate, stop))
-            bulk = await _bulk_job(s, base, urls, stack)
+            _, bulk = await bulk_job(s, base, urls, stack)
             stop.set()
             rt = await rt_task
             cpu = meter.stop(bulk["ok"] + rt.ok)
@@ -165,10 +165,11 @@ async def _tagpipe_once(
     return {**bulk, "realtime": rt.summary(), "cpu": cpu, "settings": settings}
 
 
-async def _bulk_job(
+async def bulk_job(
     s: aiohttp.ClientSession, base: str, urls: list[str], stack: Any, timeout_s: float = 300.0
-) -> dict[str, Any]:
-    """Submit one job with every URL; time from submission to the last result.
+) -> tuple[str, dict[str, Any]]:
+    """Submit one job with every URL; time from submission to the last result. Returns
+    the job id (to read its results) and the timing.
 
     A service that dies mid-run fails the measurement at once, with its log.
     """
@@ -189,7 +190,7 @@ async def _bulk_job(
             raise TimeoutError(f"job unfinished after {timeout_s:g} s: {status}")
         await asyncio.sleep(0.1)
     seconds = time.perf_counter() - t0
-    return {
+    return created["job_id"], {
         "ok": status["done"],
         "failed": status["failed"],
         "seconds": round(seconds, 3),

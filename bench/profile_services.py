@@ -34,7 +34,7 @@ from bench.baselines import corpus as corpus_mod
 from bench.baselines import load
 from bench.baselines.cpu import CpuMeter
 from bench.baselines.runners import MODEL_DIR, ROOT, process
-from bench.bench_e2e import TAGPIPE_CONFIGS, _bulk_job
+from bench.bench_e2e import TAGPIPE_CONFIGS, bulk_job
 
 OUT = ROOT / "bench" / "results" / "profiles"
 SERVICES = ("gateway", "downloader-0", "inference-0")
@@ -211,7 +211,7 @@ async def _measure(
         meter.start()
         stop = asyncio.Event()
         rt_task = asyncio.create_task(load.open_loop(realtime, rt_urls, 2.0, stop))
-        bulk = await _bulk_job(s, base, urls, stack)
+        _, bulk = await bulk_job(s, base, urls, stack)
         stop.set()
         rt = await rt_task
         cpu = meter.stop(bulk["ok"] + rt.ok)
