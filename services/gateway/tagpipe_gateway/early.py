@@ -16,7 +16,6 @@ not a number or above the maximum) goes on to the route, which answers it.
 
 from __future__ import annotations
 
-import json
 import uuid
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
@@ -26,7 +25,7 @@ from tagpipe_common.subjects import Lane
 
 from tagpipe_gateway.admission import Verdict, admit
 from tagpipe_gateway.metrics import BACKPRESSURE, DEADLINES, REQUESTS
-from tagpipe_gateway.problems import PROBLEM_MEDIA_TYPE, TYPE_BASE, ProblemCode, ProblemError
+from tagpipe_gateway.problems import ProblemCode, ProblemError, problem_response
 
 if TYPE_CHECKING:
     from tagpipe_gateway.runtime import Runtime
@@ -78,7 +77,7 @@ class EarlyAdmission:
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == PATH:
             problem = await self._judge(scope)
             if problem is not None:
-                await _send_problem(send, problem)
+                await _send_problem(scope, receive, send, problem)
                 return
         await self.app(scope, receive, send)
 
@@ -97,27 +96,18 @@ class EarlyAdmission:
         return None if v.admit else refused(v, 1, deadline_s)
 
 
-async def _send_problem(send: Send, exc: ProblemError) -> None:
-    """The route's 429, byte for byte the shape of every other problem, without the
-    framework (the body is small and flat: json.dumps is all it needs)."""
+async def _send_problem(scope: Scope, receive: Receive, send: Send, exc: ProblemError) -> None:
+    """The route's 429, rendered by the same `problem_response`. The id is made here:
+    this middleware sits outside the one that gives every other request its id."""
     request_id = uuid.uuid4().hex
-    body = json.dumps(
-        {
-            "type": TYPE_BASE + exc.code.value,
-            "title": exc.title,
-            "status": exc.status,
-            "code": exc.code.value,
-            "detail": exc.detail,
-            "instance": PATH,
-            "request_id": request_id,
-        }
-    ).encode()
-    headers = [
-        (b"content-type", PROBLEM_MEDIA_TYPE.encode()),
-        (b"content-length", str(len(body)).encode()),
-        (b"x-request-id", request_id.encode()),
-        *((k.lower().encode(), v.encode()) for k, v in (exc.headers or {}).items()),
-    ]
-    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    response = problem_response(
+        exc.status,
+        exc.code,
+        exc.title,
+        exc.detail,
+        instance=PATH,
+        headers={**exc.headers, "X-Request-Id": request_id},
+        request_id=request_id,
+    )
+    await response(scope, receive, send)
     REQUESTS.labels(PATH, "POST", str(exc.status)).inc()
