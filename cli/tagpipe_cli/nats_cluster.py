@@ -30,7 +30,13 @@ from typing import TypeVar
 import nats
 from nats.js.client import JetStreamContext
 
-from tagpipe_cli.servers import ServerProcess, ServerStartError, find_binary, free_port
+from tagpipe_cli.servers import (
+    ServerProcess,
+    ServerStartError,
+    find_binary,
+    free_port,
+    nats_env,
+)
 
 CLUSTER_NAME = "tagpipe"
 T = TypeVar("T")
@@ -91,7 +97,7 @@ class NatsCluster:
             conf.write_text(_conf(name, port, cport, routes, server_dir / "jetstream"))
             argv = [find_binary("nats-server"), "--config", str(conf)]
             log = (self.log_dir or self.data_dir) / f"{name}.log"
-            srv = ServerProcess("nats", argv, port, server_dir, log)
+            srv = ServerProcess("nats", argv, port, server_dir, log, env=nats_env())
             srv.tie_to_parent = self.tie_to_parent
             self.servers.append(srv)
         try:

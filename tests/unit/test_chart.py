@@ -413,3 +413,15 @@ def test_an_empty_node_the_sentinels_still_call_primary_waits_for_a_failover(
     finally:
         proc.kill()
     assert "--replicaof" not in (tmp_path / "exec").read_text()
+
+
+def test_bundled_nats_gets_a_go_memory_limit_below_its_pod_limit() -> None:
+    def env_of(*extra: str) -> dict[str, str]:
+        sts = one(render("kind", *extra), "StatefulSet", "nats")
+        (c,) = sts["spec"]["template"]["spec"]["containers"]
+        return {e["name"]: e.get("value", "") for e in c.get("env", [])}
+
+    assert env_of()["GOMEMLIMIT"] == "460MiB"
+    clustered = env_of("--set", "nats.cluster.enabled=true", "--set", "nats.goMemLimit=1GiB")
+    assert clustered["GOMEMLIMIT"] == "1GiB" and "SERVER_NAME" in clustered
+    assert "GOMEMLIMIT" not in env_of("--set", "nats.goMemLimit=")
