@@ -14,6 +14,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
@@ -196,6 +197,32 @@ async def test_a_realtime_item_does_not_wait_for_the_batch_window(
     # Enqueue to the batch's start: a batch held for more would have waited the window.
     assert result.timings.infer_queue_ms is not None
     assert result.timings.infer_queue_ms < window_ms
+
+
+async def test_items_arriving_while_the_model_is_busy_join_one_batch(
+    js: JetStreamContext, store: ResultStore, make_worker: Callable[..., InferenceWorker]
+) -> None:
+    """A real-time batch is closed when the model can take it, not when its first item
+    came: items that arrive while the model runs ride along instead of queueing as
+    batches of one."""
+    gate = threading.Event()
+    w = make_worker(max_batch=8, top_up_ms=250)  # a starved box's reply may take long
+    w._pool.submit(gate.wait)  # the model's one thread is busy until the gate opens
+    try:
+        async with running(w):
+            await publish(js, make_task("r0", noise(20), Lane.REALTIME))  # batch 1: waits
+            await asyncio.sleep(0.3)
+            await publish(js, make_task("r1", noise(21), Lane.REALTIME))  # batch 2 opens
+            await asyncio.sleep(0.3)
+            for i in range(2, 6):  # ...and these arrive while the model is still busy
+                await publish(js, make_task(f"r{i}", noise(20 + i), Lane.REALTIME))
+            await asyncio.sleep(0.3)
+            gate.set()
+            results = await results_for(store, [f"r{i}" for i in range(6)])
+    finally:
+        gate.set()
+    assert {r.status for r in results} == {"ok"}
+    assert (w.batches, w.items) == (2, 6)  # r0, then r1-r5 together
 
 
 async def _zero(n: Awaitable[int]) -> bool:

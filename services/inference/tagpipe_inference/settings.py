@@ -40,6 +40,10 @@ class InferenceSettings(CommonSettings):
     # and a starved process misses waiting real-time items (they join the next batch);
     # too long, and a fast GPU idles while an empty real-time lane is polled.
     lane_peek_ms: Annotated[float, Field(ge=0.5, le=1000)] = 10.0
+    # A batch that waited for a busy model takes what each lane holds when the model
+    # frees, with one fetch of this wait per lane. The freed model idles for it, so it
+    # is short; a reply later than it is not lost, it starts the next batch.
+    top_up_ms: Annotated[float, Field(ge=0.5, le=1000)] = 2.0
     # Batches in flight: one running in onnxruntime, the next fetched and prepared.
     pipeline_depth: Annotated[int, Field(ge=1, le=8)] = 2
     health_port: Annotated[int, Field(ge=0, le=65535)] = 8080  # 0: no health listener

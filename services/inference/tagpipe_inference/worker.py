@@ -90,6 +90,11 @@ class InferenceWorker:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ort")
         self._inflight: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(settings.pipeline_depth)
+        # Set while no batch is in the model (preprocess + run): a batch collected
+        # meanwhile cannot start anyway, so it keeps what arrives until then.
+        self._model_idle = asyncio.Event()
+        self._model_idle.set()
+        self._in_model = 0
         # A JetStream outage (restart, leader change) is waited out, never fatal.
         self.outage = Outage("jetstream", log)
 
@@ -173,7 +178,24 @@ class InferenceWorker:
             peek_only = False
             if deadline is not None and time.monotonic() >= deadline:
                 break
+        if got and len(got) < max_batch and not self._model_idle.is_set():
+            got += await self._top_up(max_batch - len(got))
         return got
+
+    async def _top_up(self, room: int) -> list[Msg]:
+        """Wait for the model to be free, then take what the lanes hold by now.
+
+        Like Triton's dynamic batcher, a batch is closed when the model can take it,
+        not when its first item came: under load (real-time items arriving one by one
+        while a batch runs) batches of 1-2 became batches near max_batch, with no
+        item waiting longer than it would have for the busy model."""
+        await self._model_idle.wait()
+        more: list[Msg] = []
+        for sub in self._subs:  # real-time first, as everywhere
+            if room - len(more) <= 0 or self._stopping.is_set():
+                break
+            more += await self._fetch(sub, room - len(more), self.settings.top_up_ms / 1000.0)
+        return more
 
     # -- one batch ----------------------------------------------------------------
 
@@ -247,6 +269,15 @@ class InferenceWorker:
                 d.pixels = px
         batch.good = [(m, d) for m, d in batch.good if id(m) not in failed]
 
+    def _enter_model(self) -> None:
+        self._in_model += 1
+        self._model_idle.clear()
+
+    def _leave_model(self) -> None:
+        self._in_model -= 1
+        if not self._in_model:
+            self._model_idle.set()
+
     def _rejections(self, batch: Batch) -> list[tuple[Msg, TagResult]]:
         now = time.time()
         out = []
@@ -263,13 +294,16 @@ class InferenceWorker:
         """Run the good items; returns (results to store, messages to NAK)."""
         loop = asyncio.get_running_loop()
         pixels = stack([d for _, d in batch.good])
-        x = await asyncio.to_thread(self.model.preprocess, pixels)  # overlaps the running batch
+        self._enter_model()
         try:
+            x = await asyncio.to_thread(self.model.preprocess, pixels)  # overlaps a running batch
             scores, infer_ms, started = await loop.run_in_executor(self._pool, self._timed_run, x)
         except Exception as exc:  # onnxruntime's errors are untyped
             log.error("inference failed for a batch of %d: %s", len(batch.good), exc)
             metrics.INFER_FAILURES.inc()
             return self._inference_failed(batch, str(exc))
+        finally:
+            self._leave_model()
         ids = [d.task.item_id for _, d in batch.good]
         batch.trace.inference(ids, started, started + infer_ms / 1000.0)
         self.batches += 1
