@@ -199,6 +199,26 @@ async def test_a_realtime_item_does_not_wait_for_the_batch_window(
     assert result.timings.infer_queue_ms < window_ms
 
 
+@pytest.mark.parametrize(("mix_lanes", "batches"), [(False, 2), (True, 1)])
+async def test_a_realtime_batch_takes_bulk_items_along_only_when_lanes_mix(
+    js: JetStreamContext,
+    store: ResultStore,
+    make_worker: Callable[..., InferenceWorker],
+    mix_lanes: bool,
+    batches: int,
+) -> None:
+    tasks = [make_task(f"m{i}", noise(40 + i)) for i in range(3)]
+    tasks.append(make_task("m-rt", noise(50), Lane.REALTIME))
+    for t in tasks:
+        await publish(js, t)
+    # Generous windows, so a starved box's slow reply cannot split the batches.
+    w = make_worker(max_batch=8, lane_peek_ms=250, top_up_ms=250, mix_lanes=mix_lanes)
+    async with running(w):
+        results = await results_for(store, [t.item_id for t in tasks])
+    assert {r.status for r in results} == {"ok"}
+    assert (w.batches, w.items) == (batches, 4)
+
+
 async def test_items_arriving_while_the_model_is_busy_join_one_batch(
     js: JetStreamContext, store: ResultStore, make_worker: Callable[..., InferenceWorker]
 ) -> None:

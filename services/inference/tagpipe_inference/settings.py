@@ -40,9 +40,14 @@ class InferenceSettings(CommonSettings):
     # and a starved process misses waiting real-time items (they join the next batch);
     # too long, and a fast GPU idles while an empty real-time lane is polled.
     lane_peek_ms: Annotated[float, Field(ge=0.5, le=1000)] = 10.0
+    # A real-time batch also takes the bulk items waiting: free on a GPU, where a batch
+    # of 8 costs about what one does; on a CPU every bulk item adds its own model time
+    # to the real-time answers (~10 ms each here), so off by default.
+    mix_lanes: bool = False
     # A batch that waited for a busy model takes what each lane holds when the model
-    # frees, with one fetch of this wait per lane. The freed model idles for it, so it
-    # is short; a reply later than it is not lost, it starts the next batch.
+    # frees, with one fetch of this wait per lane (also the least any "what is there by
+    # now" fetch waits). The freed model idles for it, so it is short; a reply later
+    # than it is not lost, it starts the next batch.
     top_up_ms: Annotated[float, Field(ge=0.5, le=1000)] = 2.0
     # Batches in flight: one running in onnxruntime, the next fetched and prepared.
     pipeline_depth: Annotated[int, Field(ge=1, le=8)] = 2

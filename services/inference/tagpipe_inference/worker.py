@@ -151,12 +151,15 @@ class InferenceWorker:
 
     async def _collect(self) -> list[Msg]:
         """Up to max_batch messages, real-time first, waiting max_wait after the first
-        (none when the first lane, real-time, had any)."""
+        (none when the first lane, real-time, had any; such a batch takes bulk items
+        along only with `mix_lanes`)."""
         max_batch = self.settings.max_batch
         max_wait = self.settings.max_wait_ms / 1000.0
         peek = self.settings.lane_peek_ms / 1000.0
+        top_up = self.settings.top_up_ms / 1000.0
         got: list[Msg] = []
         deadline: float | None = None
+        realtime = False
         peek_only = True  # first peek at every lane, so a busy bulk lane never waits on idle rt
         while len(got) < max_batch and not self._stopping.is_set():
             for sub in self._subs:
@@ -165,25 +168,27 @@ class InferenceWorker:
                     break
                 if deadline is None:
                     wait = peek if peek_only else max(max_wait, peek)
-                else:
-                    wait = min(deadline - time.monotonic(), peek)
+                else:  # what is there by now: at least a reply's time (top_up_ms)
+                    wait = max(min(deadline - time.monotonic(), peek), top_up)
                 msgs = await self._fetch(sub, need, wait)
+                got.extend(msgs)
                 if msgs and sub is self._subs[0]:
-                    # Real-time items wait for no batch window: the batch takes only
-                    # what the other lanes hold right now (p95 in docs/benchmarks.md).
-                    deadline = time.monotonic()
+                    # Real-time items wait for no batch window (p95 in docs/benchmarks.md).
+                    deadline, realtime = time.monotonic(), True
+                    if not self.settings.mix_lanes:
+                        break
                 elif msgs and deadline is None:
                     deadline = time.monotonic() + max_wait
-                got.extend(msgs)
             peek_only = False
             if deadline is not None and time.monotonic() >= deadline:
                 break
         if got and len(got) < max_batch and not self._model_idle.is_set():
-            got += await self._top_up(max_batch - len(got))
+            lanes = self._subs[:1] if realtime and not self.settings.mix_lanes else self._subs
+            got += await self._top_up(max_batch - len(got), lanes)
         return got
 
-    async def _top_up(self, room: int) -> list[Msg]:
-        """Wait for the model to be free, then take what the lanes hold by now.
+    async def _top_up(self, room: int, lanes: list[PullSub]) -> list[Msg]:
+        """Wait for the model to be free, then take what `lanes` hold by now.
 
         Like Triton's dynamic batcher, a batch is closed when the model can take it,
         not when its first item came: under load (real-time items arriving one by one
@@ -191,7 +196,7 @@ class InferenceWorker:
         item waiting longer than it would have for the busy model."""
         await self._model_idle.wait()
         more: list[Msg] = []
-        for sub in self._subs:  # real-time first, as everywhere
+        for sub in lanes:  # real-time first, as everywhere
             if room - len(more) <= 0 or self._stopping.is_set():
                 break
             more += await self._fetch(sub, room - len(more), self.settings.top_up_ms / 1000.0)
