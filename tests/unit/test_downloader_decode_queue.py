@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from tagpipe_common.subjects import Lane
-from tagpipe_downloader.decode_queue import DecodeQueue
+from tagpipe_downloader.decode_queue import DecodeQueue, niced_pool
 
 
 @pytest.fixture
@@ -97,3 +99,23 @@ async def test_a_cancelled_waiter_does_not_leak_its_slot(pool: ThreadPoolExecuto
 def test_needs_a_slot(pool: ThreadPoolExecutor) -> None:
     with pytest.raises(ValueError):
         DecodeQueue(pool, slots=0)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice values are Linux's")
+async def test_bulk_decodes_run_on_nicer_threads_and_real_time_ones_do_not(
+    pool: ThreadPoolExecutor,
+) -> None:
+    def nice_here() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    base = nice_here()
+    with niced_pool(2, 10) as bulk_pool:
+        q = DecodeQueue(pool, slots=2, lane_pools={Lane.BULK: bulk_pool})
+        bulk, rt = await asyncio.gather(
+            q.run(Lane.BULK, nice_here), q.run(Lane.REALTIME, nice_here)
+        )
+    assert bulk == min(base + 10, 19)
+    assert rt == base  # the event loop's thread and the real-time decodes keep theirs
+    assert nice_here() == base
+    with niced_pool(1, 0) as same:
+        assert same.submit(nice_here).result() == base

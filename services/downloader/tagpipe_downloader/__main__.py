@@ -23,6 +23,7 @@ from tagpipe_common.redis_io import connect_redis, require_redis
 from tagpipe_common.settings import load_settings
 from tagpipe_common.subjects import Stage
 
+from tagpipe_downloader.decode_queue import niced_pool
 from tagpipe_downloader.fetch import Fetcher
 from tagpipe_downloader.settings import DownloaderSettings
 from tagpipe_downloader.worker import DownloadWorker
@@ -61,10 +62,11 @@ async def serve(settings: DownloaderSettings) -> None:
     nc = await connect_nats(settings.nats_servers, "tagpipe-downloader")
     redis_client = connect_redis(settings.redis_url)
     pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")
+    bulk_pool = niced_pool(settings.decode_workers, settings.bulk_decode_nice)
     runner: web.AppRunner | None = None
     try:
         async with Fetcher(settings.fetch_config()) as fetcher:
-            worker = DownloadWorker(settings, nc, redis_client, fetcher, pool)
+            worker = DownloadWorker(settings, nc, redis_client, fetcher, pool, bulk_pool)
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, worker.stop)
@@ -85,6 +87,7 @@ async def serve(settings: DownloaderSettings) -> None:
         with contextlib.suppress(Exception):
             await redis_client.aclose()
         pool.shutdown(wait=False, cancel_futures=True)
+        bulk_pool.shutdown(wait=False, cancel_futures=True)
 
 
 def main() -> None:

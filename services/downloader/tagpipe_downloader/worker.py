@@ -88,6 +88,7 @@ class DownloadWorker:
         redis_client: Redis,
         fetcher: Fetcher,
         pool: ThreadPoolExecutor,
+        bulk_pool: ThreadPoolExecutor | None = None,  # bulk decodes' own (lower-priority) threads
     ) -> None:
         self.s = settings
         self.nc = nc
@@ -99,7 +100,8 @@ class DownloadWorker:
         self.dedupe = Dedupe.from_settings(settings, redis_client, self.keys)
         self.fetcher = fetcher
         self.pool = pool
-        self.decodes = DecodeQueue(pool, settings.decode_workers)
+        lane_pools = {Lane.BULK: bulk_pool} if bulk_pool is not None else None
+        self.decodes = DecodeQueue(pool, settings.decode_workers, lane_pools)
         self.geometry = settings.geometry()
         self.download = stage_names(Stage.DOWNLOAD, settings.prefix)
         self.infer = stage_names(Stage.INFER, settings.prefix)
