@@ -39,10 +39,12 @@ log = logging.getLogger(__name__)
 
 
 def _lower_this_thread(nice: int) -> None:
-    """Thread initializer: raise this thread's nice value (Linux sets it per thread;
-    raising needs no privilege, so this works in a non-root pod)."""
+    """Thread initializer: raise this thread's nice value by `nice` (Linux sets it per
+    thread; raising needs no privilege, so this works in a non-root pod). Relative:
+    a process started under `nice` keeps its bulk decodes below its other threads."""
+    tid = threading.get_native_id()
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        os.setpriority(os.PRIO_PROCESS, tid, min(os.getpriority(os.PRIO_PROCESS, tid) + nice, 19))
     except OSError as exc:
         log.warning("bulk decode thread keeps its priority: %s", exc)
 
