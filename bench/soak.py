@@ -38,6 +38,7 @@ from typing import Any
 import httpx
 import numpy as np
 import tagpipe_cli.stack as stack_mod
+from redis.asyncio import Redis
 from tagpipe_cli.stack import Stack, StackConfig
 
 from bench.imageserver import ImageServer
@@ -55,6 +56,9 @@ class Tally:
     bulk_items: int = 0
     errors: Counter[str] = field(default_factory=Counter)
     rss: list[dict[str, Any]] = field(default_factory=list)
+    # Redis's own view (INFO), to tell its dataset from its allocator's high-water mark.
+    redis: list[dict[str, Any]] = field(default_factory=list)
+    allocator: str = ""
 
 
 def rss_kb(pid: int) -> int:
@@ -125,10 +129,23 @@ async def bulk_loop(
             t.errors["bulk items not ok"] += n - s["done"]
 
 
+async def redis_view(client: Redis) -> dict[str, int]:
+    """Redis's dataset as it counts it: used_memory (what it allocated) and keys."""
+    info = await client.info("memory")
+    return {"used_memory": int(info["used_memory"]) // 1024, "keys": int(await client.dbsize())}
+
+
 async def sampler(stack: Stack, t: Tally, start: float, end: float, every_s: float) -> None:
-    while time.monotonic() < end:
-        t.rss.append({"t_s": round(time.monotonic() - start, 1), "rss_kb": process_rss(stack)})
-        await asyncio.sleep(every_s)
+    client = Redis.from_url(stack.redis_url)
+    try:
+        t.allocator = str((await client.info("memory")).get("mem_allocator", "?"))
+        while time.monotonic() < end:
+            at = round(time.monotonic() - start, 1)
+            t.rss.append({"t_s": at, "rss_kb": process_rss(stack)})
+            t.redis.append({"t_s": at, "rss_kb": await redis_view(client)})
+            await asyncio.sleep(every_s)
+    finally:
+        await client.aclose()
 
 
 def _median_kb(ts: np.ndarray, kb: np.ndarray, lo: float, hi: float) -> float:
@@ -295,13 +312,19 @@ def main() -> None:
         "goal": f"every process grows <= {GOAL_PCT} % over the last {args.window_s / 60:g} min",
         "all_within_goal": all(r["within_goal"] for r in rss.values()),
         "rss_trend": rss,
+        # Not part of the goal: Redis's dataset (KiB, keys) over the same window, so a
+        # step in its RSS can be told apart from growth of what it holds.
+        "redis_allocator": t.allocator,
+        "redis_dataset_trend": trend(t.redis, args.window_s) if t.redis else {},
         "rss_samples": t.rss,
+        "redis_samples": t.redis,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     title = f"soak {args.minutes:g} min: RSS per process ({args.out.name})"
     plot(t.rss, args.window_s, title, args.out.with_suffix(".png"))
-    print(json.dumps({k: v for k, v in report.items() if k != "rss_samples"}, indent=2))
+    shown = {k: v for k, v in report.items() if k not in ("rss_samples", "redis_samples")}
+    print(json.dumps(shown, indent=2))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,13 @@ from pathlib import Path
 
 import redis
 
-from tagpipe_cli.servers import ServerProcess, ServerStartError, find_binary, free_port
+from tagpipe_cli.servers import (
+    ServerProcess,
+    ServerStartError,
+    find_binary,
+    free_port,
+    redis_env,
+)
 
 SERVICE = "tagpipe"  # the name sentinels monitor the primary by
 
@@ -67,7 +73,8 @@ def _sentinel_conf(port: int, data_dir: Path, primary_port: int, down_after_ms: 
 
 def _process(name: str, conf: Path, port: int, sentinel: bool) -> ServerProcess:
     argv = [find_binary("redis-server"), str(conf)] + (["--sentinel"] if sentinel else [])
-    return ServerProcess(name, argv, port, conf.parent, conf.parent.parent / f"{name}.log")
+    log = conf.parent.parent / f"{name}.log"
+    return ServerProcess(name, argv, port, conf.parent, log, env=redis_env())
 
 
 @dataclass
