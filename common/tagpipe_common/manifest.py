@@ -30,6 +30,18 @@ class PreprocessSpec(BaseModel):
     std: tuple[float, float, float]
 
 
+def draft_size(width: int, height: int, resize: int) -> tuple[int, int]:
+    """The size a JPEG's DCT-scaled decode (Pillow's `draft`) is asked for: the
+    smallest one, same aspect, whose shorter side is still >= `resize`.
+
+    Both tiers decode JPEGs (the downloader its downloads, inference the
+    originals it is forwarded), and draft picks its 1/2-1/8 scale from this
+    request: asked the same, they decode the same pixels.
+    """
+    scale = resize / min(width, height)
+    return max(1, int(width * scale + 0.999)), max(1, int(height * scale + 0.999))
+
+
 class TensorSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -22,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageFile, ImageOps
 from tagpipe_common.errors import ErrorCode, PermanentError
-from tagpipe_common.manifest import MANIFEST_FILE, ModelManifest
+from tagpipe_common.manifest import MANIFEST_FILE, ModelManifest, draft_size
 from tagpipe_common.messages import Encoding
 
 from tagpipe_downloader.guard import check_pixels, sniff_format
@@ -120,16 +120,10 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     return img
 
 
-def _draft_size(width: int, height: int, resize: int) -> tuple[int, int]:
-    """The smallest size, same aspect, whose shorter side is >= `resize`."""
-    scale = resize / min(width, height)
-    return max(1, int(width * scale + 0.999)), max(1, int(height * scale + 0.999))
-
-
 def load_rgb(img: Image.Image, geom: Geometry, *, fast: bool = True) -> Image.Image:
     """Decode pixels, apply EXIF orientation and convert any mode to 8-bit RGB."""
     if fast and img.format == "JPEG" and min(img.size) > geom.resize:
-        img.draft("RGB", _draft_size(img.width, img.height, geom.resize))
+        img.draft("RGB", draft_size(img.width, img.height, geom.resize))
     try:
         img.load()
         return to_rgb(_upright(img))

@@ -33,6 +33,9 @@ SHRINK_ABOVE = 2
 # 90 with 4:2:0 chroma the re-encode moved crops by ~2 levels and flipped the
 # top-1 class of 6 in 24; at 95 with full chroma (4:4:4), ~0.8 levels and none.
 QUALITY = 95
+# Past this aspect ratio the CPU path resamples only the crop's box (decode.py),
+# which an inference-side decode of the whole photo would not match to the pixel.
+_MAX_ASPECT = 8
 _ORIENTATION = 0x0112
 _EMPTY = np.empty((0, 0, 3), dtype=np.uint8)
 
@@ -43,6 +46,28 @@ def _forwardable(img: Image.Image) -> bool:
 
 def _upright(img: Image.Image) -> bool:
     return bool(img.getexif().get(_ORIENTATION, 1) == 1)
+
+
+def forward_small(data: bytes, geom: Geometry, max_pixels: int) -> Decoded:
+    """`hop_encoding: original`, for a CPU inference tier: a small JPEG goes as it
+    is, anything else as the raw crop (`decode_image`). Same answers as raw.
+
+    Small means its shorter side is at most `SHRINK_ABOVE` x the resize target
+    (the inference side's draft then picks the scale this side would), it is
+    upright, plain RGB, of photo proportions (no strip resampled by box), and no
+    bigger than the raw crop it replaces. Inference decodes it with the same
+    draft request, resize and crop (`PillowDecoder`), so the model sees exactly
+    the pixels a raw frame would carry: what is saved is this tier's decode
+    hand-off and the bigger frame through JetStream, not a single pixel.
+    """
+    t0 = time.perf_counter()
+    img = open_image(data, max_pixels)
+    w, h = img.size
+    small = min(w, h) <= SHRINK_ABOVE * geom.resize and max(w, h) <= _MAX_ASPECT * min(w, h)
+    if small and len(data) <= geom.crop * geom.crop * 3 and _forwardable(img) and _upright(img):
+        ms = (time.perf_counter() - t0) * 1000
+        return Decoded(_EMPTY, "JPEG", (w, h), ms, 0.0, data, (h, w, 3))
+    return decode_image(data, geom, max_pixels)
 
 
 def decode_for_gpu(data: bytes, geom: Geometry, max_pixels: int) -> Decoded:

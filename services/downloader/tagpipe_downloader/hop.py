@@ -18,7 +18,16 @@ measures the candidates on real photographs (bench/results/hop-encoding.json):
   For deployments where the stream's bytes bind (replicated streams, the
   network), accepting that;
 - `webp-lossless`: the same pixels, so the same answers, at about 55 KB, for
-  ~4 ms more CPU per image.
+  ~4 ms more CPU per image;
+- `original`: a small JPEG (shorter side up to twice the resize target: web
+  photos, thumbnails) is sent as downloaded, and inference decodes and crops it
+  with the same draft, resize and crop: the same pixels, so the same answers,
+  in the file's own bytes. Larger photos and other formats go raw. It moves
+  that decode to the inference tier, and saves this tier's decode hand-off and
+  the bigger frame: ~1.3-1.6 ms of CPU per such photo on this box's 2 cores
+  (docs/benchmarks.md). The downloader's header check still refuses what is
+  not an image; a body that is corrupt past its header gets its decode_error
+  from inference instead.
 
 The inference tier decodes whatever it is sent (tagpipe_inference.decoders),
 so the setting can change one downloader at a time.
@@ -37,8 +46,9 @@ import numpy.typing as npt
 from PIL import Image
 
 from tagpipe_downloader.decode import Decoded, Geometry, decode_image
+from tagpipe_downloader.forward import forward_small
 
-HopEncoding = Literal["raw", "jpeg", "webp-lossless"]
+HopEncoding = Literal["raw", "jpeg", "webp-lossless", "original"]
 
 
 @dataclass(frozen=True)
@@ -63,15 +73,19 @@ def encode_crop(pixels: npt.NDArray[np.uint8], codec: Codec) -> bytes:
 
 
 def hop_payload(pixels: npt.NDArray[np.uint8], encoding: HopEncoding) -> tuple[bytes, str | None]:
-    """(payload, media_type) for an InferenceTask: compressed, or raw (media_type None)."""
-    if encoding == "raw":
+    """(payload, media_type) for an InferenceTask: compressed, or raw (media_type None).
+    A crop under `original` is one that could not go as its file: raw."""
+    if encoding in ("raw", "original"):
         return pixels.tobytes(), None
     codec = CODECS[encoding]
     return encode_crop(pixels, codec), codec.media_type
 
 
 def crop_decoder(encoding: HopEncoding) -> Callable[[bytes, Geometry, int], Decoded]:
-    """`decode_image`, then the crop compressed for the hop (in the same decode thread)."""
+    """`decode_image`, then the crop compressed for the hop (in the same decode thread);
+    for `original`, the small JPEGs forwarded as they are (forward.py)."""
+    if encoding == "original":
+        return forward_small
 
     def decode(data: bytes, geom: Geometry, max_pixels: int) -> Decoded:
         decoded = decode_image(data, geom, max_pixels)

@@ -78,7 +78,8 @@ class DownloaderSettings(CommonSettings):
     # gpu: forward camera JPEGs compressed (shrunk if large) for the inference
     # tier's GPU to decode (forward.py); cpu: decode and crop here.
     decode: Literal["cpu", "gpu"] = "cpu"
-    # decode: cpu: how the crop crosses to inference (hop.py; bench/results/hop-encoding.json).
+    # decode: cpu: how the crop crosses to inference (hop.py; bench/results/hop-encoding.json):
+    # raw, jpeg, webp-lossless, or original (small JPEGs as downloaded, the rest raw).
     hop_encoding: HopEncoding = "raw"
 
     # Answer bytes this model version tagged within TAGPIPE_CONTENT_DEDUPE_TTL_S

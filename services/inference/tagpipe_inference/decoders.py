@@ -28,6 +28,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 from PIL import Image
+from tagpipe_common.manifest import draft_size
 
 from tagpipe_inference.providers import GpuUnavailable
 
@@ -74,8 +75,9 @@ class PillowDecoder:
             if img.width * img.height > MAX_PIXELS:
                 raise DecodeFailed(f"{img.width}x{img.height} is over {MAX_PIXELS} pixels")
             if not is_crop and img.format == "JPEG" and min(img.size) > self.resize:
-                # DCT-scaled decode, as the downloader's: never decode more than needed.
-                img.draft("RGB", (self.resize, self.resize))
+                # DCT-scaled decode asked as the downloader asks: the same scale, so
+                # a forwarded original gives the crop the downloader would have made.
+                img.draft("RGB", draft_size(img.width, img.height, self.resize))
             img = img.convert("RGB")
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             raise DecodeFailed(f"cannot decode the payload: {exc}") from exc
