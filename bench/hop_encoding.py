@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import io
 import json
 import platform
 import random
@@ -35,7 +36,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 from tagpipe_common import eventloop
-from tagpipe_downloader.decode import Geometry, resize_crop
+from tagpipe_downloader.decode import Geometry, decode_image, resize_crop
+from tagpipe_downloader.forward import forward_small
 from tagpipe_downloader.hop import CODECS, Codec, HopEncoding, encode_crop, hop_payload
 from tagpipe_inference.decoders import PillowDecoder
 from tagpipe_inference.model import Model, load_model
@@ -147,6 +149,46 @@ def measure(model: Model, names: list[str], raw: np.ndarray, codec: Codec) -> di
     }
 
 
+def measure_original(
+    model: Model, names: list[str], wins: list[np.ndarray], geom: Geometry
+) -> dict[str, Any]:
+    """`hop_encoding: original`. Each window saved as the JPEG a camera or web page
+    would serve (quality 90, Pillow's default 4:2:0): that file is the input, and
+    its reference is the raw crop the downloader makes of it (`decode_image`).
+    The hop carries the file where it is small and the raw crop otherwise
+    (`forward_small`); inference decodes a forwarded file (`PillowDecoder`)."""
+    decoder = PillowDecoder(geom.resize, geom.crop)
+    files = []
+    for win in wins:
+        buf = io.BytesIO()
+        Image.fromarray(win).save(buf, format="JPEG", quality=90)
+        files.append(buf.getvalue())
+    t0 = time.process_time()
+    frames = [forward_small(f, geom, 50_000_000) for f in files]
+    t1 = time.process_time()
+    got = np.stack([decoder.one(d.original, False) if d.original else d.pixels for d in frames])
+    t2 = time.process_time()
+    ref = np.stack([decode_image(f, geom, 50_000_000).pixels for f in files])
+    agree = top1(model, got) == top1(model, ref)
+    sizes = np.array([len(d.frame()["pixels"]) for d in frames])
+    forwarded = np.array([d.original is not None for d in frames])
+    return {
+        "input": "each window as a quality-90 JPEG file",
+        "input_bytes_median": int(np.median([len(f) for f in files])),
+        "forwarded_share": round(float(forwarded.mean()), 4),
+        "bytes_median": int(np.median(sizes)),
+        "bytes_p90": int(np.percentile(sizes, 90)),
+        "bytes_max": int(sizes.max()),
+        "top1_agreement": round(float(agree.mean()), 4),
+        "pixel_exact_share": round(
+            float(np.mean([np.array_equal(a, b) for a, b in zip(got, ref, strict=True)])), 4
+        ),
+        "disagree": [n for n, a in zip(names, agree, strict=True) if not a],
+        "downloader_cpu_ms": round((t1 - t0) * 1000 / len(files), 3),
+        "inference_decode_cpu_ms": round((t2 - t1) * 1000 / len(files), 3),
+    }
+
+
 async def _through_jetstream(crops: np.ndarray, encoding: HopEncoding, n: int) -> dict[str, Any]:
     """CPU per frame to cross a real JetStream hop (tagpipe's file-stored INFER
     stream, one nats-server): encode and publish, fetch in batches of 8, decode
@@ -227,13 +269,17 @@ def main() -> None:
     geom = Geometry.from_manifest(args.model_dir)
     model = load_model(args.model_dir, intra_op_threads=1)
     rng = random.Random(13)
-    names, crops = [], []
+    names, crops, wins = [], [], []
     for name, img in photos().items():
         for i, win in enumerate(windows(img, args.windows, rng)):
             names.append(f"{name}#{i // 2}{'-mirrored' if i % 2 else ''}")
             crops.append(resize_crop(Image.fromarray(win), geom))
+            wins.append(win)
     raw = np.stack(crops)
     results = {label: measure(model, names, raw, codec) for label, codec in CANDIDATES.items()}
+    results["small JPEGs as downloaded (hop: original)"] = measure_original(
+        model, names, wins, geom
+    )
     hops: tuple[HopEncoding, ...] = ("raw", "jpeg", "webp-lossless")
     through = {enc: asyncio.run(_through_jetstream(raw, enc, args.frames)) for enc in hops}
     # The same raw hop on the services' event loop (tagpipe_common.eventloop): uvloop.
@@ -259,6 +305,9 @@ def main() -> None:
     for enc, r in through.items():
         print(f"through JetStream, {enc}: {r}")
     for label, r in results.items():
+        if "input" in r:
+            print(f"{label}: {r}")
+            continue
         print(
             f"{label:26s} median {r['bytes_median']:7,d} B  p90 {r['bytes_p90']:7,d}  "
             f"top-1 {r['top1_agreement']:.4f} ({len(r['disagree'])} differ)  "

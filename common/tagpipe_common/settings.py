@@ -8,6 +8,7 @@ environment variable and exits with status 2.
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -81,15 +82,26 @@ class CommonSettings(BaseSettings):
 S = TypeVar("S", bound=BaseSettings)
 
 
+# Start-up errors go to logs that more people read than hold the secrets: a
+# setting named like a secret is not echoed, and a URL's user:password is masked.
+_SECRET_NAMES = re.compile(r"password|secret|token|key|credential", re.IGNORECASE)
+_USERINFO = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IGNORECASE)
+
+
+def _redact(text: str) -> str:
+    return _USERINFO.sub(r"\1***@", text)
+
+
 def describe_errors(cls: type[BaseSettings], exc: ValidationError) -> list[str]:
-    """One human line per invalid setting, naming the environment variable."""
+    """One human line per invalid setting, naming the environment variable; never
+    the secret a bad value may hold."""
     prefix = str(cls.model_config.get("env_prefix", ""))
     lines = []
     for err in exc.errors():
         field = ".".join(str(p) for p in err["loc"]) or "?"
         var = f"{prefix}{field}".upper()
-        got = err.get("input")
-        lines.append(f"invalid setting {var}={got!r}: {err['msg']}")
+        got = "<redacted>" if _SECRET_NAMES.search(field) else _redact(repr(err.get("input")))
+        lines.append(f"invalid setting {var}={got}: {_redact(str(err['msg']))}")
     return lines
 
 

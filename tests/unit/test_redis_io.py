@@ -67,3 +67,22 @@ def test_a_short_wait_is_an_error_and_the_callers_replies_come_back_without_it()
     with pytest.raises(NotReplicated, match="1 of 2 replicas"):
         d.check([1, 41, 1])
     assert Durability(replicas=0).check([1, 0]) == [1, 0]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "redis+sentinel://:s3cret-pw@h1:26379,h2/mymaster/0",
+        "redis+sentinel://user:s3cret-pw@h1:99999/mymaster/0",
+        "sentinel://:s3cret-pw@h1:26379/mymaster",
+    ],
+)
+def test_a_bad_url_is_reported_without_its_password(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    monkeypatch.setenv("TAGPIPE_REDIS_URL", value)
+    with pytest.raises(SystemExit):
+        load_settings(CommonSettings)
+    err = capsys.readouterr().err
+    assert "TAGPIPE_REDIS_URL" in err and "***@" in err
+    assert "s3cret-pw" not in err
