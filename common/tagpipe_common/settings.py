@@ -54,6 +54,9 @@ class CommonSettings(BaseSettings):
     # How long inference's tags answer byte-identical images (tagcache.py); the
     # switch is the downloader's TAGPIPE_CONTENT_DEDUPE.
     content_dedupe_ttl_s: Annotated[int, Field(ge=1, le=30 * 86400)] = 86400
+    # Both tiers decode bulk images on threads this much nicer (0: the same priority),
+    # so a real-time item's path and the model get the cores first (threads.py).
+    bulk_decode_nice: Annotated[int, Field(ge=0, le=19)] = 10
 
     @field_validator("nats_url")
     @classmethod

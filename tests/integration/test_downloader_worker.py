@@ -531,13 +531,16 @@ async def test_a_compressed_hop_publishes_the_crop_as_an_encoded_crop(start: Sta
     assert np.array_equal(decoded, decode_image(photo, h.worker.geometry, 50_000_000).pixels)
 
 
-async def test_an_original_hop_forwards_small_jpegs_and_crops_the_rest(start: Start) -> None:
+async def test_an_original_hop_forwards_small_bulk_jpegs_and_crops_the_rest(start: Start) -> None:
     h = await start(hop_encoding="original")
     small = make_jpeg(640, 480)
-    out = await h.outcome(await h.submit(h.images.add("small", small)))
+    out = await h.outcome(await h.submit(h.images.add("small", small), lane=Lane.BULK))
     assert isinstance(out, InferenceTask)
     assert (out.encoding, out.media_type, out.shape) == ("original", "image/jpeg", (480, 640, 3))
     assert out.pixels == small  # the file as downloaded
     big = make_jpeg(1600, 1200)  # shorter side over twice the resize target: cropped here
-    crop = await h.tensor(h.images.add("big", big))
+    crop = await h.tensor(h.images.add("big", big), lane=Lane.BULK)
     assert np.array_equal(crop, decode_image(big, h.worker.geometry, 50_000_000).pixels)
+    # A real-time item is decoded here whatever its size: it never waits for bulk decodes.
+    rt = await h.tensor(h.images.add("rt", small), lane=Lane.REALTIME)
+    assert np.array_equal(rt, decode_image(small, h.worker.geometry, 50_000_000).pixels)

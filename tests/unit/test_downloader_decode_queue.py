@@ -11,7 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from tagpipe_common.subjects import Lane
-from tagpipe_downloader.decode_queue import DecodeQueue, niced_pool
+from tagpipe_common.threads import niced_pool
+from tagpipe_downloader.decode_queue import DecodeQueue
 
 
 @pytest.fixture

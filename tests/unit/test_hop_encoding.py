@@ -148,6 +148,13 @@ def test_anything_else_goes_as_the_raw_crop(why: str, data: bytes) -> None:
     assert task.pixels == decode_image(data, GEOM, 50_000_000).pixels.tobytes()
 
 
+def test_a_real_time_item_is_never_forwarded() -> None:
+    data = photo_jpeg(600, 400)
+    d = crop_decoder("original", realtime=True)(data, GEOM, 50_000_000)
+    assert d.frame()["encoding"] == "raw"
+    assert np.array_equal(d.pixels, decode_image(data, GEOM, 50_000_000).pixels)
+
+
 def test_an_original_that_is_corrupt_past_its_header_fails_on_the_inference_side() -> None:
     data = photo_jpeg(600, 400)
     task = forwarded(data[: len(data) // 2])  # only the header is read here

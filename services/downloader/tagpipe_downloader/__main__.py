@@ -22,8 +22,8 @@ from tagpipe_common.pulse import beating
 from tagpipe_common.redis_io import connect_redis, require_redis
 from tagpipe_common.settings import load_settings
 from tagpipe_common.subjects import Stage
+from tagpipe_common.threads import niced_pool
 
-from tagpipe_downloader.decode_queue import niced_pool
 from tagpipe_downloader.fetch import Fetcher
 from tagpipe_downloader.settings import DownloaderSettings
 from tagpipe_downloader.worker import DownloadWorker

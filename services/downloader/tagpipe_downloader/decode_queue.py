@@ -11,7 +11,7 @@ the head. A real-time item therefore waits for at most one decode per thread.
 Once started, a real-time decode still shares the cores with the bulk decodes
 running beside it (here and in the other processes of a node): on 2 cores a
 thumbnail's decode took 121-154 ms at p95 next to 12 MP bulk ones. So bulk
-decodes may run on their own threads at a lower OS priority (`niced_pool`):
+decodes may run on their own threads at a lower OS priority (tagpipe_common.threads):
 the kernel then gives a waiting real-time decode, the event loops and the model
 the cores first, and the bulk decodes everything left over, which under bulk
 load is nearly all of it.
@@ -22,12 +22,8 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
-import logging
-import os
-import sys
-import threading
 from collections.abc import Callable, Mapping
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor
 from typing import TypeVar
 
 from tagpipe_common.subjects import LANES, Lane
@@ -35,30 +31,6 @@ from tagpipe_common.subjects import LANES, Lane
 T = TypeVar("T")
 
 _PRIORITY = {lane: rank for rank, lane in enumerate(LANES)}
-log = logging.getLogger(__name__)
-
-
-def _lower_this_thread(nice: int) -> None:
-    """Thread initializer: raise this thread's nice value by `nice` (Linux sets it per
-    thread; raising needs no privilege, so this works in a non-root pod). Relative:
-    a process started under `nice` keeps its bulk decodes below its other threads."""
-    tid = threading.get_native_id()
-    try:
-        os.setpriority(os.PRIO_PROCESS, tid, min(os.getpriority(os.PRIO_PROCESS, tid) + nice, 19))
-    except OSError as exc:
-        log.warning("bulk decode thread keeps its priority: %s", exc)
-
-
-def niced_pool(threads: int, nice: int) -> ThreadPoolExecutor:
-    """`threads` decode threads at nice `nice` (0, or not Linux: normal priority)."""
-    if nice <= 0 or sys.platform != "linux":
-        return ThreadPoolExecutor(threads, thread_name_prefix="decode")
-    return ThreadPoolExecutor(
-        threads,
-        thread_name_prefix="decode-bulk",
-        initializer=_lower_this_thread,
-        initargs=(nice,),
-    )
 
 
 class DecodeQueue:

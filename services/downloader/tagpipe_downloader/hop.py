@@ -81,11 +81,15 @@ def hop_payload(pixels: npt.NDArray[np.uint8], encoding: HopEncoding) -> tuple[b
     return encode_crop(pixels, codec), codec.media_type
 
 
-def crop_decoder(encoding: HopEncoding) -> Callable[[bytes, Geometry, int], Decoded]:
+def crop_decoder(
+    encoding: HopEncoding, realtime: bool = False
+) -> Callable[[bytes, Geometry, int], Decoded]:
     """`decode_image`, then the crop compressed for the hop (in the same decode thread);
-    for `original`, the small JPEGs forwarded as they are (forward.py)."""
+    for `original`, the small JPEGs forwarded as they are (forward.py). A real-time
+    item is never forwarded: decoded here on the downloader's real-time threads, it
+    does not queue behind bulk decodes on the inference side (p95 in benchmarks.md)."""
     if encoding == "original":
-        return forward_small
+        return decode_image if realtime else forward_small
 
     def decode(data: bytes, geom: Geometry, max_pixels: int) -> Decoded:
         decoded = decode_image(data, geom, max_pixels)

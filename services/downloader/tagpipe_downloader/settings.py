@@ -50,9 +50,6 @@ class DownloaderSettings(CommonSettings):
     max_inflight: Annotated[int, Field(ge=1, le=4096)] = min(256, INFLIGHT_PER_CPU * _CPUS)
     fetch_batch: Annotated[int, Field(ge=1, le=256)] = 16
     decode_workers: Annotated[int, Field(ge=1, le=256)] = _CPUS  # decode is CPU: a thread a core
-    # Bulk decodes run on threads this much nicer (0: the same priority), so a real-time
-    # decode, the event loops and the model get the cores first (decode_queue.py).
-    bulk_decode_nice: Annotated[int, Field(ge=0, le=19)] = 10
     max_pending_publishes: Annotated[int, Field(ge=1, le=4096)] = 64
 
     # Fetching

@@ -343,7 +343,12 @@ class DownloadWorker:
 
     async def _decode(self, data: bytes, lane: Lane) -> Decoded:
         # Lane-ordered: a real-time item takes the next free decode thread.
-        fn = decode_for_gpu if self.s.decode == "gpu" else crop_decoder(self.s.hop_encoding)
+        realtime = lane is Lane.REALTIME
+        fn = (
+            decode_for_gpu
+            if self.s.decode == "gpu"
+            else crop_decoder(self.s.hop_encoding, realtime)
+        )
         decoded = await self.decodes.run(lane, fn, data, self.geometry, self.s.max_pixels)
         t0 = time.time() - (decoded.decode_ms + decoded.preprocess_ms) / 1000
         self._spans(t0, ("decode", decoded.decode_ms), ("preprocess", decoded.preprocess_ms))

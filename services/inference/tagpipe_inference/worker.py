@@ -33,9 +33,10 @@ from tagpipe_common.messages import TagResult
 from tagpipe_common.outage import TRANSIENT_NATS_ERRORS, Outage, is_transient
 from tagpipe_common.results import ResultStore
 from tagpipe_common.streams import is_final_delivery
-from tagpipe_common.subjects import LANES, Stage, stage_names
+from tagpipe_common.subjects import LANES, Lane, Stage, stage_names
 from tagpipe_common.tagcache import CacheEntry, ModelIdentity, TagCache
 from tagpipe_common.telemetry import log_item_timings
+from tagpipe_common.threads import niced_pool
 
 from tagpipe_inference import metrics
 from tagpipe_inference.decoders import BatchDecoder, DecodeFailed, PillowDecoder, decode_each
@@ -89,6 +90,8 @@ class InferenceWorker:
         self._stopping = asyncio.Event()
         # One thread: batches reach the session back to back, never concurrently.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ort")
+        # Forwarded originals of bulk batches decode below the model's priority.
+        self._bulk_decodes = niced_pool(settings.pipeline_depth, settings.bulk_decode_nice)
         self._inflight: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(settings.pipeline_depth)
         # Set while no batch is in the model (preprocess + run): a batch collected
@@ -136,6 +139,7 @@ class InferenceWorker:
                     await sub.unsubscribe()
             self._subs.clear()
             self._pool.shutdown(wait=True)
+            self._bulk_decodes.shutdown(wait=True)
 
     # -- fetching ---------------------------------------------------------------
 
@@ -266,7 +270,15 @@ class InferenceWorker:
         todo = [(m, d) for m, d in batch.good if d.needs_decode]
         payloads = [d.task.pixels for _, d in todo]
         crops = [d.task.encoding == "encoded_crop" for _, d in todo]
-        out = await asyncio.to_thread(decode_each, self.decoder, self._cpu_decoder, payloads, crops)
+        bulk = all(d.task.lane is Lane.BULK for _, d in todo)
+        out = await asyncio.get_running_loop().run_in_executor(
+            self._bulk_decodes if bulk else None,  # None: the loop's, at normal priority
+            decode_each,
+            self.decoder,
+            self._cpu_decoder,
+            payloads,
+            crops,
+        )
         failed = set()
         for (m, d), px in zip(todo, out, strict=True):
             if isinstance(px, DecodeFailed):
