@@ -125,6 +125,7 @@ def component_env(component: str, spec: TagPipelineSpec) -> dict[str, str]:
             "TAGPIPE_TOTAL_TIMEOUT_S": str(lim.timeout_seconds),
             "TAGPIPE_MAX_INFLIGHT": str(lim.concurrency),
             "TAGPIPE_DECODE": spec.inference.decode,  # gpu: forward JPEGs compressed
+            "TAGPIPE_HOP_ENCODING": spec.downloader.hop_encoding,
             "TAGPIPE_CONTENT_DEDUPE": str(spec.dedupe.enabled).lower(),
         }
     return _inference_env(spec.inference)

@@ -213,6 +213,9 @@ class DownloaderSpec(StageSpec):
     replicas: DownloaderReplicas = DownloaderReplicas()
     autoscaling: DownloaderAutoscaling = DownloaderAutoscaling()
     limits: DownloadLimits = DownloadLimits()
+    # How a crop crosses to inference with decode: cpu (the downloader's hop.py):
+    # original sends small JPEGs as downloaded (same answers, less CPU and bytes).
+    hop_encoding: Literal["raw", "jpeg", "webp-lossless", "original"] = "raw"
 
     def in_flight_per_replica(self) -> int | None:
         return self.limits.concurrency

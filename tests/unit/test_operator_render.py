@@ -159,6 +159,17 @@ def test_gpu_settings_reach_inference_and_decode_reaches_both_tiers(
     assert cpu["TAGPIPE_REQUIRE_GPU"] == "false"
 
 
+def test_the_hop_encoding_reaches_the_downloader_as_a_setting_it_reads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert env_of(pod(MINIMAL, "downloader")["containers"][0])["TAGPIPE_HOP_ENCODING"] == "raw"
+    spec = {**MINIMAL, "downloader": {"hopEncoding": "original"}}
+    env = env_of(pod(spec, "downloader")["containers"][0])
+    assert env["TAGPIPE_HOP_ENCODING"] == "original"
+    s = _load(DownloaderSettings, {**config_data(parse_spec(spec)), **env}, monkeypatch)
+    assert s.hop_encoding == "original"
+
+
 @pytest.mark.parametrize("component", ["gateway", "downloader", "inference"])
 def test_strict_pod_security(component: str) -> None:
     p = pod(SAMPLE, component)
