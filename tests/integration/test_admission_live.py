@@ -31,6 +31,7 @@ BURST = 300
 # Admitted requests wait out their 1 s deadline (504) while inference is stopped; this
 # is only how long the test lets that take before it resumes inference regardless.
 STOPPED_AT_MOST_S = 30.0
+KEY = "admission-test-key"
 
 
 async def test_a_burst_past_the_deadline_is_refused_and_admitted_again_once_drained(
@@ -41,7 +42,7 @@ async def test_a_burst_past_the_deadline_is_refused_and_admitted_again_once_drai
         model_dir=model_dir,
         allow_cidrs="127.0.0.0/8",
         inference_env={"TAGPIPE_INTRA_OP_THREADS": "1"},
-        gateway_env={"TAGPIPE_REALTIME_TIMEOUT_S": "60"},
+        gateway_env={"TAGPIPE_REALTIME_TIMEOUT_S": "60", "TAGPIPE_API_KEYS": KEY},
     )
     async with ImageServer(host="127.0.0.1") as images:
         seq = itertools.count()
@@ -50,25 +51,38 @@ async def test_a_burst_past_the_deadline_is_refused_and_admitted_again_once_drai
             return {"url": images.url(f"/corpus/320x240/{next(seq) % 8}.jpg?i={next(seq)}")}
 
         stack = await asyncio.to_thread(Stack(config).start)
-        limits = httpx.Limits(max_connections=BURST + 10)
+        limits = httpx.Limits(max_connections=BURST + 30)
         try:
             async with httpx.AsyncClient(
-                base_url=stack.gateway_url, timeout=90, limits=limits
+                base_url=stack.gateway_url,
+                timeout=90,
+                limits=limits,
+                headers={"Authorization": f"Bearer {KEY}"},
             ) as c:
                 await _keep_busy(c, body, seconds=4.0)  # the gateway measures the drain rate
                 inference = stack.service("inference-0")
                 inference.signal(signal.SIGSTOP)
                 try:
+                    params = {"timeout_ms": 1000}
+                    # Strangers (a wrong key, none) among the refused: each hears 401,
+                    # never 429, so an unauthenticated caller learns nothing of the load.
+                    strangers = [{"Authorization": "Bearer wrong-key"}, {"Authorization": ""}]
                     sent = asyncio.gather(
+                        *(c.post("/v1/tags", params=params, json=body()) for _ in range(BURST)),
                         *(
-                            c.post("/v1/tags", params={"timeout_ms": 1000}, json=body())
-                            for _ in range(BURST)
-                        )
+                            c.post("/v1/tags", params=params, json=body(), headers=h)
+                            for h in strangers * 10
+                        ),
                     )
                     await asyncio.wait({sent}, timeout=STOPPED_AT_MOST_S)
                 finally:
                     inference.signal(signal.SIGCONT)
-                burst = await sent
+                answers = await sent
+                burst, unknown = answers[:BURST], answers[BURST:]
+                assert {r.status_code for r in unknown} == {401}, Counter(
+                    r.status_code for r in unknown
+                )
+                assert all(r.json()["code"] == "unauthorized" for r in unknown)
                 codes = Counter(r.status_code for r in burst)
                 assert set(codes) <= {200, 429, 504}, codes
                 assert codes[429] > 0 and codes[429] < BURST, codes  # refused, but not all

@@ -11,7 +11,9 @@ wait of one more item. The route checks again with the real item count (a body
 may carry several URLs), so this is only ever the cheaper of two equal answers.
 
 A request this middleware cannot judge (no runtime yet, a `timeout_ms` that is
-not a number or above the maximum) goes on to the route, which answers it.
+not a number or above the maximum) goes on to the route, which answers it. So
+does one without a valid API key when keys are on: it gets its 401 from the
+route, and a stranger learns nothing about the pipeline's load.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from tagpipe_common.subjects import Lane
 
 from tagpipe_gateway.admission import Verdict, admit
+from tagpipe_gateway.auth import bearer_token
 from tagpipe_gateway.metrics import BACKPRESSURE, DEADLINES, REQUESTS
 from tagpipe_gateway.problems import ProblemCode, ProblemError, problem_response
 
@@ -83,7 +86,7 @@ class EarlyAdmission:
 
     async def _judge(self, scope: Scope) -> ProblemError | None:
         rt: Runtime | None = getattr(scope["app"].state, "runtime", None)
-        if rt is None:
+        if rt is None or not _authorised(rt, scope):
             return None
         deadline_s = deadline_of(scope["query_string"], rt.settings.realtime_timeout_s)
         if deadline_s is None:
@@ -94,6 +97,15 @@ class EarlyAdmission:
             return None
         v = verdict(rt, 1, deadline_s)
         return None if v.admit else refused(v, 1, deadline_s)
+
+
+def _authorised(rt: Runtime, scope: Scope) -> bool:
+    """Whether the route would let this request in (keys off, or a valid bearer key)."""
+    if not rt.api_keys.enabled:
+        return True
+    header = dict(scope["headers"]).get(b"authorization")
+    token = bearer_token(header.decode("latin-1") if header else None)
+    return token is not None and rt.api_keys.check(token)
 
 
 async def _send_problem(scope: Scope, receive: Receive, send: Send, exc: ProblemError) -> None:
