@@ -96,12 +96,16 @@ bench-hop: venv ## inference-hop encodings: bytes and top-1 agreement on real ph
 	test -f $(MODEL_DIR)/manifest.json || $(MAKE) model
 	$(PY) -m bench.hop_encoding --model-dir $(MODEL_DIR)
 
+bench-stages: venv ## each process's CPU per image against the bare decode and model, raw vs original hop (~1 min)
+	test -f $(MODEL_DIR)/manifest.json || $(MAKE) model
+	$(PY) -m bench.stage_cost
+
 PROFILE_LABEL ?= after
 bench-profile: venv ## py-spy flame graphs of each service in make bench's bulk run: bench/results/profiles/
 	test -f $(MODEL_DIR)/manifest.json || $(MAKE) model
 	$(PY) -c 'import psutil' 2>/dev/null && test -x $(BIN)/py-spy || $(BIN)/pip install -q -e '.[bench]'
 	$(PY) -m bench.profile_services --label $(PROFILE_LABEL) $(ARGS)
-.PHONY: bench-hop bench-profile
+.PHONY: bench-hop bench-profile bench-stages
 
 bench-gpu: ## GPU inference + GPU decode, JSON in bench/results (own venv; ARGS=--dry-run on CPU)
 	bash bench/bench_gpu.sh $(ARGS)

@@ -172,6 +172,7 @@ def measure_original(
     agree = top1(model, got) == top1(model, ref)
     sizes = np.array([len(d.frame()["pixels"]) for d in frames])
     forwarded = np.array([d.original is not None for d in frames])
+    whole = np.array([n.split("#")[1].split("-")[0] == "0" for n in names])  # uncut
     return {
         "input": "each window as a quality-90 JPEG file",
         "input_bytes_median": int(np.median([len(f) for f in files])),
@@ -180,6 +181,7 @@ def measure_original(
         "bytes_p90": int(np.percentile(sizes, 90)),
         "bytes_max": int(sizes.max()),
         "top1_agreement": round(float(agree.mean()), 4),
+        "top1_agreement_whole_photos": round(float(agree[whole].mean()), 4),
         "pixel_exact_share": round(
             float(np.mean([np.array_equal(a, b) for a, b in zip(got, ref, strict=True)])), 4
         ),
