@@ -99,11 +99,7 @@ class Service:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                # Its own group: a terminal's Ctrl-C reaches us only. Not its own
-                # session: autogroup scheduling shares a busy box equally between
-                # sessions, which made the downloader (ahead of inference) take half of
-                # it whatever its bulk decodes' nice (tests/unit/test_stack_scheduling.py).
-                process_group=0,
+                start_new_session=True,  # its own group: a terminal's Ctrl-C reaches us only
                 preexec_fn=die_with_parent,
             )
 
