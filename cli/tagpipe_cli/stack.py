@@ -99,7 +99,11 @@ class Service:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                start_new_session=True,  # its own group: a terminal's Ctrl-C reaches us only
+                # Its own group: a terminal's Ctrl-C reaches us only. And its own session:
+                # under autogroup scheduling each service then has its own share of a busy
+                # box, as a pod has its own cgroup. One session for all was measured and
+                # reverted (docs/benchmarks.md): a flooded gateway took the workers' cores.
+                start_new_session=True,
                 preexec_fn=die_with_parent,
             )
 
