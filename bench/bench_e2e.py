@@ -83,7 +83,7 @@ def bench_ideal(images: list[bytes], harness: tuple[int, ...] = ()) -> dict[str,
 # keep 1.9 of 2 cores busy at 64 requests in flight, so a deeper window would
 # not help them. And `original` on the inference hop: a small JPEG crosses as
 # downloaded and inference decodes it to the same crop, which on one node
-# saves the downloader's decode hand-off and the bigger frame (~1.3-1.6 ms per
+# saves the downloader's decode hand-off and the bigger frame (0.2-1.6 ms per
 # such photo); the 12 MP photos still go raw. With it inference decodes the
 # thumbnails and becomes the stage behind, so a real-time item waits for the
 # bulk batch in the model: batches of 4 rather than 8 halve that wait (same-run

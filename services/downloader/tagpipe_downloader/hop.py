@@ -24,7 +24,7 @@ measures the candidates on real photographs (bench/results/hop-encoding.json):
   with the same draft, resize and crop: the same pixels, so the same answers,
   in the file's own bytes. Larger photos and other formats go raw. It moves
   that decode to the inference tier, and saves this tier's decode hand-off and
-  the bigger frame: ~1.3-1.6 ms of CPU per such photo on this box's 2 cores
+  the bigger frame: 0.2-1.6 ms of CPU per such photo in four runs on this box
   (docs/benchmarks.md). The downloader's header check still refuses what is
   not an image; a body that is corrupt past its header gets its decode_error
   from inference instead.
