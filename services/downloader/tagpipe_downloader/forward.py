@@ -48,25 +48,36 @@ def _upright(img: Image.Image) -> bool:
     return bool(img.getexif().get(_ORIENTATION, 1) == 1)
 
 
+def _goes_as_is(img: Image.Image, geom: Geometry) -> bool:
+    """A plain RGB JPEG, upright, its shorter side at most `SHRINK_ABOVE` x the resize
+    target: the inference tier decodes it as it is (cheap checks first)."""
+    return _forwardable(img) and min(img.size) <= SHRINK_ABOVE * geom.resize and _upright(img)
+
+
+def _the_file(data: bytes, img: Image.Image, t0: float) -> Decoded:
+    """The downloaded file itself as the frame: header-checked, not decoded."""
+    w, h = img.size
+    return Decoded(_EMPTY, "JPEG", (w, h), (time.perf_counter() - t0) * 1000, 0.0, data, (h, w, 3))
+
+
 def forward_small(data: bytes, geom: Geometry, max_pixels: int) -> Decoded:
     """`hop_encoding: original`, for a CPU inference tier: a small JPEG goes as it
     is, anything else as the raw crop (`decode_image`). Same answers as raw.
 
-    Small means its shorter side is at most `SHRINK_ABOVE` x the resize target
-    (the inference side's draft then picks the scale this side would), it is
-    upright, plain RGB, of photo proportions (no strip resampled by box), and no
-    bigger than the raw crop it replaces. Inference decodes it with the same
-    draft request, resize and crop (`PillowDecoder`), so the model sees exactly
-    the pixels a raw frame would carry: what is saved is this tier's decode
-    hand-off and the bigger frame through JetStream, not a single pixel.
+    Small means it goes as is for the GPU path too (`_goes_as_is`: the inference
+    side's draft then picks the scale this side would), it is of photo
+    proportions (no strip resampled by box), and no bigger than the raw crop it
+    replaces. Inference decodes it with the same draft request, resize and crop
+    (`PillowDecoder`), so the model sees exactly the pixels a raw frame would
+    carry: what is saved is this tier's decode hand-off and the bigger frame
+    through JetStream, not a single pixel.
     """
     t0 = time.perf_counter()
     img = open_image(data, max_pixels)
     w, h = img.size
-    small = min(w, h) <= SHRINK_ABOVE * geom.resize and max(w, h) <= _MAX_ASPECT * min(w, h)
-    if small and len(data) <= geom.crop * geom.crop * 3 and _forwardable(img) and _upright(img):
-        ms = (time.perf_counter() - t0) * 1000
-        return Decoded(_EMPTY, "JPEG", (w, h), ms, 0.0, data, (h, w, 3))
+    photo = max(w, h) <= _MAX_ASPECT * min(w, h) and len(data) <= geom.crop * geom.crop * 3
+    if photo and _goes_as_is(img, geom):
+        return _the_file(data, img, t0)
     return decode_image(data, geom, max_pixels)
 
 
@@ -77,10 +88,9 @@ def decode_for_gpu(data: bytes, geom: Geometry, max_pixels: int) -> Decoded:
     img = open_image(data, max_pixels)
     if not _forwardable(img):
         return decode_image(data, geom, max_pixels)
+    if _goes_as_is(img, geom):
+        return _the_file(data, img, t0)
     w, h = img.size
-    if min(w, h) <= SHRINK_ABOVE * geom.resize and _upright(img):
-        ms = (time.perf_counter() - t0) * 1000
-        return Decoded(_EMPTY, "JPEG", (w, h), ms, 0.0, data, (h, w, 3))
     rgb = load_rgb(img, geom)  # draft decode + EXIF orientation, as the CPU path
     t1 = time.perf_counter()
     buf = io.BytesIO()

@@ -103,6 +103,13 @@ class DownloadWorker:
         lane_pools = {Lane.BULK: bulk_pool} if bulk_pool is not None else None
         self.decodes = DecodeQueue(pool, settings.decode_workers, lane_pools)
         self.geometry = settings.geometry()
+        # Bytes -> frame, per lane (a real-time item is never forwarded as its file).
+        self._decoders = {
+            lane: decode_for_gpu
+            if settings.decode == "gpu"
+            else crop_decoder(settings.hop_encoding, lane is Lane.REALTIME)
+            for lane in LANES
+        }
         self.download = stage_names(Stage.DOWNLOAD, settings.prefix)
         self.infer = stage_names(Stage.INFER, settings.prefix)
         self._slots = asyncio.Semaphore(settings.max_inflight)
@@ -343,12 +350,7 @@ class DownloadWorker:
 
     async def _decode(self, data: bytes, lane: Lane) -> Decoded:
         # Lane-ordered: a real-time item takes the next free decode thread.
-        realtime = lane is Lane.REALTIME
-        fn = (
-            decode_for_gpu
-            if self.s.decode == "gpu"
-            else crop_decoder(self.s.hop_encoding, realtime)
-        )
+        fn = self._decoders[lane]
         decoded = await self.decodes.run(lane, fn, data, self.geometry, self.s.max_pixels)
         t0 = time.time() - (decoded.decode_ms + decoded.preprocess_ms) / 1000
         self._spans(t0, ("decode", decoded.decode_ms), ("preprocess", decoded.preprocess_ms))
