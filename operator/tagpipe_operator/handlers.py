@@ -76,9 +76,16 @@ def index_pipeline(namespace: str | None, name: str, body: kopf.Body, **_: Any) 
 
 
 async def delete_streams(
-    body: kopf.Body, spec: kopf.Spec, namespace: str | None, retry: int, memo: kopf.Memo, **_: Any
+    body: kopf.Body,
+    spec: kopf.Spec,
+    namespace: str | None,
+    uid: str,
+    retry: int,
+    memo: kopf.Memo,
+    **_: Any,
 ) -> None:
     rt, namespace = runtime(memo), namespace or "default"
+    await rt.retire(uid)  # no tick in flight may re-create what goes next
     if retry >= rt.settings.stream_delete_retries:
         kopf.warn(
             body,
@@ -95,8 +102,10 @@ async def delete_streams(
     kopf.info(body, reason="StreamsDeleted", message=", ".join(deleted) or "no streams found")
 
 
-async def forget(name: str, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
-    reconcile.forget(runtime(memo), namespace or "default", name)
+async def forget(name: str, namespace: str | None, uid: str, memo: kopf.Memo, **_: Any) -> None:
+    rt = runtime(memo)
+    await rt.retire(uid)  # first, so no tick in flight writes the state back
+    reconcile.forget(rt, namespace or "default", name)
 
 
 def _wants_stream_deletion(spec: kopf.Spec, **_: Any) -> bool:

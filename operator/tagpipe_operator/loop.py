@@ -61,11 +61,13 @@ async def tick(rt: Runtime, body: Mapping[str, Any]) -> dict[str, Any]:
 
 async def _guarded_tick(rt: Runtime, body: Mapping[str, Any]) -> None:
     meta = body.get("metadata", {})
-    if meta.get("deletionTimestamp"):
+    uid = str(meta.get("uid"))
+    if meta.get("deletionTimestamp") or uid in rt.retired:
         return  # being deleted: leave it to garbage collection and the delete handler
     try:
-        async with asyncio.timeout(max(rt.settings.scale_interval_s, 1.0) * 4):
-            await tick(rt, body)
+        async with rt.tick_lock(uid), asyncio.timeout(max(rt.settings.scale_interval_s, 1.0) * 4):
+            if uid not in rt.retired:  # retired while this tick waited for the lock
+                await tick(rt, body)
     except Exception as exc:  # one broken pipeline must not stop the others
         log.warning(
             "TagPipeline %s/%s: scaling tick failed: %s",

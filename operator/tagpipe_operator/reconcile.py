@@ -61,6 +61,10 @@ class Runtime:
     scaling: dict[StateKey, ScalingState] = field(default_factory=dict)
     meters: dict[StateKey, MeterState] = field(default_factory=dict)
     """Each stage's recent JetStream counter readings, for its rates (ratemeter.py)."""
+    ticking: dict[str, asyncio.Lock] = field(default_factory=dict)
+    """Per pipeline uid, held for a whole scaling tick (see `retire`)."""
+    retired: set[str] = field(default_factory=set)
+    """uids being deleted: the loop's snapshot of a pipeline can lag its deletion."""
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     closing: bool = False
     """Set by close(): our own disconnects are not worth a WARNING."""
@@ -71,6 +75,19 @@ class Runtime:
                 raise kopf.TemporaryError("not logged in to the Kubernetes API yet", delay=1)
             self.kube = KubeClient.from_connection(self.connection)
         return self.kube
+
+    def tick_lock(self, uid: str) -> asyncio.Lock:
+        return self.ticking.setdefault(uid, asyncio.Lock())
+
+    async def retire(self, uid: str) -> None:
+        """Wait out a tick in flight for `uid` and keep later ones off it.
+
+        A tick begun on a snapshot taken before the deletion would otherwise
+        re-ensure the streams the delete handler has just removed.
+        """
+        async with self.tick_lock(uid):
+            self.retired.add(uid)
+        self.ticking.pop(uid, None)
 
     async def close(self) -> None:
         self.closing = True

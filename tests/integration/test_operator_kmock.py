@@ -310,3 +310,35 @@ async def test_one_tick_recreates_drift_and_reports_it(
         )
     finally:
         await rt.close()
+
+
+async def test_a_tick_on_a_snapshot_older_than_the_deletion_does_not_recreate_streams(
+    kmock: Any, nats_proc: ServerProcess, nc: Client
+) -> None:
+    """The scaling loop ticks on its index snapshot, which can predate the
+    deletion: retire() waits out a tick in flight and keeps later ones off."""
+    serve(kmock)
+    conn = kopf.ConnectionInfo(server=str(kmock.url), insecure=True)
+    rt = Runtime(settings=OperatorSettings(nats_timeout_s=2.0), connection=conn)
+    body = pipeline(nats_proc.url)
+    js, stream = nc.jetstream(), stage_names(Stage.INFER, PREFIX).stream
+    try:
+        await rt.client().create(body)
+        spec = parse_spec(body["spec"])
+        await reconcile.ensure_pipeline_streams(rt, NS, spec, NAME)
+        in_flight = rt.tick_lock("uid-1")
+        await in_flight.acquire()  # a tick holds it
+        retiring = asyncio.create_task(rt.retire("uid-1"))
+        await asyncio.sleep(0.05)
+        assert not retiring.done()  # the delete handler waits for the tick
+        in_flight.release()
+        await retiring
+
+        await reconcile.remove_streams(rt, NS, spec)
+        reconcile.forget(rt, NS, NAME)
+        writes_before = len(list(kmock))
+        await loop._guarded_tick(rt, body)  # the stale snapshot: no deletionTimestamp
+        assert not await _has_stream(js, stream)
+        assert len(list(kmock)) == writes_before  # no Kubernetes call at all
+    finally:
+        await rt.close()
