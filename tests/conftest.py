@@ -15,7 +15,7 @@ from nats.js.client import JetStreamContext
 from redis.asyncio import Redis
 from tagpipe_cli.servers import ServerProcess, nats_server, redis_server
 from tagpipe_common.keys import RedisKeys
-from tagpipe_common.nats_io import connect_nats
+from tagpipe_common.nats_io import close_nats, connect_nats
 from tagpipe_common.results import ResultStore
 from tagpipe_common.streams import StreamPolicy, ensure_streams
 
@@ -38,7 +38,7 @@ def redis_proc(tmp_path: Path) -> Iterator[ServerProcess]:
 async def nc(nats_proc: ServerProcess) -> AsyncIterator[Client]:
     client = await connect_nats([nats_proc.url], "tests")
     yield client
-    await client.close()
+    await close_nats(client)
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import sys
 import time
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import nats
@@ -49,18 +50,35 @@ async def connect_nats(servers: list[str], name: str) -> Client:
 
 
 async def close_nats(nc: Client, timeout_s: float = 5.0) -> None:
-    """Flush what is pending (the last acks) and close; never raises.
+    """Flush what is pending (the last acks) and close; never raises, always ends.
 
     Called from a `finally` at shutdown: an error here would replace the one that
     is being handled, and a connection to a dead server fails to flush or close.
     """
-    for step in (nc.flush, nc.close):
+    # A flush while reconnecting only waits out its timeout for a PONG.
+    steps = (nc.flush, nc.close) if nc.is_connected else (nc.close,)
+    for step in steps:
         if nc.is_closed:
-            return
+            break
         try:
             await asyncio.wait_for(step(), timeout_s)
         except Exception as exc:  # a dead peer: reset, timeout, closed
             log.warning("nats %s at shutdown failed: %s", step.__name__, describe(exc))
+    # nats.py cancels its reconnect loop once. On Python 3.11, asyncio.wait_for
+    # loses a cancel that lands just as a connect attempt fails (bpo-42130), and
+    # that loop then retries every reconnect_time_wait forever, so the event
+    # loop's shutdown (asyncio.run, a test's runner) never ends.
+    await cancel_until_done(getattr(nc, "_reconnection_task", None), timeout_s)
+
+
+async def cancel_until_done(task: asyncio.Task[Any] | None, timeout_s: float) -> None:
+    """Cancel `task` again and again until it ends or `timeout_s` passes."""
+    deadline = time.monotonic() + timeout_s
+    while task is not None and not task.done() and time.monotonic() < deadline:
+        task.cancel()
+        await asyncio.wait([task], timeout=0.05)
+    if task is not None and not task.done():
+        log.warning("nats reconnect task still running after %.1f s at shutdown", timeout_s)
 
 
 SETTING = "TAGPIPE_NATS_URL"

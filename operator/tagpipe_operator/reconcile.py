@@ -22,6 +22,7 @@ import aiohttp
 import kopf
 import nats
 from nats.aio.client import Client
+from tagpipe_common.nats_io import close_nats
 from tagpipe_common.streams import (
     StreamPolicy,
     delete_streams,
@@ -95,9 +96,8 @@ class Runtime:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         self.tasks.clear()
-        for nc in self.nats.values():
-            with contextlib.suppress(Exception):  # a dead NATS must not block shutdown
-                await asyncio.wait_for(nc.close(), timeout=self.settings.nats_timeout_s)
+        for nc in self.nats.values():  # a dead NATS must not block shutdown
+            await close_nats(nc, self.settings.nats_timeout_s)
         self.nats.clear()
         if self.kube is not None:
             await self.kube.close()

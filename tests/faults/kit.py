@@ -17,6 +17,7 @@ import httpx
 import nats
 from tagpipe_cli.stack import Service, Stack, StackConfig
 from tagpipe_common.keys import RedisKeys
+from tagpipe_common.nats_io import close_nats
 from tagpipe_common.redis_io import connect_redis_sync
 from tagpipe_common.streams import StreamPolicy
 from tagpipe_common.subjects import LANES, Stage, stage_names
@@ -182,7 +183,7 @@ def consumer_states(stack: Stack) -> dict[str, dict[str, int]]:
                         "redelivered": int(info.num_redelivered or 0),
                     }
         finally:
-            await nc.close()
+            await close_nats(nc)
         return out
 
     return asyncio.run(read())
@@ -343,7 +344,7 @@ def deliveries(stack: Stack) -> int:
                 pending = sum(int(c.num_pending or 0) for c in infos)
                 total += delivered - (int(stream.state.last_seq or 0) - pending)
         finally:
-            await nc.close()
+            await close_nats(nc)
         return total
 
     for _ in range(50):  # a leader election in progress answers nothing for a moment

@@ -9,7 +9,7 @@ from nats.aio.client import Client
 from nats.js.client import JetStreamContext
 from redis.asyncio import Redis
 from tagpipe_common.keys import RedisKeys
-from tagpipe_common.nats_io import connect_nats
+from tagpipe_common.nats_io import close_nats, connect_nats
 from tagpipe_common.redis_io import connect_redis
 from tagpipe_common.results import ResultStore
 
@@ -60,8 +60,8 @@ class Runtime:
         await self.jobs.close()
         await self.notifier.stop()
         # Shutting down with a server gone must still release everything else.
-        for step in (self.nc.close, self.redis.aclose):
-            try:
-                await step()
-            except Exception as exc:
-                log.warning("while closing: %s", exc)
+        await close_nats(self.nc)
+        try:
+            await self.redis.aclose()
+        except Exception as exc:
+            log.warning("while closing redis: %s", exc)
