@@ -6,10 +6,12 @@ The photographs scikit-image ships (colour, and grey ones as RGB), each cut
 into windows (the whole photo, and seeded random windows of 35-100 % of its
 shorter side at any position and aspect 3:4 to 4:3) and each window also
 mirrored: hundreds of distinct crops of real scenes. Every window becomes the
-model's crop exactly as the downloader makes it (`resize_crop`), and that raw
-crop is the reference. Each candidate encoding is then what the service does:
-the downloader's `encode_crop`, the inference tier's decoder (`PillowDecoder`,
-the CPU decoder; the GPU one is held to it by tests/unit/test_gpu_decode.py),
+model's crop exactly as the downloader makes it (`resize_crop`, which
+resamples only the crop's columns; `resample_against_full_resize` holds it to
+the textbook full resize then crop), and that raw crop is the reference.
+Each candidate encoding is then what the service does: the downloader's
+`encode_crop`, the inference tier's decoder (`PillowDecoder`, the CPU
+decoder; the GPU one is held to it by tests/unit/test_gpu_decode.py), and
 the model's top-1 on the decoded crop against the raw crop's.
 
 Writes bench/results/hop-encoding.json: per encoding the median/p90/max bytes,
@@ -36,6 +38,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 from tagpipe_common import eventloop
+from tagpipe_common.manifest import centre_crop
 from tagpipe_downloader.decode import Geometry, decode_image, resize_crop
 from tagpipe_downloader.forward import forward_small
 from tagpipe_downloader.hop import CODECS, Codec, HopEncoding, encode_crop, hop_payload
@@ -121,6 +124,36 @@ def sensitivity(model: Model, raw: np.ndarray) -> dict[str, Any]:
         "top1_agreement_with_noise_pm1": round(
             float(np.mean(top1(model, noisy) == probs.argmax(1))), 4
         ),
+    }
+
+
+def against_full_resize(
+    model: Model, names: list[str], wins: list[np.ndarray], raw: np.ndarray, geom: Geometry
+) -> dict[str, Any]:
+    """The crops as resampled (only the crop's columns, `resample_plan`) against the
+    textbook full resize then centre crop: differing values, top-1, CPU each."""
+    imgs = [Image.fromarray(w) for w in wins]
+
+    def textbook(img: Image.Image) -> np.ndarray:
+        size, box = centre_crop(img.width, img.height, geom.resize, geom.crop)
+        return np.asarray(img.resize(size, Image.Resampling.BICUBIC).crop(box))
+
+    t0 = time.process_time()
+    full = np.stack([textbook(i) for i in imgs])
+    full_ms = (time.process_time() - t0) * 1000 / len(imgs)
+    t0 = time.process_time()
+    for i in imgs:
+        resize_crop(i, geom)
+    box_ms = (time.process_time() - t0) * 1000 / len(imgs)
+    diff = np.abs(full.astype(int) - raw.astype(int))
+    same = top1(model, full) == top1(model, raw)
+    return {
+        "crops": len(raw),
+        "values_differing": round(float(np.mean(diff > 0)), 6),
+        "max_abs_difference": int(diff.max()),
+        "top1_agreement": round(float(np.mean(same)), 4),
+        "disagree": [n for n, ok in zip(names, same, strict=True) if not ok],
+        "cpu_ms": {"full_resize_then_crop": round(full_ms, 3), "crop_box_only": round(box_ms, 3)},
     }
 
 
@@ -296,6 +329,8 @@ def main() -> None:
         "crops": len(raw),
         "raw_bytes": int(raw[0].nbytes),
         "reference": sensitivity(model, raw),
+        # The reference crops resample only the crop's box; against the full resize:
+        "resample_against_full_resize": against_full_resize(model, names, wins, raw, geom),
         "encodings": results,
         # CPU per frame for the whole hop, codec included (the settings' encodings),
         # on asyncio's event loop, and the raw hop on uvloop too.

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from tagpipe_common.errors import PermanentError
+from tagpipe_common.manifest import centre_crop
 from tagpipe_downloader.decode import Geometry, decode_image, resize_crop
 
 from bench.imageserver import bomb_png, exif_rotated_jpeg, make_jpeg
@@ -134,6 +135,34 @@ def test_resize_and_centre_crop_geometry() -> None:
     arr = rng.integers(0, 256, size=(256, 512, 3), dtype=np.uint8)
     out = resize_crop(Image.fromarray(arr), GEOM)
     assert np.array_equal(out, arr[16:240, 144:368])
+
+
+@pytest.mark.parametrize("name", ["astronaut", "chelsea", "coffee", "rocket", "camera"])
+def test_resampling_the_crop_box_is_the_full_resize_but_for_rounding(name: str) -> None:
+    """resize_crop resamples only the crop's box; the textbook resizes the whole
+    photo and then crops. Same filter and source pixels: one grey level, rarely."""
+    from skimage import data
+
+    arr = np.asarray(getattr(data, name)())
+    img = Image.fromarray(arr).convert("RGB")
+    for scaled in (
+        img,
+        img.resize((640, 480)),
+        img.resize((300, 451)),
+        img.rotate(90, expand=True),
+    ):
+        size, box = centre_crop(scaled.width, scaled.height, GEOM.resize, GEOM.crop)
+        textbook = np.asarray(scaled.resize(size, Image.Resampling.BICUBIC).crop(box))
+        diff = np.abs(resize_crop(scaled, GEOM).astype(int) - textbook.astype(int))
+        assert diff.max() <= 1 and np.mean(diff > 0) < 1e-3, (scaled.size, np.mean(diff > 0))
+
+
+@pytest.mark.parametrize("size", [(65000, 1), (1, 65000), (40000, 3)])
+def test_a_long_strip_is_never_resized_whole(size: tuple[int, int]) -> None:
+    # Resized whole, 1 x 65000 would be 256 x 16.6 M pixels (12 GB).
+    data = encode(Image.new("RGB", size, (200, 10, 10)), "PNG")
+    assert len(data) < 10_000
+    assert mean_rgb(decode(data)) == (200, 10, 10)
 
 
 def test_geometry_from_manifest(tmp_path: Path) -> None:

@@ -22,7 +22,13 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageFile, ImageOps
 from tagpipe_common.errors import ErrorCode, PermanentError
-from tagpipe_common.manifest import MANIFEST_FILE, ModelManifest, draft_size
+from tagpipe_common.manifest import (
+    MANIFEST_FILE,
+    ModelManifest,
+    centre_crop,
+    draft_size,
+    resample_plan,
+)
 from tagpipe_common.messages import Encoding
 
 from tagpipe_downloader.guard import check_pixels, sniff_format
@@ -35,10 +41,6 @@ _RESAMPLE = {
 }
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError)
-
-# Aspect ratio past which resize_crop resamples only the cropped box (same pixels
-# but for rounding); ordinary photos keep the plain resize-then-crop.
-_MAX_STRIP = 16
 
 # A truncated file must fail, never come out as half an image padded with grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -167,26 +169,19 @@ def _high_depth_to_rgb(img: Image.Image) -> Image.Image:
 
 
 def resize_crop(img: Image.Image, geom: Geometry) -> npt.NDArray[np.uint8]:
-    """torchvision Resize(geom.resize) + CenterCrop(geom.crop), as uint8 HWC."""
-    w, h = img.size
-    if w <= h:
-        size = (geom.resize, int(geom.resize * h / w))
+    """torchvision Resize(geom.resize) + CenterCrop(geom.crop), as uint8 HWC.
+
+    Only the crop's columns are resampled (see `resample_plan`).
+    """
+    w, h, r, c = img.width, img.height, geom.resize, geom.crop
+    size, box = centre_crop(w, h, r, c)
+    if size == img.size:
+        crop = img.crop(box)
     else:
-        size = (int(geom.resize * w / h), geom.resize)
-    left = round((size[0] - geom.crop) / 2.0)
-    top = round((size[1] - geom.crop) / 2.0)
-    if size[0] * size[1] > _MAX_STRIP * geom.resize * geom.resize:
-        # A long strip (a 65000 x 1 PNG is a few hundred bytes) would be resized to
-        # gigapixels only to be cropped: resample just the box behind the crop.
-        sx, sy = w / size[0], h / size[1]
-        box = (left * sx, top * sy, (left + geom.crop) * sx, (top + geom.crop) * sy)
-        crop = img.resize((geom.crop, geom.crop), _RESAMPLE[geom.interpolation], box=box)
-    else:
-        if size != img.size:
-            img = img.resize(size, _RESAMPLE[geom.interpolation])
-        crop = img.crop((left, top, left + geom.crop, top + geom.crop))
+        to, src, box = resample_plan(w, h, r, c)
+        crop = img.resize(to, _RESAMPLE[geom.interpolation], box=src).crop(box)
     out = np.asarray(crop, dtype=np.uint8)
-    if out.shape != (geom.crop, geom.crop, 3):
+    if out.shape != (c, c, 3):
         raise PermanentError(ErrorCode.DECODE_ERROR, f"unexpected decoded shape {out.shape}")
     return out
 

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 from PIL import Image
-from tagpipe_common.manifest import draft_size
+from tagpipe_common.manifest import centre_crop, draft_size, resample_plan
 
 from tagpipe_inference.providers import GpuUnavailable
 
@@ -52,17 +52,6 @@ class BatchDecoder(Protocol):
         ...
 
 
-Box = tuple[int, int, int, int]
-
-
-def centre_box(w: int, h: int, resize: int, crop: int) -> tuple[tuple[int, int], Box]:
-    """Resize target for the shorter side, and the centre crop box inside it."""
-    size = (resize, int(resize * h / w)) if w <= h else (int(resize * w / h), resize)
-    left = round((size[0] - crop) / 2.0)
-    top = round((size[1] - crop) / 2.0)
-    return size, (left, top, left + crop, top + crop)
-
-
 class PillowDecoder:
     name = "cpu"
 
@@ -82,8 +71,13 @@ class PillowDecoder:
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             raise DecodeFailed(f"cannot decode the payload: {exc}") from exc
         if not is_crop:
-            size, box = centre_box(img.width, img.height, self.resize, self.crop)
-            img = img.resize(size, Image.Resampling.BICUBIC).crop(box)
+            w, h, r, c = img.width, img.height, self.resize, self.crop
+            size, box = centre_crop(w, h, r, c)
+            if size == img.size:
+                img = img.crop(box)
+            else:
+                to, src, box = resample_plan(w, h, r, c)
+                img = img.resize(to, Image.Resampling.BICUBIC, box=src).crop(box)
         out = np.asarray(img, dtype=np.uint8)
         if out.shape != (self.crop, self.crop, 3):
             raise DecodeFailed(f"decoded to {out.shape}, expected ({self.crop}, {self.crop}, 3)")
