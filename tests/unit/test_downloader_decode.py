@@ -140,7 +140,7 @@ def test_resize_and_centre_crop_geometry() -> None:
 @pytest.mark.parametrize("name", ["astronaut", "chelsea", "coffee", "rocket", "camera"])
 def test_resampling_the_crop_box_is_the_full_resize_but_for_rounding(name: str) -> None:
     """resize_crop resamples only the crop's box; the textbook resizes the whole
-    photo and then crops. Same filter and source pixels: one grey level, rarely."""
+    photo and then crops. Same filter and source pixels: a grey level or two, rarely."""
     from skimage import data
 
     arr = np.asarray(getattr(data, name)())
@@ -154,7 +154,7 @@ def test_resampling_the_crop_box_is_the_full_resize_but_for_rounding(name: str) 
         size, box = centre_crop(scaled.width, scaled.height, GEOM.resize, GEOM.crop)
         textbook = np.asarray(scaled.resize(size, Image.Resampling.BICUBIC).crop(box))
         diff = np.abs(resize_crop(scaled, GEOM).astype(int) - textbook.astype(int))
-        assert diff.max() <= 1 and np.mean(diff > 0) < 1e-3, (scaled.size, np.mean(diff > 0))
+        assert diff.max() <= 2 and np.mean(diff > 0) < 1e-3, (scaled.size, np.mean(diff > 0))
 
 
 @pytest.mark.parametrize("size", [(65000, 1), (1, 65000), (40000, 3)])
