@@ -36,6 +36,7 @@ from bench.baselines.runners import (
     best_of,
     process,
 )
+from bench.timeline import Timeline
 
 
 def machine() -> dict[str, Any]:
@@ -155,7 +156,8 @@ async def _tagpipe_once(
             meter.start()
             stop = asyncio.Event()
             rt_task = asyncio.create_task(load.open_loop(realtime, rt_urls, args.rt_rate, stop))
-            _, bulk = await bulk_job(s, base, urls, stack)
+            async with Timeline(stack) as timeline:
+                _, bulk = await bulk_job(s, base, urls, stack)
             stop.set()
             rt = await rt_task
             cpu = meter.stop(bulk["ok"] + rt.ok)
@@ -169,7 +171,14 @@ async def _tagpipe_once(
         "nats_servers": nats_servers,
         "stream_replicas": stack.stream_replicas,
     }
-    return {**bulk, "realtime": rt.summary(), "cpu": cpu, "settings": settings}
+    return {
+        **bulk,
+        "realtime": rt.summary(),
+        "cpu": cpu,
+        "settings": settings,
+        "timeline": {"summary": timeline.summary(), "every_s": timeline.every_s},
+        "timeline_rows": timeline.rows,
+    }
 
 
 async def bulk_job(

@@ -128,7 +128,7 @@ async def _naive_once(
 def best_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Every system gets a small sweep and is reported at its best setting."""
     best = max(runs, key=lambda r: r["images_per_s"])
-    keep = ("images_per_s", "settings", "cpu", "realtime")
+    keep = ("images_per_s", "settings", "cpu", "realtime", "timeline")
     return {**best, "sweep": [{k: r[k] for k in keep if k in r} for r in runs]}
 
 
