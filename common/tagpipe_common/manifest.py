@@ -80,6 +80,8 @@ def resample_plan(
     still decodes to exactly the downloader's crop.
     """
     size, (left, top, right, bottom) = centre_crop(width, height, resize, crop)
+    if size == (width, height):  # already at size: Pillow copies, the crop is exact
+        return size, (0.0, 0.0, float(width), float(height)), (left, top, right, bottom)
     sx, sy = width / size[0], height / size[1]
     if size[0] * size[1] > _MAX_STRIP * resize * resize:
         return (crop, crop), (left * sx, top * sy, right * sx, bottom * sy), (0, 0, crop, crop)

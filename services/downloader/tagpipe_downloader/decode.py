@@ -25,7 +25,6 @@ from tagpipe_common.errors import ErrorCode, PermanentError
 from tagpipe_common.manifest import (
     MANIFEST_FILE,
     ModelManifest,
-    centre_crop,
     draft_size,
     resample_plan,
 )
@@ -173,15 +172,10 @@ def resize_crop(img: Image.Image, geom: Geometry) -> npt.NDArray[np.uint8]:
 
     Only the crop's columns are resampled (see `resample_plan`).
     """
-    w, h, r, c = img.width, img.height, geom.resize, geom.crop
-    size, box = centre_crop(w, h, r, c)
-    if size == img.size:
-        crop = img.crop(box)
-    else:
-        to, src, box = resample_plan(w, h, r, c)
-        crop = img.resize(to, _RESAMPLE[geom.interpolation], box=src).crop(box)
+    to, src, box = resample_plan(img.width, img.height, geom.resize, geom.crop)
+    crop = img.resize(to, _RESAMPLE[geom.interpolation], box=src).crop(box)
     out = np.asarray(crop, dtype=np.uint8)
-    if out.shape != (c, c, 3):
+    if out.shape != (geom.crop, geom.crop, 3):
         raise PermanentError(ErrorCode.DECODE_ERROR, f"unexpected decoded shape {out.shape}")
     return out
 

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 from PIL import Image
-from tagpipe_common.manifest import centre_crop, draft_size, resample_plan
+from tagpipe_common.manifest import draft_size, resample_plan
 
 from tagpipe_inference.providers import GpuUnavailable
 
@@ -71,13 +71,8 @@ class PillowDecoder:
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             raise DecodeFailed(f"cannot decode the payload: {exc}") from exc
         if not is_crop:
-            w, h, r, c = img.width, img.height, self.resize, self.crop
-            size, box = centre_crop(w, h, r, c)
-            if size == img.size:
-                img = img.crop(box)
-            else:
-                to, src, box = resample_plan(w, h, r, c)
-                img = img.resize(to, Image.Resampling.BICUBIC, box=src).crop(box)
+            to, src, box = resample_plan(img.width, img.height, self.resize, self.crop)
+            img = img.resize(to, Image.Resampling.BICUBIC, box=src).crop(box)
         out = np.asarray(img, dtype=np.uint8)
         if out.shape != (self.crop, self.crop, 3):
             raise DecodeFailed(f"decoded to {out.shape}, expected ({self.crop}, {self.crop}, 3)")
