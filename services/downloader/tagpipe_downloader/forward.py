@@ -33,8 +33,9 @@ SHRINK_ABOVE = 2
 # 90 with 4:2:0 chroma the re-encode moved crops by ~2 levels and flipped the
 # top-1 class of 6 in 24; at 95 with full chroma (4:4:4), ~0.8 levels and none.
 QUALITY = 95
-# Past this aspect ratio the CPU path resamples only the crop's box (decode.py),
-# which an inference-side decode of the whole photo would not match to the pixel.
+# Past this aspect ratio a photo goes raw. It once kept pixel-exactness (the tiers
+# resampled strips differently); both now resample through manifest.resample_plan,
+# so it only keeps odd strips on the downloader's long-standing path.
 _MAX_ASPECT = 8
 _ORIENTATION = 0x0112
 _EMPTY = np.empty((0, 0, 3), dtype=np.uint8)
@@ -66,8 +67,8 @@ def forward_small(data: bytes, geom: Geometry, max_pixels: int) -> Decoded:
 
     Small means it goes as is for the GPU path too (`_goes_as_is`: the inference
     side's draft then picks the scale this side would), it is of photo
-    proportions (no strip resampled by box), and no bigger than the raw crop it
-    replaces. Inference decodes it with the same draft request, resize and crop
+    proportions (`_MAX_ASPECT`), and no bigger than the raw crop it replaces.
+    Inference decodes it with the same draft request and `resample_plan`
     (`PillowDecoder`), so the model sees exactly the pixels a raw frame would
     carry: what is saved is this tier's decode hand-off and the bigger frame
     through JetStream, not a single pixel.
