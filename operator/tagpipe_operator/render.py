@@ -17,6 +17,7 @@ import hashlib
 import json
 from typing import Any
 
+from tagpipe_operator import lifecycle
 from tagpipe_operator.modelsource import fetch_container, model_volume
 from tagpipe_operator.spec import (
     GPU_PRODUCT_LABEL,
@@ -233,8 +234,8 @@ def _container(component: str, stage: StageSpec, spec: TagPipelineSpec, name: st
     port_name = "http" if component == "gateway" else "health"
     port = GATEWAY_PORT if component == "gateway" else HEALTH_PORT
     ports.insert(0, {"name": port_name, "containerPort": port})
-    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
-        container[probe] = {"httpGet": {"path": path, "port": port_name}, "periodSeconds": 10}
+    container.update(lifecycle.probes(component, stage, port_name))
+    container.update(lifecycle.container_lifecycle(component))
     return container
 
 
@@ -268,6 +269,7 @@ def deployment(
         "containers": [_container(component, stage, spec, name)],
         "volumes": _volumes(component, spec),
         **_placement(component, stage),
+        **lifecycle.pod_lifecycle(component, spec),
     }
     if component != "gateway" and spec.model.fetched:
         pod_spec["initContainers"] = [

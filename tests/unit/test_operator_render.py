@@ -341,3 +341,78 @@ def test_dedupe_is_off_unless_asked_and_its_ttl_reaches_both_tiers(
     d = _load(DownloaderSettings, down, monkeypatch)
     assert d.content_dedupe and d.content_dedupe_ttl_s == 3600
     assert _load(InferenceSettings, inf, monkeypatch).content_dedupe_ttl_s == 3600
+
+
+# -- pod lifecycle: start-up, probes, termination ---------------------------------------
+
+
+def _container(spec: dict[str, Any], component: str) -> dict[str, Any]:
+    container: dict[str, Any] = pod(spec, component)["containers"][0]
+    return container
+
+
+def _startup_budget_s(container: dict[str, Any]) -> int:
+    probe = container["startupProbe"]
+    return int(probe["periodSeconds"] * probe["failureThreshold"])
+
+
+CPU_INFERENCE = {**MINIMAL, "inference": {"gpu": 0}}
+TRT_ON_CPU_NODE = {**MINIMAL, "inference": {"gpu": 0, "providers": ["TensorrtExecutionProvider"]}}
+
+
+@pytest.mark.parametrize("component", ["gateway", "downloader", "inference"])
+def test_a_startup_probe_covers_the_dependency_waits_and_liveness_stays_strict(
+    component: str,
+) -> None:
+    container = _container(CPU_INFERENCE, component)
+    common = CommonSettings.model_fields
+    waits = common["redis_startup_timeout_s"].default + common["nats_startup_timeout_s"].default
+    assert container["startupProbe"]["httpGet"]["path"] == "/healthz"
+    assert _startup_budget_s(container) > waits  # then the process itself starts
+    live = container["livenessProbe"]
+    assert (live["httpGet"]["path"], live["periodSeconds"], live["failureThreshold"]) == (
+        "/healthz",
+        10,
+        3,
+    )
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+
+
+def test_gpu_inference_gets_a_start_up_budget_for_an_engine_build() -> None:
+    cpu = _startup_budget_s(_container(CPU_INFERENCE, "inference"))
+    gpu = _startup_budget_s(_container(SAMPLE, "inference"))  # gpu: 1
+    trt = _startup_budget_s(_container(TRT_ON_CPU_NODE, "inference"))
+    assert gpu >= cpu + 600 and trt == gpu
+    # The model is only inference's: the other stages' budgets do not grow with a GPU.
+    assert _startup_budget_s(_container(SAMPLE, "downloader")) == _startup_budget_s(
+        _container(CPU_INFERENCE, "downloader")
+    )
+
+
+def test_the_grace_period_outlasts_the_downloaders_drain() -> None:
+    drain = DownloaderSettings.model_fields["drain_timeout_s"].default
+    grace = pod(MINIMAL, "downloader")["terminationGracePeriodSeconds"]
+    assert grace >= drain + 10 + 5  # the worker's drain, the NATS drain, a margin
+    assert "lifecycle" not in _container(MINIMAL, "downloader")  # no Service to leave
+
+    slow = {**MINIMAL, "downloader": {"env": [{"name": "TAGPIPE_DRAIN_TIMEOUT_S", "value": "300"}]}}
+    assert pod(slow, "downloader")["terminationGracePeriodSeconds"] >= 300 + 10 + 5
+
+
+def test_inference_may_finish_its_batches_within_an_ack_wait() -> None:
+    ack_wait = CommonSettings.model_fields["ack_wait_s"].default
+    assert pod(MINIMAL, "inference")["terminationGracePeriodSeconds"] > ack_wait
+    assert "lifecycle" not in _container(MINIMAL, "inference")
+
+
+def test_the_gateway_leaves_the_service_before_it_stops_accepting() -> None:
+    import inspect
+
+    import tagpipe_gateway.__main__ as gateway_main
+
+    source = inspect.getsource(gateway_main)
+    shutdown = int(source.split("timeout_graceful_shutdown=")[1].split(",")[0].split(")")[0])
+    pre_stop = _container(MINIMAL, "gateway")["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep" and int(pre_stop[1]) >= 5
+    grace = pod(MINIMAL, "gateway")["terminationGracePeriodSeconds"]
+    assert grace >= int(pre_stop[1]) + shutdown + 5
