@@ -15,7 +15,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from tagpipe_common.subjects import Stage
+
 from tagpipe_cli import rates as rates_mod
+from tagpipe_cli import streamplan
 from tagpipe_cli.rates import Rate, StageRates
 
 # A T4 node shaped like AWS g4dn.4xlarge: 1 GPU, 16 vCPU.
@@ -238,6 +241,13 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--results-dir", type=Path, default=Path("bench/results"))
     p.add_argument("--gpu-node-cores", type=int, default=DEFAULT_GPU_NODE_CORES)
     p.add_argument("--cpu-node-cores", type=int, default=DEFAULT_CPU_NODE_CORES)
+    p.add_argument(
+        "--hop",
+        choices=["raw", "jpeg", "webp-lossless", "original"],
+        default="raw",
+        help="the inference hop encoding, for the INFER stream's bytes (default raw, the CRD's)",
+    )
+    p.add_argument("--stream-replicas", type=int, default=3, help="JetStream R (default 3)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     rates_mod.add_rate_flags(p)
     p.set_defaults(func=run)
@@ -256,11 +266,48 @@ def run(args: argparse.Namespace) -> int:
                 cpu_node_cores=args.cpu_node_cores,
             )
         )
-    except ValueError as exc:
+        flows = scenario_flows(plan, args.hop, args.stream_replicas, args.results_dir)
+    except (ValueError, OSError, KeyError) as exc:
         print(f"tagpipe plan: {exc}")
         return 2
-    print(json.dumps(plan_to_json(plan), indent=2) if args.json else render_table(plan))
+    if args.json:
+        out = plan_to_json(plan)
+        for sc_out, name in zip(out["scenarios"], flows, strict=True):
+            sc_out["streams"] = [asdict(f) | _load_rates(f) for f in flows[name]]
+        print(json.dumps(out, indent=2))
+        return 0
+    print(render_table(plan))
+    for name, fl in flows.items():
+        print(f"\n== flow control and streams at {plan.rate:,.0f} msgs/s peak, {name} ==")
+        print("\n".join(streamplan.render_flows(fl)))
+    print(f"\n  inference hop: {args.hop} ({hop_source(args.hop, args.results_dir)})")
     return 0
+
+
+def hop_source(hop: str, results_dir: Path) -> str:
+    return streamplan.inference_task_bytes(hop, results_dir)[1]
+
+
+def _load_rates(f: streamplan.StageFlow) -> dict[str, float]:
+    return {
+        "bytes_per_s": f.load.bytes_per_s,
+        "replicated_bytes_per_s": f.load.replicated_bytes_per_s,
+    }
+
+
+def scenario_flows(
+    plan: Plan, hop: str, stream_replicas: int, results_dir: Path
+) -> dict[str, list[streamplan.StageFlow]]:
+    """Each scenario's consumer limits (from its replicas) and stream loads (at peak)."""
+    sizes = {
+        Stage.DOWNLOAD: streamplan.download_task_bytes(),
+        Stage.INFER: streamplan.inference_task_bytes(hop, results_dir)[0],
+    }
+    out = {}
+    for sc in plan.scenarios:
+        replicas = {Stage.DOWNLOAD: sc.stages[0].replicas, Stage.INFER: sc.stages[1].replicas}
+        out[sc.name] = streamplan.stage_flows(plan.rate, replicas, sizes, stream_replicas)
+    return out
 
 
 __all__ = ["Plan", "PlanInputs", "Rate", "add_parser", "plan_capacity", "run"]
