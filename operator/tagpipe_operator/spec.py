@@ -9,6 +9,8 @@ operator renders the same thing from an object the API server did not default
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -278,6 +280,64 @@ class TagPipelineSpec(_Model):
 STAGES: tuple[str, ...] = ("gateway", "downloader", "inference")
 
 
+# A removed field is deprecated first: the CRD keeps it (marked Deprecated), these map it
+# to its successor, and the operator says so in a Deprecated condition and an event.
+# `maxScaleUpStep` was "replicas added per decision at most", one decision per 5 s tick.
+STEP_PERIOD_S = 5
+_DEFAULT_UP = [
+    {"type": "Pods", "value": 4, "periodSeconds": 15},
+    {"type": "Percent", "value": 100, "periodSeconds": 15},
+]
+
+
+@dataclass(frozen=True)
+class Deprecation:
+    field: str  # spec.<stage>.autoscaling.maxScaleUpStep
+    message: str
+
+
+def _is_default_up(policies: Any) -> bool:
+    # The API server writes the default when the field is absent, so "not given" reads as
+    # the default list; anything else was asked for and wins over the old field.
+    if policies is None:
+        return True
+    normal = [{"periodSeconds": 15, **dict(p)} for p in policies]
+    return normal == _DEFAULT_UP
+
+
+def _map_step(stage: str, autoscaling: dict[str, Any]) -> Deprecation:
+    step = autoscaling.pop("maxScaleUpStep")
+    field = f"spec.{stage}.autoscaling.maxScaleUpStep"
+    if not _is_default_up(autoscaling.get("scaleUpPolicies")):
+        return Deprecation(field, f"{field} is deprecated and ignored: scaleUpPolicies is set")
+    policy = {"type": "Pods", "value": step, "periodSeconds": STEP_PERIOD_S}
+    autoscaling["scaleUpPolicies"] = [policy]
+    return Deprecation(
+        field,
+        f"{field} is deprecated: read as scaleUpPolicies "
+        f"[{{type: Pods, value: {step}, periodSeconds: {STEP_PERIOD_S}}}]; set that instead",
+    )
+
+
+def map_deprecated(spec: Mapping[str, Any]) -> tuple[dict[str, Any], list[Deprecation]]:
+    """The spec with each deprecated field replaced by its successor, and what was mapped.
+
+    Pure: the input is not changed (a copy of each touched block is).
+    """
+    out = dict(spec)
+    found: list[Deprecation] = []
+    for stage in STAGES:
+        block = out.get(stage)
+        autoscaling = (block or {}).get("autoscaling") or {}
+        if "maxScaleUpStep" not in autoscaling:
+            continue
+        autoscaling = dict(autoscaling)
+        found.append(_map_step(stage, autoscaling))
+        out[stage] = {**dict(block or {}), "autoscaling": autoscaling}
+    return out, found
+
+
 def parse_spec(spec: Any) -> TagPipelineSpec:
-    """Typed spec from a CR's `spec` (a kopf.Spec or a plain dict)."""
-    return TagPipelineSpec.model_validate(dict(spec))
+    """Typed spec from a CR's `spec` (a kopf.Spec or a plain dict), deprecated fields mapped."""
+    mapped, _ = map_deprecated(dict(spec))
+    return TagPipelineSpec.model_validate(mapped)

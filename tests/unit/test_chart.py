@@ -108,11 +108,33 @@ def test_service_monitor_selects_the_operator_metrics_service() -> None:
     assert monitor["metadata"]["labels"]["release"] == "prometheus"
 
 
+CRD_IN_CHART = f"files/crds/{CRD_FILE.name}"
+CRD_HOOK = {
+    "helm.sh/hook": "pre-install,pre-upgrade",
+    "helm.sh/hook-weight": "-20",
+    "helm.sh/resource-policy": "keep",
+}
+
+
 def test_crd_in_chart_is_the_one_in_crds() -> None:
-    link = CHART / "crds" / CRD_FILE.name
+    link = CHART / CRD_IN_CHART
     assert link.is_symlink() and link.resolve() == CRD_FILE.resolve()
     rendered = one(render("default"), "CustomResourceDefinition")
+    annotations = rendered["metadata"].pop("annotations")
     assert rendered == yaml.safe_load(CRD_FILE.read_text())
+    # A hook, so that every install and upgrade applies it (Helm never upgrades crds/),
+    # kept, so that no uninstall takes every TagPipeline with it.
+    assert annotations == CRD_HOOK
+    assert not (CHART / "crds").exists(), "crds/ would install a second, never-upgraded copy"
+
+
+def test_the_crd_hook_runs_before_every_other_hook() -> None:
+    docs = render("kind")
+    hooks = [d for d in docs if "helm.sh/hook" in d["metadata"].get("annotations", {})]
+    others = [h for h in hooks if h["kind"] != "CustomResourceDefinition"]
+    assert others, "the kind values render other hooks to order against"
+    weights = [int(h["metadata"]["annotations"].get("helm.sh/hook-weight", "0")) for h in others]
+    assert min(weights) > int(CRD_HOOK["helm.sh/hook-weight"])
 
 
 def test_packaged_chart_carries_the_crd_and_rbac_contents(tmp_path: Path) -> None:
@@ -120,7 +142,7 @@ def test_packaged_chart_carries_the_crd_and_rbac_contents(tmp_path: Path) -> Non
     assert proc.returncode == 0, proc.stderr
     (tgz,) = tmp_path.glob("tagpipe-*.tgz")
     with tarfile.open(tgz) as tar:
-        member = tar.getmember(f"tagpipe/crds/{CRD_FILE.name}")
+        member = tar.getmember(f"tagpipe/{CRD_IN_CHART}")
         assert member.isfile(), "the package must hold the CRD's contents, not a link"
         data = tar.extractfile(member)
         assert data is not None and data.read() == CRD_FILE.read_bytes()
