@@ -10,9 +10,10 @@ start-up with `ModelLoadError` and one clear message, never a half-working worke
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -36,8 +37,21 @@ U8Batch = npt.NDArray[np.uint8]
 F32 = npt.NDArray[np.float32]
 
 
+Runtime = Literal["onnxruntime", "torch"]
+
+
 class ModelLoadError(RuntimeError):
     """The model directory is missing, corrupt or inconsistent."""
+
+
+class Session(Protocol):
+    """What `Model` uses of a runtime: onnxruntime's session surface, which the torch
+    runtime (`torch_runtime.TorchSession`) also offers."""
+
+    def run(self, output_names: list[str], input_feed: dict[str, Any]) -> Sequence[Any]: ...
+    def get_inputs(self) -> Sequence[Any]: ...
+    def get_outputs(self) -> Sequence[Any]: ...
+    def get_providers(self) -> list[str]: ...
 
 
 def read_labels(path: Path, num_classes: int) -> list[str]:
@@ -108,7 +122,7 @@ class Model:
 
     manifest: ModelManifest
     labels: list[str]
-    session: ort.InferenceSession
+    session: Session
     providers: list[str]
     ready: bool = False
     _scale: F32 = field(init=False, repr=False)
@@ -187,7 +201,7 @@ class Model:
         self.ready = True
 
 
-def check_io(session: ort.InferenceSession, manifest: ModelManifest) -> None:
+def check_io(session: Session, manifest: ModelManifest) -> None:
     inputs = {i.name: i for i in session.get_inputs()}
     outputs = {o.name: o for o in session.get_outputs()}
     if manifest.input.name not in inputs:
@@ -233,6 +247,29 @@ def _preload_cuda(providers: list[str]) -> None:
             log.debug("preload_dlls failed: %s", exc)
 
 
+def _load_torch(
+    model_dir: Path,
+    manifest: ModelManifest,
+    labels: list[str],
+    requested: list[str],
+    gpu: GpuOptions,
+    threads: int,
+) -> Model:
+    # torch is imported only where asked for: CPU images do not carry it.
+    from tagpipe_inference.torch_runtime import TorchRuntimeError, open_torch
+
+    try:
+        session = open_torch(verify_file(model_dir, manifest), requested, gpu, threads)
+    except TorchRuntimeError as exc:
+        raise ModelLoadError(str(exc)) from exc
+    check_io(session, manifest)
+    used = session.get_providers()
+    fields: dict[str, Any] = {"event": "model_loaded", "model": manifest.name, "runtime": "torch"}
+    fields |= {"version": manifest.version, "variant": session.precision, "providers": used}
+    log.info("model loaded", extra={"fields": fields})
+    return Model(manifest=manifest, labels=labels, session=session, providers=used)
+
+
 def load_model(
     model_dir: Path,
     providers: list[str] | None = None,
@@ -241,6 +278,7 @@ def load_model(
     allow_spinning: bool = False,
     gpu: GpuOptions | None = None,
     mem_pattern: bool = False,
+    runtime: Runtime = "onnxruntime",
 ) -> Model:
     """Load and check a model directory; raises ModelLoadError with the reason, or
     GpuUnavailable when `gpu.require_gpu` and no GPU provider came up."""
@@ -248,6 +286,8 @@ def load_model(
     requested = providers or ["CPUExecutionProvider"]
     manifest = load_manifest(model_dir)
     labels = read_labels(model_dir / manifest.labels_file, manifest.num_classes)
+    if runtime == "torch":
+        return _load_torch(model_dir, manifest, labels, requested, gpu, intra_op_threads)
     _preload_cuda(requested)
     profile = trt_profile(manifest.input.name, manifest.preprocess.crop, gpu.max_batch)
     plan = plan_providers(requested, ort.get_available_providers(), gpu, profile)

@@ -49,6 +49,8 @@ class GpuOptions:
     trt_engine_cache: Path | None = None
     require_gpu: bool = False
     max_batch: int = 32
+    # The torch runtime only: capture a CUDA graph per batch size on its first run.
+    cuda_graphs: bool = False
 
 
 def choose_providers(preferred: list[str], available: list[str]) -> list[str]:

@@ -23,7 +23,12 @@ class InferenceSettings(CommonSettings):
     trt_engine_cache_dir: Path | None = None  # None: TensorRT rebuilds engines at start
     # The operator sets it for GPU replicas: exit 2 rather than serve on the CPU.
     require_gpu: bool = False
-    # gpu: `original` frames are decoded, resized and normalised on the GPU (DALI);
+    # onnxruntime: the default, CPU and GPU images alike (onnxruntime-gpu). torch: the
+    # same ONNX file converted to torch (torch_runtime), for machines with torch+CUDA
+    # but no onnxruntime-gpu; FP16 there is half precision, channels-last.
+    runtime: Literal["onnxruntime", "torch"] = "onnxruntime"
+    cuda_graphs: bool = False  # torch runtime on CUDA: one captured graph per batch size
+    # gpu: `original` frames are decoded, resized and normalised on the GPU;
     # cpu: on this process's CPU. Raw-crop frames never need decoding either way.
     decode: Literal["cpu", "gpu"] = "cpu"
     intra_op_threads: Annotated[int, Field(ge=0, le=256)] = 0  # 0: onnxruntime's default
@@ -77,4 +82,5 @@ class InferenceSettings(CommonSettings):
             trt_engine_cache=self.trt_engine_cache_dir,
             require_gpu=self.require_gpu,
             max_batch=self.max_batch,
+            cuda_graphs=self.cuda_graphs,
         )
