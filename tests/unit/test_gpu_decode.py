@@ -176,3 +176,100 @@ def test_inference_accepts_compressed_frames_and_checks_their_shape() -> None:
     assert isinstance(empty, Rejected) and empty.code == ErrorCode.BAD_TENSOR
     raw = decode(frame(shape=(224, 224, 3), pixels=bytes(224 * 224 * 3)), 224)
     assert isinstance(raw, Decoded) and not raw.needs_decode
+
+
+# --- gpu_decoder: nvjpeg (torchvision's nvJPEG, the crop in torch) ---------------------
+# Here there is neither CUDA nor torchvision: nvJPEG itself is replaced by a full
+# Pillow decode to the same CHW tensors (`pillow_jpeg`), and everything after it (the
+# header checks, the resize and centre crop in torch, batching, the copy back) runs
+# as on the GPU. `make bench-gpu` measures nvJPEG itself against Pillow.
+
+
+def png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+SHAPES = {  # (height, width): landscape, portrait, square, smaller than 256, a strip
+    "landscape": (400, 600),
+    "portrait": (600, 400),
+    "square": (512, 512),
+    "small": (150, 200),
+    "strip": (300, 1200),
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=list(SHAPES))
+def test_the_torch_crop_is_the_cpu_paths_crop(shape: tuple[int, int]) -> None:
+    torch = pytest.importorskip("torch")
+    from tagpipe_inference.nvjpeg import resize_crop
+
+    arr = np.asarray(Image.fromarray(photo("astronaut")).resize(shape[::-1]))
+    cpu = PillowDecoder(256, 224).one(png(arr), is_crop=False).astype(int)
+    chw = torch.from_numpy(arr.copy()).permute(2, 0, 1)
+    ours = resize_crop(chw, 256, 224).permute(1, 2, 0).numpy().astype(int)
+    assert ours.shape == (224, 224, 3)
+    diff = np.abs(cpu - ours)
+    # Same box, same bicubic weights: rounding only (~0.2 levels on average). A box off
+    # by one pixel either way is 2.5-10 levels on these photos.
+    assert diff.mean() < 0.5 and np.percentile(diff, 99) <= 1
+    assert np.abs(cpu[:, 1:] - ours[:, :-1]).mean() > 3 * diff.mean()
+
+
+def nvjpeg_stand_in() -> BatchDecoder:
+    pytest.importorskip("torch")
+    from tagpipe_inference.nvjpeg import NvjpegDecoder, pillow_jpeg
+
+    return NvjpegDecoder(GEOM.resize, GEOM.crop, device="cpu", jpeg=pillow_jpeg)
+
+
+def test_nvjpeg_path_agrees_with_the_cpu_path_on_real_photos(model: Model) -> None:
+    photos = real_photos()
+    cpu = np.stack([decode_image(b, GEOM, MAX_PIXELS).pixels for _, b in photos])
+    payloads = [decode_for_gpu(b, GEOM, MAX_PIXELS).original or b"" for _, b in photos]
+    dec = nvjpeg_stand_in()
+    gpu = dec.decode(payloads, [False] * len(payloads))
+    assert dec.name == "nvjpeg" and gpu.shape == (len(photos), 224, 224, 3)
+    agreement = float(np.mean(model.predict(cpu).argmax(1) == model.predict(gpu).argmax(1)))
+    assert agreement >= 0.995
+
+
+def test_nvjpeg_path_takes_crops_as_they_are_and_refuses_what_is_not_jpeg() -> None:
+    dec = nvjpeg_stand_in()
+    crop = np.asarray(Image.fromarray(photo("astronaut")).resize((224, 224)))
+    out = dec.decode([jpeg(crop, quality=100), jpeg(photo("coffee"))], [True, False])
+    assert out.shape == (2, 224, 224, 3)
+    assert np.abs(out[0].astype(int) - crop.astype(int)).mean() < 3  # JPEG noise only
+    with pytest.raises(DecodeFailed, match="JPEG only"):
+        dec.decode([png(crop)], [True])
+    with pytest.raises(DecodeFailed, match="expected"):
+        dec.decode([jpeg(photo("coffee"))], [True])  # an "encoded crop" of the wrong size
+    # A batch with a PNG and a corrupt payload: decode_each decodes each on the CPU.
+    fallback = PillowDecoder(256, 224)
+    each = decode_each(dec, fallback, [png(photo("coffee")), b"\xff\xd8 junk"], [False, False])
+    assert isinstance(each[0], np.ndarray) and isinstance(each[1], DecodeFailed)
+
+
+def test_nvjpeg_without_cuda_or_torchvision_falls_back_or_refuses(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pytest.importorskip("torch")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the fallback cannot happen here")
+    with caplog.at_level(logging.WARNING):
+        dec = make_decoder("gpu", 256, 224, gpu_decoder="nvjpeg")
+    assert isinstance(dec, PillowDecoder)
+    assert "no CUDA device" in caplog.records[0].getMessage()
+    with pytest.raises(GpuUnavailable, match="GPU decode required"):
+        make_decoder("gpu", 256, 224, gpu_decoder="nvjpeg", require_gpu=True)
+
+
+def test_the_settings_choose_the_gpu_decoder(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tagpipe_inference.settings import InferenceSettings
+
+    assert InferenceSettings().gpu_decoder == "dali"
+    monkeypatch.setenv("TAGPIPE_GPU_DECODER", "nvjpeg")
+    assert InferenceSettings().gpu_decoder == "nvjpeg"

@@ -134,4 +134,4 @@ def test_the_settings_select_the_runtime(monkeypatch: pytest.MonkeyPatch) -> Non
     assert s.runtime == "torch" and s.gpu_options.cuda_graphs
     assert InferenceSettings(runtime="onnxruntime").runtime == "onnxruntime"
     with pytest.raises(ValueError):
-        InferenceSettings(runtime="tensorflow")  # type: ignore[arg-type]
+        InferenceSettings(runtime="tensorflow")

@@ -10,12 +10,17 @@ Two decoders, one interface (`BatchDecoder.decode`: payloads in, NHWC uint8 crop
 - `PillowDecoder`, on this process's CPU: the decoder for `decode: cpu`, the
   stand-in for the GPU one in unit tests, and the per-item retry that finds
   which payload of a failed GPU batch is corrupt;
-- `DaliDecoder` (`decode: gpu`): NVIDIA DALI from PyPI (`nvidia-dali-cuda120`).
-  Chosen over nvImageCodec because one DALI pipeline does the whole contract on
-  the GPU in batches (nvJPEG decode with hybrid Huffman, shorter-side cubic
-  resize, centre crop), as Triton's DALI backend does; nvImageCodec only decodes,
-  and resize and crop would need a second GPU library (CV-CUDA) and glue.
-  Imported only when `decode: gpu` is asked for, so CPU images never carry it.
+- `DaliDecoder` (`decode: gpu`, `gpu_decoder: dali`, the default): NVIDIA DALI
+  from PyPI (`nvidia-dali-cuda130`). Chosen over nvImageCodec because one DALI
+  pipeline does the whole contract on the GPU in batches (nvJPEG decode with
+  hybrid Huffman, shorter-side cubic resize, centre crop), as Triton's DALI
+  backend does; nvImageCodec only decodes, and resize and crop would need a
+  second GPU library (CV-CUDA) and glue;
+- `nvjpeg.NvjpegDecoder` (`gpu_decoder: nvjpeg`): torchvision's nvJPEG decode and
+  the same crop in torch, for machines with torch + torchvision but no DALI.
+
+GPU decoders are imported only when `decode: gpu` asks for one, so CPU images
+never carry them.
 """
 
 from __future__ import annotations
@@ -121,8 +126,20 @@ class DaliDecoder:  # pragma: no cover - needs a GPU and the DALI wheel
         return out
 
 
+GpuFactory = Callable[[int, int, int, int], BatchDecoder]
+
+
 def _dali(resize: int, crop: int, device_id: int, max_batch: int) -> BatchDecoder:
     return DaliDecoder(resize, crop, device_id, max_batch)
+
+
+def _nvjpeg(resize: int, crop: int, device_id: int, max_batch: int) -> BatchDecoder:
+    from tagpipe_inference.nvjpeg import NvjpegDecoder
+
+    return NvjpegDecoder(resize, crop, f"cuda:{device_id}")
+
+
+GPU_DECODERS: dict[str, GpuFactory] = {"dali": _dali, "nvjpeg": _nvjpeg}
 
 
 def make_decoder(
@@ -133,15 +150,18 @@ def make_decoder(
     device_id: int = 0,
     max_batch: int = 32,
     require_gpu: bool = False,
-    gpu_factory: Callable[[int, int, int, int], BatchDecoder] = _dali,
+    gpu_decoder: str = "dali",
+    gpu_factory: GpuFactory | None = None,
 ) -> BatchDecoder:
-    """The decoder for `decode: cpu|gpu`. A GPU decoder that cannot start is one
-    warning line and the CPU decoder, or GpuUnavailable when the GPU is required."""
+    """The decoder for `decode: cpu|gpu`, `gpu_decoder` naming the GPU one. A GPU
+    decoder that cannot start is one warning line and the CPU decoder, or
+    GpuUnavailable when the GPU is required."""
     if mode != "gpu":
         return PillowDecoder(resize, crop)
+    factory = gpu_factory or GPU_DECODERS[gpu_decoder]
     try:
-        return gpu_factory(resize, crop, device_id, max_batch)
-    except Exception as exc:  # ImportError without the wheel; DALI's own errors without a GPU
+        return factory(resize, crop, device_id, max_batch)
+    except Exception as exc:  # ImportError without the wheel; the library's errors without a GPU
         if require_gpu:
             raise GpuUnavailable(f"GPU decode required but unavailable: {exc}") from exc
         log.warning("GPU decode unavailable (%s); decoding on CPU", exc)

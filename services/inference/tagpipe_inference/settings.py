@@ -31,6 +31,9 @@ class InferenceSettings(CommonSettings):
     # gpu: `original` frames are decoded, resized and normalised on the GPU;
     # cpu: on this process's CPU. Raw-crop frames never need decoding either way.
     decode: Literal["cpu", "gpu"] = "cpu"
+    # Which GPU decoder `decode: gpu` uses: DALI (nvidia-dali-cuda130), or nvJPEG
+    # through torchvision.io.decode_jpeg (needs only torch + torchvision).
+    gpu_decoder: Literal["dali", "nvjpeg"] = "dali"
     intra_op_threads: Annotated[int, Field(ge=0, le=256)] = 0  # 0: onnxruntime's default
     inter_op_threads: Annotated[int, Field(ge=0, le=256)] = 0
     # Spinning threads burn the CPU between batches, which starves the event loop
