@@ -4,6 +4,10 @@
 cluster): the client connects to any of them, learns the others from the
 server, and on a disconnect reconnects to whichever answers, so a killed server
 or a stream leader change is a pause, not an error.
+
+A server that hangs without a TCP reset (a frozen VM, a partition) sends no
+disconnect: `NatsLiveness` PINGs it often enough that such a server is called
+stale, and left for another, within seconds rather than nats.py's minutes.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import asyncio
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -23,7 +28,43 @@ from tagpipe_common.outage import describe, is_transient
 log = logging.getLogger(__name__)
 
 
-async def connect_nats(servers: list[str], name: str) -> Client:
+@dataclass(frozen=True)
+class NatsLiveness:
+    """How a client notices a server that stopped answering (no reset, no FIN).
+
+    nats.py PINGs every `ping_interval_s` and drops the connection once more than
+    `max_outstanding_pings` PINGs are unanswered: a frozen server is found within
+    (max_outstanding_pings + 1) x ping_interval_s (9 s with these defaults; nats.py's
+    own 120 s x 2 would take 4-6 minutes). The settings
+    (`CommonSettings.nats_liveness`) choose these; the defaults here are theirs.
+    """
+
+    ping_interval_s: float = 3.0
+    max_outstanding_pings: int = 2
+    connect_timeout_s: float = 2.0
+    """A frozen server accepts TCP (its kernel does) and never sends INFO: each
+    reconnect attempt to it costs this much before the next server is tried."""
+
+    @property
+    def detect_s(self) -> float:
+        """The longest a frozen server goes unnoticed."""
+        return (self.max_outstanding_pings + 1) * self.ping_interval_s
+
+    def options(self) -> dict[str, Any]:
+        """The keep-alive keywords of `nats.connect` (the connect timeout is the caller's)."""
+        return {
+            "ping_interval": self.ping_interval_s,
+            "max_outstanding_pings": self.max_outstanding_pings,
+        }
+
+
+async def connect_nats(
+    servers: list[str], name: str, liveness: NatsLiveness | None = None
+) -> Client:
+    """A connection that reconnects forever; `liveness` from the component's settings
+    (`settings.nats_liveness()`), the same defaults for tools and tests."""
+    live = liveness or NatsLiveness()
+
     async def on_error(exc: Exception) -> None:
         # Every failed reconnect attempt lands here: the disconnect already said
         # WARNING once for the episode, so attempts are DEBUG.
@@ -42,7 +83,8 @@ async def connect_nats(servers: list[str], name: str) -> Client:
         name=name,
         max_reconnect_attempts=-1,  # a NATS restart must never kill a worker
         reconnect_time_wait=0.5,
-        connect_timeout=5,
+        connect_timeout=live.connect_timeout_s,
+        **live.options(),
         error_cb=on_error,
         disconnected_cb=on_disconnect,
         reconnected_cb=on_reconnect,

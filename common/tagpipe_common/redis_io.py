@@ -15,6 +15,10 @@ READONLY) is dropped, so the next command goes to the promoted replica. The call
 retry loops (outage.py) ride the seconds in between.
 
 `Durability` is the WAIT after writes that must not be lost (see `docs/operations.md`).
+
+`RedisTimeouts` bounds every data connection: a primary that hangs without a TCP reset
+(a frozen VM, a partition) answers nothing, and without a socket timeout a command
+would wait for it for as long as the kernel keeps the socket (minutes).
 """
 
 from __future__ import annotations
@@ -38,10 +42,11 @@ PLAIN_SCHEMES = ("redis://", "rediss://", "unix://")
 SENTINEL_SCHEMES = ("redis+sentinel://", "rediss+sentinel://")
 SETTING = "TAGPIPE_REDIS_URL"
 
-# A dead server must fail fast (the caller's loop backs off and retries), never block
-# a worker or a real-time request for long.
-_CONNECT_TIMEOUT_S = 2.0
+# A sentinel is only asked where the primary is: a dead one is skipped at once.
 _SENTINEL_TIMEOUT_S = 1.0
+# The longest a command of ours may block on the server by design: XREAD BLOCK on a
+# job's result stream (the gateway). A socket timeout must exceed it (and the WAIT's).
+XREAD_BLOCK_MS = 1000
 
 
 class NotReplicated(redis.exceptions.ConnectionError):
@@ -51,6 +56,33 @@ class NotReplicated(redis.exceptions.ConnectionError):
     take this write durably right now" (retry with backoff, hold the message, answer
     503), which is exactly what a write that might not survive a failover needs.
     """
+
+
+@dataclass(frozen=True)
+class RedisTimeouts:
+    """How long a data connection waits for Redis before the peer counts as dead.
+
+    A dead server must fail fast (the caller's loop backs off and retries, and a
+    Sentinel client asks again where the primary is), never block a worker or a
+    real-time request for long. The settings (`CommonSettings.redis_timeouts`) are
+    the one place these are chosen; the defaults here are theirs.
+    """
+
+    socket_timeout_s: float = 5.0
+    """Longest wait for one reply. Longer than any blocking command we send
+    (XREAD BLOCK, WAIT), or those would time out while the server is well."""
+    connect_timeout_s: float = 2.0
+    health_check_interval_s: float = 5.0
+    """A connection idle this long is PINGed before its next command: one that died
+    idle (a failover, a NAT that forgot it) fails there, not mid-command."""
+
+    def kwargs(self) -> dict[str, Any]:
+        return {
+            "socket_timeout": self.socket_timeout_s,
+            "socket_connect_timeout": self.connect_timeout_s,
+            "health_check_interval": self.health_check_interval_s,
+            "socket_keepalive": True,
+        }
 
 
 @dataclass(frozen=True)
@@ -115,8 +147,8 @@ def redacted(url: str) -> str:
     return url.replace(f":{parts.password}@", ":***@", 1)
 
 
-def _connection_kwargs(target: SentinelTarget | None) -> dict[str, Any]:
-    kw: dict[str, Any] = {"socket_connect_timeout": _CONNECT_TIMEOUT_S, "socket_keepalive": True}
+def _connection_kwargs(target: SentinelTarget | None, timeouts: RedisTimeouts) -> dict[str, Any]:
+    kw = timeouts.kwargs()
     if target is not None:
         kw.update(db=target.db, username=target.username, password=target.password)
         if target.ssl:
@@ -135,34 +167,46 @@ def _sentinel_kwargs(target: SentinelTarget, retry: Any) -> dict[str, Any]:
     }
 
 
-def connect_redis(url: str, **kwargs: Any) -> redis.asyncio.Redis:
-    """An asyncio client for either form of the URL (no I/O until the first command)."""
+def _target_and_kwargs(
+    url: str, timeouts: RedisTimeouts | None, kwargs: dict[str, Any]
+) -> tuple[SentinelTarget | None, dict[str, Any]]:
+    target = parse_sentinel_url(url) if is_sentinel(url) else None
+    return target, {**_connection_kwargs(target, timeouts or RedisTimeouts()), **kwargs}
+
+
+def connect_redis(
+    url: str, timeouts: RedisTimeouts | None = None, **kwargs: Any
+) -> redis.asyncio.Redis:
+    """An asyncio client for either form of the URL (no I/O until the first command).
+
+    `timeouts`: the component's settings (`settings.redis_timeouts()`); tools and
+    tests that have none get the same defaults."""
     retry = redis.asyncio.retry.Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.05), 3)
-    if not is_sentinel(url):
-        return redis.asyncio.Redis.from_url(url, **_connection_kwargs(None), retry=retry, **kwargs)
-    target = parse_sentinel_url(url)
+    target, conn = _target_and_kwargs(url, timeouts, kwargs)
+    if target is None:
+        return redis.asyncio.Redis.from_url(url, **conn, retry=retry)
     sentinel = redis.asyncio.sentinel.Sentinel(  # type: ignore[no-untyped-call]
         list(target.sentinels),
         sentinel_kwargs=_sentinel_kwargs(target, redis.asyncio.retry.Retry(NoBackoff(), 0)),
     )
-    client: redis.asyncio.Redis = sentinel.master_for(
-        target.service, **_connection_kwargs(target), retry=retry, **kwargs
-    )
+    client: redis.asyncio.Redis = sentinel.master_for(target.service, **conn, retry=retry)
     return client
 
 
-def connect_redis_sync(url: str, **kwargs: Any) -> redis.Redis:
+def connect_redis_sync(
+    url: str, timeouts: RedisTimeouts | None = None, **kwargs: Any
+) -> redis.Redis:
     """The blocking client for either form (the CLI, tests, start-up checks)."""
     retry = redis.retry.Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.05), 3)
-    if not is_sentinel(url):
-        return redis.Redis.from_url(url, **_connection_kwargs(None), retry=retry, **kwargs)
-    target = parse_sentinel_url(url)
+    target, conn = _target_and_kwargs(url, timeouts, kwargs)
+    if target is None:
+        return redis.Redis.from_url(url, **conn, retry=retry)
     sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
         list(target.sentinels),
         sentinel_kwargs=_sentinel_kwargs(target, redis.retry.Retry(NoBackoff(), 0)),
     )
     client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
-        target.service, **_connection_kwargs(target), retry=retry, **kwargs
+        target.service, **conn, retry=retry
     )
     return client
 

@@ -12,10 +12,17 @@ import re
 import sys
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from tagpipe_common.redis_io import Durability, check_redis_url, is_sentinel
+from tagpipe_common.nats_io import NatsLiveness
+from tagpipe_common.redis_io import (
+    XREAD_BLOCK_MS,
+    Durability,
+    RedisTimeouts,
+    check_redis_url,
+    is_sentinel,
+)
 
 ENV_PREFIX = "TAGPIPE_"
 
@@ -37,6 +44,18 @@ class CommonSettings(BaseSettings):
     redis_startup_timeout_s: Annotated[float, Field(gt=0, le=600)] = 15.0
     # How long start-up waits for any server of TAGPIPE_NATS_URL before exit 2.
     nats_startup_timeout_s: Annotated[float, Field(gt=0, le=600)] = 15.0
+    # Dead peers: a server that hangs without a TCP reset is noticed by these bounds
+    # (redis_io.RedisTimeouts, nats_io.NatsLiveness say what each one does).
+    redis_socket_timeout_s: Annotated[float, Field(gt=0, le=300)] = RedisTimeouts.socket_timeout_s
+    redis_connect_timeout_s: Annotated[float, Field(gt=0, le=60)] = RedisTimeouts.connect_timeout_s
+    redis_health_check_interval_s: Annotated[float, Field(gt=0, le=300)] = (
+        RedisTimeouts.health_check_interval_s
+    )
+    nats_ping_interval_s: Annotated[float, Field(gt=0, le=300)] = NatsLiveness.ping_interval_s
+    nats_max_outstanding_pings: Annotated[int, Field(ge=1, le=10)] = (
+        NatsLiveness.max_outstanding_pings
+    )
+    nats_connect_timeout_s: Annotated[float, Field(gt=0, le=60)] = NatsLiveness.connect_timeout_s
     prefix: Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,30}$")] = "tagpipe"
     result_ttl_s: Annotated[int, Field(ge=60, le=30 * 86400)] = 86400
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -70,6 +89,31 @@ class CommonSettings(BaseSettings):
     @classmethod
     def _redis_scheme(cls, v: str) -> str:
         return check_redis_url(v)
+
+    @model_validator(mode="after")
+    def _socket_timeout_outlasts_blocking_commands(self) -> CommonSettings:
+        # A command that blocks on the server by design (WAIT for replicas, XREAD
+        # BLOCK) would otherwise time out while the server is well, every time.
+        longest_ms = max(self.redis_wait_timeout_ms, XREAD_BLOCK_MS)
+        if self.redis_socket_timeout_s * 1000 < longest_ms + 1000:
+            raise ValueError(
+                f"redis_socket_timeout_s ({self.redis_socket_timeout_s:g} s) must exceed the "
+                f"longest blocking Redis command ({longest_ms} ms: TAGPIPE_REDIS_WAIT_TIMEOUT_MS "
+                "or XREAD BLOCK) by at least 1 s"
+            )
+        return self
+
+    def redis_timeouts(self) -> RedisTimeouts:
+        return RedisTimeouts(
+            self.redis_socket_timeout_s,
+            self.redis_connect_timeout_s,
+            self.redis_health_check_interval_s,
+        )
+
+    def nats_liveness(self) -> NatsLiveness:
+        return NatsLiveness(
+            self.nats_ping_interval_s, self.nats_max_outstanding_pings, self.nats_connect_timeout_s
+        )
 
     def redis_durability(self) -> Durability:
         replicas = self.redis_wait_replicas

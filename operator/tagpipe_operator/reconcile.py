@@ -161,6 +161,7 @@ async def jetstream(rt: Runtime, url: str) -> Any:
                 connect_timeout=rt.settings.nats_timeout_s,
                 max_reconnect_attempts=-1,  # once connected, ride out NATS restarts
                 reconnect_time_wait=0.5,
+                **rt.settings.nats_liveness().options(),  # a frozen server: stale in ~9 s
                 **_callbacks(rt, url),
             ),
             timeout=rt.settings.nats_timeout_s,

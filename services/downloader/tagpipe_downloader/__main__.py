@@ -59,8 +59,8 @@ def health_app(worker: DownloadWorker) -> web.Application:
 
 
 async def serve(settings: DownloaderSettings) -> None:
-    nc = await connect_nats(settings.nats_servers, "tagpipe-downloader")
-    redis_client = connect_redis(settings.redis_url)
+    nc = await connect_nats(settings.nats_servers, "tagpipe-downloader", settings.nats_liveness())
+    redis_client = connect_redis(settings.redis_url, settings.redis_timeouts())
     pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")
     bulk_pool = niced_pool(settings.decode_workers, settings.bulk_decode_nice)
     runner: web.AppRunner | None = None

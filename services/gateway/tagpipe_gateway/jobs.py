@@ -15,6 +15,7 @@ from tagpipe_common import keys as K
 from tagpipe_common.keys import RedisKeys
 from tagpipe_common.messages import TagResult, TaskOptions
 from tagpipe_common.outage import describe, is_transient
+from tagpipe_common.redis_io import XREAD_BLOCK_MS
 from tagpipe_common.results import ResultStore
 
 from tagpipe_gateway.metrics import observe_item
@@ -149,7 +150,7 @@ class JobManager:
         stream = self.keys.job_results(job_id)
         last = "0-0"
         while True:
-            replies = await self.redis.xread({stream: last}, count=500, block=1000)
+            replies = await self.redis.xread({stream: last}, count=500, block=XREAD_BLOCK_MS)
             for _, entries in replies or []:
                 for entry_id, fields in entries:
                     last = text(entry_id)
@@ -231,7 +232,7 @@ class JobManager:
                 if over or time.monotonic() >= deadline:
                     return
                 last = start[1:] if start.startswith("(") else "0-0"
-                await self.redis.xread({stream: last}, count=1, block=1000)
+                await self.redis.xread({stream: last}, count=1, block=XREAD_BLOCK_MS)
                 continue
             for entry_id, fields in entries:
                 # Splice the cursor into the stored JSON instead of re-encoding it.

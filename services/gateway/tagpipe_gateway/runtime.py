@@ -38,16 +38,18 @@ class Runtime:
 
     @classmethod
     async def start(cls, settings: GatewaySettings, api_keys: ApiKeys) -> Runtime:
-        nc = await connect_nats(settings.nats_servers, "tagpipe-gateway")
+        nc = await connect_nats(settings.nats_servers, "tagpipe-gateway", settings.nats_liveness())
         js = nc.jetstream()
-        redis = connect_redis(settings.redis_url, health_check_interval=10)
+        redis = connect_redis(settings.redis_url, settings.redis_timeouts())
         keys = RedisKeys(settings.prefix)
         store = ResultStore.for_settings(redis, settings)
         publisher = Publisher(js, settings.prefix)
         backlog = BacklogCache(
             js, settings.prefix, settings.backlog_cache_s, settings.drain_rate_window_s
         )
-        notifier = Notifier(redis, store, keys.notify_channel)
+        notifier = Notifier(
+            redis, store, keys.notify_channel, dead_after_s=settings.redis_socket_timeout_s
+        )
         await notifier.start()
         backlog.local = notifier.pending_items
         jobs = JobManager(redis, store, keys, publisher, backlog, settings)

@@ -17,12 +17,17 @@ import logging
 import time
 from collections.abc import Sequence
 
+import redis.exceptions
 from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
 from tagpipe_common.messages import TagResult
 from tagpipe_common.outage import Outage
+from tagpipe_common.redis_io import RedisTimeouts
 from tagpipe_common.results import ResultStore
 
 log = logging.getLogger(__name__)
+
+_PING_S = 1.0  # how often the subscription proves its server is still there
 
 
 class Waiter:
@@ -39,11 +44,19 @@ class Waiter:
 
 
 class Notifier:
-    def __init__(self, redis: Redis, store: ResultStore, channel: str, poll_s: float = 1.0):
+    def __init__(
+        self,
+        redis: Redis,
+        store: ResultStore,
+        channel: str,
+        poll_s: float = 1.0,
+        dead_after_s: float = RedisTimeouts.socket_timeout_s,
+    ):
         self.redis = redis
         self.store = store
         self.channel = channel
         self.poll_s = poll_s
+        self.dead_after_s = dead_after_s
         self._waiters: dict[str, Waiter] = {}
         self._task: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
@@ -69,14 +82,39 @@ class Notifier:
                 self._subscribed.set()
                 self.outage.ok()
                 try:
-                    async for msg in pubsub.listen():
-                        self._dispatch(msg.get("data"))
+                    await self._receive(pubsub)
                 finally:
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a Redis restart: resubscribe; waiters poll meanwhile
                 await self.outage.pause(exc)
+
+    async def _receive(self, pubsub: PubSub) -> None:
+        """Dispatch messages until the subscription fails or falls silent.
+
+        A primary that hangs without a TCP reset sends nothing, not even an error:
+        `listen()` would wait on it forever (and, bounded by the socket timeout,
+        would drop every quiet channel). So PING once a second and take silence
+        past `dead_after_s` as a dead connection: the caller resubscribes, through
+        Sentinel to the promoted replica, while the waiters poll the store.
+        """
+        loop = asyncio.get_running_loop()
+        heard = pinged = loop.time()
+        while True:
+            msg = await pubsub.get_message(timeout=_PING_S)
+            now = loop.time()
+            if msg is not None:
+                heard = now  # a pong or a notification: the server is there
+                if msg.get("type") == "message":
+                    self._dispatch(msg.get("data"))
+            if now - heard > self.dead_after_s:
+                raise redis.exceptions.TimeoutError(
+                    f"no reply on the subscription for {now - heard:.1f} s"
+                )
+            if now - pinged >= _PING_S:
+                await pubsub.ping()
+                pinged = now
 
     def _dispatch(self, data: object) -> None:
         if not isinstance(data, bytes | str):

@@ -48,8 +48,8 @@ def load(settings: InferenceSettings) -> Model:
 
 
 async def serve(settings: InferenceSettings, model: Model, decoder: BatchDecoder) -> None:
-    nc = await connect_nats(settings.nats_servers, "tagpipe-inference")
-    redis = connect_redis(settings.redis_url)
+    nc = await connect_nats(settings.nats_servers, "tagpipe-inference", settings.nats_liveness())
+    redis = connect_redis(settings.redis_url, settings.redis_timeouts())
     store = ResultStore.for_settings(redis, settings)
     worker = InferenceWorker(settings, model, nc.jetstream(), store, decoder)
     loop = asyncio.get_running_loop()

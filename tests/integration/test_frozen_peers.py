@@ -1,0 +1,96 @@
+"""A peer that hangs without a TCP reset (SIGSTOP: its kernel still accepts bytes) is
+noticed by every client we build, instead of being waited on for minutes.
+
+The bounds here are short so the tests are quick; each test asserts that the
+client gave up on the frozen peer and came back after SIGCONT, never how fast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import redis.exceptions
+from tagpipe_cli.servers import ServerProcess
+from tagpipe_common.keys import RedisKeys
+from tagpipe_common.nats_io import NatsLiveness, close_nats, connect_nats
+from tagpipe_common.redis_io import RedisTimeouts, connect_redis
+from tagpipe_common.results import ResultStore
+from tagpipe_gateway.waiters import Notifier
+
+from tests.tools import eventually
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+QUICK = RedisTimeouts(socket_timeout_s=1.5, connect_timeout_s=1.0, health_check_interval_s=1.0)
+
+
+@contextmanager
+def frozen(srv: ServerProcess) -> Iterator[None]:
+    assert srv.proc is not None
+    os.kill(srv.proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(srv.proc.pid, signal.SIGCONT)
+
+
+async def test_a_command_to_a_frozen_redis_times_out_and_the_next_one_works(
+    redis_proc: ServerProcess,
+) -> None:
+    client = connect_redis(redis_proc.url, QUICK)
+    try:
+        await client.set("k", "v")
+        with frozen(redis_proc), pytest.raises(redis.exceptions.TimeoutError):
+            await client.get("k")  # without a socket timeout: waits as long as the kernel
+        assert await client.get("k") == b"v"
+    finally:
+        await client.aclose()
+
+
+async def test_the_notifier_leaves_a_frozen_subscription_and_resubscribes(
+    redis_proc: ServerProcess,
+) -> None:
+    client = connect_redis(redis_proc.url, QUICK)
+    keys = RedisKeys("frz")
+    notifier = Notifier(client, ResultStore(client, keys), keys.notify_channel, dead_after_s=1.5)
+    await notifier.start()
+    try:
+        with frozen(redis_proc):
+            # A quiet channel and a frozen server look alike to listen(): only the
+            # unanswered PINGs tell them apart.
+            await eventually(lambda: not notifier.outage.healthy, within=60)
+        waiter = notifier.register("req", ["item"])
+        await eventually(lambda: notifier.outage.healthy, within=60)  # subscribed again
+        publisher = connect_redis(redis_proc.url, QUICK)
+        try:
+            await eventually(lambda: _notify(publisher, keys.notify_channel), within=30)
+        finally:
+            await publisher.aclose()
+        assert waiter.event.is_set()
+    finally:
+        await notifier.stop()
+        await client.aclose()
+
+
+async def _notify(publisher: redis.asyncio.Redis, channel: str) -> bool:
+    return bool(await publisher.publish(channel, '{"request_id": "req", "item_id": "item"}'))
+
+
+async def test_a_frozen_nats_server_is_called_stale_and_rejoined_after(
+    nats_proc: ServerProcess,
+) -> None:
+    live = NatsLiveness(ping_interval_s=0.5, max_outstanding_pings=2, connect_timeout_s=1.0)
+    nc = await connect_nats([nats_proc.url], "frozen-test", live)
+    try:
+        with frozen(nats_proc):
+            # nats.py's own 120 s x 2 PINGs would leave it "connected" for minutes.
+            await eventually(lambda: not nc.is_connected, within=60)
+        await eventually(lambda: nc.is_connected, within=60)
+        await asyncio.wait_for(nc.flush(), 10)
+    finally:
+        await close_nats(nc)
