@@ -20,6 +20,7 @@ from tagpipe_inference.model import load_manifest, load_model, pick_variant
 from tagpipe_inference.providers import (
     CPU,
     CUDA,
+    CUDA_LIBS,
     TENSORRT,
     GpuOptions,
     GpuUnavailable,
@@ -75,18 +76,28 @@ def test_a_missing_cuda_library_falls_back_to_cpu_with_its_name() -> None:
 
 
 def test_a_required_gpu_that_is_missing_refuses() -> None:
-    with pytest.raises(GpuUnavailable, match=r"required but unavailable: libcudart\.so\.12"):
-        gpu_outcome([CUDA, CPU], [CPU], True, reason=lambda: "libcudart.so.12")
+    with pytest.raises(GpuUnavailable, match=r"required but unavailable: libcudart\.so\.13"):
+        gpu_outcome([CUDA, CPU], [CPU], True, reason=lambda: "libcudart.so.13")
 
 
 def test_the_library_probe_reports_the_first_that_fails() -> None:
     def load(name: str) -> object:
-        if name == "libcublasLt.so.12":
+        if name in ("libcublasLt.so.13", "libcudnn.so.9"):
             raise OSError(name)
         return object()
 
-    assert missing_cuda_lib(load) == "libcublasLt.so.12"
+    assert missing_cuda_lib(load) == "libcublasLt.so.13"
     assert missing_cuda_lib(lambda name: object()) is None
+
+
+def test_the_probe_asks_for_one_cuda_major_only() -> None:
+    # onnxruntime-gpu >= 1.27 is a CUDA 13 build: a .so.12 runtime or cuBLAS would be
+    # the wrong major (cuFFT 12 is CUDA 13's own cuFFT).
+    asked: list[str] = []
+    missing_cuda_lib(asked.append)
+    assert asked == list(CUDA_LIBS)
+    assert {"libcudart.so.13", "libcublas.so.13", "libcudnn.so.9"} <= set(asked)
+    assert not [n for n in asked if n.startswith(("libcudart", "libcublas")) and ".so.13" not in n]
 
 
 def test_fp16_variant_only_for_the_cuda_provider(model_dir: Path) -> None:

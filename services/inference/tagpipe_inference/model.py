@@ -238,7 +238,7 @@ def _open(path: Path, opts: ort.SessionOptions, providers: list[Any]) -> ort.Inf
 
 
 def _preload_cuda(providers: list[str]) -> None:
-    # onnxruntime-gpu finds the nvidia-*-cu12 wheels' libraries only once told to.
+    # onnxruntime-gpu finds the nvidia CUDA/cuDNN wheels' libraries only once told to.
     preload = getattr(ort, "preload_dlls", None)
     if preload is not None and any(p in GPU_PROVIDERS for p in providers):
         try:

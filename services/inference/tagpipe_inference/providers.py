@@ -26,10 +26,21 @@ CUDA = "CUDAExecutionProvider"
 TENSORRT = "TensorrtExecutionProvider"
 GPU_PROVIDERS = (TENSORRT, CUDA)
 
-# What onnxruntime-gpu's CUDA 12 provider dlopens (the nvidia-*-cu12 wheels ship
-# them). Probing by name gives the warning line its reason, which onnxruntime
-# itself only prints among its own native log lines.
-CUDA_LIBS = ("libcuda.so.1", "libcudart.so.12", "libcublasLt.so.12", "libcudnn.so.9")
+# What onnxruntime-gpu's CUDA provider dlopens. 1.27 and later are CUDA 13 builds:
+# the runtime and cuBLAS are .so.13, cuFFT 12 and cuRAND 10 are the majors that
+# ship with CUDA 13, cuDNN is 9 (nvidia-cuda-runtime 13, nvidia-cufft, nvidia-curand,
+# nvidia-cudnn-cu13 and, through it, nvidia-cublas; or a CUDA 13 cuDNN base image).
+# Probing by name gives the warning line its reason, which onnxruntime itself only
+# prints among its own native log lines.
+CUDA_LIBS = (
+    "libcuda.so.1",
+    "libcudart.so.13",
+    "libcublasLt.so.13",
+    "libcublas.so.13",
+    "libcufft.so.12",
+    "libcurand.so.10",
+    "libcudnn.so.9",
+)
 
 ProviderEntry = tuple[str, dict[str, str]]
 
@@ -128,7 +139,7 @@ def gpu_outcome(
     if not missing:
         return None
     got = [p for p in used if p in GPU_PROVIDERS]
-    if got:  # TensorRT absent (no tensorrt-cu12) but CUDA up: still a GPU replica
+    if got:  # TensorRT absent (not in the default image) but CUDA up: still a GPU replica
         return f"{', '.join(missing)} unavailable; running on {', '.join(got)}"
     lib = reason()
     why = f"{lib} not found" if lib else "onnxruntime could not start it (see its log above)"
