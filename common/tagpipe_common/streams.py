@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 
 from nats.aio.msg import Msg
 from nats.js.api import (
@@ -24,6 +25,7 @@ from nats.js.api import (
 from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 
+from tagpipe_common.flowlimits import ConsumerLimits
 from tagpipe_common.settings import CommonSettings
 from tagpipe_common.subjects import LANES, Lane, Stage, stage_names
 
@@ -41,6 +43,9 @@ class StreamPolicy:
     replicas: int = 1
     # Downloads can be slow; the downloader also extends leases with in_progress().
     ack_wait_overrides: dict[Stage, float] = field(default_factory=lambda: {Stage.DOWNLOAD: 60.0})
+    # Per-stage limits that follow the deployment (flowlimits.consumer_limits); a
+    # stage without one gets max_ack_pending / max_waiting above.
+    limits: dict[Stage, ConsumerLimits] = field(default_factory=dict)
 
     @classmethod
     def from_settings(cls, s: CommonSettings) -> StreamPolicy:
@@ -71,6 +76,7 @@ class StreamPolicy:
 
     def consumer_config(self, stage: Stage, lane: Lane) -> ConsumerConfig:
         names = stage_names(stage, self.prefix)
+        lim = self.limits.get(stage, ConsumerLimits(self.max_ack_pending, self.max_waiting))
         return ConsumerConfig(
             durable_name=names.consumer(lane),
             filter_subject=names.subject(lane),
@@ -78,8 +84,8 @@ class StreamPolicy:
             ack_policy=AckPolicy.EXPLICIT,
             ack_wait=self.ack_wait_overrides.get(stage, self.ack_wait_s),
             max_deliver=self.max_deliver,
-            max_ack_pending=self.max_ack_pending,
-            max_waiting=self.max_waiting,
+            max_ack_pending=lim.max_ack_pending,
+            max_waiting=lim.max_waiting,
         )
 
 
@@ -95,9 +101,56 @@ async def ensure_streams(js: JetStreamContext, policy: StreamPolicy) -> None:
         else:
             await js.update_stream(cfg)
         for lane in LANES:
-            # CONSUMER.CREATE with an existing durable's name updates the
-            # editable fields (ack_wait, max_deliver, ...) on nats-server 2.10+.
-            await js.add_consumer(cfg.name, policy.consumer_config(stage, lane))
+            await ensure_consumer(js, cfg.name, policy.consumer_config(stage, lane))
+
+
+async def ensure_consumer(js: JetStreamContext, stream: str, want: ConsumerConfig) -> None:
+    """Create or update one durable consumer; replace it where it cannot update.
+
+    CONSUMER.CREATE with an existing durable's name updates the editable fields
+    (ack_wait, max_deliver, max_ack_pending, ...) on nats-server 2.10+, but not
+    max_waiting: a consumer whose max_waiting must change is replaced
+    (`replace_consumer`), so the limits follow the deployment.
+    """
+    assert want.durable_name is not None
+    try:
+        have = await js.consumer_info(stream, want.durable_name)
+    except NotFoundError:
+        await js.add_consumer(stream, want)
+        return
+    if have.config.max_waiting not in (None, want.max_waiting):
+        await replace_consumer(js, stream, want, float(want.ack_wait or 30.0))
+        return
+    await js.add_consumer(stream, want)
+
+
+async def replace_consumer(
+    js: JetStreamContext, stream: str, want: ConsumerConfig, drain_timeout_s: float
+) -> None:
+    """Delete and re-create a durable without losing or re-delivering a message.
+
+    On a work-queue stream a message stays stored until it is acked, so a new
+    consumer with DeliverPolicy.ALL delivers everything not yet acked: nothing
+    is lost. What must not happen is a second delivery of a message a worker
+    still holds: the consumer is paused first (nats-server 2.11+; nothing new is
+    delivered), and deleted only once its acks pending reach 0, i.e. every held
+    message was acked or NAKed. Should workers hold past `drain_timeout_s` (one
+    ack wait), it goes ahead: those messages are redelivered once, and results
+    stay exactly-once (results.py), as after any ack-wait expiry.
+    """
+    name = want.durable_name
+    assert name is not None
+    until = datetime.now(UTC) + timedelta(seconds=drain_timeout_s + 60)
+    await js.pause_consumer(stream, name, until.strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + drain_timeout_s
+    while loop.time() < deadline:
+        info = await js.consumer_info(stream, name)
+        if not info.num_ack_pending:
+            break
+        await asyncio.sleep(0.2)
+    await js.delete_consumer(stream, name)
+    await js.add_consumer(stream, want)
 
 
 async def delete_streams(js: JetStreamContext, prefix: str) -> list[str]:
