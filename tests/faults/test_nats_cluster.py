@@ -139,7 +139,7 @@ def test_kill_9_of_a_follower_then_of_the_stream_leader(
             ), "no new leader was elected"
 
             acc = account(stack, http, job_id, N)
-        ready = http.get("/readyz")
+        ready = http.get("/readyz/dependencies")
     assert_exactly_once(acc)
     assert acc.status["done"] == N, acc.codes
     assert ready.status_code == 200, ready.text

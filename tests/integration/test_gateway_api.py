@@ -66,8 +66,9 @@ async def test_missing_or_wrong_key_is_401_and_health_stays_open(client: httpx.A
         assert r.json()["code"] == "unauthorized"
         assert KEY not in r.text
     assert (await client.get("/healthz", headers={"Authorization": ""})).status_code == 200
-    ready = await client.get("/readyz", headers={"Authorization": ""})
-    assert ready.status_code == 200, ready.text
+    for path in ("/readyz", "/readyz/dependencies"):
+        ready = await client.get(path, headers={"Authorization": ""})
+        assert ready.status_code == 200, ready.text
 
 
 @pytest.mark.parametrize(
@@ -316,14 +317,16 @@ async def test_metrics_count_requests_and_finished_items(
     assert 'tagpipe_gateway_item_latency_seconds_count{lane="realtime"}' in text
 
 
-async def test_nats_down_is_503_and_not_ready(
+async def test_nats_down_is_503_and_the_dependency_check_says_so(
     client: httpx.AsyncClient, nats_proc: ServerProcess
 ) -> None:
     nats_proc.stop()
     r = await client.post("/v1/tags", json={"url": "http://img.example/a.jpg"})
     assert r.status_code == 503, r.text
     assert r.json()["code"] == "nats_unavailable"
-    ready = await client.get("/readyz")
+    live = await client.get("/readyz")  # still Ready: the Service keeps it (see health.py)
+    assert live.status_code == 200 and live.json()["checks"]["nats"].startswith("error")
+    ready = await client.get("/readyz/dependencies")
     assert ready.status_code == 503
     assert ready.headers["content-type"] == "application/problem+json"
     assert ready.json()["code"] == "not_ready"

@@ -112,7 +112,7 @@ async def test_problems_made_outside_the_handlers_carry_the_id_too(
 ) -> None:
     nats_proc.stop()
     for r in (
-        await client.get("/readyz"),  # built by the route itself
+        await client.get("/readyz/dependencies"),  # built by the route itself
         await client.post("/v1/tags", json={"url": "http://img.example/a.jpg"}),  # NATS down
     ):
         assert r.status_code == 503, r.text

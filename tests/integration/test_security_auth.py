@@ -27,7 +27,8 @@ pytestmark = pytest.mark.integration
 KEY = "sk-live-0123456789abcdef-CANARY"
 OTHER_KEY = "sk-live-fedcba9876543210-CANARY"
 WRONG = "sk-live-0123456789abcdef-CANARZ"  # one character off
-OPEN = {"/healthz", "/readyz", "/metrics"}  # deliberately open; anything else needs a key
+# Deliberately open; anything else needs a key.
+OPEN = {"/healthz", "/readyz", "/readyz/dependencies", "/metrics"}
 
 
 @pytest.fixture

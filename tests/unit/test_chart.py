@@ -258,7 +258,7 @@ def test_helm_test_pod_calls_gateway_readyz() -> None:
     pod = one(render("kind"), "Pod")
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     script = pod["spec"]["containers"][0]["command"][-1]
-    assert "http://ci-gateway.tp.svc:80/readyz" in script
+    assert "http://ci-gateway.tp.svc:80/readyz/dependencies" in script
 
 
 def test_values_schema_refuses_unsafe_or_unknown_values() -> None:

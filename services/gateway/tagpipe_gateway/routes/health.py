@@ -10,6 +10,7 @@ from tagpipe_common.subjects import Stage, stage_names
 
 from tagpipe_gateway.deps import RuntimeDep
 from tagpipe_gateway.problems import PROBLEM_MEDIA_TYPE, Problem, ProblemCode, problem_response
+from tagpipe_gateway.runtime import Runtime
 from tagpipe_gateway.schemas import Health
 
 router = APIRouter(tags=["operations"])
@@ -31,19 +32,41 @@ async def _check(name: str, probe: asyncio.Future[object] | object) -> tuple[str
 @router.get(
     "/readyz",
     response_model=Health,
-    summary="Readiness: NATS and Redis reachable, streams present",
+    summary="Readiness: this gateway serves requests (its dependencies are not asked)",
+)
+async def readyz(rt: RuntimeDep) -> Health:
+    """Ready while the process serves, whatever NATS and Redis are doing.
+
+    A NATS or Redis outage (a Sentinel failover, a restart) reaches every gateway at
+    once: failing readiness on it would take every gateway out of the Service together,
+    and clients would meet connection errors instead of the request path's 503
+    problem+json with Retry-After. So this probe does no I/O; it only reports whether
+    the NATS connection is up. `/readyz/dependencies` asks the dependencies.
+    """
+    return Health(status="ok", checks={"nats": _nats_state(rt)})
+
+
+def _nats_state(rt: Runtime) -> str:
+    return "connected" if rt.nc.is_connected else "error: disconnected"
+
+
+@router.get(
+    "/readyz/dependencies",
+    response_model=Health,
+    summary="Dependencies: NATS and Redis reachable, streams present",
     responses={
         503: {
             "model": Problem,
-            "description": "Not ready: `checks` names the dependency that failed",
+            "description": "A dependency failed: `checks` names it",
             "content": {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}},
         }
     },
 )
-async def readyz(rt: RuntimeDep) -> Response | Health:
+async def dependencies(rt: RuntimeDep) -> Response | Health:
+    """For people, monitoring and `helm test`; never a Kubernetes probe (see readyz)."""
     probes = [_check("redis", rt.redis.ping())]
     if not rt.nc.is_connected:
-        checks = {"nats": "error: disconnected"}
+        checks = {"nats": _nats_state(rt)}
     else:
         checks = {}
         for stage in Stage:
@@ -60,7 +83,7 @@ async def readyz(rt: RuntimeDep) -> Response | Health:
             ProblemCode.NOT_READY,
             "Not ready",
             f"unavailable: {', '.join(failed)}",
-            instance="/readyz",
+            instance="/readyz/dependencies",
             checks=checks,
         )
     return health
