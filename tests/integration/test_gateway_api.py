@@ -104,14 +104,20 @@ async def test_bulk_422_names_the_line(client: httpx.AsyncClient) -> None:
     assert r.json()["errors"][0]["field"] == "body[1].url"
 
 
-async def test_429_when_download_backlog_is_above_the_limit(
+async def test_429_when_the_realtime_backlog_is_above_the_limit_and_not_for_bulk(
     client: httpx.AsyncClient, js: JetStreamContext
 ) -> None:
-    for i in range(25):  # nobody consumes: this is the backlog
+    for i in range(25):  # nobody consumes: bulk work waits on its own lane
         await js.publish(DOWNLOAD.subject(Lane.BULK), b"{}", headers={"Nats-Msg-Id": f"b{i}"})
-    r = await client.post("/v1/tags", json={"url": "http://img.example/a.jpg"})
+    url = {"url": "http://img.example/a.jpg"}
+    behind_bulk = await client.post("/v1/tags", params={"timeout_ms": 300}, json=url)
+    assert behind_bulk.status_code == 504, behind_bulk.text  # admitted; nobody serves it
+    for i in range(25):  # real-time work ahead, over the limit of 20
+        await js.publish(DOWNLOAD.subject(Lane.REALTIME), b"{}", headers={"Nats-Msg-Id": f"r{i}"})
+    r = await client.post("/v1/tags", json=url)  # backlog_cache_s 0: read afresh
     assert r.status_code == 429
     assert r.json()["code"] == "backlog_full"
+    assert "real-time" in r.json()["detail"]
     assert int(r.headers["Retry-After"]) >= 1
 
 

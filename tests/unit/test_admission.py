@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from tagpipe_gateway.admission import DrainRate, Reading, admit
+from tagpipe_gateway.admission import DrainRate, Reading, admit, bulk_limit
 from tagpipe_gateway.early import deadline_of
 
 
@@ -78,8 +78,8 @@ def test_a_stalled_pipeline_admits_nothing_behind_a_queue() -> None:
 @pytest.mark.parametrize(
     ("query", "deadline_s"),
     [
-        (b"", 30.0),  # none asked for: the gateway's
-        (b"top_k=3", 30.0),
+        (b"", 2.0),  # none asked for: the gateway's default
+        (b"top_k=3", 2.0),
         (b"timeout_ms=250", 0.25),
         (b"top_k=3&timeout_ms=30000", 30.0),
         # Left to the route, which answers 422 naming the field:
@@ -92,4 +92,25 @@ def test_a_stalled_pipeline_admits_nothing_behind_a_queue() -> None:
 def test_the_early_check_reads_the_deadline_from_the_query_alone(
     query: bytes, deadline_s: float | None
 ) -> None:
-    assert deadline_of(query, most_s=30.0) == deadline_s
+    assert deadline_of(query, default_s=2.0, most_s=30.0) == deadline_s
+
+
+@pytest.mark.parametrize(
+    ("rate", "floor", "want"),
+    [
+        (None, 2000, 2000),  # nothing measured yet: the floor
+        (0.0, 2000, 2000),  # a stalled pipeline cannot fill the streams
+        (66.0, 2000, 2000),  # this box: about the old fixed limit
+        (6250.0, 2000, 187_500),  # the fleet at peak: 30 s of its drain
+        (6250.0, 500_000, 500_000),
+    ],
+)
+def test_the_bulk_limit_follows_the_drain_rate(rate: float | None, floor: int, want: int) -> None:
+    assert bulk_limit(rate, 30.0, floor) == want
+
+
+def test_the_bulk_limit_holds_every_slot_of_a_big_tier_by_littles_law() -> None:
+    # 114 downloaders x 32 slots at 1.5 s per item drain ~2,430/s; the old fixed
+    # 2,000 held fewer items than the tier has slots.
+    slots, latency_s = 114 * 32, 1.5
+    assert bulk_limit(slots / latency_s, 30.0, 2000) >= slots

@@ -9,8 +9,9 @@ JetStream drops duplicates by Nats-Msg-Id and the result store keeps the first
 result of an item.
 
 Pacing: batches of `bulk_batch_size` publishes in flight, paused while the
-pipeline backlog is above `bulk_backlog_limit` (lower than the real-time 429
-limit), so a million-item job cannot push real-time traffic into rejections.
+pipeline backlog is above what it drains in `bulk_target_wait_s` at its measured
+rate (`admission.bulk_limit`, never below `bulk_backlog_limit`), so the queue
+follows the fleet's size and a million-item job still cannot flood the streams.
 
 Duplicates: a repeated client item id is the same item (dropped, `total`
 lowered). A URL seen earlier in the job is not fetched again: that item ends at
@@ -38,6 +39,7 @@ from tagpipe_common.outage import TRANSIENT_NATS_ERRORS, Outage
 from tagpipe_common.results import ResultStore
 from tagpipe_common.subjects import Lane
 
+from tagpipe_gateway.admission import bulk_limit
 from tagpipe_gateway.metrics import BACKPRESSURE
 from tagpipe_gateway.queue import BacklogCache, Publisher
 from tagpipe_gateway.settings import GatewaySettings
@@ -227,7 +229,8 @@ class Submitter:
             return
 
     async def _wait_for_room(self, job_id: str) -> str:
-        """Pause while the pipeline backlog is above the bulk limit; returns the job state."""
+        """Pause while the pipeline backlog is above the bulk limit (`bulk_limit`);
+        returns the job state."""
         paused = False
         while True:
             await self._keep_lease(job_id)
@@ -240,7 +243,10 @@ class Submitter:
                 await self.outage.pause(exc)
                 continue
             self.outage.ok()
-            if backlog <= self.s.bulk_backlog_limit:
+            limit = bulk_limit(
+                self.backlog.drain.rate, self.s.bulk_target_wait_s, self.s.bulk_backlog_limit
+            )
+            if backlog <= limit:
                 return state
             if not paused:
                 BACKPRESSURE.labels("bulk_pause").inc()

@@ -133,8 +133,9 @@ async def _parse_uploads(request: Request, rt: Runtime) -> list[bytes]:
         "Send one URL or several (`application/json`), or upload images "
         "(`multipart/form-data` parts `file`, or one raw `image/*` or "
         "`application/octet-stream` body; `top_k` and `min_score` as query parameters, "
-        "a JSON body carries its own). Waits up to the configured timeout; on timeout "
-        "returns 504 with the `request_id` for `GET /v1/results/{request_id}`."
+        "a JSON body carries its own). Waits up to the request's deadline (`timeout_ms`, "
+        "2 s by default); past it returns 504 with the `request_id` for "
+        "`GET /v1/results/{request_id}`."
     ),
     responses=problem_responses(401, 413, 415, 422, 429, 503, 504),
     openapi_extra=_BODY_DOC,
@@ -151,9 +152,11 @@ async def tag_images(
         int | None,
         Query(
             ge=1,
-            description="This request's deadline in ms (default and maximum: the gateway's "
-            "`TAGPIPE_REALTIME_TIMEOUT_S`). Refused at once (429) when the expected wait is "
-            "longer; items still queued past it are skipped as `deadline_exceeded`.",
+            description="This request's deadline in ms. Default: the gateway's "
+            "`TAGPIPE_REALTIME_DEFAULT_TIMEOUT_S` (2000 ms out of the box); at most "
+            "`TAGPIPE_REALTIME_TIMEOUT_S` (30000 ms). Refused at once (429) when the "
+            "expected wait is longer; items still queued past it are skipped as "
+            "`deadline_exceeded`.",
         ),
     ] = None,
 ) -> TagResponse:
@@ -176,14 +179,17 @@ async def tag_images(
             "Unsupported media type",
             "send application/json, multipart/form-data or an image/* body",
         )
-    backlog = await rt.backlog.get()
-    if backlog > rt.settings.realtime_backlog_limit:
+    await rt.backlog.get()
+    # Real-time items ahead only: bulk work waits on its own lane at every stage, and
+    # its queue grows with the fleet (admission.bulk_limit).
+    ahead = rt.backlog.realtime
+    if ahead > rt.settings.realtime_backlog_limit:
         BACKPRESSURE.labels("realtime_429").inc()
         raise ProblemError(
             429,
             ProblemCode.BACKLOG_FULL,
             "Too many images waiting",
-            f"pipeline backlog is {backlog} (limit {rt.settings.realtime_backlog_limit})",
+            f"{ahead} real-time images are waiting (limit {rt.settings.realtime_backlog_limit})",
             headers={"Retry-After": "2"},
         )
     _admit(rt, len(urls) + len(blobs), deadline_s)
@@ -195,7 +201,7 @@ async def tag_images(
 def _deadline_s(rt: Runtime, timeout_ms: int | None) -> float:
     most = rt.settings.realtime_timeout_s
     if timeout_ms is None:
-        return most
+        return rt.settings.default_deadline_s
     if timeout_ms > most * 1000:
         field_error(("query", "timeout_ms"), f"at most {most * 1000:.0f} ms on this gateway")
     return timeout_ms / 1000.0
