@@ -1,32 +1,47 @@
 """`make bench-gpu`: GPU inference and GPU JPEG decode, measured in one run.
 
-On a GPU machine (`bench/bench_gpu.sh` first installs onnxruntime-gpu, the CUDA 12
-wheels, DALI and, when it installs, TensorRT into their own venv):
+Two ways to run it, and every figure names which (`runtime`, `decoder`):
 
-1. inference: raw onnxruntime for every provider this build brings up (CUDA,
-   TensorRT when present), FP32 and FP16, batch 1 to 256; then the real
-   InferenceWorker (real nats-server and redis-server) at the best raw batch.
-   Goal: service >= 0.90 x raw at that batch.
-2. decode: real photos (scikit-image's, and 4x larger as camera JPEGs, forwarded
-   as the downloader forwards them): one CPU core's decode + resize + crop
-   against the GPU decoder, alone and followed by inference. Goal: GPU decode +
-   inference >= 10 x one core's decode. Top-1 agreement of the GPU-decoded crops
-   with the CPU path (goal >= 99.5 %), and of FP16 with FP32.
+- `--runtime torch --decoder nvjpeg` (what `bench/bench_gpu.sh` runs on the GPU
+  machine lent for measurements, which has torch + torchvision with CUDA but no
+  package index): the model's ONNX file converted to torch, FP32, FP16
+  channels-last, and FP16 with CUDA graphs; JPEGs decoded by torchvision's nvJPEG.
+- `--runtime onnxruntime --decoder dali` (a machine with onnxruntime-gpu and DALI,
+  the production GPU image): the CUDA provider (and TensorRT when present),
+  FP32 and FP16.
+
+Steps, each written to the JSON files as soon as it is done (`complete: false`
+until the last), so a run cut short still leaves what it measured:
+
+1. inference: raw runtime images/s for each variant, batch 1 to 256; then the
+   real InferenceWorker (real nats-server and redis-server) at the best raw
+   batch. Goal: service >= 0.90 x raw at that batch.
+2. agreement: top-1 of each variant against onnxruntime on the CPU, on the
+   downloader's crops of real photos (scikit-image's).
+3. decode: the same photos (and 4x larger as camera JPEGs, forwarded as the
+   downloader forwards them): one CPU core's decode + resize + crop against the
+   GPU decoder, alone and followed by inference. Goal: GPU decode + inference
+   >= 10 x one core's decode; top-1 of the GPU-decoded crops against the CPU
+   path's (Pillow) >= 99.5 %.
 
 Writes bench/results/inference-gpu.json and bench/results/decode-gpu.json, each
-naming the device; `tagpipe plan` reads them. `--dry-run` runs every step on
-the CPU in seconds (CPU provider, the Pillow stand-in for the GPU decoder, small
-batches), installs nothing and writes into a temporary directory, device
-"cpu (dry run)": the check that the script works before GPU time is spent on it.
+naming the device and the runtime; `tagpipe plan` reads `service_images_per_s`,
+`gpu_decode_and_inference_images_per_s`, `device` and `dry_run`. `--dry-run` runs
+every step on the CPU in seconds (the torch runtime on the CPU, the nvJPEG
+decoder with Pillow standing in for nvJPEG itself, small batches), installs
+nothing and writes into a temporary directory, device "cpu (dry run)": the check
+that the script works before GPU time is spent on it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +62,7 @@ SERVICE_GOAL = 0.90
 DECODE_GOAL = 10.0
 AGREEMENT_GOAL = 0.995
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "retina")
+GEOM = Geometry(256, 224, "bicubic")
 
 
 class Budget:
@@ -77,59 +93,130 @@ def photo_jpegs() -> list[bytes]:
     return out
 
 
-def variants(dry: bool, trt: bool) -> list[tuple[str, list[str], bool]]:
-    if dry:
-        return [("cpu-fp32", [CPU], False)]
-    out = [("cuda-fp32", [CUDA, CPU], False), ("cuda-fp16", [CUDA, CPU], True)]
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    providers: list[str]
+    fp16: bool = False
+    cuda_graphs: bool = False
+
+
+def variants(args: argparse.Namespace, trt: bool) -> list[Variant]:
+    if args.runtime == "torch":
+        if args.dry_run:
+            return [Variant("torch-cpu-fp32", [CPU])]
+        gpu = [CUDA, CPU]
+        return [
+            Variant("torch-cuda-fp32", gpu),
+            Variant("torch-cuda-fp16", gpu, fp16=True),
+            Variant("torch-cuda-fp16-graphs", gpu, fp16=True, cuda_graphs=True),
+        ]
+    if args.dry_run:
+        return [Variant("cpu-fp32", [CPU])]
+    out = [Variant("cuda-fp32", [CUDA, CPU]), Variant("cuda-fp16", [CUDA, CPU], fp16=True)]
     if trt:
-        out += [("tensorrt-fp32", [TENSORRT, CUDA, CPU], False)]
-        out += [("tensorrt-fp16", [TENSORRT, CUDA, CPU], True)]
+        out += [Variant("tensorrt-fp32", [TENSORRT, CUDA, CPU])]
+        out += [Variant("tensorrt-fp16", [TENSORRT, CUDA, CPU], fp16=True)]
     return out
 
 
-def load(model_dir: Path, providers: list[str], fp16: bool, cache: Path, batch: int) -> Model:
-    gpu = GpuOptions(fp16=fp16, trt_engine_cache=cache, max_batch=batch)
-    m = load_model(model_dir, providers, gpu=gpu)
+def load(args: argparse.Namespace, v: Variant, cache: Path, batch: int) -> Model:
+    # On the GPU a variant that cannot reach it fails the run: a CPU figure must
+    # never be written under a GPU's name.
+    gpu = GpuOptions(
+        fp16=v.fp16,
+        trt_engine_cache=cache,
+        max_batch=batch,
+        cuda_graphs=v.cuda_graphs,
+        require_gpu=not args.dry_run,
+    )
+    m = load_model(args.model_dir, v.providers, gpu=gpu, runtime=args.runtime)
     m.warm_up(batch)
     return m
 
 
-def inference_part(args: argparse.Namespace, budget: Budget, cache: Path) -> dict[str, Any]:
+class Report:
+    """The two result files, rewritten after every step (`complete` at the end)."""
+
+    def __init__(self, args: argparse.Namespace, out_dir: Path) -> None:
+        info = machine()
+        self.out_dir = out_dir
+        self.common: dict[str, Any] = {
+            "device": "cpu (dry run)" if args.dry_run else (info.get("gpu") or "no GPU found"),
+            "runtime": args.runtime,
+            "dry_run": args.dry_run,
+            "machine": info | versions(),
+            "command": "bench/bench_gpu.sh " + " ".join(args.argv),
+        }
+        self.docs: dict[str, dict[str, Any]] = {
+            "inference-gpu": {"benchmark": "inference-gpu"},
+            "decode-gpu": {"benchmark": "decode-gpu", "decoder": args.decoder},
+        }
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    def update(self, name: str, complete: bool = False, **fields: Any) -> None:
+        self.docs[name] |= fields
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        doc = self.docs[name] | self.common | {"measured_at": stamp, "complete": complete}
+        path = self.out_dir / f"{name}.json"
+        path.write_text(json.dumps(doc, indent=2) + "\n")
+        if complete:
+            print(f"wrote {path}: {json.dumps(doc.get('goal'))}")
+
+
+def versions() -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for mod in ("torch", "torchvision", "onnx", "numpy", "PIL"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except ImportError:
+            out[mod] = None
+    try:
+        import torch
+
+        out["cuda"] = torch.version.cuda
+    except ImportError:
+        pass
+    return out
+
+
+def inference_part(
+    args: argparse.Namespace, budget: Budget, cache: Path, report: Report
+) -> Variant:
     import onnxruntime as ort
 
     batches = DRY_BATCHES if args.dry_run else GPU_BATCHES
-    trt = TENSORRT in ort.get_available_providers()
+    all_variants = variants(args, TENSORRT in ort.get_available_providers())
     table: dict[str, Any] = {}
-    for name, providers, fp16 in variants(args.dry_run, trt):
+    for v in all_variants:
         if budget.left() < args.reserve_s:
-            table[name] = {"skipped": "time budget"}
+            table[v.name] = {"skipped": "time budget"}
             continue
-        m = load(args.model_dir, providers, fp16, cache, max(batches))
+        m = load(args, v, cache, max(batches))
         by_batch = {str(b): round(raw_run(m, b, args.raw_s)[0], 1) for b in batches}
-        table[name] = {"providers": m.providers, "raw_images_per_s_by_batch": by_batch}
+        table[v.name] = {"providers": m.providers, "raw_images_per_s_by_batch": by_batch}
+        report.update("inference-gpu", model=f"{m.name} {m.version}", variants=table)
     measured = {k: v for k, v in table.items() if "raw_images_per_s_by_batch" in v}
     best_name = max(measured, key=lambda k: max(measured[k]["raw_images_per_s_by_batch"].values()))
     best = measured[best_name]["raw_images_per_s_by_batch"]
     best_batch = int(max(best, key=lambda k: best[k]))
-    _, providers, fp16 = next(v for v in variants(args.dry_run, trt) if v[0] == best_name)
-    model = load(args.model_dir, providers, fp16, cache, best_batch)
+    variant = next(v for v in all_variants if v.name == best_name)
+    model = load(args, variant, cache, best_batch)
     service = service_run(model, best_batch, args.items_per_batch * best_batch, args.raw_s)
     ratio = service["images_per_s"] / service["raw_images_per_s"]
-    return {
-        "benchmark": "inference-gpu",
-        "model": f"{model.name} {model.version}",
-        "variants": table,
-        "best": {"variant": best_name, "batch": best_batch, "providers": model.providers},
-        "raw_ort_images_per_s": round(service["raw_images_per_s"], 1),
-        "service_images_per_s": round(service["images_per_s"], 1),
-        "ratio": round(ratio, 3),
-        "goal": {"service_over_raw": SERVICE_GOAL, "met": ratio >= SERVICE_GOAL},
-        "fp16_top1_agreement": None if args.dry_run else fp16_agreement(args, cache),
-    }
+    report.update(
+        "inference-gpu",
+        best={"variant": best_name, "batch": best_batch, "providers": model.providers},
+        raw_runtime_images_per_s=round(service["raw_images_per_s"], 1),
+        service_images_per_s=round(service["images_per_s"], 1),
+        ratio=round(ratio, 3),
+        goal={"service_over_raw": SERVICE_GOAL, "met": ratio >= SERVICE_GOAL},
+    )
+    return variant
 
 
 def service_run(model: Model, batch: int, items: int, raw_s: float) -> dict[str, Any]:
-    """The real worker draining a pre-filled stream, next to raw onnxruntime."""
+    """The real worker draining a pre-filled stream, next to the raw runtime."""
     import asyncio
 
     with tempfile.TemporaryDirectory(prefix="tagpipe-bench-gpu-") as tmp:
@@ -148,15 +235,40 @@ def service_run(model: Model, batch: int, items: int, raw_s: float) -> dict[str,
     return {**out, "raw_images_per_s": raw}
 
 
-def fp16_agreement(args: argparse.Namespace, cache: Path) -> float | None:
-    """Top-1 of the model directory's fp16 variant against FP32 on the CUDA provider
-    (None without a variant: `make model` builds it)."""
+def reference_crops() -> np.ndarray:
+    """The downloader's (CPU path's) crops of the photos."""
+    return np.stack([decode_image(j, GEOM, 50_000_000).pixels for j in photo_jpegs()])
+
+
+def agreement_part(args: argparse.Namespace, budget: Budget, cache: Path, report: Report) -> None:
+    """Top-1 of each variant against onnxruntime on the CPU, on real photos' crops."""
+    crops = reference_crops()
+    reference = load_model(args.model_dir).predict(crops).argmax(1)
+    out: dict[str, float | None] = {}
+    for v in variants(args, trt=False):
+        if budget.left() < args.reserve_s / 2:
+            out[v.name] = None
+            continue
+        top = load(args, v, cache, len(crops)).predict(crops).argmax(1)
+        out[v.name] = round(float(np.mean(top == reference)), 4)
+    report.update(
+        "inference-gpu",
+        photos=len(crops),
+        top1_agreement_with_cpu_onnxruntime=out,
+        fp16_top1_agreement=fp16_agreement(args, cache, crops),
+    )
+
+
+def fp16_agreement(args: argparse.Namespace, cache: Path, crops: np.ndarray) -> float | None:
+    """onnxruntime only: top-1 of the model directory's fp16 variant against FP32 on
+    the CUDA provider (None without a variant, or with the torch runtime, whose FP16
+    is in top1_agreement_with_cpu_onnxruntime)."""
+    if args.dry_run or args.runtime != "onnxruntime":
+        return None
     if "fp16" not in load_manifest(args.model_dir).variants:
         return None
-    geom = Geometry(256, 224, "bicubic")
-    crops = np.stack([decode_image(j, geom, 50_000_000).pixels for j in photo_jpegs()])
-    a = load(args.model_dir, [CUDA, CPU], False, cache, len(crops)).predict(crops).argmax(1)
-    b = load(args.model_dir, [CUDA, CPU], True, cache, len(crops)).predict(crops).argmax(1)
+    a = load(args, Variant("fp32", [CUDA, CPU]), cache, len(crops)).predict(crops).argmax(1)
+    b = load(args, Variant("fp16", [CUDA, CPU], True), cache, len(crops)).predict(crops).argmax(1)
     return round(float(np.mean(a == b)), 4)
 
 
@@ -168,78 +280,92 @@ def rate(fn: Callable[[], int], min_s: float) -> float:
     return n / elapsed
 
 
-def decode_part(args: argparse.Namespace, budget: Budget, cache: Path) -> dict[str, Any]:
-    geom = Geometry(256, 224, "bicubic")
+def gpu_decoder(args: argparse.Namespace, batch: int) -> BatchDecoder:
+    if not args.dry_run:
+        return make_decoder(
+            "gpu",
+            GEOM.resize,
+            GEOM.crop,
+            max_batch=batch,
+            require_gpu=True,
+            gpu_decoder=args.decoder,
+        )
+    if args.decoder == "nvjpeg":  # the torch side of the nvJPEG decoder, Pillow for nvJPEG
+        from tagpipe_inference.nvjpeg import NvjpegDecoder, pillow_jpeg
+
+        return NvjpegDecoder(GEOM.resize, GEOM.crop, device="cpu", jpeg=pillow_jpeg)
+    return PillowDecoder(GEOM.resize, GEOM.crop)
+
+
+def decode_part(
+    args: argparse.Namespace, budget: Budget, cache: Path, best: Variant, report: Report
+) -> None:
     jpegs = photo_jpegs()
-    forwarded = [decode_for_gpu(j, geom, 50_000_000).original or b"" for j in jpegs]
+    forwarded = [decode_for_gpu(j, GEOM, 50_000_000).original or b"" for j in jpegs]
     flags = [False] * len(forwarded)
     batch = 8 if args.dry_run else 128
     reps = -(-batch // len(forwarded))
     payloads, crops = (forwarded * reps)[:batch], (flags * reps)[:batch]
-    cpu_dec = PillowDecoder(geom.resize, geom.crop)
     # One core: the CPU path the downloader runs (draft decode, resize, crop) per photo.
-    per_core = rate(lambda: sum(1 for j in jpegs if decode_image(j, geom, 50_000_000)), args.raw_s)
-    gpu_dec: BatchDecoder = (
-        cpu_dec
-        if args.dry_run
-        else make_decoder("gpu", geom.resize, geom.crop, max_batch=batch, require_gpu=True)
+    per_core = rate(lambda: len([decode_image(j, GEOM, 50_000_000) for j in jpegs]), args.raw_s)
+    dec = gpu_decoder(args, batch)
+    name = dec.name + (" (dry run: Pillow decodes, torch crops)" if args.dry_run else "")
+    report.update("decode-gpu", decoder=name, photos=len(jpegs), batch=batch)
+    decode_rate = rate(lambda: len(dec.decode(payloads, crops)), args.raw_s)
+    report.update(
+        "decode-gpu",
+        cpu_decode_images_per_s_per_core=round(per_core, 1),
+        gpu_decode_images_per_s=round(decode_rate, 1),
+        gpu_decode_over_one_core=round(decode_rate / per_core, 2),
     )
-    decode_rate = rate(lambda: len(gpu_dec.decode(payloads, crops)), args.raw_s)
-    model = load(args.model_dir, [CPU] if args.dry_run else [CUDA, CPU], False, cache, batch)
+    model = load(args, best, cache, batch)
 
     def decode_and_infer() -> int:
-        return len(model.predict(gpu_dec.decode(payloads, crops)))
+        return len(model.predict(dec.decode(payloads, crops)))
 
     combined = rate(decode_and_infer, args.raw_s)
-    reference = np.stack([decode_image(j, geom, 50_000_000).pixels for j in jpegs])
-    top_cpu = model.predict(reference).argmax(1)
-    top_gpu = model.predict(gpu_dec.decode(forwarded, flags)).argmax(1)
+    top_cpu = model.predict(reference_crops()).argmax(1)
+    top_gpu = model.predict(dec.decode(forwarded, flags)).argmax(1)
     agreement = float(np.mean(top_cpu == top_gpu))
-    return {
-        "benchmark": "decode-gpu",
-        "decoder": gpu_dec.name if not args.dry_run else "cpu stand-in (Pillow)",
-        "photos": len(jpegs),
-        "batch": batch,
-        "cpu_decode_images_per_s_per_core": round(per_core, 1),
-        "gpu_decode_images_per_s": round(decode_rate, 1),
-        "gpu_decode_and_inference_images_per_s": round(combined, 1),
-        "speedup_over_one_core": round(combined / per_core, 2),
-        "top1_agreement_with_cpu_path": round(agreement, 4),
-        "goal": {
+    report.update(
+        "decode-gpu",
+        complete=True,
+        inference_variant=best.name,
+        gpu_decode_and_inference_images_per_s=round(combined, 1),
+        speedup_over_one_core=round(combined / per_core, 2),
+        top1_agreement_with_cpu_path=round(agreement, 4),
+        goal={
             "speedup_over_one_core": DECODE_GOAL,
             "top1_agreement": AGREEMENT_GOAL,
             "met": combined / per_core >= DECODE_GOAL and agreement >= AGREEMENT_GOAL,
         },
-        "time_left_s": round(budget.left(), 1),
-    }
+        time_left_s=round(budget.left(), 1),
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dry-run", action="store_true", help="CPU only, seconds, nothing installed")
+    ap.add_argument("--runtime", choices=("onnxruntime", "torch"), default="torch")
+    ap.add_argument("--decoder", choices=("dali", "nvjpeg"), default="nvjpeg")
     ap.add_argument("--model-dir", type=Path, default=Path("models/efficientnet-lite0"))
     ap.add_argument("--out-dir", type=Path, help="default bench/results (a temp dir if dry)")
-    ap.add_argument("--budget-s", type=float, default=420.0, help="stop starting steps after")
-    ap.add_argument("--reserve-s", type=float, default=150.0, help="kept for the decode part")
+    ap.add_argument("--budget-s", type=float, default=200.0, help="stop starting steps after")
+    ap.add_argument("--reserve-s", type=float, default=60.0, help="kept for the later steps")
     args = ap.parse_args()
+    args.argv = sys.argv[1:]
     args.raw_s = 0.3 if args.dry_run else 2.0
     args.items_per_batch = 3 if args.dry_run else 30
     budget = Budget(args.budget_s)
     out_dir = args.out_dir or (
         Path(tempfile.mkdtemp(prefix="bench-gpu-dry-")) if args.dry_run else Path("bench/results")
     )
-    info = machine()
-    device = "cpu (dry run)" if args.dry_run else (info.get("gpu") or "no GPU found")
+    report = Report(args, out_dir)
     with tempfile.TemporaryDirectory(prefix="trt-cache-") as cache:
-        inference = inference_part(args, budget, Path(cache))
-        decode = decode_part(args, budget, Path(cache))
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name, doc in (("inference-gpu", inference), ("decode-gpu", decode)):
-        doc |= {"device": device, "dry_run": args.dry_run, "machine": info, "measured_at": stamp}
-        path = out_dir / f"{name}.json"
-        path.write_text(json.dumps(doc, indent=2) + "\n")
-        print(f"wrote {path}: {json.dumps(doc.get('goal'))}")
+        best = inference_part(args, budget, Path(cache), report)
+        agreement_part(args, budget, Path(cache), report)
+        report.update("inference-gpu", complete=True, time_left_s=round(budget.left(), 1))
+        decode_part(args, budget, Path(cache), best, report)
 
 
 if __name__ == "__main__":

@@ -81,6 +81,10 @@ def to_t4(path: Path, key: str) -> tuple[float, str] | None:
     scale = t4_scale(device)
     if scale is None:
         return None  # a GPU this table does not know: no honest factor
+    # Which runtime measured it (onnxruntime-gpu or torch), when the file says.
+    where = (
+        f"{path}, {doc['runtime']} runtime" if isinstance(doc.get("runtime"), str) else str(path)
+    )
     if scale.gpu == T4:
-        return float(value), f"measured, {path}: {device}"
-    return value * scale.factor, f"scaled from {device} {value:g} img/s ({path}) {scale.why}"
+        return float(value), f"measured, {where}: {device}"
+    return value * scale.factor, f"scaled from {device} {value:g} img/s ({where}) {scale.why}"

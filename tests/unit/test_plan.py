@@ -131,6 +131,16 @@ def test_a_gpu_measurement_is_scaled_to_a_t4_with_the_factor_stated(tmp_path: Pa
     assert f"x {factor:.3f}" in t4.source
 
 
+def test_the_runtime_that_measured_it_is_named(tmp_path: Path) -> None:
+    doc = {"device": "NVIDIA H100 80GB HBM3", "runtime": "torch", "service_images_per_s": 9e3}
+    _gpu_file(tmp_path, "decode-gpu.json", gpu_decode_and_inference_images_per_s=5e3, **doc)
+    _gpu_file(tmp_path, "inference-gpu.json", **doc)
+    resolved = rates.resolve(_args(tmp_path))
+    assert "torch runtime" in resolved.gpu_inference.source
+    assert resolved.gpu_inference.source.startswith("scaled from NVIDIA H100 80GB HBM3 9000 img/s")
+    assert resolved.gpu_decode is not None and "torch runtime" in resolved.gpu_decode.source
+
+
 def test_a_t4_measurement_is_used_as_it_is(tmp_path: Path) -> None:
     _gpu_file(tmp_path, "inference-gpu.json", device="Tesla T4", service_images_per_s=2100.0)
     t4 = rates.resolve(_args(tmp_path)).gpu_inference

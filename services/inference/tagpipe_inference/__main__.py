@@ -41,6 +41,7 @@ def load(settings: InferenceSettings) -> Model:
         allow_spinning=settings.allow_spinning,
         gpu=settings.gpu_options,
         mem_pattern=settings.mem_pattern,
+        runtime=settings.runtime,
     )
     # Warm up at the largest batch: the first real one must not pay for allocations.
     model.warm_up(settings.max_batch)
@@ -93,6 +94,7 @@ def main() -> None:
             device_id=settings.device_id,
             max_batch=settings.max_batch,
             require_gpu=settings.require_gpu,
+            gpu_decoder=settings.gpu_decoder,
         )
     except ModelLoadError as exc:
         print(f"tagpipe-inference: cannot serve model: {exc}", file=sys.stderr)
