@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,7 @@ class TorchOptions:
 class _Graphs:
     """One captured CUDA graph per batch size, with its static input and output."""
 
-    def __init__(self, module: torch.nn.Module, example: torch.Tensor) -> None:
+    def __init__(self, module: torch.nn.Module, example: torch.Tensor, pool: Any) -> None:
         self.static_in = example.clone()
         stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
         stream.wait_stream(torch.cuda.current_stream())
@@ -70,7 +71,7 @@ class _Graphs:
                 module(self.static_in)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, pool=pool):
             self.static_out: torch.Tensor = module(self.static_in)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,6 +104,10 @@ class TorchSession:
         ]
         self._outputs = [NodeArg(n, s) for n, s in shapes(graph.graph.output)]
         self._graphs: dict[tuple[int, ...], _Graphs] = {}
+        self._pool: Any = None
+        if self.device.type == "cuda":
+            # Shapes repeat (one per batch size): let cuDNN time its kernels once per shape.
+            torch.backends.cudnn.benchmark = True
         # One batch at a time: captured graphs share their static buffers, and one
         # device runs one batch at a time anyway; the next batch is prepared meanwhile.
         self._lock = threading.Lock()
@@ -122,7 +127,10 @@ class TorchSession:
             return out
         key = tuple(x.shape)
         if key not in self._graphs:
-            self._graphs[key] = _Graphs(self.module, x)
+            # One memory pool for every batch size's graph: they never run at once (the
+            # lock), so their scratch memory can be shared instead of growing per size.
+            self._pool = self._pool or torch.cuda.graph_pool_handle()
+            self._graphs[key] = _Graphs(self.module, x, self._pool)
         return self._graphs[key](x)
 
     def run(
@@ -134,7 +142,9 @@ class TorchSession:
         if wanted != [o.name for o in self._outputs]:
             raise TorchRuntimeError(f"outputs {wanted} asked, the model has {self._outputs}")
         host = torch.from_numpy(np.ascontiguousarray(feeds[name]))
-        with self._lock, torch.inference_mode():
+        # The device is per thread in CUDA, and the worker runs batches on pool threads.
+        on = torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext()
+        with self._lock, on, torch.inference_mode():
             x = host.to(self.device, non_blocking=True).to(self.dtype, memory_format=self.layout)
             y = self._forward(x).float().cpu()
         return [y.numpy()]
