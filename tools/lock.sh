@@ -10,8 +10,8 @@
 # same wherever it is made. pip installs it (`pip install --require-hashes -r ...`).
 #
 # torch is left out of every lock (requirements/no-torch.txt); it is build-time only and
-# installed from requirements/torch.txt. The per-image locks are constrained by dev.txt so
-# a package has one version in every file.
+# installed from requirements/torch.txt. The CPU image locks are constrained by dev.txt so
+# a package has one version in each of them and in CI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,10 +20,14 @@ UV=${UV:-.venv/bin/uv}
     echo "make lock: uv not found; run: make setup (uv is in the dev extra) or pip install uv" >&2
     exit 1
 }
-common=(--universal --python-version 3.11 --generate-hashes --quiet
-    --override requirements/no-torch.txt --no-emit-package torch
+shared=(--generate-hashes --quiet --override requirements/no-torch.txt --no-emit-package torch
     --custom-compile-command "make lock")
-if [[ ${1:-} == --upgrade ]]; then common+=(--upgrade); fi
+if [[ ${1:-} == --upgrade ]]; then shared+=(--upgrade); fi
+common=(--universal --python-version 3.11 "${shared[@]}")
+# The GPU image only: Linux x86-64 and the CUDA base's Python (Ubuntu 24.04: 3.12). Not
+# universal: NVIDIA's wheels exist for Linux only, and for other platforms the resolver
+# would fall back to sdists that are stubs downloading from NVIDIA's own index.
+gpu=(--python-platform x86_64-manylinux_2_28 --python-version 3.12 "${shared[@]}")
 
 "$UV" pip compile pyproject.toml --extra dev "${common[@]}" -o requirements/dev.txt
 # One lock per image: only its own extra, at the dev lock's versions.
@@ -35,6 +39,7 @@ done
 "$UV" pip compile pyproject.toml --extra model --extra inference -c requirements/dev.txt \
     "${common[@]}" -o requirements/model.txt
 # Last, so the CPU locks above are written even where the GPU extra does not resolve.
-"$UV" pip compile pyproject.toml --extra inference-gpu -c requirements/dev.txt "${common[@]}" \
-    -o requirements/inference-gpu.txt
+# Not under dev.txt's constraints either: DALI caps `packaging` below the newest release,
+# and the GPU image never meets the dev set.
+"$UV" pip compile pyproject.toml --extra inference-gpu "${gpu[@]}" -o requirements/inference-gpu.txt
 echo "make lock: requirements/*.txt written" >&2
