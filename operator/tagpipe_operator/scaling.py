@@ -111,6 +111,9 @@ class ScalingPolicy:
     """Rates cover this window; older rates are stale and ignored."""
     backlog_floor: bool = True
     """Keep ceil(backlog / target_backlog) as a floor under the rate term."""
+    metric: str = "backlog"
+    """What `ScalingContext.backlog` counts, for messages: the workers' queue backlog,
+    or the gateway's own load ("requests in flight", with the rate term off)."""
 
     @property
     def floor(self) -> int:
@@ -147,7 +150,8 @@ class ScalingContext:
     now: float
     """Seconds on any monotonic clock; only differences matter."""
     backlog: int | None
-    """pending + ack-pending over the stage's consumers; None if unreadable."""
+    """The stage's load per `policy.metric`: pending + ack-pending over a worker stage's
+    consumers, or the gateways' requests in flight; None if unreadable."""
     current_replicas: int
     policy: ScalingPolicy
     state: ScalingState = field(default_factory=ScalingState)
@@ -262,7 +266,7 @@ def _stale(ctx: ScalingContext) -> ScalingDecision:
     return ScalingDecision(
         desired_replicas=held,
         reason=Reason.METRICS_STALE,
-        message=f"backlog unavailable; holding {held} replicas",
+        message=f"{p.metric} unavailable; holding {held} replicas",
         state=ctx.state,
         metrics_stale=True,
         current_replicas=ctx.current_replicas,
@@ -344,7 +348,7 @@ def _basis(ctx: ScalingContext, rate_based: bool) -> str:
     p, r = ctx.policy, ctx.rates
     if not rate_based or r is None or p.in_flight_per_replica is None:
         stale = " (rates stale or none yet)" if p.in_flight_per_replica is not None else ""
-        return f"backlog {ctx.backlog} / target {p.target_backlog} per replica{stale}"
+        return f"{p.metric} {ctx.backlog} / target {p.target_backlog} per replica{stale}"
     cap = replica_capacity(r, p.in_flight_per_replica)
     return (
         f"arrivals {r.arrival_per_s:.1f}/s + queued {r.queued} over {p.drain_s:g} s, "

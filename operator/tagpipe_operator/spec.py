@@ -10,7 +10,7 @@ operator renders the same thing from an object the API server did not default
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -22,6 +22,7 @@ from tagpipe_operator.scaling import ScalingPolicy
 T4_PRODUCT = "Tesla-T4"
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+GATEWAY_METRIC = "requests in flight"
 
 
 class _Model(BaseModel):
@@ -174,7 +175,8 @@ class GatewayReplicas(Replicas):
 
 
 class GatewayAutoscaling(Autoscaling):
-    target_backlog_per_replica: int = 2000
+    target_backlog_per_replica: int = 2000  # deprecated: the gateway scales on requests in flight
+    target_in_flight_per_replica: int = 32
 
 
 class DownloaderReplicas(Replicas):
@@ -201,6 +203,12 @@ class GatewaySpec(StageSpec):
     autoscaling: GatewayAutoscaling = GatewayAutoscaling()
     service: ServiceSpec = ServiceSpec()
     api_key_secret_ref: SecretRef | None = None
+
+    def scaling_policy(self) -> ScalingPolicy:
+        # Its own load, not the queue: a backlog of published items costs a gateway nothing.
+        target = self.autoscaling.target_in_flight_per_replica
+        policy = super().scaling_policy()
+        return replace(policy, target_backlog=target, metric=GATEWAY_METRIC)
 
 
 class DownloadLimits(_Model):
@@ -284,6 +292,7 @@ STAGES: tuple[str, ...] = ("gateway", "downloader", "inference")
 # to its successor, and the operator says so in a Deprecated condition and an event.
 # `maxScaleUpStep` was "replicas added per decision at most", one decision per 5 s tick.
 STEP_PERIOD_S = 5
+GATEWAY_BACKLOG_TARGET = 2000  # the CRD default, which the API server always fills in
 _DEFAULT_UP = [
     {"type": "Pods", "value": 4, "periodSeconds": 15},
     {"type": "Percent", "value": 100, "periodSeconds": 15},
@@ -334,7 +343,24 @@ def map_deprecated(spec: Mapping[str, Any]) -> tuple[dict[str, Any], list[Deprec
         autoscaling = dict(autoscaling)
         found.append(_map_step(stage, autoscaling))
         out[stage] = {**dict(block or {}), "autoscaling": autoscaling}
+    found += _gateway_backlog_target(out)
     return out, found
+
+
+def _gateway_backlog_target(spec: Mapping[str, Any]) -> list[Deprecation]:
+    # No successor to map to (other units): accepted, ignored, and said so when asked for.
+    autoscaling = (spec.get("gateway") or {}).get("autoscaling") or {}
+    asked = autoscaling.get("targetBacklogPerReplica", GATEWAY_BACKLOG_TARGET)
+    if asked == GATEWAY_BACKLOG_TARGET:
+        return []
+    field = "spec.gateway.autoscaling.targetBacklogPerReplica"
+    return [
+        Deprecation(
+            field,
+            f"{field} is deprecated and ignored: the gateway scales on its requests in flight "
+            "(targetInFlightPerReplica)",
+        )
+    ]
 
 
 def parse_spec(spec: Any) -> TagPipelineSpec:

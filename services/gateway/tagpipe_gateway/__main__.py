@@ -13,6 +13,7 @@ from tagpipe_common.telemetry import setup_logging, setup_tracing
 
 from tagpipe_gateway.app import create_app
 from tagpipe_gateway.auth import ApiKeys
+from tagpipe_gateway.drain import DrainingServer
 from tagpipe_gateway.settings import GatewaySettings
 
 log = logging.getLogger("tagpipe_gateway")
@@ -33,7 +34,7 @@ def main() -> None:
         # Also on the API port's /metrics; this one matches the other components' pods.
         start_http_server(settings.metrics_port)
     log.info("gateway listening on %s:%d", settings.host, settings.port)
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
@@ -41,6 +42,8 @@ def main() -> None:
         access_log=False,
         timeout_graceful_shutdown=10,
     )
+    # SIGTERM sets the app's drain flag before uvicorn waits for requests (drain.py).
+    DrainingServer(config, app.state.drain).run()
 
 
 if __name__ == "__main__":

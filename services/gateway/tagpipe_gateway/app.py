@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -9,7 +10,9 @@ from fastapi import FastAPI
 
 from tagpipe_gateway import __version__, openapi
 from tagpipe_gateway.auth import ApiKeys
+from tagpipe_gateway.drain import Drain
 from tagpipe_gateway.early import EarlyAdmission
+from tagpipe_gateway.load import LoadReporter
 from tagpipe_gateway.metrics import install_middleware
 from tagpipe_gateway.problems import install_handlers
 from tagpipe_gateway.routes import health, jobs, pipeline, tags
@@ -27,14 +30,19 @@ Send the API key as `Authorization: Bearer <key>` (health and metrics are open).
 
 def create_app(settings: GatewaySettings, api_keys: ApiKeys | None = None) -> FastAPI:
     keys = api_keys if api_keys is not None else ApiKeys(())
+    drain = Drain()  # set on SIGTERM by DrainingServer (__main__); see drain.py
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        drain.bind(asyncio.get_running_loop())
         runtime = await Runtime.start(settings, keys)
         app.state.runtime = runtime
+        load = LoadReporter(runtime.js, settings.prefix)
+        load.start()
         try:
             yield
         finally:
+            await load.close()  # first: the operator stops counting this gateway at once
             await runtime.close()
 
     app = FastAPI(
@@ -44,6 +52,7 @@ def create_app(settings: GatewaySettings, api_keys: ApiKeys | None = None) -> Fa
         lifespan=lifespan,
         generate_unique_id_function=openapi.operation_id,
     )
+    app.state.drain = drain
     install_handlers(app)
     install_middleware(app)
     app.add_middleware(EarlyAdmission)  # outermost: a refusal costs nothing inside

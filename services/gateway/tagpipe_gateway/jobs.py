@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 from tagpipe_common import keys as K
 from tagpipe_common.keys import RedisKeys
 from tagpipe_common.messages import TagResult, TaskOptions
+from tagpipe_common.nats_io import cancel_until_done
 from tagpipe_common.outage import describe, is_transient
 from tagpipe_common.redis_io import XREAD_BLOCK_MS
 from tagpipe_common.results import ResultStore
@@ -42,6 +43,9 @@ return 'cancelled'
 """
 
 FINAL_STATES = (K.JOB_STATE_COMPLETED, K.JOB_STATE_CANCELLED)
+CLOSE_TIMEOUT_S = 5.0
+# The job hash field where a gateway that stops tailing a job leaves its last result id.
+TAIL_CURSOR = "tail_cursor"
 RECENT_JOBS = 100
 
 
@@ -61,6 +65,8 @@ class JobManager:
         self.submitter = Submitter(redis, store, keys, publisher, backlog, settings)
         self._cancel = redis.register_script(_CANCEL_LUA)
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        # Jobs fully submitted and followed for metrics and expiry: their last result read.
+        self._tailing: dict[str, str] = {}
         self._recover_task: asyncio.Task[None] | None = None
 
     async def create(self, job_id: str, total: int, options: TaskOptions, owner: str) -> None:
@@ -121,11 +127,35 @@ class JobManager:
         for task in tasks:
             task.cancel()
         for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            # Again until it ends: on Python 3.11 a cancel that lands inside a wait_for
+            # (a publish's ack, a Redis read) can be lost, and shutdown would hang on it.
+            await cancel_until_done(task, CLOSE_TIMEOUT_S)
         for job_id in jobs:
             with contextlib.suppress(Exception):  # Redis gone: the lease simply expires
                 await self.submitter.release(job_id)
+        await self._hand_over_tails()
+
+    async def _hand_over_tails(self) -> None:
+        """Give the jobs this gateway was tailing to another one.
+
+        Back in the submitting set with no lease, a tailed job is an orphan to the next
+        recovery scan of any gateway, which finds nothing left to publish and tails it
+        to the end (metrics, then the expiry of its keys). Without this nobody would:
+        only jobs still submitting are recovered.
+        """
+        tailing, self._tailing = dict(self._tailing), {}
+        if not tailing:
+            return
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                for job_id, last in tailing.items():
+                    # Where this one stopped: the next counts each result once.
+                    pipe.hset(self.keys.job(job_id), TAIL_CURSOR, last)
+                pipe.sadd(self.keys.submitting_jobs, *tailing)
+                await pipe.execute()
+            log.info("handed over tailing of %d job(s): %s", len(tailing), ", ".join(tailing))
+        except Exception as exc:  # Redis gone: nobody tails them; their keys keep no TTL
+            log.warning("could not hand over tailing of %s: %s", list(tailing), describe(exc))
 
     async def _run(self, job_id: str) -> None:
         try:
@@ -148,17 +178,19 @@ class JobManager:
     async def _tail(self, job_id: str) -> None:
         """Follow the job's results until it is over: metrics, then expiry of its keys."""
         stream = self.keys.job_results(job_id)
-        last = "0-0"
+        handed = await aw(self.redis.hget(self.keys.job(job_id), TAIL_CURSOR))
+        last = self._tailing[job_id] = text(handed) if handed else "0-0"
         while True:
             replies = await self.redis.xread({stream: last}, count=500, block=XREAD_BLOCK_MS)
             for _, entries in replies or []:
                 for entry_id, fields in entries:
-                    last = text(entry_id)
+                    last = self._tailing[job_id] = text(entry_id)
                     with contextlib.suppress(ValueError):
                         observe_item(TagResult.from_json(fields[b"r"]))
             status = await self.status(job_id)
             if status is None or (status.state in FINAL_STATES and not replies):
                 break
+        self._tailing.pop(job_id, None)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.expire(stream, self.settings.job_ttl_s)
             pipe.delete(self.keys.job_urls(job_id))
@@ -211,12 +243,18 @@ class JobManager:
         return await self.status(job_id)
 
     async def iter_results(
-        self, job_id: str, cursor: str | None, limit: int | None, follow_s: float = 0.0
+        self,
+        job_id: str,
+        cursor: str | None,
+        limit: int | None,
+        follow_s: float = 0.0,
+        stop: asyncio.Event | None = None,
     ) -> AsyncIterator[bytes]:
         """NDJSON lines `{"cursor": <stream id>, ...result}` after `cursor` (exclusive).
 
         With `follow_s`, keeps streaming new results as items finish until the job
-        is over or `follow_s` has passed (the client resumes from its last cursor).
+        is over, `follow_s` has passed or `stop` is set (the gateway is draining), and
+        the client resumes from its last cursor: it never gets half a line.
         """
         stream = self.keys.job_results(job_id)
         start = f"({cursor}" if cursor else "-"
@@ -229,7 +267,7 @@ class JobManager:
             page = 1000 if limit is None else min(1000, limit - sent)
             entries = await self.redis.xrange(stream, min=start, max="+", count=page)
             if not entries:
-                if over or time.monotonic() >= deadline:
+                if over or time.monotonic() >= deadline or (stop is not None and stop.is_set()):
                     return
                 last = start[1:] if start.startswith("(") else "0-0"
                 await self.redis.xread({stream: last}, count=1, block=XREAD_BLOCK_MS)
@@ -239,6 +277,8 @@ class JobManager:
                 yield b'{"cursor":"' + entry_id + b'",' + fields[b"r"][1:] + b"\n"
             sent += len(entries)
             start = "(" + text(entries[-1][0])
+            if follow_s > 0 and stop is not None and stop.is_set():
+                return  # draining: end after a whole page, the cursor says where
 
     async def _over(self, job_id: str) -> bool:
         status = await self.status(job_id)

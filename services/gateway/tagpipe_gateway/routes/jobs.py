@@ -256,6 +256,7 @@ def _check_cursor(cursor: str | None) -> None:
 )
 async def get_job_results(
     job_id: str,
+    request: Request,
     rt: RuntimeDep,
     principal: PrincipalDep,
     cursor: CursorQuery = None,
@@ -273,7 +274,8 @@ async def get_job_results(
     _check_cursor(cursor)
     status = await _status_or_404(rt, job_id, principal)
     return StreamingResponse(
-        rt.jobs.iter_results(job_id, cursor, limit, follow),
+        # On SIGTERM a follow ends at a line boundary; the client resumes elsewhere.
+        rt.jobs.iter_results(job_id, cursor, limit, follow, stop=request.app.state.drain.event),
         media_type="application/x-ndjson",
         headers={"Tagpipe-Job-State": status.state},
     )
