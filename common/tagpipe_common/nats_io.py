@@ -58,6 +58,22 @@ class NatsLiveness:
         }
 
 
+class _AbortStale(Client):
+    """nats.py closes a stale connection gracefully, and asyncio's close first flushes
+    what is buffered for the server. A frozen server never reads it: with a publisher
+    (the downloader's frames) the buffer stays full, the reconnect waits on the close,
+    and the client never leaves the server (seen: stale after 8 s, still there 12 s
+    later, gone only when the server thawed). Aborting drops the buffer (its publishes
+    are unacked and retried) and lets the reconnect start at once."""
+
+    async def _process_op_err(self, e: Exception) -> None:
+        if isinstance(e, nats.errors.StaleConnectionError):
+            writer = getattr(getattr(self, "_transport", None), "_io_writer", None)
+            if writer is not None:
+                writer.transport.abort()
+        await super()._process_op_err(e)
+
+
 async def connect_nats(
     servers: list[str], name: str, liveness: NatsLiveness | None = None
 ) -> Client:
@@ -77,18 +93,24 @@ async def connect_nats(
     async def on_reconnect() -> None:
         log.info("nats reconnected")
 
-    return await nats.connect(
+    # nats.py types these seconds as int; it only ever sleeps or waits on them.
+    seconds: dict[str, Any] = {
+        "reconnect_time_wait": 0.5,
+        "connect_timeout": live.connect_timeout_s,
+    }
+    nc = _AbortStale()
+    await nc.connect(
         servers=servers,
         # Reconnect to the other servers in turn: one dead node must not hold a worker.
         name=name,
         max_reconnect_attempts=-1,  # a NATS restart must never kill a worker
-        reconnect_time_wait=0.5,
-        connect_timeout=live.connect_timeout_s,
+        **seconds,
         **live.options(),
         error_cb=on_error,
         disconnected_cb=on_disconnect,
         reconnected_cb=on_reconnect,
     )
+    return nc
 
 
 async def close_nats(nc: Client, timeout_s: float = 5.0) -> None:

@@ -8,14 +8,17 @@ client gave up on the frozen peer and came back after SIGCONT, never how fast.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import redis.exceptions
-from tagpipe_cli.servers import ServerProcess
+from nats.aio.client import Client
+from tagpipe_cli.servers import ServerProcess, nats_server
 from tagpipe_common.keys import RedisKeys
 from tagpipe_common.nats_io import NatsLiveness, close_nats, connect_nats
 from tagpipe_common.redis_io import RedisTimeouts, connect_redis
@@ -94,3 +97,49 @@ async def test_a_frozen_nats_server_is_called_stale_and_rejoined_after(
         await asyncio.wait_for(nc.flush(), 10)
     finally:
         await close_nats(nc)
+
+
+async def test_a_publisher_on_a_frozen_server_moves_to_another_while_it_stays_frozen(
+    nats_proc: ServerProcess, tmp_path: Path
+) -> None:
+    """A publisher fills the socket towards the frozen server; a graceful close would
+    wait to flush it for as long as the server stays frozen (nats_io._AbortStale)."""
+    other = nats_server(tmp_path / "other").start()
+    live = NatsLiveness(ping_interval_s=0.5, max_outstanding_pings=2, connect_timeout_s=1.0)
+    try:
+        nc = await connect_nats([nats_proc.url, other.url], "frozen-publisher", live)
+        assert nc.connected_url is not None
+        first, second = (
+            (nats_proc, other)
+            if nc.connected_url.port == nats_proc.port
+            else (
+                other,
+                nats_proc,
+            )
+        )
+        stop = asyncio.Event()
+
+        async def flood() -> None:
+            while not stop.is_set():
+                with contextlib.suppress(Exception):
+                    await nc.publish("frozen.flood", b"x" * 32_768)
+                await asyncio.sleep(0.005)
+
+        publisher = asyncio.create_task(flood())
+        try:
+            with frozen(first):
+                await eventually(lambda: _on(nc, second), within=60)
+                await asyncio.wait_for(nc.flush(), 10)  # answered, by the other server
+        finally:
+            stop.set()
+            publisher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await publisher
+            await close_nats(nc)
+    finally:
+        other.stop()
+
+
+def _on(nc: Client, srv: ServerProcess) -> bool:
+    url = nc.connected_url
+    return nc.is_connected and url is not None and url.port == srv.port
