@@ -269,7 +269,10 @@ def stack_config(args: argparse.Namespace, data_dir: Path) -> StackConfig:
             "TAGPIPE_JOB_TTL_S": ttl,  # a job's results stream: 7 days by default
         },
         inference_env={"TAGPIPE_INTRA_OP_THREADS": "1", **dict(args.inference_env)},
-        gateway_env={"TAGPIPE_REALTIME_TIMEOUT_S": "60"},
+        gateway_env={
+            "TAGPIPE_REALTIME_TIMEOUT_S": "60",
+            "TAGPIPE_REALTIME_DEFAULT_TIMEOUT_S": "60",
+        },
         downloader_env={"TAGPIPE_DECODE_WORKERS": "1"},
     )
 

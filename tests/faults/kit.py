@@ -58,6 +58,7 @@ def fault_config(tmp: Path, **over: Any) -> StackConfig:
         env={"TAGPIPE_ACK_WAIT_S": str(ACK_WAIT_S), "TAGPIPE_MAX_DELIVER": str(max_deliver)},
         gateway_env={
             "TAGPIPE_REALTIME_TIMEOUT_S": "60",
+            "TAGPIPE_REALTIME_DEFAULT_TIMEOUT_S": "60",
             "TAGPIPE_LEASE_S": "4",
             "TAGPIPE_RECOVER_INTERVAL_S": "1",
         },

@@ -106,6 +106,7 @@ def test_stalled_inference_gives_429_with_bounded_memory(
             "TAGPIPE_BULK_BACKLOG_LIMIT": "100",
             "TAGPIPE_BACKLOG_CACHE_S": "0.2",
             "TAGPIPE_REALTIME_TIMEOUT_S": "4",
+            "TAGPIPE_REALTIME_DEFAULT_TIMEOUT_S": "4",
         },
     )
     inference = [s for s in stack.services if s.name.startswith("inference")]

@@ -42,7 +42,11 @@ async def test_a_burst_past_the_deadline_is_refused_and_admitted_again_once_drai
         model_dir=model_dir,
         allow_cidrs="127.0.0.0/8",
         inference_env={"TAGPIPE_INTRA_OP_THREADS": "1"},
-        gateway_env={"TAGPIPE_REALTIME_TIMEOUT_S": "60", "TAGPIPE_API_KEYS": KEY},
+        gateway_env={
+            "TAGPIPE_REALTIME_TIMEOUT_S": "60",
+            "TAGPIPE_REALTIME_DEFAULT_TIMEOUT_S": "60",
+            "TAGPIPE_API_KEYS": KEY,
+        },
     )
     async with ImageServer(host="127.0.0.1") as images:
         seq = itertools.count()

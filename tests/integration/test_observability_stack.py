@@ -118,7 +118,11 @@ def observed(
         },
         downloader_env={"TAGPIPE_METRICS_PORT": str(dl_port)},
         inference_env={"TAGPIPE_METRICS_PORT": str(inf_port), "TAGPIPE_INTRA_OP_THREADS": "1"},
-        gateway_env={"TAGPIPE_REALTIME_TIMEOUT_S": "60", "TAGPIPE_METRICS_PORT": str(gw_port)},
+        gateway_env={
+            "TAGPIPE_REALTIME_TIMEOUT_S": "60",
+            "TAGPIPE_REALTIME_DEFAULT_TIMEOUT_S": "60",
+            "TAGPIPE_METRICS_PORT": str(gw_port),
+        },
     )
     with Stack(config) as stack:
         yield Observed(

@@ -58,7 +58,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator
         model_dir=model_dir,
         allow_cidrs="127.0.0.0/8",  # the image server is local
         inference_env={"TAGPIPE_INTRA_OP_THREADS": "1"},  # 2-core CI: leave a core to the rest
-        gateway_env={"TAGPIPE_REALTIME_TIMEOUT_S": "60"},
+        gateway_env={
+            "TAGPIPE_REALTIME_TIMEOUT_S": "60",
+            "TAGPIPE_REALTIME_DEFAULT_TIMEOUT_S": "60",
+        },
     )
     with Stack(config) as running:
         yield running

@@ -1,4 +1,4 @@
-"""Dead-peer bounds: typed, validated, one source."""
+"""Dead-peer bounds and the real-time default deadline: typed, validated, one source."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import pytest
 from tagpipe_common.nats_io import NatsLiveness
 from tagpipe_common.redis_io import RedisTimeouts, connect_redis, connect_redis_sync
 from tagpipe_common.settings import CommonSettings, load_settings
+from tagpipe_gateway.settings import GatewaySettings
 
 
 def test_the_settings_defaults_are_the_connection_defaults() -> None:
@@ -64,3 +65,16 @@ def test_a_bound_that_cannot_work_stops_startup_with_one_line(
 def test_a_longer_socket_timeout_allows_a_longer_wait() -> None:
     s = CommonSettings(redis_wait_timeout_ms=5000, redis_socket_timeout_s=6.0)
     assert s.redis_timeouts().socket_timeout_s == 6.0
+
+
+def test_a_request_without_timeout_ms_gets_two_seconds_and_may_ask_for_thirty() -> None:
+    s = GatewaySettings()
+    assert s.default_deadline_s == 2.0
+    assert s.realtime_timeout_s == 30.0
+
+
+def test_a_maximum_below_the_default_lowers_it_and_a_default_above_it_is_refused() -> None:
+    assert GatewaySettings(realtime_timeout_s=0.5).default_deadline_s == 0.5
+    assert GatewaySettings(realtime_default_timeout_s=10).default_deadline_s == 10.0
+    with pytest.raises(ValueError, match="must not exceed realtime_timeout_s"):
+        GatewaySettings(realtime_default_timeout_s=40)

@@ -6,7 +6,7 @@ a refusal paid for the routing, the dependencies, the query validation, the
 body read and parse and two middlewares before admission even ran (about 2.5 ms
 of CPU a request, profiled at 3x capacity on 2 cores). This ASGI middleware
 answers `POST /v1/tags` 429 from the query string alone, before any of that:
-the request's deadline (`timeout_ms`, else the gateway's) against the expected
+the request's deadline (`timeout_ms`, else the gateway's default) against the expected
 wait of one more item. The route checks again with the real item count (a body
 may carry several URLs), so this is only ever the cheaper of two equal answers.
 
@@ -58,10 +58,11 @@ def refused(v: Verdict, items: int, deadline_s: float) -> ProblemError:
     )
 
 
-def deadline_of(query: bytes, most_s: float) -> float | None:
-    """The deadline a query string asks for; None when the route must judge it."""
+def deadline_of(query: bytes, default_s: float, most_s: float) -> float | None:
+    """The deadline a query string asks for (`default_s` when none); None when the
+    route must judge it."""
     if b"timeout_ms" not in query:
-        return most_s
+        return default_s
     values = parse_qs(query.decode("latin-1")).get("timeout_ms", [])
     try:
         ms = int(values[-1]) if values else None
@@ -88,7 +89,10 @@ class EarlyAdmission:
         rt: Runtime | None = getattr(scope["app"].state, "runtime", None)
         if rt is None or not _authorised(rt, scope):
             return None
-        deadline_s = deadline_of(scope["query_string"], rt.settings.realtime_timeout_s)
+        settings = rt.settings
+        deadline_s = deadline_of(
+            scope["query_string"], settings.default_deadline_s, settings.realtime_timeout_s
+        )
         if deadline_s is None:
             return None
         try:
