@@ -22,6 +22,7 @@ import aiohttp
 import kopf
 import nats
 from nats.aio.client import Client
+from tagpipe_common.gatewayload import read_in_flight
 from tagpipe_common.nats_io import close_nats
 from tagpipe_common.streams import (
     StreamPolicy,
@@ -254,8 +255,8 @@ async def read_backlogs(
 ) -> Backlogs:
     """Backlog per operator stage, ensuring the streams first if converge could not.
 
-    The gateway scales on the whole pipeline's backlog: its work per item
-    (accepting, publishing, streaming results back) follows the items in flight.
+    The gateway's entry is not a backlog: it scales on its own load, the requests in
+    flight its replicas report (tagpipe_common.gatewayload; None: no report).
     Any failure means "unknown": the caller holds replicas, flags and logs it.
     """
     out: dict[str, int | None] = {"downloader": None, "inference": None, "gateway": None}
@@ -270,7 +271,10 @@ async def read_backlogs(
             out["inference"] = await stage_backlog(js, Stage.INFER, spec.nats.prefix)
     except Exception as exc:  # transient or not, the answer is the same: hold and say why
         return Backlogs(out, nats_problem(rt, url, exc))
-    out["gateway"] = (out["downloader"] or 0) + (out["inference"] or 0)
+    # A bucket or report that cannot be read leaves the gateway's load unknown only.
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(rt.settings.nats_timeout_s):
+            out["gateway"] = await read_in_flight(js, spec.nats.prefix)
     return Backlogs(out)
 
 

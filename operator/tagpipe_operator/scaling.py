@@ -7,6 +7,10 @@ once per tick per stage, and `tagpipe simulate` replays recorded or synthetic
 traffic through the very same function. A call costs a few microseconds
 (it walks at most one window of recommendations).
 
+The gateway's policy (`metric="requests in flight"`) runs the same rules on the
+requests in flight its replicas report (tagpipe_common.gatewayload) instead of a
+queue backlog, with the rate term off; with no replica ready that load is zero.
+
 The rules, in the order they apply:
 
 1. **Metric unavailable** (`backlog is None`): hold the current replicas (only
@@ -58,7 +62,7 @@ The rules, in the order they apply:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from tagpipe_operator.ratemeter import RateReading
@@ -114,6 +118,9 @@ class ScalingPolicy:
     metric: str = "backlog"
     """What `ScalingContext.backlog` counts, for messages: the workers' queue backlog,
     or the gateway's own load ("requests in flight", with the rate term off)."""
+    served_load: bool = False
+    """The load is what the stage's own replicas serve (the gateway's requests): with
+    none ready there is none, a known zero, not a missing metric."""
 
     @property
     def floor(self) -> int:
@@ -287,6 +294,8 @@ def _limited_move(ctx: ScalingContext, up_rec: int, down_rec: int) -> tuple[int,
 
 def decide(ctx: ScalingContext) -> ScalingDecision:
     """Desired replicas for one stage at `ctx.now`. Pure; see the module docstring."""
+    if ctx.backlog is None and ctx.policy.served_load and ctx.ready_replicas == 0:
+        ctx = replace(ctx, backlog=0)  # no replica serves, so no request is in flight
     if ctx.backlog is None:
         return _stale(ctx)
     p, now, cur = ctx.policy, ctx.now, ctx.current_replicas

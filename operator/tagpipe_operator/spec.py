@@ -208,7 +208,7 @@ class GatewaySpec(StageSpec):
         # Its own load, not the queue: a backlog of published items costs a gateway nothing.
         target = self.autoscaling.target_in_flight_per_replica
         policy = super().scaling_policy()
-        return replace(policy, target_backlog=target, metric=GATEWAY_METRIC)
+        return replace(policy, target_backlog=target, metric=GATEWAY_METRIC, served_load=True)
 
 
 class DownloadLimits(_Model):

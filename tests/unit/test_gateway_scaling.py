@@ -88,3 +88,24 @@ def test_a_gateway_backlog_target_is_deprecated_and_ignored() -> None:
     # The API server writes the default into every object: that is not asking for it.
     defaulted = {**BASE, "gateway": {"autoscaling": {"targetBacklogPerReplica": 2000}}}
     assert map_deprecated(defaulted)[1] == []
+
+
+def test_with_no_gateway_ready_nothing_is_in_flight() -> None:
+    """No report from a tier with no ready replica is a known zero (nothing serves);
+    with replicas ready it is unknown and holds. The workers' backlog never is."""
+    policy = gateway_policy()
+    none_ready = ScalingContext(
+        now=100.0, backlog=None, current_replicas=2, policy=policy, ready_replicas=0
+    )
+    decision = decide(none_ready)
+    assert not decision.metrics_stale and decision.desired_replicas == 2
+    assert decision.message.startswith("requests in flight 0 / target 32")
+    some_ready = ScalingContext(
+        now=100.0, backlog=None, current_replicas=2, policy=policy, ready_replicas=1
+    )
+    assert decide(some_ready).metrics_stale
+    worker = parse_spec(BASE).downloader.scaling_policy()
+    idle_workers = ScalingContext(
+        now=100.0, backlog=None, current_replicas=1, policy=worker, ready_replicas=0
+    )
+    assert decide(idle_workers).metrics_stale
