@@ -104,6 +104,11 @@ bench-realtime: venv ## real-time deadlines under 0.5x/1.3x/3x overload (~3 min)
 	test -f $(MODEL_DIR)/manifest.json || $(MAKE) model
 	$(PY) -m bench.bench_realtime
 
+bench-realtime-default: venv ## POST /v1/tags without timeout_ms (the 2 s default) at 2x/3x (~2 min): bench/results/realtime-default-deadline.json
+	test -f $(MODEL_DIR)/manifest.json || $(MAKE) model
+	$(PY) -m bench.bench_realtime --default-deadline
+.PHONY: bench-realtime-default
+
 bench-dedupe: venv ## content dedupe off vs on, 30 % duplicate images (~4 min): bench/results/dedupe.json
 	test -f $(MODEL_DIR)/manifest.json || $(MAKE) model
 	$(PY) -m bench.bench_dedupe

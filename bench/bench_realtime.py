@@ -19,6 +19,14 @@ model), one-image URL requests to `POST /v1/tags`:
    the load generator's cost and the neighbours' are part of the result.
 
 Results: bench/results/realtime.json, machine stated.
+
+    python -m bench.bench_realtime --default-deadline   (make bench-realtime-default)
+
+The same, but the open-loop requests carry no `timeout_ms`: what a caller gets
+out of the box from the gateway's default deadline (2 s), at 2x and 3x capacity.
+Each phase also reports the issue-28 goals: >= 95 % of the 200s within the
+default, everything else a 429 or a 504, and 504s under 5 % of all requests.
+Results: bench/results/realtime-default-deadline.json.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
@@ -43,6 +52,8 @@ from bench.imageserver import ImageServer
 from bench.rawhttp import RawClient
 
 OUT = ROOT / "bench" / "results" / "realtime.json"
+OUT_DEFAULT = ROOT / "bench" / "results" / "realtime-default-deadline.json"
+DEFAULT_DEADLINE_MS = 2000  # the gateway's TAGPIPE_REALTIME_DEFAULT_TIMEOUT_S, out of the box
 
 
 @dataclass
@@ -51,6 +62,7 @@ class Phase:
     seconds: float = 0.0
     statuses: dict[int, int] = field(default_factory=dict)
     latencies_s: list[float] = field(default_factory=list)  # of the 200s
+    refusal_latencies_s: list[float] = field(default_factory=list)  # of the 429s
     in_deadline: int = 0
     late_ids: list[str] = field(default_factory=list)  # request ids answered 504
     timeline: list[tuple[float, int, float]] = field(default_factory=list)  # sent, status, s
@@ -62,6 +74,8 @@ class Phase:
             self.in_deadline += latency_s <= deadline_s
         elif status == 504:
             self.late_ids.append(request_id)
+        elif status == 429:
+            self.refusal_latencies_s.append(latency_s)
 
     def summary(self, capacity: float, wasted: dict[str, int]) -> dict[str, Any]:
         sent = sum(self.statuses.values())
@@ -81,7 +95,25 @@ class Phase:
             "p95_ms": None if p[1] is None else round(float(p[1]), 1),
             "served_in_deadline_per_s": round(served, 2),
             "served_x_capacity": round(served / capacity, 3),
+            **self.outcomes(sent, answered),
             **wasted,
+        }
+
+    def outcomes(self, sent: int, answered: int) -> dict[str, Any]:
+        """The issue-28 goals for a deadline: 200s within it, the rest refused or 504."""
+        late = self.statuses.get(504, 0)
+        other = sent - answered - late - self.statuses.get(429, 0)
+        refusal = self.refusal_latencies_s
+        within = self.in_deadline / answered if answered else None
+        return {
+            "s504_share_of_all": round(late / sent, 4) if sent else None,
+            "other_statuses": other,  # neither 200, 429 nor 504 (0: connection errors)
+            "p95_429_ms": round(float(np.percentile(refusal, 95)) * 1000, 1) if refusal else None,
+            "goals_met": {
+                "200s_within_deadline_ge_95pct": within is not None and within >= 0.95,
+                "rest_429_or_504": other == 0,
+                "504s_lt_5pct_of_all": bool(sent) and late / sent < 0.05,
+            },
         }
 
 
@@ -113,9 +145,10 @@ async def capacity(c: RawClient, urls: list[str], secs: float) -> float:
 
 
 async def open_phase(
-    c: RawClient, urls: list[str], rate: float, secs: float, deadline_ms: int
+    c: RawClient, urls: list[str], rate: float, secs: float, deadline_ms: int, ask: bool = True
 ) -> Phase:
-    phase, tasks, reqs = Phase(rate), [], requests(urls, deadline_ms)
+    """`ask`: each request carries `timeout_ms` = the deadline; else none (the default)."""
+    phase, tasks, reqs = Phase(rate), [], requests(urls, deadline_ms if ask else None)
 
     async def one(request: bytes) -> None:
         t0 = time.monotonic()
@@ -199,7 +232,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     await asyncio.sleep(args.settle_s)  # the queue drains between phases
                     meter.start()
                     spy = profile(args, stack, factor)
-                    ph = await open_phase(c, urls, factor * cap, args.seconds, args.deadline_ms)
+                    ph = await open_phase(
+                        c, urls, factor * cap, args.seconds, args.deadline_ms, not args.default
+                    )
                     cores = meter.stop(ph.statuses.get(200, 0))
                     if spy is not None:
                         spy.wait()
@@ -218,6 +253,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine(),
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "deadline_ms": args.deadline_ms,
+        "timeout_ms_sent": not args.default,  # False: the gateway's default deadline
         "image_latency_ms": args.latency_ms,
         "capacity_images_per_s": round(cap, 2),
         "capacity_cpu": cap_cores,
@@ -229,14 +265,32 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=20.0, help="open-loop seconds per phase")
     ap.add_argument("--capacity-seconds", type=float, default=20.0)
-    ap.add_argument("--deadline-ms", type=int, default=1000)
+    ap.add_argument("--deadline-ms", type=int, help="1000; the gateway default with --default")
     ap.add_argument("--latency-ms", type=float, default=20.0, help="image server latency")
-    ap.add_argument("--factors", type=float, nargs="+", default=[0.5, 1.3, 3.0])
+    ap.add_argument("--factors", type=float, nargs="+", help="0.5 1.3 3; 2 3 with --default")
     ap.add_argument("--settle-s", type=float, default=5.0)
-    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--out", type=Path)
     ap.add_argument("--profile", type=Path, help="py-spy the gateway per phase into DIR")
+    ap.add_argument(
+        "--default-deadline",
+        dest="default",
+        action="store_true",
+        help="send no timeout_ms: measure the gateway's default deadline",
+    )
+    ap.add_argument("--note", default="", help="a line on the run's conditions, kept in the JSON")
     args = ap.parse_args()
+    if args.deadline_ms is None:
+        args.deadline_ms = DEFAULT_DEADLINE_MS if args.default else 1000
+    if args.factors is None:
+        args.factors = [2.0, 3.0] if args.default else [0.5, 1.3, 3.0]
+    if args.out is None:
+        args.out = OUT_DEFAULT if args.default else OUT
+    load_before = os.getloadavg()
     doc = asyncio.run(run(args))
+    # The box may be shared: its load before and after says how busy it was.
+    doc["loadavg_1_5_15_before_after"] = [load_before, os.getloadavg()]
+    if args.note:
+        doc["note"] = args.note
     args.out.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"wrote {args.out}")
 
