@@ -22,6 +22,11 @@ for arg in "$@"; do
   fi
 done
 LIMIT_S=${LIMIT_S:-300}
+if [[ -z "${PYTHON:-}" ]]; then  # the first interpreter on PATH that has torch
+  for cand in python3 python; do
+    if "$cand" -c 'import torch' 2>/dev/null; then PYTHON=$cand; break; fi
+  done
+fi
 PYTHON=${PYTHON:-python3}
 WHEELHOUSE=${WHEELHOUSE:-.wheelhouse}
 VENV=${GPU_VENV:-.venv-gpu}
@@ -31,15 +36,19 @@ echo "== bench-gpu $(date -u +%FT%TZ), limit ${LIMIT_S} s"
 nvidia-smi || echo "bench-gpu: nvidia-smi failed"
 "$PYTHON" - <<'PY'
 import importlib, platform
-print("python", platform.python_version(), platform.platform())
+import sys
+print("python", platform.python_version(), sys.executable, platform.platform())
 for name in ("torch", "torchvision", "onnxruntime", "onnx", "numpy", "PIL", "aiohttp"):
     try:
         print(name, getattr(importlib.import_module(name), "__version__", "?"))
     except Exception as exc:
         print(name, "MISSING:", exc)
-import torch
-gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-print("torch CUDA", torch.version.cuda, "device:", gpu)
+try:
+    import torch
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    print("torch CUDA", torch.version.cuda, "device:", gpu)
+except Exception as exc:
+    print("torch CUDA: unknown:", exc)
 PY
 test -f models/efficientnet-lite0/manifest.json \
   || { echo "bench-gpu: no model: carry models/efficientnet-lite0 (make model)" >&2; exit 2; }
@@ -47,6 +56,11 @@ ls "$WHEELHOUSE"/*.whl >/dev/null 2>&1 \
   || { echo "bench-gpu: no wheels in $WHEELHOUSE: make gpu-wheelhouse, then carry it" >&2; exit 2; }
 
 test -x "$VENV/bin/python" || "$PYTHON" -m venv --system-site-packages "$VENV"
+# When the machine's torch lives in a venv itself, --system-site-packages reaches only
+# its base interpreter's packages: a .pth adds that venv's own, after the new venv's.
+# (addsitedir, not a bare path: that venv's own .pth files are read too.)
+"$PYTHON" -c 'import site; [print(f"import site; site.addsitedir({p!r})") for p in site.getsitepackages()]' \
+  > "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/machine.pth"
 # The top-level needs by name: pip takes from the wheelhouse only what the machine
 # lacks (or has in a version that does not fit), so its own protobuf, typing-extensions
 # and the like, which its onnx and torch were installed with, are not shadowed.

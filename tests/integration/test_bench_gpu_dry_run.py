@@ -17,6 +17,9 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 
+# A hang guard, not a speed check: a few seconds of CPU each, but imports, conversions
+# and two servers stretch far past that on a loaded shared machine.
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize(
     ("runtime", "decoder", "variant"),
     [("torch", "nvjpeg", "torch-cpu-fp32"), ("onnxruntime", "dali", "cpu-fp32")],
@@ -32,7 +35,7 @@ def test_the_dry_run_writes_both_files_naming_the_device(
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=540,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     inference = json.loads((tmp_path / "inference-gpu.json").read_text())
