@@ -129,11 +129,16 @@ bench-profile: venv ## py-spy flame graphs of each service in make bench's bulk 
 	$(PY) -m bench.profile_services --label $(PROFILE_LABEL) $(ARGS)
 .PHONY: bench-hop bench-profile bench-stages
 
-bench-gpu: ## GPU inference + GPU decode, JSON in bench/results (own venv; ARGS=--dry-run on CPU)
+bench-gpu: ## GPU inference + decode in <= 5 min, JSON in bench/results (offline GPU machine: carry .wheelhouse + the model)
 	bash bench/bench_gpu.sh $(ARGS)
 
 bench-gpu-dry-run: venv ## bench-gpu on the CPU in seconds: installs nothing, writes to a temp dir
 	bash bench/bench_gpu.sh --dry-run $(ARGS)
+
+gpu-wheelhouse: venv ## the cp312 wheels the GPU machine lacks into .wheelhouse/; checks it + model + tree < 60 MiB
+	test -f $(MODEL_DIR)/manifest.json || $(MAKE) model
+	$(PY) -m bench.gpu_wheelhouse --model-dir $(MODEL_DIR)
+.PHONY: gpu-wheelhouse
 
 MINUTES ?= 30
 soak: venv ## mixed load on the local stack for MINUTES (30), RSS per process: bench/results/soak-*min.{json,png}
