@@ -50,7 +50,7 @@ from tagpipe_common.subjects import Lane, Stage, stage_names
 
 from bench.baselines.runners import process
 from bench.bench_e2e import machine
-from bench.bench_streams import load_average
+from bench.bench_streams import load_average, shared_note
 from bench.scale_support import Meter, plot, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -233,10 +233,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     f"box {row['cpu']['box_busy']:.0%} busy; {row['bound_by'] or ''}",
                     flush=True,
                 )
+    load_after = load_average()
     return {
         "benchmark": "scale",
         "machine": {**machine(), "load_average_before": load_before},
-        "load_average_after": load_average(),
+        "load_average_after": load_after,
+        "box": shared_note(load_before, load_after),
         "setup": {
             "image": "64x48 JPEG (~2 KB), bench/imageserver.py, one process",
             "model": "tiny ONNX (32x32 crops, 8 classes), one inference process",

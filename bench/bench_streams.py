@@ -51,6 +51,16 @@ def load_average() -> dict[str, float]:
     return {"1m": round(one, 2), "5m": round(five, 2), "15m": round(fifteen, 2)}
 
 
+def shared_note(before: dict[str, float], after: dict[str, float]) -> str:
+    """Says whether the box was shared: a load average above its cores means other
+    work competed for them, so wall-clock rates are this box's at that moment."""
+    cores = os.cpu_count() or 1
+    peak = max(before["1m"], after["1m"])
+    if peak <= cores:
+        return f"quiet: 1-minute load average <= {peak:g} on {cores} cores"
+    return f"shared with other work: 1-minute load average up to {peak:g} on {cores} cores"
+
+
 def message_sizes() -> dict[str, int]:
     """Bytes on the wire per message: the download task and each inference hop frame
     (header + the median payload bench-hop measured on real photos)."""
@@ -176,10 +186,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     cluster.stop()
                 else:
                     servers[0].stop()
+    load_after = load_average()
     return {
         "benchmark": "streams",
         "machine": {**machine(), "load_average_before": load_before},
-        "load_average_after": load_average(),
+        "load_average_after": load_after,
+        "box": shared_note(load_before, load_after),
         "setup": {
             "client": "one Python process (nats-py): a publisher and a pull consumer",
             "window": WINDOW,
