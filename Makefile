@@ -148,5 +148,12 @@ soak: venv ## mixed load on the local stack for MINUTES (30), RSS per process: b
 bench-downloader: venv ## downloader images/s (fetch + decode, 0/100 ms latency) and the JPEG fast path
 	$(PY) bench/bench_downloader.py --out bench/results/downloader.json
 
+bench-scale: venv ## many downloaders x slots vs Little's law, old vs current flow limits (~7 min; ARGS=--quick ~1 min): bench/results/scale.{json,png}
+	$(PY) -m bench.bench_scale $(ARGS)
+
+bench-streams: venv ## one work-queue stream at R1/R3 per real message size: msgs/s, MB/s, nats-server CPU per msg and MB (~1 min): bench/results/streams.json
+	$(PY) -m bench.bench_streams $(ARGS)
+.PHONY: bench-scale bench-streams
+
 clean:
 	rm -rf .tagpipe .pytest_cache .mypy_cache .ruff_cache
