@@ -21,7 +21,7 @@ from typing import Any
 
 import kopf
 
-from tagpipe_operator import reconcile
+from tagpipe_operator import deprecations, reconcile
 from tagpipe_operator.reconcile import Runtime
 from tagpipe_operator.spec import STAGES, parse_spec
 from tagpipe_operator.status import StageObservation, build_status
@@ -55,6 +55,7 @@ async def tick(rt: Runtime, body: Mapping[str, Any]) -> dict[str, Any]:
     previous = dict(body.get("status") or {})
     generation = int(meta.get("generation") or 0)
     status = build_status(generation, observed, previous, now, recreated, backlogs.problem)
+    await deprecations.report(rt.client(), body, status, previous, now)
     await rt.client().patch("TagPipeline", ns, name, {"status": status}, sub="status")
     return status
 

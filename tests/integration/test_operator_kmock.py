@@ -161,6 +161,8 @@ async def test_children_status_and_backlog_scaling(
         )
     )
     types = {c["type"] for c in status["conditions"]}
+    assert "Deprecated" in types  # deprecations.py: always there, False for this spec
+    types.discard("Deprecated")
     assert types == {"Ready", "Degraded", "ScalingLimited", "MetricsStale"}
     await eventually(lambda: _status_when(kmock, lambda s: s["observedGeneration"] == 2))
 

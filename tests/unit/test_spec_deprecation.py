@@ -13,6 +13,7 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
+from tagpipe_operator import deprecations
 from tagpipe_operator.scalelimits import PolicyType, RatePolicy, ScaleEvent, Select, up_limit
 from tagpipe_operator.spec import STAGES, STEP_PERIOD_S, map_deprecated, parse_spec
 
@@ -104,3 +105,40 @@ def test_every_stage_is_reported() -> None:
     assert sorted(d.field for d in found) == sorted(
         f"spec.{s}.autoscaling.maxScaleUpStep" for s in STAGES
     )
+
+
+class Events:
+    """Records what `deprecations.report` posts (the real client posts a core/v1 Event)."""
+
+    def __init__(self) -> None:
+        self.posted: list[tuple[str, str, str]] = []
+
+    async def post_event(self, obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
+        self.posted.append((type_, reason, message))
+
+
+async def test_the_warning_is_a_condition_always_and_an_event_when_news() -> None:
+    body = {"metadata": {"name": "p", "namespace": "n"}}
+    body["spec"] = with_autoscaling("inference", {"maxScaleUpStep": 2})
+    events, previous = Events(), {"conditions": [{"type": "Ready", "status": "True"}]}
+    status: dict[str, Any] = {"conditions": [{"type": "Ready", "status": "True"}]}
+
+    await deprecations.report(events, body, status, previous, "t1")
+
+    cond = status["conditions"][-1]
+    assert (cond["type"], cond["status"], cond["reason"]) == (
+        "Deprecated",
+        "True",
+        "DeprecatedFields",
+    )
+    assert "spec.inference.autoscaling.maxScaleUpStep is deprecated" in cond["message"]
+    assert [t for t, _, _ in events.posted] == ["Warning"]
+    # The next tick: same fields, no second Event, the transition time kept.
+    again: dict[str, Any] = {"conditions": []}
+    await deprecations.report(events, body, again, status, "t2")
+    assert len(events.posted) == 1 and again["conditions"][-1]["lastTransitionTime"] == "t1"
+    # The field removed: the condition goes False, and that is no warning.
+    body["spec"] = copy.deepcopy(BASE)
+    cleared: dict[str, Any] = {"conditions": []}
+    await deprecations.report(events, body, cleared, again, "t3")
+    assert cleared["conditions"][-1]["status"] == "False" and len(events.posted) == 1
