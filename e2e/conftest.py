@@ -38,7 +38,8 @@ from e2e_helpers import (
 from nats.aio.client import Client
 from tagpipe_cli.servers import ServerProcess, nats_server
 from tagpipe_common.nats_io import connect_nats
-from tagpipe_operator.kube import ApiError, KubeClient
+
+from tests.kube_rest import ApiError, KubeClient
 
 CRD_FILE = ROOT / "crds" / "tagpipelines.tagpipe.io.yaml"
 CRD_PATH = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
@@ -49,6 +50,12 @@ OPERATOR_SETTINGS = {
     "TAGPIPE_CONVERGE_RETRY_S": "2",
     "TAGPIPE_STREAM_DELETE_RETRIES": "3",
     "TAGPIPE_STREAM_DELETE_RETRY_S": "1",
+    # Failover within the e2e bounds (Lease held within 20 s of a kill -9, replicas up
+    # within 30 s): a standby takes over ~8-10 s after the last renewal; the leader
+    # steps down after 5 s without one, well before that.
+    "TAGPIPE_LEASE_DURATION_S": "8",
+    "TAGPIPE_LEASE_RENEW_S": "1",
+    "TAGPIPE_LEASE_RENEW_DEADLINE_S": "5",
 }
 
 
@@ -146,8 +153,9 @@ async def namespace(kube: KubeClient, crd: dict[str, Any]) -> AsyncIterator[str]
 
 
 @pytest.fixture(scope="session")
-def operator_kubeconfig(run_dir: Path) -> Iterator[Path]:
-    """The chart installed with default values; a kubeconfig holding its ServiceAccount's token.
+def operator_release(run_dir: Path) -> Iterator[tuple[Path, str]]:
+    """The chart installed with default values: (a kubeconfig holding its ServiceAccount's
+    token, the release namespace, where the operators' Lease lives).
 
     The chart's RBAC is what the operator gets, no more: a call it does not grant is a
     403 in the operator's log, which fails the test (see `operator`).
@@ -158,7 +166,7 @@ def operator_kubeconfig(run_dir: Path) -> Iterator[Path]:
     )
     sa = f"{release}-tagpipe-operator"
     token = _token(ns, sa)
-    yield token_kubeconfig(admin_kubeconfig(), token, run_dir / f"{sa}.kubeconfig")
+    yield token_kubeconfig(admin_kubeconfig(), token, run_dir / f"{sa}.kubeconfig"), ns
     run("helm", "uninstall", release, "-n", ns, check=False)
     run("kubectl", "delete", "namespace", ns, "--wait=false", check=False)
 
@@ -174,19 +182,34 @@ def _token(ns: str, sa: str, within: float = 30.0) -> str:
         time.sleep(1)
 
 
+@pytest.fixture(scope="session")
+def operator_kubeconfig(operator_release: tuple[Path, str]) -> Path:
+    return operator_release[0]
+
+
 @pytest.fixture
 def start_operator(
-    operator_kubeconfig: Path, run_dir: Path
+    operator_release: tuple[Path, str], run_dir: Path
 ) -> Iterator[Callable[..., OperatorProcess]]:
     """start_operator(namespace, **env) -> a running operator watching that namespace.
 
-    Every one started is stopped at teardown, and its log must hold no 403.
+    Each is a replica as the chart runs it: POD_NAME and POD_NAMESPACE (the release's)
+    as the downward API gives them, electing a leader through a Lease named after the
+    watched namespace (so tests never wait on another test's Lease). Every one started
+    is stopped at teardown, and its log must hold no 403.
     """
+    kubeconfig, release_ns = operator_release
     started: list[OperatorProcess] = []
 
     def start(namespace: str, **env: str) -> OperatorProcess:
-        log = run_dir / f"operator-{namespace}-{len(started)}.log"
-        proc = OperatorProcess(operator_kubeconfig, namespace, log, {**OPERATOR_SETTINGS, **env})
+        n = len(started)
+        log = run_dir / f"operator-{namespace}-{n}.log"
+        identity = {
+            "POD_NAME": f"operator-{namespace}-{n}",
+            "POD_NAMESPACE": release_ns,
+            "TAGPIPE_LEASE_NAME": f"tagpipe-operator-{namespace}",
+        }
+        proc = OperatorProcess(kubeconfig, namespace, log, {**OPERATOR_SETTINGS, **identity, **env})
         started.append(proc.start())
         return proc
 

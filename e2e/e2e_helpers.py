@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from tagpipe_operator.kube import ApiError
 
+from tests.kube_rest import ApiError
 from tests.tools import eventually as _eventually
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,7 +100,11 @@ class OperatorProcess:
     proc: subprocess.Popen[bytes] | None = None
 
     def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TAGPIPE_")}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("TAGPIPE_") and k not in ("POD_NAME", "POD_NAMESPACE")
+        }
         env.update(KUBECONFIG=str(self.kubeconfig), TAGPIPE_NAMESPACE=self.namespace)
         env.update(TAGPIPE_HEALTH_PORT="0", TAGPIPE_METRICS_PORT="0", TAGPIPE_LOG_JSON="true")
         env.update(self.settings)
@@ -125,6 +129,12 @@ class OperatorProcess:
         try:
             self.proc.wait(30)
         except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup, no Lease release (a node lost, an OOM kill)."""
+        if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
 

@@ -26,6 +26,10 @@ stop() {
 }
 trap stop EXIT
 trap "exit 130" INT TERM  # so that the EXIT trap runs on Ctrl-C and kill too
+# OpenShift's admission plugin: creating a child whose ownerReference sets
+# blockOwnerDeletion needs `update` on the owner's finalizers (the chart grants it).
+admission=--enable-admission-plugins=OwnerReferencesPermissionEnforcement
+export KUBE_APISERVER_EXTRA_ARGS="${KUBE_APISERVER_EXTRA_ARGS:+$KUBE_APISERVER_EXTRA_ARGS }$admission"
 if ! KUBECONFIG=$(bash "$control_plane" up "$state"); then
     keep=1
     echo "make e2e: the control plane did not start; its logs are in $state/logs" >&2

@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 import yaml
 from e2e_helpers import ROOT, OperatorProcess, eventually, run
-from tagpipe_operator.kube import KubeClient
+
+from tests.kube_rest import KubeClient
 
 CHART = str(ROOT / "charts" / "tagpipe")
 EXAMPLE = ROOT / "crds" / "examples" / "tagpipeline.yaml"

@@ -26,7 +26,8 @@ from nats.aio.client import Client
 from tagpipe_cli.servers import ServerProcess, free_port
 from tagpipe_common.nats_io import connect_nats
 from tagpipe_common.subjects import Lane, Stage, stage_names
-from tagpipe_operator.kube import ApiError, KubeClient
+
+from tests.kube_rest import ApiError, KubeClient
 
 STAGES = ("gateway", "downloader", "inference")
 
@@ -144,6 +145,7 @@ async def test_children_backlog_scaling_drift_and_deletion(
         "Degraded",
         "ScalingLimited",
         "MetricsStale",
+        "Conflict",
     }
 
     # A deleted child is recreated (drift correction).

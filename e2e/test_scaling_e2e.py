@@ -24,7 +24,8 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
 from tagpipe_common.subjects import Lane, Stage, stage_names
-from tagpipe_operator.kube import KubeClient
+
+from tests.kube_rest import KubeClient
 
 HELD = 80  # messages the stand-in worker keeps in service
 

@@ -23,6 +23,8 @@ import kopf
 from pydantic import ValidationError
 
 from tagpipe_operator import loop, reconcile
+from tagpipe_operator.children import converge as converge_children
+from tagpipe_operator.leader import LeaderElector
 from tagpipe_operator.reconcile import Runtime
 from tagpipe_operator.render import MAX_NAME
 from tagpipe_operator.settings import OperatorSettings
@@ -56,15 +58,25 @@ async def login(rt: Runtime, **kwargs: Any) -> kopf.ConnectionInfo | None:
 
 
 async def converge(
-    spec: kopf.Spec, name: str, namespace: str | None, uid: str, memo: kopf.Memo, **_: Any
+    spec: kopf.Spec,
+    body: kopf.Body,
+    name: str,
+    namespace: str | None,
+    uid: str,
+    retry: int,
+    memo: kopf.Memo,
+    **_: Any,
 ) -> dict[str, Any]:
     typed, rt, namespace = typed_spec(spec, name), runtime(memo), namespace or "default"
-    try:
-        children = await reconcile.converge(rt, name, namespace, uid, typed)
-    except Exception as exc:
-        raise kopf.TemporaryError(
-            f"converge failed: {exc!r}", delay=rt.settings.converge_retry_s
-        ) from exc
+    generation = int(body.get("metadata", {}).get("generation") or 0)
+    children, failures = await converge_children(rt, name, namespace, uid, typed, generation)
+    if failures:
+        for f in failures:  # an Event per object, naming it: kubectl describe shows why
+            kopf.warn(body, reason=f.reason, message=f"{f.ref}: {f.message}")
+        # Backs off (doubling, bounded) instead of retrying a 403/409 in a tight loop.
+        delay = min(rt.settings.converge_retry_s * 2 ** min(retry, 4), 300.0)
+        refs = ", ".join(f"{f.ref} ({f.reason})" for f in failures)
+        raise kopf.TemporaryError(f"not applied: {refs}", delay=delay)
     # An unreachable NATS does not fail the handler: the scaling loop ensures
     # the streams on its next tick and the MetricsStale condition says why.
     streams = await reconcile.try_ensure_streams(rt, namespace, name, typed)
@@ -123,13 +135,14 @@ def register(
     registry: kopf.OperatorRegistry,
     settings: OperatorSettings,
     connection: kopf.ConnectionInfo | None = None,
+    elector: LeaderElector | None = None,
 ) -> Runtime:
     """Put every handler onto `registry`; the returned runtime reaches them via memo.
 
     Works with `kopf.operator(registry=...)` and with `KopfRunner(registry=...)`
     alike, since the runtime is bound by closures, not by a caller-made memo.
     """
-    rt = Runtime(settings=settings, preset=connection)
+    rt = Runtime(settings=settings, preset=connection, elector=elector)
 
     async def bind(memo: Any, settings: kopf.OperatorSettings, **kwargs: Any) -> None:
         memo["runtime"] = rt

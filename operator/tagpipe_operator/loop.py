@@ -21,7 +21,7 @@ from typing import Any
 
 import kopf
 
-from tagpipe_operator import deprecations, reconcile
+from tagpipe_operator import children, deprecations, reconcile
 from tagpipe_operator.reconcile import Runtime
 from tagpipe_operator.spec import STAGES, parse_spec
 from tagpipe_operator.status import StageObservation, build_status
@@ -41,7 +41,7 @@ async def tick(rt: Runtime, body: Mapping[str, Any]) -> dict[str, Any]:
     meta = body["metadata"]
     ns, name = meta["namespace"], meta["name"]
     spec = parse_spec(body["spec"])
-    recreated = await reconcile.recreate_missing(rt, body, spec)
+    recreated, drift_failures = await children.recreate_missing(rt, body, spec)
     backlogs = await reconcile.read_backlogs(rt, ns, spec, name)
     if backlogs.problem:  # one line per tick: the condition carries the rest
         log.warning("TagPipeline %s/%s: %s; holding replicas", ns, name, backlogs.problem)
@@ -53,10 +53,18 @@ async def tick(rt: Runtime, body: Mapping[str, Any]) -> dict[str, Any]:
         observed.append(StageObservation(stage, backlog, decision, ready))
     now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     previous = dict(body.get("status") or {})
-    generation = int(meta.get("generation") or 0)
-    status = build_status(generation, observed, previous, now, recreated, backlogs.problem)
+    applied = rt.applied.get((ns, name)) or children.Applied()
+    # Only a converge that applied every child moves observedGeneration: a spec
+    # that failed to apply must not read as observed (kubectl wait, Argo CD).
+    generation = applied.ok_generation
+    if generation is None:
+        generation = previous.get("observedGeneration")
+    failures = applied.failures + [f for f in drift_failures if f not in applied.failures]
+    status = build_status(
+        generation, observed, previous, now, recreated, backlogs.problem, failures=failures
+    )
     await deprecations.report(rt.client(), body, status, previous, now)
-    await rt.client().patch("TagPipeline", ns, name, {"status": status}, sub="status")
+    await rt.client().patch_status(ns, name, status)
     return status
 
 
@@ -78,10 +86,16 @@ async def _guarded_tick(rt: Runtime, body: Mapping[str, Any]) -> None:
         )
 
 
+def _may_tick(rt: Runtime) -> bool:
+    """Logged in, holding the Lease (a lost one stops writes at once, before kopf
+    has stopped), and the child cache has listed every kind once."""
+    return rt.connection is not None and rt.leading() and rt.children().synced
+
+
 async def run(rt: Runtime, pipelines: Pipelines) -> None:
     """Forever: tick every indexed pipeline, then sleep the interval."""
     while True:
         bodies = [b for group in list(pipelines.values()) for b in list(group)]
-        if rt.connection is not None:
+        if _may_tick(rt):
             await asyncio.gather(*(_guarded_tick(rt, b) for b in bodies))
         await asyncio.sleep(rt.settings.scale_interval_s)

@@ -26,6 +26,8 @@ class Rule(TypedDict):
 # single object (it lists+watches, then PATCHes), never GETs a CRD by name (it reads
 # discovery and lists+watches CRDs), and posts core/v1 Events only; the scaler PATCHes
 # /scale blind and reads replicas from the Deployment itself.
+CHILDREN_VERBS = ["get", "list", "watch", "create", "patch"]
+
 RULES: list[Rule] = [
     # kopf: list+watch the CR; patch finalizers and its progress annotations.
     {
@@ -35,6 +37,10 @@ RULES: list[Rule] = [
     },
     # kopf: the CRD has a status subresource, so status goes through /status (PATCH only).
     {"apiGroups": ["tagpipe.io"], "resources": ["tagpipelines/status"], "verbs": ["patch"]},
+    # Never called: the OwnerReferencesPermissionEnforcement admission plugin (OpenShift
+    # enables it) refuses a child whose ownerReference sets blockOwnerDeletion unless
+    # its creator may update the owner's finalizers.
+    {"apiGroups": ["tagpipe.io"], "resources": ["tagpipelines/finalizers"], "verbs": ["update"]},
     # kopf: resource_observer lists+watches CRDs to notice CRDs added or removed at runtime.
     {
         "apiGroups": ["apiextensions.k8s.io"],
@@ -47,52 +53,97 @@ RULES: list[Rule] = [
     {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
     # kopf.event() and the scaler's Events: core/v1 only (kopf's EVENTS backbone).
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
-    # Children: converge (get/create/patch), drift correction (get), current and ready
-    # replicas (get). Deletion is left to owner-reference garbage collection: no delete.
-    {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "create", "patch"]},
+    # Children: list+watch feed the informer cache (cache.py); get looks up a name the
+    # cache does not hold (no take-overs); patch is server-side apply, and create is
+    # what the API server also checks when an apply creates. Deletion is left to
+    # owner-reference garbage collection: no delete.
+    {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": CHILDREN_VERBS},
     # The scaler's single write path for replicas.
     {"apiGroups": ["apps"], "resources": ["deployments/scale"], "verbs": ["patch"]},
     {
         "apiGroups": [""],
         "resources": ["services", "configmaps", "serviceaccounts"],
-        "verbs": ["get", "create", "patch"],
+        "verbs": CHILDREN_VERBS,
     },
-    {
-        "apiGroups": ["policy"],
-        "resources": ["poddisruptionbudgets"],
-        "verbs": ["get", "create", "patch"],
-    },
-    # NATS URLs with credentials (spec.nats.credentialsSecretRef): read only, by name.
-    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
+    {"apiGroups": ["policy"], "resources": ["poddisruptionbudgets"], "verbs": CHILDREN_VERBS},
 ]
+
+# Leader election (leader.py): the Lease in the operator's own namespace only (a Role).
+LEASE_RULES: list[Rule] = [
+    {
+        "apiGroups": ["coordination.k8s.io"],
+        "resources": ["leases"],
+        "verbs": ["get", "create", "update"],
+    },
+]
+
+# NATS URLs with credentials (spec.nats.credentialsSecretRef): read only, by name, and
+# never cluster-wide. This ClusterRole is bound by RoleBindings, one per namespace the
+# chart's `operator.secretNamespaces` names (and the release namespace): the operator
+# reads Secrets there and nowhere else.
+SECRET_RULES: list[Rule] = [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]
 
 NAME = "tagpipe-operator"
 
 
-def allows(api_group: str, resource: str, verb: str) -> bool:
-    """Whether RULES grant `verb` on `resource` (e.g. "deployments/scale") in `api_group`."""
+def allows(api_group: str, resource: str, verb: str, rules: list[Rule] = RULES) -> bool:
+    """Whether `rules` grant `verb` on `resource` (e.g. "deployments/scale") in `api_group`."""
     return any(
         api_group in r["apiGroups"] and resource in r["resources"] and verb in r["verbs"]
-        for r in RULES
+        for r in rules
     )
 
 
+BIND_ANNOTATION = "tagpipe.io/bind"
+"""On a ClusterRole: `per-namespace` binds it by a RoleBinding in each listed namespace."""
+
+
 def manifests() -> list[dict[str, Any]]:
-    """The ClusterRole and its binding to the operator's ServiceAccount."""
-    role = {
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "ClusterRole",
-        "metadata": {"name": NAME},
-        "rules": [dict(r) for r in RULES],
-    }
-    binding = {
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "ClusterRoleBinding",
-        "metadata": {"name": NAME},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": NAME},
-        "subjects": [{"kind": "ServiceAccount", "name": NAME, "namespace": "tagpipe-system"}],
-    }
-    return [role, binding]
+    """The operator's roles, each with its binding to the operator's ServiceAccount."""
+    sa = [{"kind": "ServiceAccount", "name": NAME, "namespace": "tagpipe-system"}]
+    api = "rbac.authorization.k8s.io"
+    secrets_role = f"{NAME}-secrets"
+    return [
+        {
+            "apiVersion": f"{api}/v1",
+            "kind": "ClusterRole",
+            "metadata": {"name": NAME},
+            "rules": [dict(r) for r in RULES],
+        },
+        {
+            "apiVersion": f"{api}/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": NAME},
+            "roleRef": {"apiGroup": api, "kind": "ClusterRole", "name": NAME},
+            "subjects": sa,
+        },
+        {
+            "apiVersion": f"{api}/v1",
+            "kind": "Role",
+            "metadata": {"name": f"{NAME}-leader", "namespace": "tagpipe-system"},
+            "rules": [dict(r) for r in LEASE_RULES],
+        },
+        {
+            "apiVersion": f"{api}/v1",
+            "kind": "RoleBinding",
+            "metadata": {"name": f"{NAME}-leader", "namespace": "tagpipe-system"},
+            "roleRef": {"apiGroup": api, "kind": "Role", "name": f"{NAME}-leader"},
+            "subjects": sa,
+        },
+        {
+            "apiVersion": f"{api}/v1",
+            "kind": "ClusterRole",
+            "metadata": {"name": secrets_role, "annotations": {BIND_ANNOTATION: "per-namespace"}},
+            "rules": [dict(r) for r in SECRET_RULES],
+        },
+        {
+            "apiVersion": f"{api}/v1",
+            "kind": "RoleBinding",
+            "metadata": {"name": secrets_role, "namespace": "tagpipe-system"},
+            "roleRef": {"apiGroup": api, "kind": "ClusterRole", "name": secrets_role},
+            "subjects": sa,
+        },
+    ]
 
 
 def render_yaml() -> str:

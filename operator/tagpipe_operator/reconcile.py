@@ -18,7 +18,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import aiohttp
 import kopf
 import nats
 from nats.aio.client import Client
@@ -34,9 +33,12 @@ from tagpipe_common.streams import (
 from tagpipe_common.subjects import Stage
 
 from tagpipe_operator import metrics
-from tagpipe_operator.kube import ApiError, KubeClient
+from tagpipe_operator.cache import ChildCache
+from tagpipe_operator.children import Applied
+from tagpipe_operator.kube import KubeClient, describe_api
+from tagpipe_operator.leader import LeaderElector
 from tagpipe_operator.ratemeter import Counters, MeterState, RateReading, observe
-from tagpipe_operator.render import child_name, patch_ops, render
+from tagpipe_operator.render import child_name
 from tagpipe_operator.scaling import ScalingContext, ScalingDecision, ScalingState, decide
 from tagpipe_operator.settings import OperatorSettings
 from tagpipe_operator.spec import STAGES, TagPipelineSpec
@@ -55,6 +57,10 @@ class Runtime:
     """Credentials given up front (tests); otherwise the login handler finds them."""
     connection: kopf.ConnectionInfo | None = None
     kube: KubeClient | None = None
+    elector: LeaderElector | None = None
+    """None only where no election runs (kmock tests drive one operator directly)."""
+    cache: ChildCache | None = None
+    applied: dict[tuple[str, str], Applied] = field(default_factory=dict)
     nats: dict[str, Client] = field(default_factory=dict)
     nats_errors: dict[str, str] = field(default_factory=dict)
     """The last connection error per URL: what a bare timeout was really waiting on."""
@@ -77,6 +83,16 @@ class Runtime:
                 raise kopf.TemporaryError("not logged in to the Kubernetes API yet", delay=1)
             self.kube = KubeClient.from_connection(self.connection)
         return self.kube
+
+    def leading(self) -> bool:
+        return self.elector is None or self.elector.leading
+
+    def children(self) -> ChildCache:
+        """The informer cache, started on first use (it needs the login's credentials)."""
+        if self.cache is None:
+            self.cache = ChildCache(self.settings.namespace)
+            self.tasks.extend(self.cache.tasks(self.client()))
+        return self.cache
 
     def tick_lock(self, uid: str) -> asyncio.Lock:
         return self.ticking.setdefault(uid, asyncio.Lock())
@@ -124,9 +140,7 @@ def redact(url: str) -> str:
 
 def describe(exc: BaseException) -> str:
     """One line for a log or a condition: the reason, never a traceback."""
-    if isinstance(exc, TimeoutError) and not str(exc):
-        return "no answer in time"
-    return str(exc) or type(exc).__name__
+    return describe_api(exc)
 
 
 def _callbacks(rt: Runtime, url: str) -> dict[str, Any]:
@@ -182,18 +196,6 @@ def stream_policy(rt: Runtime, spec: TagPipelineSpec) -> StreamPolicy:
     return replace(policy, prefix=spec.nats.prefix, replicas=spec.nats.stream_replicas)
 
 
-async def converge(
-    rt: Runtime, name: str, namespace: str, uid: str, spec: TagPipelineSpec
-) -> dict[str, str]:
-    """Create or patch every child; returns {object name: 'created'|'patched'}."""
-    done: dict[str, str] = {}
-    for obj in render(name, namespace, uid, spec):
-        done[f"{obj['kind']}/{obj['metadata']['name']}"] = await rt.client().apply(
-            obj, patch_ops(obj)
-        )
-    return done
-
-
 async def ensure_pipeline_streams(
     rt: Runtime, namespace: str, spec: TagPipelineSpec, name: str | None = None
 ) -> None:
@@ -220,26 +222,6 @@ async def try_ensure_streams(rt: Runtime, namespace: str, name: str, spec: TagPi
 async def remove_streams(rt: Runtime, namespace: str, spec: TagPipelineSpec) -> list[str]:
     js = await jetstream(rt, await nats_url(rt, namespace, spec))
     return await delete_streams(js, spec.nats.prefix)
-
-
-async def recreate_missing(
-    rt: Runtime, body: Mapping[str, Any], spec: TagPipelineSpec
-) -> list[str]:
-    """Drift correction: a deleted child comes back (create only; no patch storm)."""
-    meta = body["metadata"]
-    kube, recreated = rt.client(), []
-    for obj in render(meta["name"], meta["namespace"], meta["uid"], spec):
-        m = obj["metadata"]
-        if await kube.get(obj["kind"], m["namespace"], m["name"]) is not None:
-            continue
-        try:
-            await kube.create(obj)
-        except ApiError as exc:
-            if exc.status != 409:  # created in between (by converge): nothing to do
-                raise
-        else:
-            recreated.append(f"{obj['kind']}/{m['name']}")
-    return recreated
 
 
 @dataclass(frozen=True)
@@ -313,10 +295,11 @@ async def scale_stage(
     meta = body["metadata"]
     ns, name = meta["namespace"], meta["name"]
     dep = child_name(name, stage)
-    observed = await rt.client().scale(ns, dep)
-    if observed is None:
+    got = rt.children().get("Deployment", ns, dep)
+    if got is None:
         return None
-    current, ready = observed
+    current = int((got.get("spec") or {}).get("replicas") or 0)
+    ready = int((got.get("status") or {}).get("readyReplicas") or 0)
     key = (ns, name, stage)
     rates = await read_rates(rt, key, spec, stage, fresh=backlog is not None)
     ctx = ScalingContext(
@@ -336,8 +319,8 @@ async def scale_stage(
             await rt.client().post_event(
                 dict(body), "Normal", decision.reason.value, f"{stage}: {decision.message}"
             )
-        except (ApiError, aiohttp.ClientError) as exc:
-            log.warning("could not post scale event: %r", exc)
+        except Exception as exc:
+            log.warning("could not post scale event: %s", describe(exc))
         metrics.SCALE_EVENTS.labels(stage, decision.direction, decision.reason.value).inc()
     labels = (ns, name, stage)
     metrics.DESIRED.labels(*labels).set(decision.desired_replicas)
@@ -351,6 +334,7 @@ async def scale_stage(
 
 def forget(rt: Runtime, namespace: str, name: str) -> None:
     rt.streams_ready.pop((namespace, name), None)
+    rt.applied.pop((namespace, name), None)
     for stage in STAGES:
         rt.scaling.pop((namespace, name, stage), None)
         rt.meters.pop((namespace, name, stage), None)

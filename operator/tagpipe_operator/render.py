@@ -256,7 +256,7 @@ def deployment(
     stage = spec.stage(component)
     data = config_data(spec)
     pod_spec: Manifest = {
-        "serviceAccountName": name,
+        "serviceAccountName": child_name(name, "workers"),
         # No component talks to the Kubernetes API.
         "automountServiceAccountToken": False,
         "securityContext": {
@@ -342,7 +342,9 @@ def service_account(name: str, namespace: str, uid: str) -> Manifest:
     return {
         "apiVersion": "v1",
         "kind": "ServiceAccount",
-        "metadata": _meta(name, namespace, uid, "workers", name),
+        # Suffixed like every child: a TagPipeline named `default` must not claim
+        # the namespace's `default` ServiceAccount.
+        "metadata": _meta(name, namespace, uid, "workers", child_name(name, "workers")),
         "automountServiceAccountToken": False,
     }
 

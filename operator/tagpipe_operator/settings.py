@@ -23,3 +23,11 @@ class OperatorSettings(CommonSettings):
     health_port: Annotated[int, Field(ge=0, le=65535)] = 8081
     """kopf's liveness endpoint (/healthz); 0 disables it."""
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9090
+    lease_name: str = "tagpipe-operator"
+    """The coordination.k8s.io Lease the replicas elect a leader through (POD_NAMESPACE)."""
+    lease_duration_s: Annotated[int, Field(ge=2, le=300)] = 12
+    """A standby takes over a Lease unchanged this long: the failover bound, roughly."""
+    lease_renew_s: Annotated[float, Field(gt=0, le=60)] = 2.0
+    """How often the leader renews, and a standby looks."""
+    lease_renew_deadline_s: Annotated[float, Field(gt=0, le=300)] = 8.0
+    """The leader stops leading when it could not renew for this long (< the duration)."""

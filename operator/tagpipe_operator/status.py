@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from tagpipe_operator.children import Failure
 from tagpipe_operator.scaling import ScalingDecision
 
 
@@ -54,16 +55,19 @@ def _serving(o: StageObservation) -> bool:
 
 
 def build_status(
-    generation: int,
+    generation: int | None,
     observed: list[StageObservation],
     previous: dict[str, Any],
     now: str,
     recreated: list[str] | None = None,
     metrics_problem: str | None = None,
+    failures: list[Failure] | None = None,
 ) -> dict[str, Any]:
     """The whole status block for one tick; `now` is an RFC 3339 timestamp.
 
+    `generation` is the last one whose children all applied (None: none yet).
     `metrics_problem` says why the backlog could not be read ('NATS <url>: <reason>').
+    `failures` are the children the last converge or drift check could not apply.
     """
     prev_conditions: list[dict[str, Any]] = list(previous.get("conditions") or [])
     prev_stages: dict[str, Any] = dict(previous.get("stages") or {})
@@ -80,8 +84,41 @@ def build_status(
         "stages": {
             o.stage: _stage_status(o, dict(prev_stages.get(o.stage) or {}), now) for o in observed
         },
-        "conditions": _conditions(observed, prev_conditions, now, recreated, metrics_problem),
+        "conditions": [
+            *_conditions(observed, prev_conditions, now, recreated, metrics_problem, failures),
+            _conflict_condition(prev_conditions, failures or [], now),
+        ],
     }
+
+
+def _conflict_condition(
+    prev_conditions: list[dict[str, Any]], failures: list[Failure], now: str
+) -> dict[str, Any]:
+    taken = [f.message for f in failures if f.reason == "Conflict"]
+    if not taken:
+        msg = "every child is controlled by this TagPipeline"
+        return _condition(prev_conditions, "Conflict", False, "NoConflict", msg, now)
+    return _condition(prev_conditions, "Conflict", True, "NotOwned", "; ".join(taken), now)
+
+
+def _ready_condition(
+    prev_conditions: list[dict[str, Any]],
+    not_serving: list[str],
+    failures: list[Failure],
+    now: str,
+) -> dict[str, Any]:
+    """Ready=False with the API's reason while any child failed to apply."""
+    if failures:
+        msg = "; ".join(f"{f.ref}: {f.message}" for f in failures)
+        return _condition(prev_conditions, "Ready", False, failures[0].reason, msg, now)
+    return _condition(
+        prev_conditions,
+        "Ready",
+        not not_serving,
+        "AllStagesServing" if not not_serving else "StagesNotServing",
+        "not serving: " + ", ".join(not_serving) if not_serving else "all stages serving",
+        now,
+    )
 
 
 def _conditions(
@@ -90,6 +127,7 @@ def _conditions(
     now: str,
     recreated: list[str] | None,
     metrics_problem: str | None = None,
+    failures: list[Failure] | None = None,
 ) -> list[dict[str, Any]]:
     not_serving = [o.stage for o in observed if not _serving(o)]
     lagging = [
@@ -103,14 +141,7 @@ def _conditions(
     stale = [o.stage for o in observed if o.decision is None or o.decision.metrics_stale]
     degraded_msg = ", ".join(lagging) + (f"; recreated {', '.join(recreated)}" if recreated else "")
     return [
-        _condition(
-            prev_conditions,
-            "Ready",
-            not not_serving,
-            "AllStagesServing" if not not_serving else "StagesNotServing",
-            "not serving: " + ", ".join(not_serving) if not_serving else "all stages serving",
-            now,
-        ),
+        _ready_condition(prev_conditions, not_serving, failures or [], now),
         _condition(
             prev_conditions,
             "Degraded",

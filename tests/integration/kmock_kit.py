@@ -9,6 +9,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import attrs
+from kmock import KubernetesEmulator
+
 # Each resource the operator touches: "group/version/plural" -> (kind, namespaced, subresources).
 RESOURCES: dict[str, tuple[str, bool, list[str]]] = {
     "tagpipe.io/v1alpha1/tagpipelines": ("TagPipeline", True, ["status"]),
@@ -30,6 +33,35 @@ def serve(kmock: Any, resources: Mapping[str, tuple[str, bool, list[str]]] = RES
         info = kmock.resources[key]
         info.kind, info.namespaced, info.subresources = kind, namespaced, set(subs)
         info.verbs = {"get", "list", "watch", "create", "patch", "update", "delete"}
+
+
+APPLY = "application/apply-patch+yaml"
+
+
+class ApplyingEmulator(KubernetesEmulator):  # type: ignore[misc]
+    """kmock has no server-side apply: it merges every PATCH as a plain dict, and a
+    PATCH to a missing object is a 404. The API server creates the object from an
+    apply; so does this emulator (select it with `pytest.mark.kmock(cls=...)`).
+    Field ownership (what an apply removes, what it leaves to other managers) is
+    NOT emulated: those tests run in `make e2e`."""
+
+    async def _handle(self, request: Any) -> Any:
+        if (
+            request.action == self.action.UPDATE
+            and request.subresource is None
+            and APPLY in request.headers.get("Content-Type", "")
+            and find_key(self, request.resource, request.namespace, request.name) is None
+        ):
+            request = attrs.evolve(request, action=self.action.CREATE)
+        return await super()._handle(request)
+
+
+def find_key(kmock: Any, resource: Any, namespace: str | None, name: str | None) -> Any:
+    try:
+        o = kmock.objects[resource, namespace, name]
+    except KeyError:
+        return None
+    return None if o.deleted else o
 
 
 def find(kmock: Any, resource: str, namespace: str, name: str) -> dict[str, Any] | None:

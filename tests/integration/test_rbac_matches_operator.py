@@ -13,7 +13,8 @@ kopf's own needs, all observed rather than assumed: discovery (/api, /apis: non-
 URLs every account may read), list+watch of the CRD's plural and of
 customresourcedefinitions (it rescans when CRDs change), patches of the CR (progress
 annotations, finalizer) and of its status subresource, core/v1 Events. Peering is not
-used (`standalone=True`, one replica), so it needs no kopf.dev rules.
+used (`standalone=True`): replicas elect a leader through a coordination.k8s.io Lease
+(leader.py), which runs here too, so it needs no kopf.dev rules.
 """
 
 from __future__ import annotations
@@ -33,13 +34,15 @@ from nats.aio.client import Client
 from tagpipe_cli.servers import ServerProcess
 from tagpipe_common.subjects import HDR_MSG_ID, Lane, Stage, stage_names
 from tagpipe_operator.handlers import register
-from tagpipe_operator.kube import path_for
+from tagpipe_operator.kube import KubeClient
+from tagpipe_operator.leader import LeaderElector
 from tagpipe_operator.settings import OperatorSettings
 
-from tests.integration.kmock_kit import RESOURCES, find, serve
+from tests.integration.kmock_kit import APPLY, RESOURCES, ApplyingEmulator, find, serve
+from tests.kube_rest import path_for
 from tests.tools import ROOT, eventually, helm_binary
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.kmock(cls=ApplyingEmulator)]
 
 NS, NAME, PREFIX = "apps", "rbac1", "rbac"
 Triple = tuple[str, str, str]
@@ -66,6 +69,9 @@ SERVED = {
 # /status, POST of core/v1 Events) it also does against kmock; kopf never GETs a single
 # object or CRD, and never posts events.k8s.io Events.
 NAMESPACED_MODE_ONLY = {("", "namespaces", "list"), ("", "namespaces", "watch")}
+# Never called, checked by the API server's OwnerReferencesPermissionEnforcement admission
+# plugin on each child whose ownerReference sets blockOwnerDeletion (make e2e runs with it).
+ADMISSION_ONLY = {("tagpipe.io", "tagpipelines/finalizers", "update")}
 
 # The scenario runs once per session and serves both tests (or re-raises its failure).
 _observed: set[Triple] | BaseException | None = None
@@ -161,6 +167,10 @@ class UserClient:
         async with self.session.post(self.server + path, json=obj) as resp:
             assert resp.status < 400, await resp.text()
 
+    async def delete(self, kind: str, name: str) -> None:
+        async with self.session.delete(self.server + path_for(kind, NS, name)) as resp:
+            assert resp.status < 400, await resp.text()
+
     async def patch(self, kind: str, name: str, body: dict[str, Any]) -> None:
         headers = {"Content-Type": "application/merge-patch+json"}
         url = self.server + path_for(kind, NS, name)
@@ -179,8 +189,12 @@ async def running_operator(kmock: Any, namespace: str | None) -> AsyncIterator[N
         stream_delete_retry_s=0.5,
         namespace=namespace,
     )
+    kube = KubeClient.from_connection(conn)
+    leader = LeaderElector(kube, "tagpipe-system", "tagpipe-operator", "op-0", renew_s=0.3)
+    await leader.acquire()
+    holding = asyncio.create_task(leader.hold(asyncio.Event()))
     registry = kopf.OperatorRegistry()
-    register(registry, settings, connection=conn)
+    register(registry, settings, connection=conn, elector=leader)
     stop = asyncio.Event()
     operator = kopf.operator(
         registry=registry,
@@ -196,6 +210,9 @@ async def running_operator(kmock: Any, namespace: str | None) -> AsyncIterator[N
         stop.set()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait_for(task, timeout=10)
+        holding.cancel()
+        await leader.release()
+        await kube.close()
 
 
 def obj(kmock: Any, resource: str, name: str) -> dict[str, Any] | None:
@@ -232,8 +249,9 @@ async def drive_every_api_path(kmock: Any, kube: UserClient, nats_url: str, nc: 
         await js.publish(infer.subject(Lane.BULK), b"x", headers={HDR_MSG_ID: f"r{i}"})
     await eventually(lambda: replicas(kmock, "inference") == 3)
 
-    # A child deleted behind the operator's back is re-created by the timer.
-    del kmock.objects[deployments, NS, f"{NAME}-downloader"]
+    # A child deleted behind the operator's back (through the API, so that its watch,
+    # and so the operator's cache, sees it go) is re-created by the timer.
+    await kube.delete("Deployment", f"{NAME}-downloader")
     await eventually(lambda: obj(kmock, deployments, f"{NAME}-downloader"))
 
     # Deletion (kmock has no API-server deletion semantics: set the timestamp as it would):
@@ -267,8 +285,16 @@ async def observed_calls(kmock: Any, nats_url: str, nc: Client) -> set[Triple]:
 
 
 def calls(kmock: Any) -> set[Triple]:
-    triples = (None if MARK in req.headers else as_triple(req) for req in list(kmock))
-    return {t for t in triples if t is not None}
+    """Every triple the operator's requests need. A server-side apply is a PATCH, and
+    the API server also authorizes `create` for it when it creates the object."""
+    out: set[Triple] = set()
+    for req in list(kmock):
+        t = None if MARK in req.headers else as_triple(req)
+        if t is not None:
+            out.add(t)
+            if APPLY in req.headers.get("Content-Type", ""):
+                out.add((t[0], t[1], "create"))
+    return out
 
 
 async def test_every_operator_call_is_allowed(
@@ -285,5 +311,6 @@ async def test_no_rule_is_unused(kmock: Any, nats_proc: ServerProcess, nc: Clien
     granted = rendered_rules()
     # The exemption is for rules kopf needs outside this scenario; a stale one is an error.
     assert granted >= NAMESPACED_MODE_ONLY, sorted(NAMESPACED_MODE_ONLY - granted)
-    unused = sorted(granted - called - NAMESPACED_MODE_ONLY)
+    assert granted >= ADMISSION_ONLY, sorted(ADMISSION_ONLY - granted)
+    unused = sorted(granted - called - NAMESPACED_MODE_ONLY - ADMISSION_ONLY)
     assert not unused, f"the ClusterRole grants these but the operator never calls them: {unused}"

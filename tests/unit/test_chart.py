@@ -173,10 +173,18 @@ def test_example_points_at_this_release() -> None:
     assert full["inference"]["image"] == "registry.example.com/tagpipe/inference:0.1.0-rc1"
 
 
-def test_operator_runs_alone_with_recreate() -> None:
-    dep = one(render("default"), "Deployment", "operator")
-    assert dep["spec"]["replicas"] == 1
-    assert dep["spec"]["strategy"] == {"type": "Recreate"}
+def test_operator_runs_two_replicas_rolling_with_a_pdb_and_its_pod_identity() -> None:
+    docs = render("default")
+    dep = one(docs, "Deployment", "operator")
+    assert dep["spec"]["replicas"] == 2
+    assert dep["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    env = {e["name"]: e for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    pdb = one(docs, "PodDisruptionBudget", "operator")
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
 
 
 @pytest.mark.parametrize("case", VALUES)
@@ -217,8 +225,23 @@ def test_config_checksum_rolls_pods_when_config_changes() -> None:
 
 def test_cluster_role_is_the_operators_rules_bound_to_its_account() -> None:
     docs = render("default")
-    role = one(docs, "ClusterRole")
+    roles = {
+        d["metadata"]["name"].rsplit("operator", 1)[1]: d for d in of_kind(docs, "ClusterRole")
+    }
+    role = roles[""]
     assert role["rules"] == [dict(r) for r in rbac.RULES]
+    assert roles["-secrets"]["rules"] == [dict(r) for r in rbac.SECRET_RULES]
+    leader = one(docs, "Role", "operator-leader")
+    assert leader["rules"] == [dict(r) for r in rbac.LEASE_RULES]
+    # Secrets: RoleBindings only (the release namespace by default), no cluster-wide one.
+    secret_bindings = [
+        d
+        for d in docs
+        if d["kind"].endswith("Binding") and d["roleRef"]["name"].endswith("-secrets")
+    ]
+    assert [(d["kind"], d["metadata"]["namespace"]) for d in secret_bindings] == [
+        ("RoleBinding", "tp")
+    ]
     binding = one(docs, "ClusterRoleBinding")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     sa = one(docs, "ServiceAccount")

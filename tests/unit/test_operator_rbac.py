@@ -24,20 +24,37 @@ def test_no_wildcards_and_no_deletes_of_children() -> None:
             assert "*" not in rule[field]  # type: ignore[literal-required]
     # children are removed by owner-reference garbage collection, not by us
     assert not rbac.allows("apps", "deployments", "delete")
-    assert not rbac.allows("", "secrets", "list")  # secrets: get by name only
+    # Secrets: get by name only, and never in the cluster-wide role (per-namespace bindings).
+    assert not rbac.allows("", "secrets", "get")
+    assert rbac.allows("", "secrets", "get", rbac.SECRET_RULES)
+    assert not rbac.allows("", "secrets", "list", rbac.SECRET_RULES)
+
+
+def test_the_owner_references_admission_plugin_is_satisfied() -> None:
+    """OwnerReferencesPermissionEnforcement: blockOwnerDeletion needs this."""
+    assert rbac.allows("tagpipe.io", "tagpipelines/finalizers", "update")
+
+
+def test_secret_reads_are_bound_per_namespace_never_cluster_wide() -> None:
+    docs = rbac.manifests()
+    secrets_role = next(d for d in docs if d["metadata"]["name"].endswith("-secrets"))
+    assert secrets_role["metadata"]["annotations"][rbac.BIND_ANNOTATION] == "per-namespace"
+    cluster_bound = {d["roleRef"]["name"] for d in docs if d["kind"] == "ClusterRoleBinding"}
+    assert secrets_role["metadata"]["name"] not in cluster_bound
 
 
 # How the client touches kinds it does not read: Events are only ever posted, and the
 # TagPipeline only has its status patched (kopf lists and watches it; nothing GETs it).
 NOT_READ = {"Event": ("", "create"), "TagPipeline": ("/status", "patch")}
+RULES_OF = {"Secret": rbac.SECRET_RULES, "Lease": rbac.LEASE_RULES}
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_every_kind_the_client_uses_is_allowed(kind: str) -> None:
-    prefix, plural = KINDS[kind]
-    group = "" if prefix == "/api/v1" else prefix.split("/")[2]
+    info = KINDS[kind]._api_info
+    group, plural = info.resource.group, info.plural
     sub, verb = NOT_READ.get(kind, ("", "get"))
-    assert rbac.allows(group, plural + sub, verb), kind
+    assert rbac.allows(group, plural + sub, verb, RULES_OF.get(kind, rbac.RULES)), kind
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tagpipe_operator.children import Failure
 from tagpipe_operator.scaling import Reason, ScalingDecision, ScalingState
 from tagpipe_operator.status import StageObservation, build_status
 
@@ -40,6 +41,7 @@ def test_healthy_pipeline() -> None:
         "Degraded": "False",
         "ScalingLimited": "False",
         "MetricsStale": "False",
+        "Conflict": "False",
     }
     assert st["observedGeneration"] == 3 and st["backlog"] == 30
     assert st["downloaders"] == "1/1" and st["inference"] == "1/1"
@@ -86,6 +88,7 @@ def test_missing_deployment_and_stale_metrics() -> None:
         "Degraded": "True",
         "ScalingLimited": "False",
         "MetricsStale": "True",
+        "Conflict": "False",
     }
     assert st["backlog"] is None and st["inference"] == "-"
 
@@ -120,3 +123,24 @@ def test_unreadable_backlog_names_the_nats_and_the_reason() -> None:
     )
     assert stale["status"] == "True" and stale["reason"] == "NatsUnavailable"
     assert stale["message"].startswith(problem + "; holding replicas for: gateway")
+
+
+def test_a_failed_apply_is_ready_false_with_the_apis_reason_naming_the_object() -> None:
+    forbidden = Failure(
+        "Deployment/tp-gateway", "Forbidden", "Forbidden: cannot set blockOwnerDeletion"
+    )
+    taken = Failure("ServiceAccount/tp-workers", "Conflict", "ServiceAccount/tp-workers exists")
+    obs = observe()
+    st = build_status(3, obs, {}, "T1", failures=[forbidden, taken])
+    ready = next(c for c in st["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "Forbidden")
+    assert "Deployment/tp-gateway" in ready["message"]
+    assert "ServiceAccount/tp-workers" in ready["message"]
+    conflict = next(c for c in st["conditions"] if c["type"] == "Conflict")
+    assert (conflict["status"], conflict["reason"]) == ("True", "NotOwned")
+    assert "ServiceAccount/tp-workers" in conflict["message"]
+    assert st["observedGeneration"] == 3  # the caller passes the last applied generation
+
+
+def test_no_applied_generation_yet_is_none() -> None:
+    assert build_status(None, observe(), {}, "T1")["observedGeneration"] is None
