@@ -258,8 +258,13 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="two small rows, ~1 min")
     ap.add_argument("--measure", type=float, default=12.0, help="steady-state seconds per row")
     ap.add_argument("--warm", type=float, default=4.0, help="warm-up beyond 2 x latency")
-    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument(
+        "--out", type=Path, help="default: bench/results/scale.json (--quick: a temp dir)"
+    )
     args = ap.parse_args()
+    # A smoke run never overwrites the committed figures.
+    quick_out = Path(tempfile.gettempdir()) / "tagpipe-bench-scale-quick.json"
+    args.out = args.out or (quick_out if args.quick else OUT)
     if args.quick:
         args.measure, args.warm = 6.0, 2.0
     with tempfile.TemporaryDirectory(prefix="bench-scale-model-") as tmp:

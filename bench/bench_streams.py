@@ -209,8 +209,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--seconds", type=float, default=5.0, help="measured seconds per case")
     ap.add_argument("--quick", action="store_true", help="1.5 s per case")
-    ap.add_argument("--out", type=Path, default=RESULTS / "streams.json")
+    ap.add_argument(
+        "--out", type=Path, help="default: bench/results/streams.json (--quick: a temp dir)"
+    )
     args = ap.parse_args()
+    # A smoke run never overwrites the committed figures.
+    quick_out = Path(tempfile.gettempdir()) / "tagpipe-bench-streams-quick.json"
+    args.out = args.out or (quick_out if args.quick else RESULTS / "streams.json")
     if args.quick:
         args.seconds = 1.5
     doc = asyncio.run(run(args))
