@@ -86,8 +86,12 @@ e2e: venv tools ## operator, CRD and chart against a real API server: KUBECONFIG
 IMAGE_PREFIX ?= tagpipe/
 IMAGE_TAG ?= 0.1.0
 IMAGE_VARIANT ?= cpu
+IMAGE_BUILD = tools/build-images.sh --variant $(IMAGE_VARIANT) $(ARGS)
 images: ## build the four images: docker if an engine runs, else podman (IMAGE_VARIANT=cpu|gpu)
-	IMAGE_PREFIX=$(IMAGE_PREFIX) IMAGE_TAG=$(IMAGE_TAG) tools/build-images.sh --variant $(IMAGE_VARIANT) $(ARGS)
+	$(IMAGE_BUILD) --target operator -t $(IMAGE_PREFIX)operator:$(IMAGE_TAG)
+	$(IMAGE_BUILD) --target gateway -t $(IMAGE_PREFIX)gateway:$(IMAGE_TAG)
+	$(IMAGE_BUILD) --target downloader -t $(IMAGE_PREFIX)downloader:$(IMAGE_TAG)
+	$(IMAGE_BUILD) --target inference -t $(IMAGE_PREFIX)inference:$(IMAGE_TAG)
 
 podman-setup: ## install podman, buildah, mmdebstrap and containers.conf's ulimits (root, apt)
 	tools/podman-setup.sh
@@ -95,9 +99,9 @@ podman-setup: ## install podman, buildah, mmdebstrap and containers.conf's ulimi
 base-image: ## the local Python base (Debian 12 by mmdebstrap) for builds without a registry
 	tools/base-image.sh $(ARGS)
 
-test-containers: venv ## the operator's rendered pods in podman with NATS, Redis, moto S3; SIGTERM each worker
+test-containers: venv images ## render()'s pods in podman beside NATS, Redis, moto S3; SIGTERM each worker
 	test -f $(MODEL_DIR)/manifest.json || $(MAKE) model
-	$(BIN)/pytest -q -p no:cacheprovider tests/containers $(PYTEST_ARGS)
+	TAGPIPE_CONTAINERS=1 $(BIN)/pytest -q -p no:cacheprovider tests/containers $(PYTEST_ARGS)
 .PHONY: podman-setup base-image test-containers
 
 bench-realtime: venv ## real-time deadlines under 0.5x/1.3x/3x overload (~3 min): bench/results/realtime.json
