@@ -114,8 +114,13 @@ def test_readme_table_is_current() -> None:
 
 def test_readme_says_how_the_crd_is_upgraded() -> None:
     readme = (CHART / "README.md").read_text()
-    assert "kubectl apply --server-side" in readme
-    assert "crds/tagpipelines.tagpipe.io.yaml" in readme
+    section = readme[readme.index("## Upgrading the CRD") :].split("\n## ")[0]
+    assert "`helm upgrade` alone upgrades the CRD" in section
+    assert "`pre-install,pre-upgrade` hook" in section
+    # The one extra step there is, and when: a CRD kubectl applied before.
+    assert "--force-conflicts" in section
+    hook = (CHART / "templates" / "crds.yaml").read_text()
+    assert '"helm.sh/hook" "pre-install,pre-upgrade"' in hook
 
 
 if __name__ == "__main__":
