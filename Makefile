@@ -93,6 +93,9 @@ images: ## build the four images: docker if an engine runs, else podman (IMAGE_V
 	$(IMAGE_BUILD) --target downloader -t $(IMAGE_PREFIX)downloader:$(IMAGE_TAG)
 	$(IMAGE_BUILD) --target inference -t $(IMAGE_PREFIX)inference:$(IMAGE_TAG)
 
+images-gpu-check: venv ## the GPU inference target where its CUDA base is out of reach: Dockerfile lint + its lock resolved for cp312 (~20 s)
+	PY=$(PY) tools/check-gpu-lock.sh
+
 podman-setup: ## install podman, buildah, mmdebstrap and containers.conf's ulimits (root, apt)
 	tools/podman-setup.sh
 
@@ -102,7 +105,7 @@ base-image: ## the local Python base (Debian 12 by mmdebstrap) for builds withou
 test-containers: venv images ## render()'s pods in podman beside NATS, Redis, moto S3; SIGTERM each worker
 	test -f $(MODEL_DIR)/manifest.json || $(MAKE) model
 	TAGPIPE_CONTAINERS=1 $(BIN)/pytest -q -p no:cacheprovider tests/containers $(PYTEST_ARGS)
-.PHONY: podman-setup base-image test-containers
+.PHONY: podman-setup base-image test-containers images-gpu-check
 
 bench-realtime: venv ## real-time deadlines under 0.5x/1.3x/3x overload (~3 min): bench/results/realtime.json
 	test -f $(MODEL_DIR)/manifest.json || $(MAKE) model
