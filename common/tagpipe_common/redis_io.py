@@ -174,6 +174,26 @@ def _target_and_kwargs(
     return target, {**_connection_kwargs(target, timeouts or RedisTimeouts()), **kwargs}
 
 
+class _Rediscovering(redis.asyncio.sentinel.SentinelManagedConnection):
+    """Asks the sentinels where the primary is on every reconnect, not only the first.
+
+    redis-py 7.4 reconnects a connection its retry just dropped through
+    `connect_check_health`, which skips the Sentinel lookup and dials the address the
+    connection had: a command in flight when the primary froze then spends all its
+    retries (4 socket timeouts, 20 s measured) on the frozen node, although the
+    sentinels promoted a replica in 3-4 s. Looking the primary up here sends the
+    first retry to the promoted replica. (A lookup on a first connect happens twice:
+    one more round trip to a sentinel per connect.)
+    """
+
+    async def connect_check_health(
+        self, check_health: bool = True, retry_socket_connect: bool = True
+    ) -> None:
+        if not self.is_connected and self.connection_pool.is_master:
+            self.host, self.port = await self.connection_pool.get_master_address()
+        await super().connect_check_health(check_health, retry_socket_connect)
+
+
 def connect_redis(
     url: str, timeouts: RedisTimeouts | None = None, **kwargs: Any
 ) -> redis.asyncio.Redis:
@@ -189,7 +209,9 @@ def connect_redis(
         list(target.sentinels),
         sentinel_kwargs=_sentinel_kwargs(target, redis.asyncio.retry.Retry(NoBackoff(), 0)),
     )
-    client: redis.asyncio.Redis = sentinel.master_for(target.service, **conn, retry=retry)
+    client: redis.asyncio.Redis = sentinel.master_for(
+        target.service, **conn, retry=retry, connection_class=_Rediscovering
+    )
     return client
 
 

@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 import redis.exceptions
 from nats.aio.client import Client
+from tagpipe_cli.redis_ha import RedisSentinelSet
 from tagpipe_cli.servers import ServerProcess, nats_server
 from tagpipe_common.keys import RedisKeys
 from tagpipe_common.nats_io import NatsLiveness, close_nats, connect_nats
-from tagpipe_common.redis_io import RedisTimeouts, connect_redis
+from tagpipe_common.redis_io import Durability, RedisTimeouts, connect_redis
 from tagpipe_common.results import ResultStore
 from tagpipe_gateway.waiters import Notifier
 
@@ -143,3 +144,27 @@ async def test_a_publisher_on_a_frozen_server_moves_to_another_while_it_stays_fr
 def _on(nc: Client, srv: ServerProcess) -> bool:
     url = nc.connected_url
     return nc.is_connected and url is not None and url.port == srv.port
+
+
+async def test_a_write_in_flight_when_the_primary_froze_lands_on_the_promoted_replica(
+    tmp_path: Path,
+) -> None:
+    """redis-py's retry of that write reconnects; without redis_io._Rediscovering it
+    dials the frozen primary again each time and fails after its 4th socket timeout."""
+    ha = await asyncio.to_thread(RedisSentinelSet(tmp_path / "redis").start)
+    client = connect_redis(ha.url)  # the default timeouts: 5 s, longer than a failover here
+    try:
+        await client.set("n", 0)
+        old = ha.primary()
+        with frozen(old):
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.incr("n")
+                Durability(replicas=1).queue(pipe)  # as the result store writes
+                replies = await pipe.execute()  # sent to the frozen primary, retried
+            new = await asyncio.to_thread(ha.wait_failover, old)
+            assert Durability(replicas=1).check(replies) == [1]
+            with redis.Redis(port=new.port, socket_timeout=2) as r:
+                assert r.get("n") == b"1"
+    finally:
+        await client.aclose()
+        await asyncio.to_thread(ha.stop)
