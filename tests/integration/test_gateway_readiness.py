@@ -12,6 +12,7 @@ answers 503 problem+json with Retry-After.
 from __future__ import annotations
 
 import asyncio
+import signal
 
 import httpx
 import pytest
@@ -76,3 +77,22 @@ async def test_a_redis_outage_keeps_every_gateway_in_the_service(
         assert int(answer.headers["retry-after"]) > 0
         for c in gateways.values():  # the dependency check sees Redis come back
             await _until_ok(c, "/readyz/dependencies")
+
+
+async def test_a_frozen_redis_primary_does_not_slow_the_probe(
+    nats_proc: ServerProcess, redis_proc: ServerProcess, js: JetStreamContext
+) -> None:
+    """A failover's old primary often vanishes without a reset (SIGSTOP here): the
+    dependency check then waits out its own 2 s bound and fails, past the kubelet's
+    default 1 s probe timeout; the probe the pods use touches nothing and answers."""
+    async with gateway_client(nats_proc, redis_proc, ["key-a"]) as gw:
+        assert redis_proc.proc is not None
+        redis_proc.proc.send_signal(signal.SIGSTOP)
+        try:
+            ready = [(await gw.get("/readyz")).status_code for _ in range(PROBES)]
+            deps = await gw.get("/readyz/dependencies")
+        finally:
+            redis_proc.proc.send_signal(signal.SIGCONT)
+        assert ready == [200] * PROBES
+        assert deps.status_code == 503 and deps.json()["checks"]["redis"].startswith("error")
+        await _until_ok(gw, "/readyz/dependencies")
