@@ -57,6 +57,8 @@ def builds_gpu_engine(stage: StageSpec) -> bool:
 
 def startup_budget_s(component: str, stage: StageSpec) -> int:
     """Seconds from container start until its health server must have answered."""
+    if isinstance(stage, InferenceSpec) and stage.startup_seconds is not None:
+        return stage.startup_seconds
     budget = DEPENDENCY_WAIT_S + START_BUDGET_S[component]
     if builds_gpu_engine(stage):
         budget += GPU_ENGINE_BUILD_S

@@ -253,6 +253,9 @@ class InferenceSpec(StageSpec):
     fp16: bool = False
     # With a GPU: exit 2 (and CrashLoop, visibly) rather than serve at CPU speed.
     require_gpu: bool = True
+    # The startupProbe's budget; None: derived in lifecycle.py (model load, warm-up and,
+    # with a GPU, a TensorRT engine build). A bigger model or a slow volume sets it.
+    startup_seconds: int | None = Field(default=None, ge=10, le=3600)
 
     def in_flight_per_replica(self) -> int | None:
         # The worker fetches the next batch while one runs: two batches unacked.

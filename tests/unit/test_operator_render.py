@@ -416,3 +416,11 @@ def test_the_gateway_leaves_the_service_before_it_stops_accepting() -> None:
     assert pre_stop[0] == "sleep" and int(pre_stop[1]) >= 5
     grace = pod(MINIMAL, "gateway")["terminationGracePeriodSeconds"]
     assert grace >= int(pre_stop[1]) + shutdown + 5
+
+
+def test_a_slow_model_sets_its_own_start_up_budget() -> None:
+    slow = {**MINIMAL, "inference": {"gpu": 0, "startupSeconds": 1800}}
+    assert _startup_budget_s(_container(slow, "inference")) == 1800
+    assert _startup_budget_s(_container(slow, "downloader")) == _startup_budget_s(
+        _container(MINIMAL, "downloader")
+    )
