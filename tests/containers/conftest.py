@@ -31,14 +31,12 @@ from tagpipe_operator.settings import OperatorSettings
 from tagpipe_operator.spec import TagPipelineSpec
 
 from bench.imageserver import ImageServer
-from tests.containers.podkit import Cluster, bridge_gateway, podman
+from tests.containers.podkit import API_KEY, PREFIX, Cluster, Hosts, bridge_gateway, podman
 from tests.tools import MODEL_DIR, ROOT
 
 ENABLED = os.environ.get("TAGPIPE_CONTAINERS") == "1"
 IMAGE_TAG = os.environ.get("IMAGE_TAG", "0.1.0")
 IMAGE_PREFIX = os.environ.get("IMAGE_PREFIX", "tagpipe/")
-PREFIX = "tagpipe"  # spec.nats.prefix: the streams' and Redis keys' prefix (tests.faults.kit's)
-API_KEY = "containers-test-key"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -58,16 +56,6 @@ def _on_all_interfaces(srv: ServerProcess) -> ServerProcess:
     if srv.name == "redis":
         srv.argv += ["--protected-mode", "no"]
     return srv
-
-
-@dataclasses.dataclass
-class Hosts:
-    ip: str
-    subnet: str
-    nats: ServerProcess
-    redis: ServerProcess
-    s3_env: dict[str, str]
-    images: ImageServer
 
 
 def _moto(tmp: Path) -> tuple[subprocess.Popen[bytes], int]:

@@ -29,10 +29,26 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from tagpipe_cli.servers import free_port
+from tagpipe_cli.servers import ServerProcess, free_port
+
+from bench.imageserver import ImageServer
 
 Manifest = dict[str, Any]
 NETWORK = "podman"  # podman's default bridge (CNI on Debian 12)
+PREFIX = "tagpipe"  # spec.nats.prefix: the streams' and Redis keys' prefix (tests.faults.kit's)
+API_KEY = "containers-test-key"
+
+
+@dataclass
+class Hosts:
+    """The host processes the pods talk to, and the host's address on podman's bridge."""
+
+    ip: str
+    subnet: str
+    nats: ServerProcess
+    redis: ServerProcess
+    s3_env: dict[str, str]
+    images: ImageServer
 
 
 def podman(

@@ -20,8 +20,7 @@ from PIL import Image
 from tagpipe_common.nats_io import close_nats, connect_nats
 from tagpipe_common.subjects import LANES, Stage, stage_names
 
-from tests.containers.conftest import API_KEY, PREFIX, Hosts
-from tests.containers.podkit import Cluster
+from tests.containers.podkit import API_KEY, PREFIX, Cluster, Hosts
 from tests.faults.kit import account, assert_exactly_once, image_urls, submit_job, wait_finished
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
