@@ -6,12 +6,13 @@
 #   --variant gpu   inference on the CUDA 13 base with onnxruntime-gpu (lock `inference-gpu`)
 # The Python base is the registry's python:3.11-slim-bookworm where it is present or can be
 # pulled; else the local Debian base that `make base-image` makes (tools/base-image.sh).
-# Arguments after --variant go to `<engine> build`. Env: PYTHON_IMAGE, INFERENCE_BASE_IMAGE,
-# ENGINE (docker|podman), TORCH_WHEELS (a directory with the torch wheel, podman only).
+# Arguments after --variant go to `<engine> build`. Env: PYTHON_IMAGE (skips the choice),
+# REGISTRY_PYTHON, BASE_IMAGE (the local base), INFERENCE_BASE_IMAGE, ENGINE (docker|podman),
+# TORCH_WHEELS (a directory with the torch wheel, podman only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-REGISTRY_PYTHON=docker.io/library/python:3.11-slim-bookworm
+REGISTRY_PYTHON=${REGISTRY_PYTHON:-docker.io/library/python:3.11-slim-bookworm}
 LOCAL_PYTHON=${BASE_IMAGE:-localhost/tagpipe-base:bookworm}
 variant=cpu
 if [[ ${1:-} == --variant ]]; then variant=$2; shift 2; fi

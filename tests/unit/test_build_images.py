@@ -61,3 +61,24 @@ def test_images_refuses_an_unknown_variant(variant: str) -> None:
     )
     assert proc.returncode == 2
     assert "--variant is cpu or gpu" in proc.stderr
+
+
+@pytest.mark.skipif(shutil.which("podman") is None, reason="needs podman (make podman-setup)")
+def test_images_without_a_pullable_or_local_base_names_make_base_image() -> None:
+    env = {
+        **os.environ,
+        "ENGINE": "podman",
+        "REGISTRY_PYTHON": "localhost/tagpipe-test/no-such-python:0",  # never pullable
+        "BASE_IMAGE": "localhost/tagpipe-test/no-such-base:0",
+    }
+    proc = subprocess.run(
+        ["bash", str(ROOT / "tools/build-images.sh"), "--variant", "cpu", "--target", "gateway"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env=env,
+    )
+    assert proc.returncode == 1
+    assert "localhost/tagpipe-test/no-such-base:0 is missing" in proc.stderr
+    assert "make it with: make base-image" in proc.stderr
