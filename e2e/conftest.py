@@ -14,6 +14,7 @@ pod has to run: scaling and ownership are read from the API objects.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -153,9 +154,9 @@ async def namespace(kube: KubeClient, crd: dict[str, Any]) -> AsyncIterator[str]
 
 
 @pytest.fixture(scope="session")
-def operator_release(run_dir: Path) -> Iterator[tuple[Path, str]]:
+def operator_release(run_dir: Path) -> Iterator[tuple[Path, str, str]]:
     """The chart installed with default values: (a kubeconfig holding its ServiceAccount's
-    token, the release namespace, where the operators' Lease lives).
+    token, the release namespace, where the operators' Lease lives, the release name).
 
     The chart's RBAC is what the operator gets, no more: a call it does not grant is a
     403 in the operator's log, which fails the test (see `operator`).
@@ -166,7 +167,7 @@ def operator_release(run_dir: Path) -> Iterator[tuple[Path, str]]:
     )
     sa = f"{release}-tagpipe-operator"
     token = _token(ns, sa)
-    yield token_kubeconfig(admin_kubeconfig(), token, run_dir / f"{sa}.kubeconfig"), ns
+    yield token_kubeconfig(admin_kubeconfig(), token, run_dir / f"{sa}.kubeconfig"), ns, release
     run("helm", "uninstall", release, "-n", ns, check=False)
     run("kubectl", "delete", "namespace", ns, "--wait=false", check=False)
 
@@ -183,25 +184,32 @@ def _token(ns: str, sa: str, within: float = 30.0) -> str:
 
 
 @pytest.fixture(scope="session")
-def operator_kubeconfig(operator_release: tuple[Path, str]) -> Path:
+def operator_kubeconfig(operator_release: tuple[Path, str, str]) -> Path:
     return operator_release[0]
 
 
 @pytest.fixture
 def start_operator(
-    operator_release: tuple[Path, str], run_dir: Path
+    operator_release: tuple[Path, str, str], run_dir: Path
 ) -> Iterator[Callable[..., OperatorProcess]]:
     """start_operator(namespace, **env) -> a running operator watching that namespace.
 
     Each is a replica as the chart runs it: POD_NAME and POD_NAMESPACE (the release's)
     as the downward API gives them, electing a leader through a Lease named after the
-    watched namespace (so tests never wait on another test's Lease). Every one started
-    is stopped at teardown, and its log must hold no 403.
+    watched namespace (so tests never wait on another test's Lease). The chart's Secret
+    reads are bound per namespace (`operator.secretNamespaces`); the namespaces here are
+    made per test, so this binds the chart's `-secrets` ClusterRole in the watched one as
+    that value would. Every operator started is stopped at teardown, and its log must
+    hold no 403.
     """
-    kubeconfig, release_ns = operator_release
+    kubeconfig, release_ns, release = operator_release
     started: list[OperatorProcess] = []
+    bound: list[str] = []
 
     def start(namespace: str, **env: str) -> OperatorProcess:
+        if namespace not in bound:
+            _bind_secret_reads(release, release_ns, namespace)
+            bound.append(namespace)
         n = len(started)
         log = run_dir / f"operator-{namespace}-{n}.log"
         identity = {
@@ -216,10 +224,31 @@ def start_operator(
     yield start
     for proc in started:
         proc.stop()
+    for namespace in bound:
+        role = f"{release}-tagpipe-operator-secrets"
+        run("kubectl", "-n", namespace, "delete", "rolebinding", role, check=False)
     for proc in started:
         assert not proc.forbidden(), "the chart's RBAC refused a call:\n" + "\n".join(
             proc.forbidden()[:5]
         )
+
+
+def _bind_secret_reads(release: str, release_ns: str, namespace: str) -> None:
+    role = f"{release}-tagpipe-operator-secrets"
+    binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": {"name": role, "namespace": namespace},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+        "subjects": [
+            {
+                "kind": "ServiceAccount",
+                "name": f"{release}-tagpipe-operator",
+                "namespace": release_ns,
+            }
+        ],
+    }
+    run("kubectl", "apply", "-f", "-", stdin=json.dumps(binding))
 
 
 @pytest.fixture

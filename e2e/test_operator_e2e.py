@@ -140,13 +140,8 @@ async def test_children_backlog_scaling_drift_and_deletion(
     seen = await eventually(sees_drained)
     assert seen["desiredReplicas"] == 6, seen
     await eventually(equals(partial(replicas, kube, namespace, down), 1))
-    assert {c["type"] for c in conditions(await kube.get("TagPipeline", namespace, name))} == {
-        "Ready",
-        "Degraded",
-        "ScalingLimited",
-        "MetricsStale",
-        "Conflict",
-    }
+    types = {c["type"] for c in conditions(await kube.get("TagPipeline", namespace, name))}
+    assert types >= {"Ready", "Degraded", "ScalingLimited", "MetricsStale", "Conflict"}, types
 
     # A deleted child is recreated (drift correction).
     await kube.request("DELETE", f"/api/v1/namespaces/{namespace}/configmaps/{name}-config")

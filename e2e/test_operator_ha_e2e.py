@@ -63,11 +63,11 @@ async def test_killed_leader_hands_the_lease_over_and_scaling_goes_on(
     kube: KubeClient,
     namespace: str,
     start_operator: Any,
-    operator_release: tuple[Path, str],
+    operator_release: tuple[Path, str, str],
     nats_url: str,
     nc: Client,
 ) -> None:
-    _, release_ns = operator_release
+    _, release_ns, _ = operator_release
     lease = f"tagpipe-operator-{namespace}"
     first: OperatorProcess = start_operator(namespace)
     second: OperatorProcess = start_operator(namespace)

@@ -10,7 +10,8 @@ candidates racing for one expired Lease cannot both win (the loser gets 409).
 The holder renews every `renew_s`; if it cannot renew for `renew_deadline_s`
 (less than the duration) it stops leading before anyone else may start.
 A graceful stop releases the Lease (empty holder), so a rolling update hands
-over at once instead of waiting out the duration.
+over at once instead of waiting out the duration. Writes are merge patches that
+carry `metadata.resourceVersion`, which the API server checks like an update's.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 from lightkube.models.coordination_v1 import LeaseSpec
 from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.coordination_v1 import Lease
+from lightkube.types import PatchType
 
 from tagpipe_operator.kube import KubeClient, describe_api, status_code
 
@@ -33,6 +35,11 @@ log = logging.getLogger(__name__)
 
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
+
+
+def _micro(t: datetime.datetime) -> str:
+    """A MicroTime as the API writes it."""
+    return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 @dataclass
@@ -77,9 +84,7 @@ class LeaderElector:
         try:
             lease = await self.kube.api.get(Lease, self.name, namespace=self.namespace)
             if lease.spec and lease.spec.holderIdentity == self.identity:
-                lease.spec.holderIdentity = None
-                lease.spec.leaseDurationSeconds = 1
-                await self.kube.api.replace(lease)
+                await self._write(lease, {"holderIdentity": None, "leaseDurationSeconds": 1})
         except Exception as exc:
             log.warning("leader election: release failed: %s", describe_api(exc))
 
@@ -111,14 +116,24 @@ class LeaderElector:
         duration = spec.leaseDurationSeconds or self.duration_s
         if held_by_other and time.monotonic() - self._seen[1] < duration:
             return False
+        now = _micro(_now())
+        change: dict[str, Any] = {
+            "holderIdentity": self.identity,
+            "renewTime": now,
+            "leaseDurationSeconds": self.duration_s,
+        }
         if spec.holderIdentity != self.identity:
-            spec.leaseTransitions = (spec.leaseTransitions or 0) + 1
-            spec.acquireTime = _now()
-        spec.holderIdentity, spec.renewTime = self.identity, _now()
-        spec.leaseDurationSeconds = self.duration_s
-        lease.spec = spec
-        await api.replace(lease)  # carries the resourceVersion read: a race is a 409
+            change.update(leaseTransitions=(spec.leaseTransitions or 0) + 1, acquireTime=now)
+        await self._write(lease, change)
         return True
+
+    async def _write(self, lease: Lease, spec: dict[str, Any]) -> None:
+        """A merge patch carrying the resourceVersion read: a race is a 409."""
+        rv = lease.metadata.resourceVersion if lease.metadata else None
+        body = {"metadata": {"resourceVersion": rv}, "spec": spec}
+        await self.kube.api.patch(
+            Lease, self.name, body, namespace=self.namespace, patch_type=PatchType.MERGE
+        )
 
     def _new_lease(self) -> Lease:
         now = _now()

@@ -73,7 +73,7 @@ LEASE_RULES: list[Rule] = [
     {
         "apiGroups": ["coordination.k8s.io"],
         "resources": ["leases"],
-        "verbs": ["get", "create", "update"],
+        "verbs": ["get", "create", "patch"],
     },
 ]
 
