@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,17 +48,22 @@ class ChildCache:
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         return self.objects.get((kind, namespace, name))
 
-    def tasks(self, kube: KubeClient) -> list[asyncio.Task[None]]:
+    def tasks(self, client: Callable[[], KubeClient]) -> list[asyncio.Task[None]]:
         return [
-            asyncio.create_task(self.follow(kube, kind), name=f"tagpipe-cache-{kind}")
+            asyncio.create_task(self.follow(client, kind), name=f"tagpipe-cache-{kind}")
             for kind in CHILD_KINDS
         ]
 
-    async def follow(self, kube: KubeClient, kind: str, backoff_s: float = 1.0) -> None:
-        """Forever: list `kind`, then apply its watch events; relist on any break."""
+    async def follow(
+        self, client: Callable[[], KubeClient], kind: str, backoff_s: float = 1.0
+    ) -> None:
+        """Forever: list `kind`, then apply its watch events; relist on any break.
+
+        `client()` is asked again for each list: a re-login (a rotated token) replaces
+        the client, and a watch on the old one ends with an error."""
         while True:
             try:
-                await self._list_and_watch(kube, kind)
+                await self._list_and_watch(client(), kind)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # an API restart or a 410: start over from a list

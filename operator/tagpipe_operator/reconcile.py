@@ -91,7 +91,7 @@ class Runtime:
         """The informer cache, started on first use (it needs the login's credentials)."""
         if self.cache is None:
             self.cache = ChildCache(self.settings.namespace)
-            self.tasks.extend(self.cache.tasks(self.client()))
+            self.tasks.extend(self.cache.tasks(self.client))
         return self.cache
 
     def tick_lock(self, uid: str) -> asyncio.Lock:
