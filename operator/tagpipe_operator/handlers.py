@@ -4,8 +4,10 @@ Registration is a function, not import-time decorators, so the timer interval
 and the login come from settings built in `main()` (or a test), never from the
 environment at import time.
 
-* create/update/resume: converge children (create or patch) and ensure streams;
-  a NATS that does not answer leaves the streams to the scaling loop's next tick.
+* create/update/resume: converge children (server-side apply, children.py) and
+  ensure streams; a child that fails is named in an Event and the handler retries
+  with a doubling delay; a NATS that does not answer leaves the streams to the
+  scaling loop's next tick. They run only on the Lease holder (__main__.py).
 * index + one background loop (`loop.py`, every `scale_interval_s`): recreate
   missing children, read backlogs, decide and apply replicas, write status.
   Not a kopf timer: timers force a finalizer onto every object.

@@ -11,9 +11,11 @@ and it names only the fields it owns, so a `kubectl rollout restart`
 annotation or a webhook's field survives a converge. `spec.replicas` is never
 in an apply (the scaler owns it through the `scale` subresource).
 
-Every call retries with jittered exponential backoff (tenacity) on 429, 5xx,
-an optimistic-lock conflict (409 reason Conflict) and transport errors; other
-errors (403, 404, 422, AlreadyExists) surface at once for the caller to report.
+Every call made through `KubeClient.call` retries with jittered exponential
+backoff (tenacity) on 429, 5xx, an optimistic-lock conflict (409 reason Conflict)
+and transport errors; other errors (403, 404, 422, AlreadyExists) surface at once
+for the caller to report. The Lease (leader.py) and the watches (cache.py) use
+`api` directly: their own loops are the retry, on their own schedule.
 """
 
 from __future__ import annotations
