@@ -140,8 +140,15 @@ class Notifier:
         self._waiters.pop(waiter.request_id, None)
 
     async def wait(self, waiter: Waiter, timeout_s: float) -> list[TagResult | None]:
-        """Results in item order; None for items still unfinished at the deadline."""
+        """Results in item order; None for items still unfinished at the deadline.
+
+        Returns within `timeout_s` + `dead_after_s`, whatever Redis does: a read of
+        the store (redis-py retries a dead connection up to 4 times, a socket timeout
+        each) may take only the time left, and the last one `dead_after_s`. A read
+        cut short counts as no result yet: the caller answers 504 with the request id.
+        """
         deadline = time.monotonic() + timeout_s
+        nothing: list[TagResult | None] = [None] * len(waiter.item_ids)
         try:
             while True:
                 remaining = deadline - time.monotonic()
@@ -152,9 +159,17 @@ class Notifier:
                 if waiter.event.is_set():
                     break
                 # Poll: covers a notification lost to a reconnect.
-                results = await self.store.get_many(waiter.item_ids)
-                if all(r is not None for r in results):
+                results = await self._read(waiter, deadline - time.monotonic())
+                if results is not None and all(r is not None for r in results):
                     return results
-            return await self.store.get_many(waiter.item_ids)
+            return await self._read(waiter, self.dead_after_s) or nothing
         finally:
             self.unregister(waiter)
+
+    async def _read(self, waiter: Waiter, within_s: float) -> list[TagResult | None] | None:
+        """The store's results, or None when they take longer than `within_s`."""
+        try:
+            async with asyncio.timeout(max(within_s, 0.05)):
+                return await self.store.get_many(waiter.item_ids)
+        except TimeoutError:
+            return None

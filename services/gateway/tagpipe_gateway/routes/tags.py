@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Annotated, Any
 
+import redis.exceptions
 from fastapi import APIRouter, Query, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
@@ -276,12 +278,7 @@ async def _publish_and_wait(
     # and a result may be written before publish returns.
     waiter = rt.notifier.register(request_id, [t.item_id for t in tasks])
     try:
-        async with rt.redis.pipeline(transaction=False) as pipe:
-            record = json.dumps({"owner": principal, "items": index})
-            pipe.set(rt.keys.request(request_id), record, ex=rt.settings.result_ttl_s)
-            for t, blob in zip(tasks[len(urls) :], blobs, strict=True):
-                pipe.set(t.blob_key or "", blob, ex=rt.settings.blob_ttl_s)
-            await pipe.execute()
+        await _store_request(rt, request_id, principal, index, tasks[len(urls) :], blobs)
         await rt.publisher.publish_many(tasks)
     except BaseException:
         rt.notifier.unregister(waiter)
@@ -302,6 +299,29 @@ async def _publish_and_wait(
         if r is not None:
             observe_item(r)
     return response
+
+
+async def _store_request(
+    rt: Runtime,
+    request_id: str,
+    principal: str,
+    index: list[list[str]],
+    uploads: list[DownloadTask],
+    blobs: list[bytes],
+) -> None:
+    """The request's record and its uploads, within one socket timeout: redis-py would
+    retry a frozen primary up to 4 times (a timeout each), and this request should
+    rather hear 503 and retry than wait that long. Nothing is published before."""
+    try:
+        async with asyncio.timeout(rt.settings.redis_socket_timeout_s):
+            async with rt.redis.pipeline(transaction=False) as pipe:
+                record = json.dumps({"owner": principal, "items": index})
+                pipe.set(rt.keys.request(request_id), record, ex=rt.settings.result_ttl_s)
+                for t, blob in zip(uploads, blobs, strict=True):
+                    pipe.set(t.blob_key or "", blob, ex=rt.settings.blob_ttl_s)
+                await pipe.execute()
+    except TimeoutError:
+        raise redis.exceptions.TimeoutError("storing the request took too long") from None
 
 
 def _response(
