@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 
 import pytest
+from nats.aio.client import Client
 from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 from redis.asyncio import Redis
@@ -17,6 +19,7 @@ from tagpipe_common.streams import (
     consumer_backlog,
     delete_streams,
     ensure_streams,
+    give_back_buffered,
     is_final_delivery,
     pipeline_backlog,
     stage_backlog,
@@ -168,3 +171,31 @@ async def test_second_result_for_an_item_is_refused(store: ResultStore, redis: R
     assert await redis.hget("tagpipe:job:j2", "done") == b"1"
     assert await redis.hget("tagpipe:job:j2", "failed") is None
     assert await redis.xlen("tagpipe:job:j2:results") == 1
+
+
+async def test_a_stopping_worker_gives_back_what_its_subscription_buffered(
+    js: JetStreamContext, nc: Client
+) -> None:
+    """Messages delivered for a pull that had already timed out sit in nats.py's
+    queue; unsubscribing would drop them unacked until their ack wait ran out."""
+    for i in range(10):
+        await js.publish(DL.subject(Lane.BULK), task(f"b{i}").to_json())
+    sub = await bind(js, Lane.BULK)
+    # The pull request nats.py sends for a fetch, whose answer nobody then reads.
+    await nc.publish(sub._nms, b'{"batch": 10, "no_wait": true}', sub._deliver)
+    await _until(lambda: _ack_pending(js), 10)  # held by a subscription about to go
+    assert sub.pending_msgs == 10
+    assert await give_back_buffered(sub) == 10
+    # Redelivered at once, not after the 60 s ack wait they would sit out if dropped.
+    again = await (await bind(js, Lane.BULK)).fetch(10, timeout=5)
+    assert len(again) == 10 and {m.metadata.num_delivered for m in again} == {2}
+
+
+async def _ack_pending(js: JetStreamContext) -> int:
+    return int((await js.consumer_info(DL.stream, DL.consumer(Lane.BULK))).num_ack_pending or 0)
+
+
+async def _until(read: Callable[[], Awaitable[int]], want: int) -> None:
+    async with asyncio.timeout(10):
+        while (await read()) != want:  # noqa: ASYNC110 (a server-side count, no event to await)
+            await asyncio.sleep(0.05)

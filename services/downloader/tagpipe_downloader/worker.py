@@ -38,7 +38,7 @@ from tagpipe_common.messages import (
 )
 from tagpipe_common.outage import TRANSIENT_NATS_ERRORS, Outage
 from tagpipe_common.results import ResultStore
-from tagpipe_common.streams import delivery_count, is_final_delivery
+from tagpipe_common.streams import delivery_count, give_back_buffered, is_final_delivery
 from tagpipe_common.subjects import HDR_MSG_ID, HDR_SCHEMA, LANES, Lane, Stage, stage_names
 
 from tagpipe_downloader import metrics
@@ -158,8 +158,8 @@ class DownloadWorker:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
         for sub in subs.values():
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+            if given := await give_back_buffered(sub):
+                log.info("gave back %d buffered messages", given)
 
     async def _bind(self) -> dict[Lane, JetStreamContext.PullSubscription] | None:
         # Bind to the durables the operator created; never invent a consumer

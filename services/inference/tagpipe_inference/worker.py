@@ -32,7 +32,7 @@ from tagpipe_common.errors import ErrorCode
 from tagpipe_common.messages import TagResult
 from tagpipe_common.outage import TRANSIENT_NATS_ERRORS, Outage, is_transient
 from tagpipe_common.results import ResultStore
-from tagpipe_common.streams import is_final_delivery
+from tagpipe_common.streams import give_back_buffered, is_final_delivery
 from tagpipe_common.subjects import LANES, Lane, Stage, stage_names
 from tagpipe_common.tagcache import CacheEntry, ModelIdentity, TagCache
 from tagpipe_common.telemetry import log_item_timings
@@ -135,8 +135,8 @@ class InferenceWorker:
             if self._inflight:
                 await asyncio.gather(*self._inflight, return_exceptions=True)
             for sub in self._subs:
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
+                if given := await give_back_buffered(sub):
+                    log.info("gave back %d buffered messages", given)
             self._subs.clear()
             self._pool.shutdown(wait=True)
             self._bulk_decodes.shutdown(wait=True)
