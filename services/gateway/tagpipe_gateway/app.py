@@ -37,7 +37,7 @@ def create_app(settings: GatewaySettings, api_keys: ApiKeys | None = None) -> Fa
         drain.bind(asyncio.get_running_loop())
         runtime = await Runtime.start(settings, keys)
         app.state.runtime = runtime
-        load = LoadReporter(runtime.js, settings.prefix)
+        load = LoadReporter(runtime.js, settings.prefix, settings.stream_replicas)
         load.start()
         try:
             yield

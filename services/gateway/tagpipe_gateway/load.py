@@ -32,8 +32,9 @@ def in_flight() -> int:
 
 
 class LoadReporter:
-    def __init__(self, js: Any, prefix: str) -> None:
+    def __init__(self, js: Any, prefix: str, replicas: int = 1) -> None:
         self.js, self.bucket = js, bucket_name(prefix)
+        self.replicas = replicas  # as the streams: a report survives what they survive
         # Host (the pod's name) and pid: two gateways on one host stay apart.
         self.key = f"{socket.gethostname()}-{os.getpid()}".replace(".", "-")
         self._kv: Any = None
@@ -42,7 +43,9 @@ class LoadReporter:
     async def _bucket(self) -> Any:
         if self._kv is None:
             # Idempotent: every gateway asks for the same bucket; the first creates it.
-            config = KeyValueConfig(bucket=self.bucket, history=1, ttl=TTL_S)
+            config = KeyValueConfig(
+                bucket=self.bucket, history=1, ttl=TTL_S, replicas=self.replicas
+            )
             self._kv = await self.js.create_key_value(config)
         return self._kv
 
