@@ -52,20 +52,41 @@ def stack_view(hosts: Hosts) -> SimpleNamespace:
     return SimpleNamespace(nats_url=hosts.nats.url, redis_url=hosts.redis.url)
 
 
-def ack_pending(hosts: Hosts, stage: Stage) -> int:
-    """Messages the stage's consumers have handed out and not had acked or NAKed."""
+def held_not_handed_back(hosts: Hosts, stage: Stage) -> int:
+    """Messages the stage's consumers handed out that are neither acked nor NAKed.
+
+    A NAKed message still counts as ack-pending until it is delivered again, so the
+    count alone cannot tell handed back from dropped. A probe tells: JetStream serves
+    its redelivery queue first, so a pull now gets every NAKed message at once
+    (delivered before), while a dropped one waits out its ack wait (30-60 s). The
+    probe NAKs what it took, for the restarted worker.
+    """
     names = stage_names(stage, PREFIX)
 
-    async def read() -> int:
+    async def probe() -> int:
         nc = await connect_nats([hosts.nats.url], "containers-test")
         try:
             js = nc.jetstream()
-            infos = [await js.consumer_info(names.stream, names.consumer(lane)) for lane in LANES]
-            return sum(int(i.num_ack_pending or 0) for i in infos)
+            missing = 0
+            for lane in LANES:
+                info = await js.consumer_info(names.stream, names.consumer(lane))
+                held = int(info.num_ack_pending or 0)
+                if not held:
+                    continue
+                sub = await js.pull_subscribe_bind(names.consumer(lane), names.stream)
+                try:
+                    msgs = await sub.fetch(held, timeout=5)
+                except TimeoutError:
+                    msgs = []
+                again = sum(1 for m in msgs if (m.metadata.num_delivered or 1) >= 2)
+                for m in msgs:
+                    await m.nak()
+                missing += held - again
+            return missing
         finally:
             await close_nats(nc)
 
-    return asyncio.run(read())
+    return asyncio.run(probe())
 
 
 def test_tag_sample_photos_through_the_gateway_container(cluster: Cluster, tmp_path: Path) -> None:
@@ -115,9 +136,9 @@ def test_sigterm_each_worker_mid_job(cluster: Cluster, hosts: Hosts) -> None:
             # podman stop = SIGTERM, then SIGKILL when the rendered grace period is over:
             # an exit code of 0 means the worker was done before the kubelet would kill it.
             exits[component] = pod.terminate()
-            # Every message it held is finished (acked) or handed back (NAKed) by now; one
-            # left to the ack-wait timeout would still count as pending here.
-            held_after_exit[component] = ack_pending(hosts, stage)
+            # Every message it held is finished (acked) or handed back (NAKed) by now,
+            # none left to the ack-wait timeout.
+            held_after_exit[component] = held_not_handed_back(hosts, stage)
             pod.restart()
             pod.wait_ready()
         acc = account(stack_view(hosts), client, job_id, N_TERM)  # type: ignore[arg-type]
