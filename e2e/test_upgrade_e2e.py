@@ -67,9 +67,18 @@ def start_from_the_old_install() -> None:
     """No CRD, as on a cluster that never had tagpipe: the old chart then creates it the
     way it did for its users. The suite shares one API server, and an earlier test (or
     the chart its operator fixture installs) may have left this tree's CRD with other
-    field managers. Deleting the CRD deletes every TagPipeline; their finalizers go
-    first, as no operator of an earlier test is left to remove them."""
-    for tp in get("tagpipelines", "-A").get("items", []) if _crd_exists() else []:
+    field managers. Deleting the CRD deletes every TagPipeline, so this runs only when
+    all of them are the suite's (tagpipe-e2e-* namespaces); their finalizers go first,
+    as no operator of an earlier test is left to remove them."""
+    pipelines = get("tagpipelines", "-A").get("items", []) if _crd_exists() else []
+    theirs = [
+        f"{tp['metadata']['namespace']}/{tp['metadata']['name']}"
+        for tp in pipelines
+        if not tp["metadata"]["namespace"].startswith("tagpipe-e2e-")
+    ]
+    if theirs:  # a cluster in use (KUBECONFIG given): never delete what the suite did not make
+        pytest.skip(f"deleting the CRD would delete TagPipelines outside the suite: {theirs}")
+    for tp in pipelines:
         if tp["metadata"].get("finalizers"):
             meta = tp["metadata"]
             patch = json.dumps({"metadata": {"finalizers": None}})
