@@ -9,7 +9,9 @@ no state that matters: children converge idempotently (server-side apply),
 replicas live in the Deployments, kopf's progress lives in the CR, and the
 scaler's lost history only delays scale-downs by one window.
 
-/healthz answers on every replica (a standby is healthy while it waits).
+/healthz answers on every replica: a standby's is a plain 200 while it waits;
+on the leader, kopf's liveness endpoint takes the port over (it reports whether
+kopf's own activities run).
 """
 
 from __future__ import annotations
@@ -67,6 +69,9 @@ async def serve(settings: OperatorSettings) -> int:
     kube = KubeClient.from_config(KubeConfig.from_env())
     leader = elector(settings, kube)
     await leader.acquire()
+    if probe is not None:  # kopf's liveness endpoint serves the port from here on
+        await probe.cleanup()
+        probe = None
     lost = asyncio.Event()
     holding = asyncio.create_task(leader.hold(lost), name="tagpipe-lease")
     registry = kopf.OperatorRegistry()
@@ -78,13 +83,14 @@ async def serve(settings: OperatorSettings) -> int:
             clusterwide=settings.namespace is None,
             namespaces=[settings.namespace] if settings.namespace else (),
             stop_flag=lost,
+            liveness_endpoint=(
+                f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None
+            ),
         )
     finally:
         holding.cancel()
         await leader.release()
         await kube.close()
-        if probe is not None:
-            await probe.cleanup()
     return 1 if lost.is_set() else 0
 
 

@@ -156,7 +156,9 @@ def register(
         return await login(rt, **kwargs)
 
     async def on_cleanup(**_: Any) -> None:
-        await rt.close()
+        await rt.close()  # the scaling loop and the cache stop here: nothing more writes
+        if rt.elector is not None:  # hand over now, not after kopf's own few seconds of exit
+            await rt.elector.release()
 
     res = (GROUP, VERSION, PLURAL)
     kopf.on.startup(registry=registry, id="bind")(bind)

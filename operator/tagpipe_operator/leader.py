@@ -52,6 +52,8 @@ class LeaderElector:
     renew_s: float = 2.0
     renew_deadline_s: float = 8.0
     leading: bool = False
+    stopped: bool = False
+    """Set by release(): no attempt after it (a renewal would take the Lease back)."""
     _seen: tuple[Any, float] | None = field(default=None, repr=False)
     """(the record last read, monotonic time it was first seen unchanged)."""
 
@@ -70,6 +72,8 @@ class LeaderElector:
             await asyncio.sleep(self.renew_s)
             if await self._try():
                 last_ok = time.monotonic()
+            elif self.stopped:
+                return  # released on purpose: not a loss
             elif time.monotonic() - last_ok > self.renew_deadline_s or not self.leading:
                 self.leading = False
                 log.error("leader election: lost %s/%s", self.namespace, self.name)
@@ -78,6 +82,7 @@ class LeaderElector:
 
     async def release(self) -> None:
         """Hand the Lease over now (empty holder); best effort, the duration covers a miss."""
+        self.stopped = True
         if not self.leading:
             return
         self.leading = False
@@ -85,11 +90,15 @@ class LeaderElector:
             lease = await self.kube.api.get(Lease, self.name, namespace=self.namespace)
             if lease.spec and lease.spec.holderIdentity == self.identity:
                 await self._write(lease, {"holderIdentity": None, "leaseDurationSeconds": 1})
+                log.info("leader election: %s released %s", self.identity, self.name)
         except Exception as exc:
             log.warning("leader election: release failed: %s", describe_api(exc))
 
     async def _try(self) -> bool:
         """One acquire-or-renew attempt; errors (403, 429, 5xx) count as 'not now'."""
+        if self.stopped:
+            self.leading = False
+            return False
         try:
             self.leading = await self._attempt()
         except Exception as exc:

@@ -73,6 +73,8 @@ async def test_one_holder_a_takeover_only_after_expiry_and_a_release_hands_over_
     # A graceful stop releases: the other takes it on its very next attempt.
     await b.release()
     assert not b.leading and not spec(kmock).get("holderIdentity")
+    assert not await b._try()  # a released elector never takes the Lease back
+    assert not spec(kmock).get("holderIdentity")
     assert await a._try()
     assert spec(kmock)["holderIdentity"] == "pod-a"
 
