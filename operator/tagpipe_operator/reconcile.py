@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -32,7 +32,7 @@ from tagpipe_common.streams import (
 )
 from tagpipe_common.subjects import Stage
 
-from tagpipe_operator import metrics
+from tagpipe_operator import flow, metrics
 from tagpipe_operator.cache import ChildCache
 from tagpipe_operator.children import Applied
 from tagpipe_operator.kube import KubeClient, describe_api
@@ -192,8 +192,7 @@ def nats_problem(rt: Runtime, url: str, exc: BaseException) -> str:
 
 
 def stream_policy(rt: Runtime, spec: TagPipelineSpec) -> StreamPolicy:
-    policy = StreamPolicy.from_settings(rt.settings)
-    return replace(policy, prefix=spec.nats.prefix, replicas=spec.nats.stream_replicas)
+    return flow.stream_policy(rt.settings, spec)
 
 
 async def ensure_pipeline_streams(

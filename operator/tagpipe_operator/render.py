@@ -18,6 +18,7 @@ import json
 from typing import Any
 
 from tagpipe_operator import lifecycle
+from tagpipe_operator.flow import agreed_env
 from tagpipe_operator.modelsource import fetch_container, model_volume
 from tagpipe_operator.spec import (
     GPU_PRODUCT_LABEL,
@@ -105,7 +106,7 @@ def config_data(spec: TagPipelineSpec) -> dict[str, str]:
         data["TAGPIPE_REDIS_URL"] = spec.redis.url
     if spec.redis.wait_replicas is not None:
         data["TAGPIPE_REDIS_WAIT_REPLICAS"] = str(spec.redis.wait_replicas)
-    return data
+    return data | agreed_env(spec)  # what the consumers are set with, too (flow.py)
 
 
 def component_env(component: str, spec: TagPipelineSpec) -> dict[str, str]:

@@ -61,6 +61,9 @@ class NatsSpec(_Model):
     credentials_secret_ref: SecretRef | None = None
     prefix: str = "tagpipe"
     stream_replicas: int = 1
+    # Settings workers and consumers must agree on: one source (flow.py).
+    max_deliver: int = 5
+    ack_wait_seconds: int = 30
 
 
 class RedisSpec(_Model):
