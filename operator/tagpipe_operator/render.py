@@ -1,13 +1,13 @@
 """Desired children of a TagPipeline: a pure function of (name, namespace, uid, spec).
 
-`render()` returns plain manifests (dicts) and touches nothing; the handlers
-create or patch them. Two rules keep the operator from fighting itself:
+`render()` returns plain manifests (dicts) and touches nothing; children.py
+server-side applies them. Two rules keep the operator from fighting itself:
 
-* `spec.replicas` of a Deployment is written on create only. Afterwards the
-  operator's scaler is its single writer, through the `deployments/scale`
-  subresource, and `patch_ops()` never names it.
+* `spec.replicas` of a Deployment is the first replicas only: no apply names
+  it (children.without_replicas); the scaler is its single writer, through the
+  `deployments/scale` subresource, from the create on.
 * Pod templates carry a checksum of the rendered configuration, so a config
-  change rolls the pods and an unchanged spec patches to a no-op.
+  change rolls the pods and an unchanged spec applies as a no-op.
 """
 
 from __future__ import annotations
@@ -360,37 +360,3 @@ def render(name: str, namespace: str, uid: str, spec: TagPipelineSpec) -> list[M
         service(name, namespace, uid, spec),
         *(pod_disruption_budget(name, namespace, uid, c) for c in stages),
     ]
-
-
-# What converge owns in an existing child, per kind: replaced wholesale by a JSON
-# patch, so a field removed from the spec is removed from the child too (a merge
-# patch would keep stale map keys such as an old nodeSelector entry).
-OWNED_PATHS: dict[str, tuple[str, ...]] = {
-    "Deployment": ("/spec/template",),
-    "Service": ("/spec/type", "/spec/ports", "/spec/selector"),
-    "ConfigMap": ("/data",),
-    "PodDisruptionBudget": ("/spec",),
-    "ServiceAccount": ("/automountServiceAccountToken",),
-}
-
-
-def patch_ops(manifest: Manifest) -> list[Manifest]:
-    """The converge patch (RFC 6902) for an existing child.
-
-    Never touches a Deployment's `spec.replicas` (the scaler's field) nor its
-    immutable selector. `add` on an existing member replaces it.
-    """
-    ops: list[Manifest] = [
-        {"op": "add", "path": "/metadata/labels", "value": manifest["metadata"]["labels"]},
-        {
-            "op": "add",
-            "path": "/metadata/ownerReferences",
-            "value": manifest["metadata"]["ownerReferences"],
-        },
-    ]
-    for path in OWNED_PATHS[manifest["kind"]]:
-        node: Any = manifest
-        for part in path.strip("/").split("/"):
-            node = node[part]
-        ops.append({"op": "add", "path": path, "value": copy.deepcopy(node)})
-    return ops

@@ -13,11 +13,11 @@ from tagpipe_common.settings import CommonSettings
 from tagpipe_downloader.settings import DownloaderSettings
 from tagpipe_gateway.settings import GatewaySettings
 from tagpipe_inference.settings import InferenceSettings
+from tagpipe_operator.children import without_replicas
 from tagpipe_operator.render import (
     CHECKSUM_ANNOTATION,
     COMMANDS,
     config_data,
-    patch_ops,
     render,
 )
 from tagpipe_operator.spec import parse_spec
@@ -306,15 +306,15 @@ def test_config_checksum_tracks_config_only() -> None:
     assert sums({**MINIMAL, "nats": {"url": "nats://other:4222"}}) != base
 
 
-def test_replicas_set_on_create_and_never_patched() -> None:
+def test_replicas_are_never_applied_only_set_through_scale_on_create() -> None:
     for obj in render("tp", "ns", "u", parse_spec(SAMPLE)):
-        ops = patch_ops(obj)
-        assert not [op for op in ops if "replicas" in op["path"]]
+        body, replicas = without_replicas(obj)
+        assert "replicas" not in body.get("spec", {})
         if obj["kind"] == "Deployment":
-            assert obj["spec"]["replicas"] >= 1
-            assert [op["path"] for op in ops if op["path"].startswith("/spec")] == [
-                "/spec/template"
-            ]
+            assert replicas is not None and replicas >= 1 and obj["spec"]["replicas"] == replicas
+            assert body["spec"]["template"] == obj["spec"]["template"]
+        else:
+            assert replicas is None and body == obj
 
 
 def test_a_sentinel_redis_and_its_wait_reach_every_component(
