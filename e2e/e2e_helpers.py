@@ -158,8 +158,15 @@ class OperatorProcess:
         return out
 
     def forbidden(self) -> list[str]:
-        """Log lines where the API server refused the operator (403): RBAC too narrow."""
-        return [ln for ln in self.lines() if "HTTP 403" in ln or "forbidden" in ln.lower()]
+        """Log lines where the API server refused the operator (403): RBAC too narrow.
+        A ResourceQuota's refusal is a 403 too, but not RBAC's (which always says the
+        user "cannot" do something): it is left out."""
+        return [
+            ln
+            for ln in self.lines()
+            if ("HTTP 403" in ln or "forbidden" in ln.lower())
+            and ("cannot " in ln or "exceeded quota" not in ln)
+        ]
 
     def tail(self, n: int = 40) -> str:
         return "\n".join(self.lines()[-n:])

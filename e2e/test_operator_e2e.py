@@ -293,5 +293,6 @@ async def test_the_rbac_check_catches_a_call_the_token_may_not_make(
     proc = OperatorProcess(config, namespace, tmp_path / "operator.log").start()
     try:
         await eventually(proc.forbidden, within=30)
+        assert proc.proc is not None and proc.proc.poll() is None, "a 403 must not end it"
     finally:
         proc.stop()

@@ -191,3 +191,42 @@ async def test_an_object_it_does_not_own_is_left_untouched_and_reported(
     await eventually(resolved, within=90)
     ours = await kube.get("ConfigMap", namespace, taken)
     assert ours is not None and ours["metadata"]["ownerReferences"][0]["name"] == name
+
+
+async def test_a_child_the_api_refuses_is_named_with_the_apis_reason(
+    kube: KubeClient, namespace: str, operator: OperatorProcess, nats_url: str
+) -> None:
+    """A ResourceQuota allows no PodDisruptionBudget: the API refuses those children
+    (403 Forbidden, exceeded quota). The rest is applied, Ready is False with the
+    API's reason and names each refused object, observedGeneration does not move, and
+    the operator keeps running (it backs off; no crash loop)."""
+    quota = {
+        "apiVersion": "v1",
+        "kind": "ResourceQuota",
+        "metadata": {"name": "no-pdbs", "namespace": namespace},
+        "spec": {"hard": {"count/poddisruptionbudgets.policy": "0"}},
+    }
+    await kube.request("POST", f"/api/v1/namespaces/{namespace}/resourcequotas", quota)
+
+    async def quota_counted() -> bool:  # the quota controller has filled in its status
+        got = await kube.request("GET", f"/api/v1/namespaces/{namespace}/resourcequotas/no-pdbs")
+        return bool((got.get("status") or {}).get("hard"))
+
+    await eventually(quota_counted)
+    name = "refused"
+    body = tagpipeline(name, nats_url, f"rf{uuid.uuid4().hex[:6]}", {})
+    await kube.request("POST", TP_PATH.format(ns=namespace), body)
+
+    async def refused() -> dict[str, Any] | None:
+        tp = await kube.get("TagPipeline", namespace, name)
+        ready = {c["type"]: c for c in conditions(tp)}.get("Ready", {})
+        return ready if ready.get("reason") == "Forbidden" else None
+
+    ready = await eventually(refused)
+    assert ready["status"] == "False", ready
+    for stage in ("gateway", "downloader", "inference"):
+        assert f"PodDisruptionBudget/{name}-{stage}" in ready["message"], ready
+        assert await kube.get("Deployment", namespace, f"{name}-{stage}") is not None
+    tp = await kube.get("TagPipeline", namespace, name)
+    assert (tp or {}).get("status", {}).get("observedGeneration") is None
+    assert operator.proc is not None and operator.proc.poll() is None

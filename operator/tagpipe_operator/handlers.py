@@ -77,7 +77,7 @@ async def converge(
             kopf.warn(body, reason=f.reason, message=f"{f.ref}: {f.message}")
         # Backs off (doubling, bounded) instead of retrying a 403/409 in a tight loop.
         delay = min(rt.settings.converge_retry_s * 2 ** min(retry, 4), 300.0)
-        refs = ", ".join(f"{f.ref} ({f.reason})" for f in failures)
+        refs = "; ".join(f"{f.ref}: {f.message}" for f in failures)
         raise kopf.TemporaryError(f"not applied: {refs}", delay=delay)
     # An unreachable NATS does not fail the handler: the scaling loop ensures
     # the streams on its next tick and the MetricsStale condition says why.
