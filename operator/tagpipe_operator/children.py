@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from tagpipe_operator import flow
 from tagpipe_operator.kube import describe_api, reason
 from tagpipe_operator.render import render
 from tagpipe_operator.spec import TagPipelineSpec
@@ -127,6 +128,13 @@ async def converge(
     if not failures:
         state.ok_generation = generation
     return done, failures
+
+
+def flow_refusals(rt: Runtime, spec: TagPipelineSpec) -> list[Failure]:
+    """Flow-control settings this spec (or the operator's env) sets against the
+    deployment (flow.py): the pipeline is refused whole, as Ready=False reason
+    FlowLimits, and neither converged nor drift-corrected until they change."""
+    return [Failure("spec", "FlowLimits", p) for p in flow.problems(spec, rt.settings)]
 
 
 async def recreate_missing(

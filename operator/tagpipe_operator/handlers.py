@@ -25,6 +25,7 @@ import kopf
 from pydantic import ValidationError
 
 from tagpipe_operator import loop, reconcile
+from tagpipe_operator.children import Applied, flow_refusals
 from tagpipe_operator.children import converge as converge_children
 from tagpipe_operator.leader import LeaderElector
 from tagpipe_operator.reconcile import Runtime
@@ -71,6 +72,11 @@ async def converge(
 ) -> dict[str, Any]:
     typed, rt, namespace = typed_spec(spec, name), runtime(memo), namespace or "default"
     generation = int(body.get("metadata", {}).get("generation") or 0)
+    if refused := flow_refusals(rt, typed):  # a spec change runs this handler again
+        rt.applied.setdefault((namespace, name), Applied()).failures = refused
+        for f in refused:
+            kopf.warn(body, reason=f.reason, message=f.message)
+        raise kopf.PermanentError("refused: " + "; ".join(f.message for f in refused))
     children, failures = await converge_children(rt, name, namespace, uid, typed, generation)
     if failures:
         for f in failures:  # an Event per object, naming it: kubectl describe shows why

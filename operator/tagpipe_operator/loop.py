@@ -41,7 +41,11 @@ async def tick(rt: Runtime, body: Mapping[str, Any]) -> dict[str, Any]:
     meta = body["metadata"]
     ns, name = meta["namespace"], meta["name"]
     spec = parse_spec(body["spec"])
-    recreated, drift_failures = await children.recreate_missing(rt, body, spec)
+    recreated: list[str] = []
+    if refused := children.flow_refusals(rt, spec):
+        drift_failures = refused
+    else:
+        recreated, drift_failures = await children.recreate_missing(rt, body, spec)
     backlogs = await reconcile.read_backlogs(rt, ns, spec, name)
     if backlogs.problem:  # one line per tick: the condition carries the rest
         log.warning("TagPipeline %s/%s: %s; holding replicas", ns, name, backlogs.problem)
