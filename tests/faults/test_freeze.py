@@ -241,7 +241,7 @@ def test_freeze_the_redis_primary_then_the_nats_stream_leader(
             old_is_replica = rejoined_as_replica(old_primary.port)
             for stream in (DOWNLOAD, INFER):
                 cluster.wait_current(stream)
-            ready = http.get("/readyz")
+            ready = http.get("/readyz/dependencies")
         redelivered = deliveries(stack) - before
     assert faults["redis_primary"]["finished_at_freeze"] < N, "the job ended before the freeze"
     assert at_end < N, "the job ended before the NATS freeze"
