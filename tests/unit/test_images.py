@@ -1,5 +1,5 @@
-"""The one Dockerfile's target per component installs an extra that exists and runs a
-console script that exists.
+"""The one Dockerfile's target per component runs a console script that exists, as a
+non-root user, from a build context that carries the sources and nothing heavy.
 
 No Docker engine runs here, so the Dockerfile is checked as text against pyproject.toml,
 the operator's rendered commands and .dockerignore (evaluated with Docker's rules: the
@@ -8,9 +8,7 @@ last matching pattern wins, `!` re-includes).
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,14 +109,6 @@ def test_one_dockerfile_with_a_target_per_component() -> None:
 
 
 @pytest.mark.parametrize("component", COMPONENTS)
-def test_installs_only_its_own_existing_extra(component: str) -> None:
-    extras = pip_extras(DF, runtime_venv_stage(DF, DF.stage(component)))
-    expected = {"inference": {"inference-gpu"}}.get(component, {component})
-    assert extras == expected
-    assert extras <= EXTRAS
-
-
-@pytest.mark.parametrize("component", COMPONENTS)
 def test_entrypoint_is_an_existing_console_script(component: str) -> None:
     (script,) = entrypoint(DF, DF.stage(component))
     assert script in SCRIPTS
@@ -146,14 +136,12 @@ def test_python_slim_base(component: str) -> None:
     assert DF.image(runtime_venv_stage(DF, target)) == f"{SLIM}-bookworm"
 
 
-def test_inference_image_cuda_runtime_gpu_extra_and_baked_model() -> None:
+def test_inference_image_bakes_the_model_built_at_image_build_time() -> None:
     target = DF.stage("inference")
-    assert DF.image(target).startswith("nvidia/cuda:")
-    assert "runtime" in DF.image(target)
-    # Its venv is built on the runtime base, so the venv's python is the image's python.
+    # Its venv is built on the inference base, so the venv's python is the image's python.
     assert DF.image(runtime_venv_stage(DF, target)) == DF.image(target)
     model = DF.stage("model")
-    assert "model" in pip_extras(DF, model)
+    assert any("requirements/model.txt" in ln for ln in DF.chain(model)[0].lines)
     assert any("build_model.py --out /models/efficientnet-lite0" in ln for ln in model.lines)
     assert (ROOT / "services" / "inference" / "build_model.py").is_file()
     assert any(ln.startswith("COPY --from=model") for ln in target.lines)
@@ -194,18 +182,6 @@ def test_build_context_has_the_sources_and_nothing_heavy() -> None:
         assert not in_context(heavy), heavy
 
 
-def test_make_images_fails_clearly_without_a_docker_engine(tmp_path: Path) -> None:
-    # Point the client at a socket that does not exist, so `docker info` fails here and on CI.
-    env = {**os.environ, "DOCKER_HOST": f"unix://{tmp_path}/no-docker.sock"}
-    proc = subprocess.run(
-        ["make", "--no-print-directory", "images"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert proc.returncode != 0
-    assert "no Docker engine reachable" in proc.stderr
-    assert "docker build" not in proc.stdout
-
-
 def _make_variable(name: str) -> str:
     m = re.search(rf"^{name} \?= (\S*)$", (ROOT / "Makefile").read_text(), re.M)
     assert m is not None, name
@@ -228,5 +204,5 @@ def test_make_images_builds_each_target_under_its_chart_name() -> None:
     makefile = (ROOT / "Makefile").read_text()
     recipe = makefile[makefile.index("\nimages:") :].split("\n\n")[0]
     for component in COMPONENTS:
-        built = rf"docker build --target {component} .*-t \$\(IMAGE_PREFIX\){component}:"
+        built = rf"\$\(IMAGE_BUILD\) --target {component} .*-t \$\(IMAGE_PREFIX\){component}:"
         assert re.search(built, recipe), component
