@@ -260,10 +260,12 @@ async def _ready(http: httpx.AsyncClient) -> bool:
 
 
 async def _refuses(url: str) -> bool:
+    """A new request is not served: refused, or (a connection the kernel accepted into
+    the listen backlog as uvicorn closed its socket) closed without an answer."""
     try:
         async with httpx.AsyncClient(base_url=url, timeout=5) as fresh:
             await fresh.get("/healthz")
-    except httpx.ConnectError:
+    except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError):
         return True
     return False
 
