@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from tagpipe_operator.spec import map_deprecated
+from tagpipe_operator.status import transition
 
 log = logging.getLogger(__name__)
 
@@ -24,16 +25,9 @@ def condition(spec: Mapping[str, Any], previous: list[dict[str, Any]], now: str)
     """The Deprecated condition for `spec` (pure; keeps the transition time while the
     status stays the same)."""
     _, found = map_deprecated(spec)
-    status = "True" if found else "False"
-    old = next((c for c in previous if c.get("type") == CONDITION), None)
-    since = old["lastTransitionTime"] if old and old.get("status") == status else now
-    return {
-        "type": CONDITION,
-        "status": status,
-        "reason": "DeprecatedFields" if found else "NoDeprecatedFields",
-        "message": "; ".join(d.message for d in found) or "no deprecated fields",
-        "lastTransitionTime": since,
-    }
+    message = "; ".join(d.message for d in found) or "no deprecated fields"
+    reason = "DeprecatedFields" if found else "NoDeprecatedFields"
+    return transition(previous, CONDITION, bool(found), reason, message, now)
 
 
 def is_news(new: dict[str, Any], previous: list[dict[str, Any]]) -> bool:

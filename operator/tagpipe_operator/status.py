@@ -22,9 +22,10 @@ class StageObservation:
     ready: int
 
 
-def _condition(
+def transition(
     previous: list[dict[str, Any]], type_: str, ok: bool, reason: str, message: str, now: str
 ) -> dict[str, Any]:
+    """One condition, keeping its lastTransitionTime while its status stays the same."""
     status = "True" if ok else "False"
     old = next((c for c in previous if c.get("type") == type_), None)
     since = old["lastTransitionTime"] if old and old.get("status") == status else now
@@ -97,8 +98,8 @@ def _conflict_condition(
     taken = [f.message for f in failures if f.reason == "Conflict"]
     if not taken:
         msg = "every child is controlled by this TagPipeline"
-        return _condition(prev_conditions, "Conflict", False, "NoConflict", msg, now)
-    return _condition(prev_conditions, "Conflict", True, "NotOwned", "; ".join(taken), now)
+        return transition(prev_conditions, "Conflict", False, "NoConflict", msg, now)
+    return transition(prev_conditions, "Conflict", True, "NotOwned", "; ".join(taken), now)
 
 
 def _ready_condition(
@@ -110,8 +111,8 @@ def _ready_condition(
     """Ready=False with the API's reason while any child failed to apply."""
     if failures:
         msg = "; ".join(f"{f.ref}: {f.message}" for f in failures)
-        return _condition(prev_conditions, "Ready", False, failures[0].reason, msg, now)
-    return _condition(
+        return transition(prev_conditions, "Ready", False, failures[0].reason, msg, now)
+    return transition(
         prev_conditions,
         "Ready",
         not not_serving,
@@ -142,7 +143,7 @@ def _conditions(
     degraded_msg = ", ".join(lagging) + (f"; recreated {', '.join(recreated)}" if recreated else "")
     return [
         _ready_condition(prev_conditions, not_serving, failures or [], now),
-        _condition(
+        transition(
             prev_conditions,
             "Degraded",
             bool(lagging or recreated),
@@ -150,7 +151,7 @@ def _conditions(
             degraded_msg or "every stage has its desired replicas ready",
             now,
         ),
-        _condition(
+        transition(
             prev_conditions,
             "ScalingLimited",
             bool(limited),
@@ -166,15 +167,15 @@ def _stale_condition(
     prev_conditions: list[dict[str, Any]], stale: list[str], problem: str | None, now: str
 ) -> dict[str, Any]:
     if not stale:
-        return _condition(
+        return transition(
             prev_conditions, "MetricsStale", False, "BacklogRead", "backlog read", now
         )
     held = "holding replicas for: " + ", ".join(stale)
     if problem is None:  # a stage without a Deployment: nothing to read it for
-        return _condition(prev_conditions, "MetricsStale", True, "BacklogUnavailable", held, now)
+        return transition(prev_conditions, "MetricsStale", True, "BacklogUnavailable", held, now)
     # Say which NATS and why: the operator's log holds one line per tick, no more.
     msg = f"{problem}; {held}"
-    return _condition(prev_conditions, "MetricsStale", True, "NatsUnavailable", msg, now)
+    return transition(prev_conditions, "MetricsStale", True, "NatsUnavailable", msg, now)
 
 
 def _ratio(o: StageObservation | None) -> str:
