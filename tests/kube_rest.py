@@ -8,9 +8,6 @@ It takes the credentials of a `kopf.ConnectionInfo`.
 
 from __future__ import annotations
 
-import base64
-import datetime
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,71 +110,3 @@ class KubeClient:
         except ApiError as exc:
             if exc.status != 404:
                 raise
-
-    async def apply(self, obj: Obj, patch_body: list[Obj]) -> str:
-        """Create the object, or JSON-patch it with `patch_body` when it exists.
-
-        Returns "created" or "patched". A 409 on create (someone created it in
-        between) falls through to the patch: re-read and retry, never fail.
-        """
-        meta = obj["metadata"]
-        existing = await self.get(obj["kind"], meta["namespace"], meta["name"])
-        if existing is None:
-            try:
-                await self.create(obj)
-                return "created"
-            except ApiError as exc:
-                if exc.status != 409:
-                    raise
-        await self.patch(obj["kind"], meta["namespace"], meta["name"], patch_body)
-        return "patched"
-
-    async def scale(self, namespace: str, name: str) -> tuple[int, int] | None:
-        """(spec replicas, ready replicas) of a Deployment, or None when it is missing."""
-        dep = await self.get("Deployment", namespace, name)
-        if dep is None:
-            return None
-        spec = int(dep.get("spec", {}).get("replicas") or 0)
-        ready = int(dep.get("status", {}).get("readyReplicas") or 0)
-        return spec, ready
-
-    async def set_replicas(self, namespace: str, name: str, replicas: int) -> None:
-        """Through the `scale` subresource: the one write path for replicas."""
-        body = {"spec": {"replicas": replicas}}
-        await self.patch("Deployment", namespace, name, body, sub="scale")
-
-    async def secret_value(self, namespace: str, name: str, key: str) -> str:
-        secret = await self.get("Secret", namespace, name)
-        if secret is None or key not in secret.get("data", {}):
-            raise LookupError(f"secret {namespace}/{name} has no key {key!r}")
-        return base64.b64decode(secret["data"][key]).decode()
-
-    async def post_event(self, obj: Obj, type_: str, reason: str, message: str) -> None:
-        """A core/v1 Event about `obj` (kopf.event() needs kopf's task context;
-        the scaling loop runs outside it)."""
-        meta = obj["metadata"]
-        now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-        event = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            # An explicit unique name, as kubectl/client-go do (name.<hex>).
-            "metadata": {
-                "name": f"{meta['name']}.{uuid.uuid4().hex[:16]}",
-                "namespace": meta["namespace"],
-            },
-            "involvedObject": {
-                "apiVersion": obj.get("apiVersion"),
-                "kind": obj.get("kind"),
-                "name": meta["name"],
-                "namespace": meta["namespace"],
-                "uid": meta.get("uid"),
-            },
-            "type": type_,
-            "reason": reason,
-            "message": message[:1024],
-            "source": {"component": "tagpipe-operator"},
-            "firstTimestamp": now,
-            "lastTimestamp": now,
-            "count": 1,
-        }
-        await self.request("POST", path_for("Event", meta["namespace"]), event)
