@@ -102,6 +102,7 @@ JOB_FINISHED_AT = "finished_at"  # when the last item settled, completed or canc
 JOB_OWNER = "owner"
 JOB_OPTIONS = "options"
 JOB_SUBMIT_CURSOR = "submit_cursor"
+JOB_TAIL_CURSOR = "tail_cursor"  # a job handed back on SIGTERM: where its tail resumes
 
 JOB_STATE_SUBMITTING = "submitting"
 JOB_STATE_RUNNING = "running"

@@ -23,15 +23,16 @@ from nats.js.errors import NoKeysError
 from redis.asyncio import Redis
 from tagpipe_cli.servers import find_binary, free_port
 from tagpipe_cli.stack import Service, Stack, StackConfig
+from tagpipe_common import keys as K
 from tagpipe_common.gatewayload import bucket_name, read_in_flight
 from tagpipe_common.keys import RedisKeys
 from tagpipe_common.messages import TagResult
 from tagpipe_common.nats_io import close_nats, connect_nats
 from tagpipe_common.results import ResultStore
 from tagpipe_common.subjects import Lane
-from tagpipe_gateway.jobs import TAIL_CURSOR
 
 from tests.integration.gateway_kit import pull_tasks
+from tests.tools import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -54,14 +55,11 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
 
 
 async def until(check: Any, what: str) -> Any:
-    """The first truthy answer of `check()`, asked every 50 ms for up to WAIT_S."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + WAIT_S
-    while loop.time() < deadline:
-        if got := await check():
-            return got
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"never: {what}")
+    """`eventually` every 50 ms for up to WAIT_S, saying what never happened."""
+    try:
+        return await eventually(check, within=WAIT_S, every=0.05)
+    except AssertionError as exc:
+        raise AssertionError(f"never: {what} ({exc})") from None
 
 
 def lines(n: int, tag: str) -> list[bytes]:
@@ -236,7 +234,7 @@ async def test_a_tailed_job_at_sigterm_is_handed_to_another_gateway(
             await until(lambda: _equals(items_counted(http_a), 1), "A tailed the first result")
             a.signal(signal.SIGTERM)
             await asyncio.to_thread(exited_cleanly, a)
-            handed = await redis.hget(keys.job(job_id), TAIL_CURSOR)
+            handed = await redis.hget(keys.job(job_id), K.JOB_TAIL_CURSOR)
             assert handed is not None, "A left no cursor for the next gateway"
 
             await record_results(stack, redis, tasks[1:])

@@ -11,7 +11,6 @@ answers 503 problem+json with Retry-After.
 
 from __future__ import annotations
 
-import asyncio
 import signal
 
 import httpx
@@ -20,6 +19,7 @@ from nats.js.client import JetStreamContext
 from tagpipe_cli.servers import ServerProcess
 
 from tests.integration.gateway_kit import gateway_client
+from tests.tools import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -38,11 +38,10 @@ def removed_from_service(statuses: list[int]) -> bool:
 
 
 async def _until_ok(client: httpx.AsyncClient, path: str) -> None:
-    for _ in range(200):
-        if (await client.get(path)).status_code == 200:
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"{path} never answered 200 again")
+    async def ok() -> bool:
+        return (await client.get(path)).status_code == 200
+
+    await eventually(ok, within=20.0)
 
 
 async def test_a_redis_outage_keeps_every_gateway_in_the_service(

@@ -44,8 +44,6 @@ return 'cancelled'
 
 FINAL_STATES = (K.JOB_STATE_COMPLETED, K.JOB_STATE_CANCELLED)
 CLOSE_TIMEOUT_S = 5.0
-# The job hash field where a gateway that stops tailing a job leaves its last result id.
-TAIL_CURSOR = "tail_cursor"
 RECENT_JOBS = 100
 
 
@@ -150,7 +148,7 @@ class JobManager:
             async with self.redis.pipeline(transaction=True) as pipe:
                 for job_id, last in tailing.items():
                     # Where this one stopped: the next counts each result once.
-                    pipe.hset(self.keys.job(job_id), TAIL_CURSOR, last)
+                    pipe.hset(self.keys.job(job_id), K.JOB_TAIL_CURSOR, last)
                 pipe.sadd(self.keys.submitting_jobs, *tailing)
                 await pipe.execute()
             log.info("handed over tailing of %d job(s): %s", len(tailing), ", ".join(tailing))
@@ -178,7 +176,7 @@ class JobManager:
     async def _tail(self, job_id: str) -> None:
         """Follow the job's results until it is over: metrics, then expiry of its keys."""
         stream = self.keys.job_results(job_id)
-        handed = await aw(self.redis.hget(self.keys.job(job_id), TAIL_CURSOR))
+        handed = await aw(self.redis.hget(self.keys.job(job_id), K.JOB_TAIL_CURSOR))
         last = self._tailing[job_id] = text(handed) if handed else "0-0"
         while True:
             replies = await self.redis.xread({stream: last}, count=500, block=XREAD_BLOCK_MS)

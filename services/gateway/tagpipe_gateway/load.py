@@ -16,19 +16,18 @@ import time
 from typing import Any
 
 from nats.js.api import KeyValueConfig
-from prometheus_client import REGISTRY
 from tagpipe_common.gatewayload import PERIOD_S, TTL_S, LoadReport, bucket_name
 from tagpipe_common.nats_io import cancel_until_done
 from tagpipe_common.outage import describe
 
-log = logging.getLogger(__name__)
+from tagpipe_gateway.metrics import INFLIGHT
 
-INFLIGHT_SAMPLE = "tagpipe_gateway_inflight_requests"  # metrics.INFLIGHT
+log = logging.getLogger(__name__)
 
 
 def in_flight() -> int:
     """The requests this process is serving, from its own Prometheus gauge."""
-    return int(REGISTRY.get_sample_value(INFLIGHT_SAMPLE) or 0)
+    return int(INFLIGHT._value.get())
 
 
 class LoadReporter:
@@ -68,5 +67,7 @@ class LoadReporter:
     async def close(self) -> None:
         # Again until it ends: a cancel landing in a put's wait_for can be lost (3.11).
         await cancel_until_done(self._task, 5.0)
+        if self._kv is None:
+            return  # never reported (or the last report failed): nothing to delete
         with contextlib.suppress(Exception):  # NATS gone: the TTL drops the key instead
-            await (await self._bucket()).delete(self.key)
+            await self._kv.delete(self.key)

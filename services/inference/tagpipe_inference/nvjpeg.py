@@ -85,8 +85,9 @@ class NvjpegDecoder:
             _header(p)  # one bad payload fails the batch; decode_each retries each
         data = [torch.frombuffer(bytearray(p), dtype=torch.uint8) for p in payloads]
         images = self._jpeg(data, self.device)
-        out = torch.empty((len(payloads), 3, self.crop, self.crop), dtype=torch.uint8)
-        out = out.to(self.device)
+        out = torch.empty(
+            (len(payloads), 3, self.crop, self.crop), dtype=torch.uint8, device=self.device
+        )
         for i, (img, is_crop) in enumerate(zip(images, crops, strict=True)):
             img = img if is_crop else resize_crop(img, self.resize, self.crop)
             if tuple(img.shape) != (3, self.crop, self.crop):

@@ -181,7 +181,7 @@ async def tag_images(
             "Unsupported media type",
             "send application/json, multipart/form-data or an image/* body",
         )
-    await rt.backlog.get()
+    await rt.backlog.current()  # never queue behind a read already under way
     # Real-time items ahead only: bulk work waits on its own lane at every stage, and
     # its queue grows with the fleet (admission.bulk_limit).
     ahead = rt.backlog.realtime
