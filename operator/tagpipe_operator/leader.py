@@ -70,7 +70,7 @@ class LeaderElector:
         last_ok = time.monotonic()
         while self.leading:
             await asyncio.sleep(self.renew_s)
-            if await self._try():
+            if await self._renew_by(last_ok + self.renew_deadline_s):
                 last_ok = time.monotonic()
             elif self.stopped:
                 return  # released on purpose: not a loss
@@ -79,6 +79,17 @@ class LeaderElector:
                 log.error("leader election: lost %s/%s", self.namespace, self.name)
                 lost.set()
                 return
+
+    async def _renew_by(self, deadline: float) -> bool:
+        """One renewal, given up at `deadline` (monotonic): a hung API call must not keep
+        this process leading past the renew deadline, when a standby may take over
+        (client-go bounds each renewal the same way)."""
+        try:
+            async with asyncio.timeout(max(deadline - time.monotonic(), 0.1)):
+                return await self._try()
+        except TimeoutError:
+            log.warning("leader election: renewal of %s timed out", self.name)
+            return False
 
     async def release(self) -> None:
         """Hand the Lease over now (empty holder); best effort, the duration covers a miss."""

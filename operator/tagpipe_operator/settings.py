@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from tagpipe_common.settings import CommonSettings
 
 
@@ -31,3 +31,19 @@ class OperatorSettings(CommonSettings):
     """How often the leader renews, and a standby looks."""
     lease_renew_deadline_s: Annotated[float, Field(gt=0, le=300)] = 8.0
     """The leader stops leading when it could not renew for this long (< the duration)."""
+
+    @model_validator(mode="after")
+    def _lease_timings_in_order(self) -> OperatorSettings:
+        # A leader must stop before a standby may take over, and renew more than once.
+        renew, deadline, duration = (
+            self.lease_renew_s,
+            self.lease_renew_deadline_s,
+            self.lease_duration_s,
+        )
+        if not renew < deadline < duration:
+            raise ValueError(
+                f"lease timings must be renew ({renew:g} s) < renew deadline ({deadline:g} s) "
+                f"< duration ({duration} s): TAGPIPE_LEASE_RENEW_S, "
+                "TAGPIPE_LEASE_RENEW_DEADLINE_S, TAGPIPE_LEASE_DURATION_S"
+            )
+        return self

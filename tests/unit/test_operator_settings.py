@@ -20,6 +20,9 @@ def test_defaults_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
         ("TAGPIPE_SCALE_INTERVAL_S", "0"),
         ("TAGPIPE_STREAM_DELETE_RETRIES", "-1"),
         ("TAGPIPE_NATS_URL", "http://nats:4222"),
+        # The leader would still be leading when a standby may take over (deadline 8 s).
+        ("TAGPIPE_LEASE_DURATION_S", "8"),
+        ("TAGPIPE_LEASE_RENEW_DEADLINE_S", "1.5"),  # not above the 2 s renew interval
     ],
 )
 def test_bad_value_exits_naming_the_variable(
