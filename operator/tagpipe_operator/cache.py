@@ -72,7 +72,6 @@ class ChildCache:
 
     async def _list_and_watch(self, kube: KubeClient, kind: str) -> None:
         res, ns = KINDS[kind], self.namespace or ALL_NS
-        kube.calls[f"LIST {kind}"] += 1
         listing = kube.api.list(res, namespace=ns, labels=LABELS)
         seen: dict[Key, dict[str, Any]] = {}
         async for obj in listing:
@@ -82,7 +81,6 @@ class ChildCache:
                 del self.objects[key]
         self.objects.update(seen)
         self.ready.add(kind)
-        kube.calls[f"WATCH {kind}"] += 1
         watch = kube.api.watch(
             res, namespace=ns, labels=LABELS, resource_version=listing.resourceVersion
         )

@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import base64
 import datetime
+import logging
 import tempfile
 import uuid
-from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import httpx2
@@ -41,10 +41,13 @@ from lightkube.resources.policy_v1 import PodDisruptionBudget
 from lightkube.types import PatchType
 from tenacity import (
     AsyncRetrying,
+    RetryCallState,
     retry_if_exception,
     stop_after_attempt,
     wait_exponential_jitter,
 )
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "FIELD_MANAGER",
@@ -172,8 +175,6 @@ def kubeconfig_from(info: kopf.ConnectionInfo) -> KubeConfig:
 class KubeClient:
     api: AsyncClient
     attempts: int = 5
-    calls: Counter[str] = field(default_factory=Counter)
-    """Requests sent, by 'VERB Kind' (retries included): the per-tick API cost."""
 
     @classmethod
     def from_connection(cls, info: kopf.ConnectionInfo, timeout_s: float = 30.0) -> KubeClient:
@@ -190,16 +191,26 @@ class KubeClient:
         await self.api.close()
 
     async def call(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
-        """`fn()` with backoff on what a retry can fix; counted once per attempt."""
+        """`fn()` with backoff on what a retry can fix; each retry is logged as `what`."""
+
+        def retrying_log(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            log.info(
+                "%s: attempt %d failed (%s), retrying",
+                what,
+                state.attempt_number,
+                describe_api(exc) if exc else "?",
+            )
+
         retrying = AsyncRetrying(
             retry=retry_if_exception(_retryable),
             wait=wait_exponential_jitter(initial=0.2, max=5.0),
             stop=stop_after_attempt(self.attempts),
+            before_sleep=retrying_log,
             reraise=True,
         )
         async for attempt in retrying:
             with attempt:
-                self.calls[what] += 1
                 return await fn()
         raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
 
