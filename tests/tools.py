@@ -7,10 +7,13 @@ the tiers import `bench.imageserver`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
+import signal
+import subprocess
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,3 +72,15 @@ async def eventually(check: Callable[[], Any], within: float = 60.0, every: floa
             return value
         await asyncio.sleep(every)
     raise AssertionError(f"condition not met in {within}s; last value {value!r}")
+
+
+@contextlib.contextmanager
+def frozen(proc: subprocess.Popen[Any] | None) -> Iterator[None]:
+    """SIGSTOP a live server process (a frozen VM: no TCP reset), and SIGCONT it on the
+    way out, whatever happens in between."""
+    assert proc is not None and proc.poll() is None
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)

@@ -23,19 +23,15 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
-import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
 import redis
-from tagpipe_cli.servers import ServerProcess
 from tagpipe_cli.stack import Stack
 from tagpipe_common.nats_io import NatsLiveness
 from tagpipe_common.redis_io import RedisTimeouts
@@ -55,6 +51,7 @@ from tests.faults.kit import (
     submit_job,
     wait_finished,
 )
+from tests.tools import frozen
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -124,17 +121,6 @@ class TimedLoad:
             "p99_s": round(float(np.percentile(times, 99)), 3) if times else None,
             "max_s": round(max(times), 3) if times else None,
         }
-
-
-@contextmanager
-def frozen(proc: ServerProcess) -> Iterator[None]:
-    """SIGSTOP, and SIGCONT on the way out (whatever happens in between)."""
-    assert proc.proc is not None and proc.proc.poll() is None
-    os.kill(proc.proc.pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(proc.proc.pid, signal.SIGCONT)
 
 
 def role_of(port: int) -> tuple[str, str]:
@@ -214,7 +200,7 @@ def test_freeze_the_redis_primary_then_the_nats_stream_leader(
             wait_finished(http, job_id, 200, timeout_s=300)
             before = deliveries(stack)
             old_primary = ha.primary()
-            with frozen(old_primary):
+            with frozen(old_primary.proc):
                 t0, wall0 = time.monotonic(), time.time()
                 new_primary = ha.wait_failover(old_primary)
                 faults["redis_primary"] = {
@@ -223,7 +209,7 @@ def test_freeze_the_redis_primary_then_the_nats_stream_leader(
                 }
                 leader = cluster.stream_leader(DOWNLOAD)
                 led = sorted(s for s in (DOWNLOAD, INFER) if cluster.stream_leader(s) is leader)
-                with frozen(leader):
+                with frozen(leader.proc):
                     t1, wall1 = time.monotonic(), time.time()
                     faults["nats_stream_leader"] = {
                         "froze": cluster.name_of(leader),

@@ -9,10 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import signal
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -26,21 +22,11 @@ from tagpipe_common.redis_io import Durability, RedisTimeouts, connect_redis
 from tagpipe_common.results import ResultStore
 from tagpipe_gateway.waiters import Notifier
 
-from tests.tools import eventually
+from tests.tools import eventually, frozen
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 QUICK = RedisTimeouts(socket_timeout_s=1.5, connect_timeout_s=1.0, health_check_interval_s=1.0)
-
-
-@contextmanager
-def frozen(srv: ServerProcess) -> Iterator[None]:
-    assert srv.proc is not None
-    os.kill(srv.proc.pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(srv.proc.pid, signal.SIGCONT)
 
 
 async def test_a_command_to_a_frozen_redis_times_out_and_the_next_one_works(
@@ -49,7 +35,7 @@ async def test_a_command_to_a_frozen_redis_times_out_and_the_next_one_works(
     client = connect_redis(redis_proc.url, QUICK)
     try:
         await client.set("k", "v")
-        with frozen(redis_proc), pytest.raises(redis.exceptions.TimeoutError):
+        with frozen(redis_proc.proc), pytest.raises(redis.exceptions.TimeoutError):
             await client.get("k")  # without a socket timeout: waits as long as the kernel
         assert await client.get("k") == b"v"
     finally:
@@ -64,7 +50,7 @@ async def test_the_notifier_leaves_a_frozen_subscription_and_resubscribes(
     notifier = Notifier(client, ResultStore(client, keys), keys.notify_channel, dead_after_s=1.5)
     await notifier.start()
     try:
-        with frozen(redis_proc):
+        with frozen(redis_proc.proc):
             # A quiet channel and a frozen server look alike to listen(): only the
             # unanswered PINGs tell them apart.
             await eventually(lambda: not notifier.outage.healthy, within=60)
@@ -91,7 +77,7 @@ async def test_a_frozen_nats_server_is_called_stale_and_rejoined_after(
     live = NatsLiveness(ping_interval_s=0.5, max_outstanding_pings=2, connect_timeout_s=1.0)
     nc = await connect_nats([nats_proc.url], "frozen-test", live)
     try:
-        with frozen(nats_proc):
+        with frozen(nats_proc.proc):
             # nats.py's own 120 s x 2 PINGs would leave it "connected" for minutes.
             await eventually(lambda: not nc.is_connected, within=60)
         await eventually(lambda: nc.is_connected, within=60)
@@ -128,7 +114,7 @@ async def test_a_publisher_on_a_frozen_server_moves_to_another_while_it_stays_fr
 
         publisher = asyncio.create_task(flood())
         try:
-            with frozen(first):
+            with frozen(first.proc):
                 await eventually(lambda: _on(nc, second), within=60)
                 await asyncio.wait_for(nc.flush(), 10)  # answered, by the other server
         finally:
@@ -156,7 +142,7 @@ async def test_a_write_in_flight_when_the_primary_froze_lands_on_the_promoted_re
     try:
         await client.set("n", 0)
         old = ha.primary()
-        with frozen(old):
+        with frozen(old.proc):
             async with client.pipeline(transaction=False) as pipe:
                 pipe.incr("n")
                 Durability(replicas=1).queue(pipe)  # as the result store writes
