@@ -20,7 +20,7 @@ from tagpipe_common.keys import RedisKeys
 from tagpipe_common.nats_io import NatsLiveness, close_nats, connect_nats
 from tagpipe_common.redis_io import Durability, RedisTimeouts, connect_redis
 from tagpipe_common.results import ResultStore
-from tagpipe_gateway.waiters import Notifier
+from tagpipe_gateway.waiters import Notifier, Waiter
 
 from tests.tools import eventually, frozen
 
@@ -58,7 +58,12 @@ async def test_the_notifier_leaves_a_frozen_subscription_and_resubscribes(
         await eventually(lambda: notifier.outage.healthy, within=60)  # subscribed again
         publisher = connect_redis(redis_proc.url, QUICK)
         try:
-            await eventually(lambda: _notify(publisher, keys.notify_channel), within=30)
+            # PUBLISH counts the server's subscribers, which may still include the frozen
+            # connection it has not yet dropped, and the notifier reads the message a
+            # moment later: publish until the waiter has heard one.
+            await eventually(
+                lambda: _notify_until_heard(publisher, keys.notify_channel, waiter), within=30
+            )
         finally:
             await publisher.aclose()
         assert waiter.event.is_set()
@@ -67,8 +72,12 @@ async def test_the_notifier_leaves_a_frozen_subscription_and_resubscribes(
         await client.aclose()
 
 
-async def _notify(publisher: redis.asyncio.Redis, channel: str) -> bool:
-    return bool(await publisher.publish(channel, '{"request_id": "req", "item_id": "item"}'))
+async def _notify_until_heard(publisher: redis.asyncio.Redis, channel: str, waiter: Waiter) -> bool:
+    if not waiter.event.is_set():
+        await publisher.publish(channel, '{"request_id": "req", "item_id": "item"}')
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(waiter.event.wait(), 0.5)
+    return waiter.event.is_set()
 
 
 async def test_a_frozen_nats_server_is_called_stale_and_rejoined_after(
