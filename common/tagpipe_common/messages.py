@@ -111,6 +111,9 @@ class ItemRef(WireModel):
     request_id: str | None = None
     job_id: str | None = None
     client_item_id: str | None = None
+    # A manifest job's item: its position among the manifest's items (0-based), which
+    # names its output shard (seq // shard size). None for every other item.
+    seq: Annotated[int, Field(ge=0)] | None = None
     lane: Lane = Lane.REALTIME
     submitted_at: float = Field(default_factory=now)
     # Epoch seconds after which nobody waits for this item (real-time only; bulk
