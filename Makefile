@@ -158,6 +158,11 @@ bench-downloader: venv ## downloader images/s (fetch + decode, 0/100 ms latency)
 bench-scale: venv ## many downloaders x slots vs Little's law, old vs current flow limits (~7 min; ARGS=--quick ~1 min): bench/results/scale.{json,png}
 	$(PY) -m bench.bench_scale $(ARGS)
 
+bench-bulk: venv ## manifest job S3 -> sharded S3 vs the same items inline: images/s, Redis peak/after, gateway RSS (~8 min): bench/results/bulk.json
+	test -f $(MODEL_DIR)/manifest.json || $(MAKE) model
+	$(PY) -m bench.bench_bulk $(ARGS)
+.PHONY: bench-bulk
+
 bench-streams: venv ## one work-queue stream at R1/R3 per real message size: msgs/s, MB/s, nats-server CPU per msg and MB (~1 min): bench/results/streams.json
 	$(PY) -m bench.bench_streams $(ARGS)
 .PHONY: bench-scale bench-streams
