@@ -103,6 +103,15 @@ JOB_OWNER = "owner"
 JOB_OPTIONS = "options"
 JOB_SUBMIT_CURSOR = "submit_cursor"
 JOB_TAIL_CURSOR = "tail_cursor"  # a job handed back on SIGTERM: where its tail resumes
+# A manifest job (POST /v1/manifest-jobs): where its items and results live.
+JOB_KIND = "kind"  # "manifest" for a manifest job; absent for an uploaded one
+JOB_SOURCE = "source"  # s3:// or https:// URL of the manifest
+JOB_OUTPUT = "output"  # s3:// prefix of the sharded results, ending with "/"
+JOB_NOTIFY_URL = "notify_url"  # the webhook, if any
+JOB_SHARD_SIZE = "shard_size"  # items per output shard
+JOB_READ_SEQ = "read_seq"  # the manifest reader's checkpoint: next line's seq ...
+JOB_READ_OFFSET = "read_offset"  # ... and its byte offset (uncompressed sources)
+JOB_KIND_MANIFEST = "manifest"
 
 JOB_STATE_SUBMITTING = "submitting"
 JOB_STATE_RUNNING = "running"

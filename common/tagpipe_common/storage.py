@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
@@ -30,13 +29,11 @@ import httpx
 from pydantic import ValidationError
 
 from tagpipe_common.manifest import MANIFEST_FILE, ModelManifest
+from tagpipe_common.objectstore import DENIED, MISSING, s3_client
 
 EXIT_FETCH_FAILED = 2
 CHUNK = 1 << 20
 SCHEMES = ("https", "s3")
-# S3 error codes that mean "these credentials may not read this", as opposed to "no such object".
-DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"}
-MISSING = {"NoSuchKey", "NoSuchBucket", "404"}
 
 
 class FetchError(RuntimeError):
@@ -73,11 +70,8 @@ class HttpsSource:
 
 class S3Source:
     def __init__(self, bucket: str, prefix: str) -> None:
-        import boto3  # only the s3:// path needs it
-
         self.bucket, self.prefix = bucket, prefix.strip("/")
-        endpoint = os.environ.get("AWS_ENDPOINT_URL") or None
-        self.client: Any = boto3.client("s3", endpoint_url=endpoint)
+        self.client: Any = s3_client()  # AWS_ENDPOINT_URL and the standard credential chain
 
     def _key(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name

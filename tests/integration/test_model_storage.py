@@ -1,8 +1,7 @@
 """The model fetcher against real servers: HTTPS (trustme's CA) and an S3-compatible store.
 
-The S3 store is moto in server mode, a separate process on a free port with IAM
-authentication on (INITIAL_NO_AUTH_ACTION_COUNT): the first calls create a user and
-its access key, and every call after them must sign with a key that exists. The
+The S3 store is moto in server mode with IAM authentication on (tests/s3kit.py): every
+call must sign with a key that exists. The
 model is the real default model; the fetched directory is loaded by inference's own
 checks, so "fetched" means "servable".
 """
@@ -21,11 +20,11 @@ from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import boto3
 import pytest
 import trustme
-from tagpipe_cli.servers import free_port, wait_for_port
 from tagpipe_common.manifest import ModelManifest
+
+from tests.s3kit import moto_server, s3_client, s3_user
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "models" / "efficientnet-lite0"
@@ -152,34 +151,9 @@ def test_https_an_untrusted_certificate(https_root: tuple[str, Path, Path], tmp_
 # --- S3 (moto server) ----------------------------------------------------------------
 
 
-S3_ALL = {"Effect": "Allow", "Action": "s3:*", "Resource": "*"}
-
-
-def _s3_user(endpoint: str) -> dict[str, str]:
-    """The fetcher's env: a user allowed s3:*, created by the unauthenticated calls."""
-    anon = {"aws_access_key_id": "x", "aws_secret_access_key": "x"}
-    iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1", **anon)
-    iam.create_user(UserName="fetcher")
-    policy = json.dumps({"Version": "2012-10-17", "Statement": [S3_ALL]})
-    iam.put_user_policy(UserName="fetcher", PolicyName="s3", PolicyDocument=policy)
-    key = iam.create_access_key(UserName="fetcher")["AccessKey"]
-    return {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
-        "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
-    }
-
-
 def _s3_upload(env: dict[str, str]) -> None:
     """models/efficientnet-lite0/ (the real model) and models/corrupt/ (a wrong model file)."""
-    client = boto3.client(
-        "s3",
-        endpoint_url=env["AWS_ENDPOINT_URL"],
-        region_name=env["AWS_DEFAULT_REGION"],
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-    )
+    client = s3_client(env)
     client.create_bucket(Bucket="models")
     for f in MODEL.iterdir():
         client.upload_file(str(f), "models", f"efficientnet-lite0/{f.name}")
@@ -190,23 +164,11 @@ def _s3_upload(env: dict[str, str]) -> None:
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """Env for the fetcher: endpoint and a valid key of a moto S3 with auth enforced."""
-    port = free_port()
     # Three unauthenticated calls (user, policy, key); every later call must sign.
-    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"}
-    moto = Path(sys.executable).parent / "moto_server"
-    with (tmp_path_factory.mktemp("moto") / "moto.log").open("w") as log:
-        proc = subprocess.Popen(
-            [str(moto), "-H", "127.0.0.1", "-p", str(port)],
-            env=env, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        try:
-            wait_for_port(port, 120, proc)
-            creds = _s3_user(f"http://127.0.0.1:{port}")
-            _s3_upload(creds)
-            yield creds
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+    with moto_server(tmp_path_factory.mktemp("moto"), 3) as endpoint:
+        creds = s3_user(endpoint, "fetcher")
+        _s3_upload(creds)
+        yield creds
 
 
 def test_s3_fetches_a_model_that_inference_can_serve(s3: dict[str, str], tmp_path: Path) -> None:

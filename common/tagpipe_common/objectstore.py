@@ -1,0 +1,192 @@
+"""Objects named by URL: `s3://bucket/key` (any S3-compatible store) and `https://`.
+
+What the gateway's manifest jobs need of a store: stream an object from a byte offset
+(a manifest, resumed where a reader stopped), write one (`put_bytes`: the output
+shards) and check that a prefix is writable before a job is accepted.
+
+S3 is configured the standard AWS way: the endpoint from `AWS_ENDPOINT_URL`, the
+credentials from the boto3 chain (environment, shared files, web identity, instance
+role). `https://` is read with httpx, which takes a private CA from `SSL_CERT_FILE`;
+redirects are not followed, because the caller vetted the host it named, not
+wherever a redirect points (see netguard.py).
+
+Everything here is blocking (boto3 is): async callers use `asyncio.to_thread`.
+Failures raise ObjectError, whose `kind` tells a missing object from refused
+credentials from anything else, so callers can answer each one clearly.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+CHUNK = 1 << 20
+SCHEMES = ("s3", "https")
+# S3 error codes that mean "these credentials may not do this", as opposed to "no such object".
+DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"}
+MISSING = {"NoSuchKey", "NoSuchBucket", "404"}
+MISSING_KIND, DENIED_KIND, FAILED_KIND = "missing", "denied", "failed"
+
+_clients: dict[tuple[str | None, ...], Any] = {}
+_clients_lock = threading.Lock()
+
+
+class ObjectError(RuntimeError):
+    """An object cannot be read or written; `kind` is missing, denied or failed."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class ObjectURL:
+    scheme: str  # "s3" or "https"
+    bucket: str  # the bucket, or the https host[:port]
+    key: str  # the key, or the https path
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.bucket}/{self.key}"
+
+
+def parse(url: str) -> ObjectURL:
+    parts = urlsplit(url)
+    if parts.scheme not in SCHEMES or not parts.netloc:
+        raise ValueError(f"expected an s3:// or https:// URL, got {url!r}")
+    if parts.scheme == "s3" and (parts.query or parts.fragment):
+        raise ValueError(f"an s3:// URL has no query or fragment: {url!r}")
+    return ObjectURL(parts.scheme, parts.netloc, parts.path.lstrip("/"))
+
+
+def s3_client() -> Any:
+    """A boto3 S3 client for the current endpoint and credentials (built once per set:
+    building one costs tens of milliseconds and boto3's default session is not
+    thread-safe)."""
+    import boto3  # only s3:// needs it
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or None
+    ident = (endpoint, os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY"))
+    with _clients_lock:
+        if ident not in _clients:
+            _clients[ident] = boto3.session.Session().client("s3", endpoint_url=endpoint)
+        return _clients[ident]
+
+
+def _s3_error(exc: Exception, where: str, verb: str) -> ObjectError:
+    from botocore.exceptions import ClientError, NoCredentialsError
+
+    if isinstance(exc, NoCredentialsError):
+        return ObjectError(DENIED_KIND, f"cannot {verb} {where}: no S3 credentials found")
+    if isinstance(exc, ClientError):
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in MISSING:
+            return ObjectError(MISSING_KIND, f"{where} does not exist ({code})")
+        if code in DENIED:
+            return ObjectError(DENIED_KIND, f"access denied to {where} ({code})")
+        return ObjectError(FAILED_KIND, f"cannot {verb} {where}: {code or exc}")
+    return ObjectError(FAILED_KIND, f"cannot {verb} {where}: {exc}")
+
+
+def _s3_call(where: str, verb: str, call: Any, **kwargs: Any) -> Any:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        return call(**kwargs)
+    except (ClientError, BotoCoreError) as exc:
+        raise _s3_error(exc, where, verb) from exc
+
+
+def put_bytes(url: str, data: bytes, content_type: str) -> None:
+    """Write one whole object (s3:// only); a second write replaces the first."""
+    target = parse(url)
+    if target.scheme != "s3":
+        raise ValueError(f"objects are written to s3:// only, not {url!r}")
+    client = s3_client()
+    _s3_call(url, "write", client.put_object, Bucket=target.bucket, Key=target.key,
+             Body=data, ContentType=content_type)  # fmt: skip
+
+
+def delete(url: str) -> None:
+    target = parse(url)
+    client = s3_client()
+    _s3_call(url, "delete", client.delete_object, Bucket=target.bucket, Key=target.key)
+
+
+def check_writable(prefix: str) -> None:
+    """Prove that objects can be written under `prefix` (put, then delete, a probe)."""
+    probe = f"{prefix}.tagpipe-write-probe-{uuid.uuid4().hex}"
+    put_bytes(probe, b"", "application/octet-stream")
+    delete(probe)
+
+
+def read_stream(url: str, offset: int = 0) -> Iterator[bytes]:
+    """The object's bytes from `offset` on, in chunks; nothing past its end."""
+    target = parse(url)
+    if target.scheme == "s3":
+        return _s3_stream(url, target, offset)
+    return _https_stream(url, offset)
+
+
+def _s3_stream(url: str, target: ObjectURL, offset: int) -> Iterator[bytes]:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    kwargs: dict[str, str] = {"Bucket": target.bucket, "Key": target.key}
+    if offset > 0:
+        kwargs["Range"] = f"bytes={offset}-"
+    client = s3_client()
+    try:
+        body = client.get_object(**kwargs)["Body"]
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") == "InvalidRange":
+            return  # the offset is the object's end: nothing left
+        raise _s3_error(exc, url, "read") from exc
+    except BotoCoreError as exc:
+        raise _s3_error(exc, url, "read") from exc
+    try:
+        yield from body.iter_chunks(CHUNK)
+    except (ClientError, BotoCoreError) as exc:
+        raise _s3_error(exc, url, "read") from exc
+    finally:
+        body.close()
+
+
+def _https_stream(url: str, offset: int) -> Iterator[bytes]:
+    headers = {"Range": f"bytes={offset}-"} if offset > 0 else {}
+    # trust_env: a private CA comes in through SSL_CERT_FILE, proxies through HTTPS_PROXY.
+    try:
+        with (
+            httpx.Client(timeout=httpx.Timeout(30.0), follow_redirects=False) as client,
+            client.stream("GET", url, headers=headers) as resp,
+        ):
+            if resp.status_code == 416:
+                return  # the offset is the object's end
+            _check_status(url, resp.status_code)
+            # A server that ignores Range sends it all: skip what was read before.
+            skip = offset if resp.status_code == 200 else 0
+            for chunk in resp.iter_bytes(CHUNK):
+                if skip >= len(chunk):
+                    skip -= len(chunk)
+                    continue
+                yield chunk[skip:]
+                skip = 0
+    except httpx.HTTPError as exc:
+        raise ObjectError(FAILED_KIND, f"cannot read {url}: {exc!r}") from exc
+
+
+def _check_status(url: str, status: int) -> None:
+    if status in (200, 206):
+        return
+    if status in (404, 410):
+        raise ObjectError(MISSING_KIND, f"{url} answered HTTP {status}")
+    if status in (401, 403):
+        raise ObjectError(DENIED_KIND, f"{url} answered HTTP {status}")
+    if 300 <= status < 400:
+        raise ObjectError(FAILED_KIND, f"{url} answered HTTP {status}: redirects are not followed")
+    raise ObjectError(FAILED_KIND, f"{url} answered HTTP {status}")

@@ -1,0 +1,58 @@
+"""tagpipe_common.objectstore against a real S3-compatible store (moto server, auth on)."""
+
+from __future__ import annotations
+
+import pytest
+from tagpipe_common import objectstore
+
+from tests.s3kit import moto_s3, s3_client
+
+__all__ = ["moto_s3"]  # the fixture, imported for pytest
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def s3(moto_s3: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    for k, v in moto_s3.items():
+        monkeypatch.setenv(k, v)
+    client = s3_client(moto_s3)
+    if "objs" not in {b["Name"] for b in client.list_buckets()["Buckets"]}:
+        client.create_bucket(Bucket="objs")
+    return moto_s3
+
+
+def test_put_bytes_then_read_whole_and_from_an_offset(s3: dict[str, str]) -> None:
+    data = bytes(range(256)) * 9000  # over two chunks
+    objectstore.put_bytes("s3://objs/a/b.bin", data, "application/octet-stream")
+    head = s3_client(s3).head_object(Bucket="objs", Key="a/b.bin")
+    assert head["ContentType"] == "application/octet-stream"
+    assert b"".join(objectstore.read_stream("s3://objs/a/b.bin")) == data
+    assert b"".join(objectstore.read_stream("s3://objs/a/b.bin", 1_000_001)) == data[1_000_001:]
+    assert b"".join(objectstore.read_stream("s3://objs/a/b.bin", len(data))) == b""
+
+
+def test_a_writable_prefix_keeps_no_probe(s3: dict[str, str]) -> None:
+    objectstore.check_writable("s3://objs/out/")
+    listed = s3_client(s3).list_objects_v2(Bucket="objs", Prefix="out/")
+    assert listed.get("KeyCount", 0) == 0
+
+
+def test_missing_objects_and_buckets(s3: dict[str, str]) -> None:
+    with pytest.raises(objectstore.ObjectError) as err:
+        b"".join(objectstore.read_stream("s3://objs/nothing"))
+    assert err.value.kind == objectstore.MISSING_KIND
+    with pytest.raises(objectstore.ObjectError) as err:
+        objectstore.check_writable("s3://no-such-bucket/out/")
+    assert err.value.kind == objectstore.MISSING_KIND
+
+
+def test_bad_credentials_are_denied(s3: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    objectstore.put_bytes("s3://objs/x", b"x", "text/plain")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    with pytest.raises(objectstore.ObjectError) as err:
+        b"".join(objectstore.read_stream("s3://objs/x"))
+    assert err.value.kind == objectstore.DENIED_KIND
+    with pytest.raises(objectstore.ObjectError) as err:
+        objectstore.put_bytes("s3://objs/y", b"y", "text/plain")
+    assert err.value.kind == objectstore.DENIED_KIND
