@@ -21,9 +21,10 @@ from typing import Any
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from tagpipe_common.errors import ErrorCode, PermanentError, RetryableError, http_code
+from tagpipe_common.netguard import IPAddress, IPNetwork, resolve_vetted
 from yarl import URL
 
-from tagpipe_downloader.guard import IPAddress, IPNetwork, parse_target, resolve_vetted
+from tagpipe_downloader.guard import parse_target
 
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _PIN_TTL_S = 30.0

@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
+from tagpipe_common.netguard import parse_cidrs
 from tagpipe_common.settings import CommonSettings
 
 from tagpipe_downloader.decode import Geometry
 from tagpipe_downloader.fetch import FetchConfig
-from tagpipe_downloader.guard import parse_cidrs
 from tagpipe_downloader.hop import HopEncoding
 
 
