@@ -17,6 +17,9 @@
 - `{p}:pulse:{stage}:{worker}`, `{p}:pulse:{stage}`: a worker's last pulse (a hash with a
   TTL) and the stage's workers scored by their last beat (pulse.py).
 - `{p}:jobs:recent`: the newest job ids scored by creation time (the live view's job list).
+- `{p}:jobs:owner:{principal}`: a caller's job ids scored by creation time (`GET /v1/jobs`).
+- `{p}:jobs:notify`: jobs whose completion webhook is not delivered yet, scored by
+  when each is next due (the gateway's webhook.py).
 - `{p}:tagcache:{model}:{sha256}`: the tags one model identity gave these exact bytes
   (tagcache.py), with a TTL: the content-addressed dedupe.
 """
@@ -83,6 +86,15 @@ class RedisKeys:
     def recent_jobs(self) -> str:
         return f"{self.prefix}:jobs:recent"
 
+    def owner_jobs(self, principal: str) -> str:
+        """A caller's job ids scored by creation time (`GET /v1/jobs`)."""
+        return f"{self.prefix}:jobs:owner:{principal}"
+
+    @property
+    def notify_due(self) -> str:
+        """Job ids with a webhook not yet delivered, scored by when each is next due."""
+        return f"{self.prefix}:jobs:notify"
+
     def tag_cache(self, model: str, digest: str) -> str:
         """Tags of the bytes whose sha256 is `digest`, from the model `model` names
         (name, version and file checksum: tagcache.ModelIdentity.key)."""
@@ -112,6 +124,16 @@ JOB_SHARD_SIZE = "shard_size"  # items per output shard
 JOB_READ_SEQ = "read_seq"  # the manifest reader's checkpoint: next line's seq ...
 JOB_READ_OFFSET = "read_offset"  # ... and its byte offset (uncompressed sources)
 JOB_KIND_MANIFEST = "manifest"
+
+# A job's completion webhook (the gateway's webhook.py): its state (pending,
+# delivered, failed), attempts, last error, the event as first sent, and when.
+JOB_NOTIFY_STATE = "notify_state"
+JOB_NOTIFY_ATTEMPTS = "notify_attempts"
+JOB_NOTIFY_ERROR = "notify_error"
+JOB_NOTIFY_BODY = "notify_body"
+JOB_NOTIFY_SINCE = "notify_since"  # the first attempt: retries end webhook_give_up_s after
+JOB_NOTIFY_DELIVERED_AT = "notify_delivered_at"
+JOB_NOTIFY_FAILED_AT = "notify_failed_at"
 
 JOB_STATE_SUBMITTING = "submitting"
 JOB_STATE_RUNNING = "running"
