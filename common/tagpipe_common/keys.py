@@ -7,6 +7,9 @@
   the resumable cursor of `GET /v1/jobs/{id}/results`.
 - `{p}:job:{job_id}:items`, `...:lease`, `{p}:jobs:submitting`: a bulk job's
   items between upload and publication, so another gateway can resume it.
+- `{p}:job:{job_id}:shard:{k}`, `...:staged`, `...:ready`, `...:shards`, `...:sink-lease`,
+  `{p}:jobs:sinking`: a job with an output (results.py, the gateway's sink.py): results
+  staged per shard until the sink writes the shard, then one entry per written shard.
 - `{p}:job:{job_id}:urls`: which item first claimed each URL of a bulk job (`duplicate_url`).
 - `{p}:idem:{principal}:{key}`: the job an `Idempotency-Key` already created.
 - `{p}:blob:{item_id}`: uploaded image bytes waiting for the downloader.
@@ -48,6 +51,31 @@ class RedisKeys:
     def job_items(self, job_id: str) -> str:
         """A bulk job's uploaded items (a Redis Stream of batches) until all are published."""
         return f"{self.prefix}:job:{job_id}:items"
+
+    def job_shard(self, job_id: str, shard: int) -> str:
+        """An output job's results of shard `shard` not yet written (hash seq -> line)."""
+        return f"{self.prefix}:job:{job_id}:shard:{shard}"
+
+    def job_staged(self, job_id: str) -> str:
+        """An output job's shard numbers that have staged results (a set)."""
+        return f"{self.prefix}:job:{job_id}:staged"
+
+    def job_ready(self, job_id: str) -> str:
+        """An output job's complete shards waiting for the sink (a set)."""
+        return f"{self.prefix}:job:{job_id}:ready"
+
+    def job_shards(self, job_id: str) -> str:
+        """An output job's written shards: shard number -> JSON (name, lines, sha256, counts)."""
+        return f"{self.prefix}:job:{job_id}:shards"
+
+    def job_sink_lease(self, job_id: str) -> str:
+        """Which gateway writes an output job's shards (a key with a short TTL)."""
+        return f"{self.prefix}:job:{job_id}:sink-lease"
+
+    @property
+    def sinking_jobs(self) -> str:
+        """Set of output job ids whose `_manifest.json` is not written yet."""
+        return f"{self.prefix}:jobs:sinking"
 
     def job_lease(self, job_id: str) -> str:
         """Which gateway is publishing a job's items (a key with a short TTL)."""
@@ -115,6 +143,8 @@ JOB_OWNER = "owner"
 JOB_OPTIONS = "options"
 JOB_SUBMIT_CURSOR = "submit_cursor"
 JOB_TAIL_CURSOR = "tail_cursor"  # a job handed back on SIGTERM: where its tail resumes
+JOB_CANCELLED_AT = "cancelled_at"
+JOB_MANIFEST_AT = "manifest_at"  # an output job: when its _manifest.json was written
 # A manifest job (POST /v1/manifest-jobs): where its items and results live.
 JOB_KIND = "kind"  # "manifest" for a manifest job; absent for an uploaded one
 JOB_SOURCE = "source"  # s3:// or https:// URL of the manifest
