@@ -17,6 +17,7 @@ from tagpipe_gateway.auth import ApiKeys
 from tagpipe_gateway.jobs import JobManager
 from tagpipe_gateway.queue import BacklogCache, Publisher
 from tagpipe_gateway.settings import GatewaySettings
+from tagpipe_gateway.sink import Sink
 from tagpipe_gateway.waiters import Notifier
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ class Runtime:
     backlog: BacklogCache
     notifier: Notifier
     jobs: JobManager
+    sink: Sink  # writes the output of jobs with an output prefix (sink.py)
 
     @classmethod
     async def start(cls, settings: GatewaySettings, api_keys: ApiKeys) -> Runtime:
@@ -54,12 +56,15 @@ class Runtime:
         backlog.local = notifier.pending_items
         jobs = JobManager(redis, store, keys, publisher, backlog, settings)
         jobs.start()
+        sink = Sink(redis, keys, settings)
+        sink.start()
         return cls(
-            settings, api_keys, nc, js, redis, keys, store, publisher, backlog, notifier, jobs
+            settings, api_keys, nc, js, redis, keys, store, publisher, backlog, notifier, jobs, sink
         )
 
     async def close(self) -> None:
         await self.jobs.close()
+        await self.sink.close()
         await self.notifier.stop()
         # Shutting down with a server gone must still release everything else.
         await close_nats(self.nc)
