@@ -152,7 +152,7 @@ class JobManager:
                 pipe.sadd(self.keys.submitting_jobs, *tailing)
                 await pipe.execute()
             log.info("handed over tailing of %d job(s): %s", len(tailing), ", ".join(tailing))
-        except Exception as exc:  # Redis gone: nobody tails them; their keys keep no TTL
+        except Exception as exc:  # Redis gone: nobody tails them (their keys expire with the job)
             log.warning("could not hand over tailing of %s: %s", list(tailing), describe(exc))
 
     async def _run(self, job_id: str) -> None:
@@ -174,7 +174,7 @@ class JobManager:
                 )
 
     async def _tail(self, job_id: str) -> None:
-        """Follow the job's results until it is over: metrics, then expiry of its keys."""
+        """Follow the job's results until it is over: metrics, then its URL marks go."""
         stream = self.keys.job_results(job_id)
         handed = await aw(self.redis.hget(self.keys.job(job_id), K.JOB_TAIL_CURSOR))
         last = self._tailing[job_id] = text(handed) if handed else "0-0"
@@ -189,10 +189,9 @@ class JobManager:
             if status is None or (status.state in FINAL_STATES and not replies):
                 break
         self._tailing.pop(job_id, None)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.expire(stream, self.settings.job_ttl_s)
-            pipe.delete(self.keys.job_urls(job_id))
-            await pipe.execute()
+        # The result stream needs no expiry from here: the ResultStore script gives it
+        # the job's on every append, so it expires with the job even if this gateway dies.
+        await self.redis.delete(self.keys.job_urls(job_id))
 
     async def status(self, job_id: str, owner: str | None = None) -> JobStatus | None:
         """None when the job does not exist, or (given `owner`) belongs to another caller."""
