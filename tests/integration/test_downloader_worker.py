@@ -47,6 +47,7 @@ from tagpipe_downloader.settings import DownloaderSettings
 from tagpipe_downloader.worker import DownloadWorker
 
 from bench.imageserver import ImageServer, bomb_png, exif_rotated_jpeg, make_jpeg
+from tests.tools import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -290,12 +291,20 @@ async def test_missing_blob(h: Harness) -> None:
     assert isinstance(out, TagResult) and out.code == "blob_missing"
 
 
-async def test_cancelled_job_items_end_as_cancelled(h: Harness) -> None:
+async def test_cancelled_job_items_are_dropped_without_a_result(h: Harness) -> None:
     await h.redis.hset(RedisKeys().job("j1"), mapping={JOB_STATE: "cancelled", JOB_TOTAL: 1})
     url = h.images.add("x", make_jpeg(64, 64))
-    assert await h.code(url, job_id="j1", lane=Lane.BULK) == "cancelled"
-    assert h.images.hits == {}  # nothing was fetched for a cancelled job
-    assert await h.redis.hget(RedisKeys().job("j1"), "cancelled") == b"1"
+    dropped = await h.submit(url, job_id="j1", lane=Lane.BULK)
+    await h.tensor(url, job_id="j2", lane=Lane.BULK)  # the worker goes on with other jobs
+
+    async def consumed() -> bool:
+        info = await h.js.consumer_info(DOWNLOAD.stream, DOWNLOAD.consumer(Lane.BULK))
+        return info.num_pending == 0 and info.num_ack_pending == 0
+
+    await eventually(consumed, within=30)
+    assert await h.store.get(dropped) is None  # acked, and no per-item write
+    assert len(h.images.hits["/img/x"]) == 1  # only j2's item was fetched
+    assert await h.redis.hget(RedisKeys().job("j1"), "cancelled") is None
 
 
 async def test_bulk_items_go_to_the_bulk_infer_lane(h: Harness) -> None:

@@ -15,7 +15,6 @@ import pytest
 from nats.js.client import JetStreamContext
 from redis.asyncio import Redis
 from tagpipe_cli.servers import ServerProcess
-from tagpipe_common.errors import ErrorCode
 from tagpipe_common.keys import RedisKeys
 from tagpipe_common.messages import DownloadTask, Tag, TagResult
 from tagpipe_common.results import ResultStore
@@ -41,11 +40,7 @@ def ok(task: DownloadTask) -> TagResult:
     return TagResult(**task.ref(), status="ok", tags=[Tag(label="tabby", score=0.9)])
 
 
-def cancelled(task: DownloadTask) -> TagResult:
-    return TagResult.error(task, ErrorCode.CANCELLED, "the job was cancelled")
-
-
-async def test_a_cancelled_job_ends_like_a_completed_one(
+async def test_a_cancelled_job_ends_at_once_and_counts_its_unfinished_items(
     client: httpx.AsyncClient, js: JetStreamContext, store: ResultStore
 ) -> None:
     urls = [f"http://img.example/{i}.jpg" for i in range(4)]
@@ -54,21 +49,26 @@ async def test_a_cancelled_job_ends_like_a_completed_one(
     tasks = await pull_tasks(js, Lane.BULK, 4)
     await store.record_many([ok(t) for t in tasks[:2]])
 
-    settling = (await client.delete(f"/v1/jobs/{job_id}")).json()
-    # Two items are still in a worker's hands: not over yet, and no ETA for a cancelled job.
-    assert settling["state"] == "cancelled" and settling["finished"] == 2
-    assert settling["finished_at"] is None and settling["eta_s"] is None
+    ended = (await client.delete(f"/v1/jobs/{job_id}")).json()
+    # Over at once: the two items without a result count as cancelled, none is written.
+    assert (ended["state"], ended["done"], ended["cancelled"], ended["finished"]) == (
+        "cancelled",
+        2,
+        2,
+        4,
+    )
+    assert ended["finished_at"] is not None and ended["eta_s"] is None
+    elapsed = ended["finished_at"] - ended["created_at"]
+    assert ended["rate_per_s"] == pytest.approx(2 / max(elapsed, 1e-3))  # work done, not skips
 
-    # One in-flight item finishes anyway, the other is dropped by its worker.
-    await store.record_many([ok(tasks[2]), cancelled(tasks[3])])
-    over = await wait_status(client, job_id, finished=4)
-    assert (over["done"], over["cancelled"], over["state"]) == (3, 1, "cancelled")
-    assert over["finished_at"] is not None and over["eta_s"] is None
-    elapsed = over["finished_at"] - over["created_at"]
-    assert over["rate_per_s"] == pytest.approx(4 / max(elapsed, 1e-3))
-    await asyncio.sleep(0.2)  # the clock has stopped: a later read says the same
+    # An item already past its download finishes anyway: it moves from cancelled to done.
+    await store.record(ok(tasks[2]))
+    late = (await client.get(f"/v1/jobs/{job_id}")).json()
+    assert (late["done"], late["cancelled"], late["finished"]) == (3, 1, 4)
+    assert late["finished_at"] == ended["finished_at"]  # the clock stopped at the cancel
+    await asyncio.sleep(0.2)
     again = (await client.get(f"/v1/jobs/{job_id}")).json()
-    assert (again["rate_per_s"], again["finished_at"]) == (over["rate_per_s"], over["finished_at"])
+    assert (again["rate_per_s"], again["finished_at"]) == (late["rate_per_s"], late["finished_at"])
 
 
 async def test_cancelling_a_job_whose_items_all_settled_ends_it_at_once(

@@ -8,9 +8,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 from tagpipe_common import keys as K
 from tagpipe_common.keys import RedisKeys
 from tagpipe_common.messages import TagResult, TaskOptions
@@ -24,21 +25,21 @@ from tagpipe_gateway.queue import BacklogCache, Publisher
 from tagpipe_gateway.schemas import JobStatus
 from tagpipe_gateway.settings import GatewaySettings
 from tagpipe_gateway.submit import LeaseLost, Submitter, aw, text
+from tagpipe_gateway.webhook import Webhooks, notify_from_hash
 
 log = logging.getLogger(__name__)
 
-# A job whose items have all finished already ends here; otherwise the ResultStore
-# script stamps `finished_at` when the last (cancelled or in-flight) item settles.
+# Cancel writes nothing per item: the job ends now (`finished_at`), workers drop its
+# remaining items without a result, and a read counts every item without a result
+# as cancelled (`status_from_hash`). Items already past the downloader may still
+# finish and count as done or failed. The webhook watch (webhook.py) is told at once.
 _CANCEL_LUA = """
 local s = redis.call('HGET', KEYS[1], 'state')
 if not s then return false end
 if s == 'completed' or s == 'cancelled' then return s end
 redis.call('HSET', KEYS[1], 'state', 'cancelled', 'cancelled_at', ARGV[1])
-local h = redis.call('HMGET', KEYS[1], 'total', 'done', 'failed', 'cancelled')
-local finished = (tonumber(h[2]) or 0) + (tonumber(h[3]) or 0) + (tonumber(h[4]) or 0)
-if h[1] and finished >= tonumber(h[1]) then
-  redis.call('HSETNX', KEYS[1], 'finished_at', ARGV[1])
-end
+redis.call('HSETNX', KEYS[1], 'finished_at', ARGV[1])
+redis.call('ZADD', KEYS[2], 'XX', ARGV[1], ARGV[2])
 return 'cancelled'
 """
 
@@ -62,37 +63,67 @@ class JobManager:
         self.settings = settings
         self.submitter = Submitter(redis, store, keys, publisher, backlog, settings)
         self._cancel = redis.register_script(_CANCEL_LUA)
+        self.webhooks = Webhooks(redis, keys, settings, self.status)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         # Jobs fully submitted and followed for metrics and expiry: their last result read.
         self._tailing: dict[str, str] = {}
         self._recover_task: asyncio.Task[None] | None = None
 
-    async def create(self, job_id: str, total: int, options: TaskOptions, owner: str) -> None:
+    async def create(
+        self,
+        job_id: str,
+        total: int | None,
+        options: TaskOptions,
+        owner: str,
+        notify_url: str | None = None,
+        extra: Mapping[str, str | int] | None = None,
+        *,
+        idempotency: str | None = None,
+    ) -> None:
+        """Store a new job. `total` None: not known yet (a manifest still being read;
+        its reader sets it). `extra`: more hash fields (a manifest job's). With
+        `idempotency` (its key's Redis key), the key maps to the job for exactly as
+        long as the job's hash lives."""
         key = self.keys.job(job_id)
+        now = time.time()
+        fields: dict[str, str | int | float] = {
+            K.JOB_DONE: 0,
+            K.JOB_FAILED: 0,
+            K.JOB_CANCELLED: 0,
+            K.JOB_SUBMITTED: 0,
+            K.JOB_STATE: K.JOB_STATE_SUBMITTING,
+            K.JOB_CREATED_AT: now,
+            K.JOB_OPTIONS: options.model_dump_json(),
+            K.JOB_OWNER: owner,
+            **(extra or {}),
+        }
+        if total is not None:
+            fields[K.JOB_TOTAL] = total
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(
-                key,
-                mapping={
-                    K.JOB_TOTAL: total,
-                    K.JOB_DONE: 0,
-                    K.JOB_FAILED: 0,
-                    K.JOB_CANCELLED: 0,
-                    K.JOB_SUBMITTED: 0,
-                    K.JOB_STATE: K.JOB_STATE_SUBMITTING,
-                    K.JOB_CREATED_AT: time.time(),
-                    K.JOB_OPTIONS: options.model_dump_json(),
-                    K.JOB_OWNER: owner,
-                },
-            )
+            pipe.hset(key, mapping=fields)
             pipe.expire(key, self.settings.job_ttl_s)
             pipe.sadd(self.keys.submitting_jobs, job_id)
-            # The live view's job list: the newest RECENT_JOBS, whatever their state.
-            pipe.zadd(self.keys.recent_jobs, {job_id: time.time()})
-            pipe.zremrangebyrank(self.keys.recent_jobs, 0, -RECENT_JOBS - 1)
+            self.index(pipe, job_id, owner, now)
+            if notify_url:
+                self.webhooks.watch(pipe, job_id, notify_url)
+            if idempotency is not None:
+                pipe.set(idempotency, job_id, ex=self.settings.job_ttl_s)
             await pipe.execute()
+
+    def index(self, pipe: Pipeline, job_id: str, owner: str, created_at: float) -> None:
+        """Queue the job's entries in the job lists (a creator's pipeline): the live
+        view's newest RECENT_JOBS, and its owner's jobs for `GET /v1/jobs`."""
+        pipe.zadd(self.keys.recent_jobs, {job_id: created_at})
+        pipe.zremrangebyrank(self.keys.recent_jobs, 0, -RECENT_JOBS - 1)
+        mine = self.keys.owner_jobs(owner)
+        pipe.zadd(mine, {job_id: created_at})
+        # Entries older than any job's hash: gone with their jobs.
+        pipe.zremrangebyscore(mine, "-inf", created_at - self.settings.job_ttl_s)
+        pipe.expire(mine, self.settings.job_ttl_s)
 
     def start(self) -> None:
         self._recover_task = asyncio.create_task(self._recover(), name="job-recovery")
+        self.webhooks.start()
 
     async def submit(self, job_id: str) -> None:
         """Publish in the background; the caller has stored the items and created the job."""
@@ -132,6 +163,7 @@ class JobManager:
             with contextlib.suppress(Exception):  # Redis gone: the lease simply expires
                 await self.submitter.release(job_id)
         await self._hand_over_tails()
+        await self.webhooks.close()
 
     async def _hand_over_tails(self) -> None:
         """Give the jobs this gateway was tailing to another one.
@@ -192,6 +224,7 @@ class JobManager:
         # The result stream needs no expiry from here: the ResultStore script gives it
         # the job's on every append, so it expires with the job even if this gateway dies.
         await self.redis.delete(self.keys.job_urls(job_id))
+        await self.webhooks.due_in(job_id, 0)  # over: its webhook (if any) need not wait
 
     async def status(self, job_id: str, owner: str | None = None) -> JobStatus | None:
         """None when the job does not exist, or (given `owner`) belongs to another caller."""
@@ -201,40 +234,13 @@ class JobManager:
         h = {text(k): text(v) for k, v in raw.items()}
         if owner is not None and h.get(K.JOB_OWNER) != owner:
             return None
-        done, failed, cancelled = (
-            int(h.get(f, 0)) for f in (K.JOB_DONE, K.JOB_FAILED, K.JOB_CANCELLED)
-        )
-        finished = done + failed + cancelled
-        total = int(h[K.JOB_TOTAL]) if K.JOB_TOTAL in h else None
-        created = float(h.get(K.JOB_CREATED_AT, time.time()))
-        ended = float(h[K.JOB_FINISHED_AT]) if K.JOB_FINISHED_AT in h else None
-        state = h.get(K.JOB_STATE, K.JOB_STATE_SUBMITTING)
-        # The clock stops when the last item settles (completed or cancelled alike), so
-        # an ended job keeps the rate it ended with; it has no ETA.
-        elapsed = max((ended or time.time()) - created, 1e-3)
-        rate = finished / elapsed if finished else None
-        eta = None
-        if rate and total is not None and state not in FINAL_STATES:
-            eta = max(total - finished, 0) / rate
-        return JobStatus(
-            job_id=job_id,
-            state=state,
-            total=total,
-            submitted=int(h.get(K.JOB_SUBMITTED, 0)),
-            done=done,
-            failed=failed,
-            cancelled=cancelled,
-            finished=finished,
-            rate_per_s=rate,
-            eta_s=eta,
-            created_at=created,
-            finished_at=ended,
-        )
+        return status_from_hash(job_id, h)
 
     async def cancel(self, job_id: str, owner: str) -> JobStatus | None:
         if await self.status(job_id, owner) is None:
             return None
-        state = await self._cancel(keys=[self.keys.job(job_id)], args=[time.time()])
+        keys = [self.keys.job(job_id), self.keys.notify_due]
+        state = await self._cancel(keys=keys, args=[time.time(), job_id])
         if state is None:
             return None
         return await self.status(job_id)
@@ -282,3 +288,44 @@ class JobManager:
         if status is None:
             return True
         return status.state in FINAL_STATES and status.finished >= (status.total or 0)
+
+
+def status_from_hash(job_id: str, h: dict[str, str]) -> JobStatus:
+    """A job's status from its hash (decoded)."""
+    done, failed, cancelled = (
+        int(h.get(f, 0)) for f in (K.JOB_DONE, K.JOB_FAILED, K.JOB_CANCELLED)
+    )
+    total = int(h[K.JOB_TOTAL]) if K.JOB_TOTAL in h else None
+    state = h.get(K.JOB_STATE, K.JOB_STATE_SUBMITTING)
+    if state == K.JOB_STATE_CANCELLED:
+        # Every item without a result is cancelled: dropped unpublished, or by its worker.
+        # A job cancelled before its total was known has the items it published.
+        known = total if total is not None else int(h.get(K.JOB_SUBMITTED, 0))
+        total = max(known, done + failed)
+        cancelled = total - done - failed
+    finished = done + failed + cancelled
+    created = float(h.get(K.JOB_CREATED_AT, time.time()))
+    ended = float(h[K.JOB_FINISHED_AT]) if K.JOB_FINISHED_AT in h else None
+    # The clock stops when the job ends (completed or cancelled alike), so an
+    # ended job keeps the rate it ended with; it has no ETA.
+    elapsed = max((ended or time.time()) - created, 1e-3)
+    # Items worked on per second: a cancel's skipped items are not work done.
+    rate = (done + failed) / elapsed if done + failed else None
+    eta = None
+    if rate and total is not None and state not in FINAL_STATES:
+        eta = max(total - finished, 0) / rate
+    return JobStatus(
+        job_id=job_id,
+        state=state,
+        total=total,
+        submitted=int(h.get(K.JOB_SUBMITTED, 0)),
+        done=done,
+        failed=failed,
+        cancelled=cancelled,
+        finished=finished,
+        rate_per_s=rate,
+        eta_s=eta,
+        created_at=created,
+        finished_at=ended,
+        notify=notify_from_hash(h),
+    )

@@ -169,6 +169,19 @@ class JobCreated(BaseModel):
     reused: bool = Field(False, description="True when an Idempotency-Key matched an earlier job")
 
 
+class JobNotify(BaseModel):
+    """The completion webhook of a job submitted with a `notify_url`."""
+
+    url: str
+    state: Literal["pending", "delivered", "failed"] = Field(
+        description="`pending` until a delivery got a 2xx answer (`delivered`) or retries "
+        "ran out (`failed`, after TAGPIPE_WEBHOOK_GIVE_UP_S)"
+    )
+    attempts: int = Field(description="Deliveries tried so far")
+    last_error: str | None = Field(None, description="Why the last failed attempt failed")
+    delivered_at: float | None = None
+
+
 class JobStatus(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={
@@ -201,7 +214,33 @@ class JobStatus(BaseModel):
     rate_per_s: float | None = Field(description="Finished items per second since creation")
     eta_s: float | None = Field(description="Seconds left at the current rate")
     created_at: float
-    finished_at: float | None = None
+    finished_at: float | None = Field(
+        None, description="When the job ended: its last item settled, or it was cancelled"
+    )
+    notify: JobNotify | None = Field(None, description="The webhook, for a job with a notify_url")
+
+
+class JobList(BaseModel):
+    """A page of the caller's jobs, newest first."""
+
+    jobs: list[JobStatus]
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` for the next page; null on the last page"
+    )
+
+
+class JobEvent(BaseModel):
+    """The body of a completion webhook (POST to the job's `notify_url`).
+
+    Sent at least once: a receiver that answers 2xx late, or not at all, may get the
+    same event again. Dedupe on `event_id` (also the `Tagpipe-Event-Id` header). Verify
+    `Tagpipe-Signature: t=<unix>,v1=<hex>`: hex is HMAC-SHA256 of `<t>.<raw body>` with
+    the gateway's webhook secret; refuse a `t` far from now (replays).
+    """
+
+    event_id: str = Field(description="Stable per job end: the same on every retry")
+    type: Literal["job.completed", "job.cancelled"]
+    job: JobStatus = Field(description="The job's status when it ended")
 
 
 class Health(BaseModel):

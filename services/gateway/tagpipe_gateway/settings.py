@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
+from tagpipe_common.netguard import parse_cidrs
 from tagpipe_common.settings import CommonSettings
 
 
@@ -57,11 +58,39 @@ class GatewaySettings(CommonSettings):
     lease_s: Annotated[int, Field(ge=2, le=600)] = 30
     recover_interval_s: Annotated[float, Field(gt=0, le=600)] = 10.0
 
+    # An Idempotency-Key is held while its upload runs (renewed every third of this,
+    # so a long upload keeps it and a gateway dying mid-upload frees it this soon),
+    # then for the job's life.
+    idempotency_upload_lock_s: Annotated[float, Field(gt=0, le=3600)] = 60.0
+
+    # Completion webhooks (webhook.py). Deliveries are signed with this secret
+    # (HMAC-SHA256, header Tagpipe-Signature); empty: sent unsigned, with a warning.
+    webhook_secret: SecretStr = SecretStr("")
+    webhook_timeout_s: Annotated[float, Field(gt=0, le=120)] = 10.0  # one attempt
+    webhook_poll_s: Annotated[float, Field(gt=0, le=3600)] = 5.0  # a running job's next look
+    webhook_tick_s: Annotated[float, Field(gt=0, le=60)] = 1.0  # how often due jobs are claimed
+    webhook_backoff_base_s: Annotated[float, Field(gt=0, le=3600)] = 2.0
+    webhook_backoff_max_s: Annotated[float, Field(gt=0, le=86400)] = 3600.0
+    # Retries end this long after the first attempt; the job then reads notify.state=failed.
+    webhook_give_up_s: Annotated[float, Field(gt=0, le=30 * 86400)] = 3 * 86400.0
+    # Comma-separated CIDRs exempt from the SSRF guard's private-address block for the
+    # gateway's own outbound connections (webhooks; tests and in-cluster receivers).
+    allow_cidrs: str = ""
+
     @property
     def default_deadline_s(self) -> float:
         """The deadline of a request without `timeout_ms`: never above the maximum
         (a maximum set below 2 s lowers it; a default set above it is refused)."""
         return min(self.realtime_default_timeout_s, self.realtime_timeout_s)
+
+    @field_validator("allow_cidrs")
+    @classmethod
+    def _cidrs(cls, v: str) -> str:
+        try:
+            parse_cidrs(v.split(","))
+        except ValueError as exc:
+            raise ValueError(f"not a list of CIDRs: {exc}") from None
+        return v
 
     @model_validator(mode="after")
     def _default_deadline_within_the_maximum(self) -> GatewaySettings:

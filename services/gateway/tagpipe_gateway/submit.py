@@ -172,7 +172,8 @@ class Submitter:
             entry_id, fields = entries[0]
             start = int(fields[b"s"])
             items: list[list[str | None]] = json.loads(fields[b"b"])
-            await self._submit_batch(job_id, start, items, options)
+            if not await self._submit_batch(job_id, start, items, options):
+                break  # cancelled: the rest is never published (and counts as cancelled)
             cursor = text(entry_id)
             await aw(
                 self.redis.hset(
@@ -188,7 +189,8 @@ class Submitter:
 
     async def _submit_batch(
         self, job_id: str, start: int, items: list[list[str | None]], options: TaskOptions
-    ) -> None:
+    ) -> bool:
+        """Publish one batch; False (nothing published) once the job is cancelled."""
         tasks = [
             DownloadTask(
                 item_id=item_id_for(job_id, cid, start + k),
@@ -201,19 +203,14 @@ class Submitter:
             for k, (url, cid) in enumerate(items)
         ]
         if await self._wait_for_room(job_id) == K.JOB_STATE_CANCELLED:
-            # Never published: these items end here, counted as cancelled.
-            await self.store.record_many(
-                [
-                    TagResult.error(t, ErrorCode.CANCELLED, "job cancelled", source=t.url)
-                    for t in tasks
-                ]
-            )
-            return
+            # No result per item: a cancelled job counts those without one as cancelled.
+            return False
         fresh, dups = await self._dedupe(job_id, start, tasks)
         if dups:
             await self.store.record_many(dups)
         await self._publish(job_id, fresh)
         self.backlog.note_published(len(fresh))
+        return True
 
     async def _publish(self, job_id: str, tasks: list[DownloadTask]) -> None:
         """Publish a batch, again whole after a transient failure: the items' Msg-Ids

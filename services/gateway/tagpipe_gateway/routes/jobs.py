@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import re
 import secrets
@@ -10,10 +12,12 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
+from tagpipe_common.errors import PermanentError
 from tagpipe_common.messages import TaskOptions
 
 from tagpipe_gateway.deps import PrincipalDep, RuntimeDep
 from tagpipe_gateway.intake import NDJSON_TYPES, Spool, spool_json_array, spool_ndjson
+from tagpipe_gateway.joblist import Cursor, list_jobs
 from tagpipe_gateway.jobs import FINAL_STATES
 from tagpipe_gateway.openapi import ref
 from tagpipe_gateway.problems import ProblemCode, ProblemError, field_error, problem_responses
@@ -21,11 +25,14 @@ from tagpipe_gateway.runtime import Runtime
 from tagpipe_gateway.schemas import (
     JobCreated,
     JobItem,
+    JobList,
     JobResultLine,
     JobResultsPage,
+    JobState,
     JobStatus,
     JobUpload,
 )
+from tagpipe_gateway.webhook import vet_notify_url
 
 router = APIRouter(prefix="/v1/jobs", tags=["bulk"])
 
@@ -65,8 +72,19 @@ _SUBMIT_DOC = (
     "is read, and items are published in the background. `id` is your item id: a "
     "repeated id is one item. A URL repeated within a job ends as error `duplicate_url` "
     "naming the first item. With an `Idempotency-Key`, a retried submission returns the "
-    "same job (200, `reused`)."
+    "same job (200, `reused`) for as long as the job exists; while the first upload of "
+    "that key is still being read, a retry gets 409."
 )
+NotifyQuery = Annotated[
+    str | None,
+    Query(
+        max_length=2048,
+        description="An http(s) URL to POST a signed `JobEvent` to when the job ends "
+        "(completed or cancelled), at least once; see the `job-ended` webhook. A URL "
+        "whose host is a private address is refused",
+        examples=["https://hooks.example.com/tagpipe"],
+    ),
+]
 _SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"model": JobCreated, "description": "Idempotent replay"},
     **problem_responses(401, 409, 413, 415, 422, 503),
@@ -177,12 +195,15 @@ async def submit_job(
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
     top_k: Annotated[int, Query(ge=1, le=100)] = 5,
     min_score: Annotated[float, Query(ge=0.0, le=1.0)] = 0.0,
+    notify_url: NotifyQuery = None,
 ) -> JobCreated:
+    if notify_url is not None:
+        await _vet_notify_url(rt, notify_url)
     job_id = _job_id(principal, idempotency_key)
     idem = rt.keys.idempotency(f"{principal}:{idempotency_key}") if idempotency_key else None
-    # A short TTL while uploading: a gateway dying mid-upload must not block retries for long.
-    upload_ttl = 600
-    if idem is not None and not await rt.redis.set(idem, job_id, nx=True, ex=upload_ttl):
+    # Held while the upload runs, then for the job's life (JobManager.create).
+    lock_ms = int(rt.settings.idempotency_upload_lock_s * 1000)
+    if idem is not None and not await rt.redis.set(idem, job_id, nx=True, px=lock_ms):
         status = await rt.jobs.status(job_id, principal)
         if status is None:
             raise ProblemError(
@@ -194,19 +215,48 @@ async def submit_job(
         response.status_code = 200
         return _created(status, reused=True)
     try:
-        total = await _read_items(request, rt, job_id)
+        async with _holding(rt, idem, lock_ms):
+            total = await _read_items(request, rt, job_id)
     except BaseException:
         if idem is not None:
             await rt.redis.delete(idem)
         raise
-    await rt.jobs.create(job_id, total, TaskOptions(top_k=top_k, min_score=min_score), principal)
-    if idem is not None:
-        await rt.redis.expire(idem, rt.settings.job_ttl_s)
+    options = TaskOptions(top_k=top_k, min_score=min_score)
+    await rt.jobs.create(job_id, total, options, principal, notify_url, idempotency=idem)
     await rt.jobs.submit(job_id)
     await rt.store.durability.confirm(rt.redis)  # a 202 survives the primary's loss
     status = await rt.jobs.status(job_id)
     assert status is not None
     return _created(status, reused=False)
+
+
+@contextlib.asynccontextmanager
+async def _holding(rt: Runtime, idem: str | None, lock_ms: int) -> AsyncIterator[None]:
+    """Keep an Idempotency-Key locked while an upload of any length runs; a gateway
+    that dies mid-upload stops renewing, and the key frees `lock_ms` later."""
+
+    async def renew() -> None:
+        assert idem is not None
+        while True:
+            await asyncio.sleep(lock_ms / 3000)
+            with contextlib.suppress(Exception):  # Redis away: the upload fails anyway
+                await rt.redis.pexpire(idem, lock_ms)
+
+    task = asyncio.create_task(renew()) if idem is not None else None
+    try:
+        yield
+    finally:
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def _vet_notify_url(rt: Runtime, url: str) -> None:
+    try:
+        await vet_notify_url(url, rt.jobs.webhooks.allow, rt.settings.webhook_timeout_s)
+    except PermanentError as exc:
+        field_error(("query", "notify_url"), f"{exc.code}: {exc.message}")
 
 
 async def _status_or_404(rt: Runtime, job_id: str, principal: str) -> JobStatus:
@@ -215,6 +265,32 @@ async def _status_or_404(rt: Runtime, job_id: str, principal: str) -> JobStatus:
     if status is None:
         raise ProblemError(404, ProblemCode.NOT_FOUND, "Unknown job", f"no job {job_id}")
     return status
+
+
+@router.get(
+    "",
+    response_model=JobList,
+    summary="List your jobs",
+    description=(
+        "Your jobs (those of your API key), newest first, `limit` at a time; pass "
+        "`next_cursor` as `cursor` for the next page until it is null. `state` keeps "
+        "only the jobs in that state. Jobs are listed until they expire."
+    ),
+    responses=problem_responses(401, 422, 503),
+)
+async def list_my_jobs(
+    rt: RuntimeDep,
+    principal: PrincipalDep,
+    state: Annotated[JobState | None, Query(description="Only jobs in this state")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page")] = None,
+) -> JobList:
+    after = None
+    if cursor is not None:
+        after = Cursor.parse(cursor)
+        if after is None:
+            field_error(("query", "cursor"), "not a cursor from this API")
+    return await list_jobs(rt.redis, rt.keys, principal, state, limit, after)
 
 
 @router.get(
@@ -320,7 +396,12 @@ async def get_job_results_page(
     "/{job_id}",
     response_model=JobStatus,
     summary="Cancel a job",
-    description="Items not started yet end as `cancelled`; finished ones keep their results.",
+    description=(
+        "The job ends at once (`cancelled`, with `finished_at`). Items not tagged yet are "
+        "dropped without a result and counted in `cancelled`; finished ones keep their "
+        "results, and items already past download may still finish (moving from "
+        "`cancelled` to `done` or `failed`). Cancelling an ended job changes nothing."
+    ),
     responses=problem_responses(401, 404, 422, 503),
 )
 async def cancel_job(job_id: str, rt: RuntimeDep, principal: PrincipalDep) -> JobStatus:
