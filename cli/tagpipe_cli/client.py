@@ -37,8 +37,17 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.set_defaults(func=cmd_tag)
 
     job = subparsers.add_parser("job", help="bulk jobs").add_subparsers(dest="job_cmd")
-    s = job.add_parser("submit", parents=[common], help="submit a file of URLs (or NDJSON)")
-    s.add_argument("file", type=Path, help="one URL per line, or NDJSON {url, id}; - for stdin")
+    s = job.add_parser(
+        "submit",
+        parents=[common],
+        help="submit a file of URLs (or NDJSON), or a manifest in storage (--source)",
+    )
+    s.add_argument(
+        "file", type=Path, nargs="?", help="one URL per line, or NDJSON {url, id}; - for stdin"
+    )
+    s.add_argument("--source", help="instead of FILE: the manifest, s3://bucket/key or https://")
+    s.add_argument("--output", help="with --source: the results' prefix, s3://bucket/prefix/")
+    s.add_argument("--notify-url", help="POSTed a signed event when the job ends")
     s.add_argument("--top-k", type=int, default=5)
     s.add_argument("--idempotency-key")
     s.add_argument("--no-wait", action="store_true", help="print the job id and return")
@@ -162,20 +171,31 @@ def is_over(s: dict[str, Any]) -> bool:
     return s["state"] in FINAL and s["finished"] >= (s.get("total") or 0)
 
 
+def _submit(http: httpx.Client, args: argparse.Namespace) -> Any:
+    """POST /v1/jobs with the file, or POST /v1/manifest-jobs naming a manifest."""
+    if (args.file is None) == (args.source is None) or (args.source is None) != (
+        args.output is None
+    ):
+        raise ApiError("give either FILE, or --source and --output (a manifest job)")
+    headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else {}
+    params = {"top_k": args.top_k}
+    if args.source is not None:
+        body = {"source": args.source, "output": args.output}
+        if args.notify_url:
+            body["notify_url"] = args.notify_url
+        r = http.post("/v1/manifest-jobs", json=body, headers=headers, params=params)
+        return _check(r)
+    if args.notify_url:
+        params["notify_url"] = args.notify_url
+    headers["Content-Type"] = "application/x-ndjson"
+    content = ndjson_lines(args.file)
+    return _check(http.post("/v1/jobs", content=content, headers=headers, params=params))
+
+
 @_guarded
 def cmd_submit(args: argparse.Namespace) -> int:
-    headers = {"Content-Type": "application/x-ndjson"}
-    if args.idempotency_key:
-        headers["Idempotency-Key"] = args.idempotency_key
     with _client(args) as http:
-        job = _check(
-            http.post(
-                "/v1/jobs",
-                content=ndjson_lines(args.file),
-                headers=headers,
-                params={"top_k": args.top_k},
-            )
-        )
+        job = _submit(http, args)
         print(job["job_id"], flush=True)
         if args.no_wait:
             return 0

@@ -38,6 +38,9 @@ class ErrorCode(StrEnum):
     DEADLINE_EXCEEDED = "deadline_exceeded"
     # Bulk: the same URL appeared earlier in the job; the message names that item.
     DUPLICATE_URL = "duplicate_url"
+    # Manifest job: the manifest could not be read on from this item (deleted, access
+    # revoked, corrupt gzip); the job ends here, the message says why.
+    MANIFEST_UNREADABLE = "manifest_unreadable"
     BAD_MESSAGE = "bad_message"
 
 

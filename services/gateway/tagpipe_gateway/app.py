@@ -15,7 +15,7 @@ from tagpipe_gateway.early import EarlyAdmission
 from tagpipe_gateway.load import LoadReporter
 from tagpipe_gateway.metrics import install_middleware
 from tagpipe_gateway.problems import install_handlers
-from tagpipe_gateway.routes import health, jobs, pipeline, tags
+from tagpipe_gateway.routes import health, jobs, manifest_jobs, pipeline, tags
 from tagpipe_gateway.runtime import Runtime
 from tagpipe_gateway.settings import GatewaySettings
 
@@ -59,6 +59,7 @@ def create_app(settings: GatewaySettings, api_keys: ApiKeys | None = None) -> Fa
     app.include_router(health.router)
     app.include_router(tags.router)
     app.include_router(jobs.router)
+    app.include_router(manifest_jobs.router)
     app.include_router(pipeline.router)
     openapi.install(app)
     return app

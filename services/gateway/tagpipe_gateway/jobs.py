@@ -20,6 +20,7 @@ from tagpipe_common.outage import describe, is_transient
 from tagpipe_common.redis_io import XREAD_BLOCK_MS
 from tagpipe_common.results import ResultStore
 
+from tagpipe_gateway.manifest import ManifestReader
 from tagpipe_gateway.metrics import observe_item
 from tagpipe_gateway.queue import BacklogCache, Publisher
 from tagpipe_gateway.schemas import JobStatus
@@ -62,6 +63,7 @@ class JobManager:
         self.keys = keys
         self.settings = settings
         self.submitter = Submitter(redis, store, keys, publisher, backlog, settings)
+        self.manifests = ManifestReader(self.submitter)  # manifest jobs' items (manifest.py)
         self._cancel = redis.register_script(_CANCEL_LUA)
         self.webhooks = Webhooks(redis, keys, settings, self.status)
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -189,7 +191,10 @@ class JobManager:
 
     async def _run(self, job_id: str) -> None:
         try:
-            state = await self.submitter.run(job_id)
+            if await self.manifests.is_manifest(job_id):
+                state = await self.manifests.run(job_id)
+            else:
+                state = await self.submitter.run(job_id)
             log.info("job %s fully submitted; state %s", job_id, state)
             await self._tail(job_id)
         except asyncio.CancelledError:

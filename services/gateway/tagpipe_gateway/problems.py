@@ -41,6 +41,14 @@ class ProblemCode(StrEnum):
     NOT_FOUND = "not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     CONFLICT = "conflict"
+    # Manifest jobs (POST /v1/manifest-jobs), all 422: the manifest does not exist, the
+    # gateway's credentials may not read it, or it cannot be read (not gzip, a store
+    # error); the output prefix is not writable; an address the SSRF guard refuses.
+    SOURCE_NOT_FOUND = "source_not_found"
+    SOURCE_DENIED = "source_denied"
+    SOURCE_UNREADABLE = "source_unreadable"
+    OUTPUT_NOT_WRITABLE = "output_not_writable"
+    BLOCKED_ADDRESS = "blocked_address"
     REDIS_UNAVAILABLE = "redis_unavailable"
     NATS_UNAVAILABLE = "nats_unavailable"
     NOT_READY = "not_ready"

@@ -122,6 +122,38 @@ class JobItem(BaseModel):
     id: Annotated[str, Field(min_length=1, max_length=128)] | None = None
 
 
+class ManifestJobRequest(BaseModel):
+    """`POST /v1/manifest-jobs`: a job whose items are the lines of an object in storage."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "source": "s3://catalog/2026-12/urls.jsonl.gz",
+                    "output": "s3://catalog-tags/2026-12/",
+                    "notify_url": "https://hooks.example.com/tagpipe",
+                }
+            ]
+        },
+    )
+
+    source: Annotated[
+        str, Field(pattern=r"^(s3://[^/?#]+/[^?#]+|https://\S+)$", max_length=4096)
+    ] = Field(description="The manifest: `s3://bucket/key` or an `https://` URL")
+    output: Annotated[str, Field(pattern=r"^s3://[^/?#]+(/[^?#]*)?$", max_length=1024)] = Field(
+        description="Where the results go: an `s3://bucket/prefix/` the gateway may write"
+    )
+    notify_url: Annotated[str, Field(min_length=1, max_length=4096)] | None = Field(
+        None, description="Called once the job ends (see JobEvent)"
+    )
+
+    @property
+    def output_prefix(self) -> str:
+        """The output, ending with "/": the shards' common prefix."""
+        return self.output if self.output.endswith("/") else self.output + "/"
+
+
 class JobUpload(BaseModel):
     """`POST /v1/jobs` as multipart/form-data: the item list as an NDJSON `file`."""
 

@@ -58,6 +58,14 @@ class GatewaySettings(CommonSettings):
     lease_s: Annotated[int, Field(ge=2, le=600)] = 30
     recover_interval_s: Annotated[float, Field(gt=0, le=600)] = 10.0
 
+    # Manifest jobs (manifest.py): lines parsed, published and checkpointed together;
+    # the distinct URLs remembered for `duplicate_url` (about 110 bytes each, per job
+    # being read); the items per output shard. A manifest's https:// source and a
+    # job's notify_url pass the SSRF guard, with `allow_cidrs` exempt.
+    manifest_chunk_items: Annotated[int, Field(ge=1, le=100_000)] = 1000
+    manifest_dedupe_window: Annotated[int, Field(ge=0, le=10_000_000)] = 100_000
+    shard_size: Annotated[int, Field(ge=1, le=10_000_000)] = 10_000
+
     # An Idempotency-Key is held while its upload runs (renewed every third of this,
     # so a long upload keeps it and a gateway dying mid-upload frees it this soon),
     # then for the job's life.
