@@ -63,6 +63,12 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     c = job.add_parser("cancel", parents=[common], help="cancel a job")
     c.add_argument("job_id")
     c.set_defaults(func=cmd_cancel)
+    ls = job.add_parser("list", parents=[common], help="your jobs, newest first")
+    ls.add_argument("--state", choices=["submitting", "running", "completed", "cancelled"])
+    ls.add_argument("--limit", type=int, default=20, help="how many jobs (default 20)")
+    ls.add_argument("--all", action="store_true", help="every job, page after page")
+    ls.add_argument("--json", action="store_true", help="print the jobs as JSON lines")
+    ls.set_defaults(func=cmd_list)
 
 
 def _client(args: argparse.Namespace) -> httpx.Client:
@@ -249,4 +255,37 @@ def _job_over(args: argparse.Namespace) -> bool:
 def cmd_cancel(args: argparse.Namespace) -> int:
     with _client(args) as http:
         print(json.dumps(_check(http.delete(f"/v1/jobs/{args.job_id}")), indent=2))
+    return 0
+
+
+def format_jobs(jobs: list[dict[str, Any]]) -> str:
+    """`tagpipe job list`'s table: one job a row."""
+    rows = [("JOB", "STATE", "DONE/TOTAL", "FAILED", "CANCELLED", "CREATED (UTC)", "WEBHOOK")]
+    for j in jobs:
+        total = "?" if j.get("total") is None else str(j["total"])
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(j["created_at"]))
+        hook = (j.get("notify") or {}).get("state", "-")
+        row = (j["job_id"], j["state"], f"{j['done']}/{total}", str(j["failed"]))
+        rows.append((*row, str(j["cancelled"]), created, hook))
+    width = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, width, strict=True)).rstrip() for r in rows
+    )
+
+
+@_guarded
+def cmd_list(args: argparse.Namespace) -> int:
+    jobs: list[dict[str, Any]] = []
+    params: dict[str, str | int] = {"limit": min(args.limit, 1000)}
+    if args.state:
+        params["state"] = args.state
+    with _client(args) as http:
+        while True:
+            page = _check(http.get("/v1/jobs", params=params))
+            jobs += page["jobs"]
+            if page["next_cursor"] is None or (not args.all and len(jobs) >= args.limit):
+                break
+            params["cursor"] = page["next_cursor"]
+    jobs = jobs if args.all else jobs[: args.limit]
+    print("\n".join(json.dumps(j) for j in jobs) if args.json else format_jobs(jobs))
     return 0
