@@ -24,7 +24,10 @@ from tagpipe_cli.stack import Stack, StackConfig
 
 from bench.imageserver import ImageServer
 from tests.integration.test_stack_e2e import CAT_JPEG, CAT_WORDS, COFFEE_JPEG, COFFEE_WORDS
+from tests.s3kit import moto_s3, s3_client
 from tests.tools import BackgroundImageServer
+
+__all__ = ["moto_s3"]  # the fixture, imported for pytest
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -82,7 +85,9 @@ def images() -> Iterator[ImageServer]:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[Stack]:
+def stack(
+    tmp_path_factory: pytest.TempPathFactory, model_dir: Path, moto_s3: dict[str, str]
+) -> Iterator[Stack]:
     config = StackConfig(
         data_dir=tmp_path_factory.mktemp("stack"),
         model_dir=model_dir,
@@ -92,6 +97,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator
             "TAGPIPE_REALTIME_TIMEOUT_S": "60",
             "TAGPIPE_REALTIME_DEFAULT_TIMEOUT_S": "60",
             "TAGPIPE_API_KEYS": KEY,
+            **moto_s3,  # manifest jobs: the manifest and the output in a local S3
         },
     )
     with Stack(config) as running:
@@ -209,3 +215,29 @@ def test_errors_are_typed_problems(api: SimpleNamespace, client: Any) -> None:
     assert isinstance(bad_cursor, m.Problem) and bad_cursor.status == 422
     ids = {p.request_id for p in (invalid, missing, bad_cursor)}
     assert len(ids) == 3 and all(isinstance(i, str) and len(i) == 32 for i in ids)
+
+
+def test_a_manifest_job_from_s3_to_sharded_output(
+    api: SimpleNamespace, client: Any, images: ImageServer, moto_s3: dict[str, str]
+) -> None:
+    m, s3 = api.models, s3_client(moto_s3)
+    s3.create_bucket(Bucket="manifests")
+    lines = [
+        json.dumps({"url": images.url(f"/img/chelsea.jpg?m={i}"), "id": f"m-{i}"}) for i in range(3)
+    ]
+    lines.append("not a url")  # seq 3: malformed, an invalid_url result; the job goes on
+    s3.put_object(Bucket="manifests", Key="m.jsonl", Body="\n".join(lines).encode())
+    request = m.ManifestJobRequest(source="s3://manifests/m.jsonl", output="s3://manifests/out")
+    job = api.submit_manifest_job.sync(client=client, body=request, top_k=2)
+    assert isinstance(job, m.JobCreated) and str(job.state) == "submitting", job
+
+    status = follow(lambda: api.get_job.sync(job.job_id, client=client), ended)
+    assert (status.total, status.done, status.failed, str(status.state)) == (4, 3, 1, "completed")
+    summary = json.loads(s3.get_object(Bucket="manifests", Key="out/_manifest.json")["Body"].read())
+    assert [sh["lines"] for sh in summary["shards"]] == [4], summary
+
+    refused = api.submit_manifest_job.sync(
+        client=client,
+        body=m.ManifestJobRequest(source="s3://manifests/none.jsonl", output="s3://manifests/o/"),
+    )
+    assert isinstance(refused, m.Problem) and str(refused.code) == "source_not_found", refused
