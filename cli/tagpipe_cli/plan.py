@@ -17,8 +17,8 @@ from typing import Any
 
 from tagpipe_common.subjects import Stage
 
+from tagpipe_cli import partitionplan, streamplan
 from tagpipe_cli import rates as rates_mod
-from tagpipe_cli import streamplan
 from tagpipe_cli.rates import Rate, StageRates
 
 # A T4 node shaped like AWS g4dn.4xlarge: 1 GPU, 16 vCPU.
@@ -248,6 +248,12 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="the inference hop encoding, for the INFER stream's bytes (default raw, the CRD's)",
     )
     p.add_argument("--stream-replicas", type=int, default=3, help="JetStream R (default 3)")
+    p.add_argument(
+        "--nats-cores-per-node",
+        type=float,
+        default=partitionplan.DEFAULT_NATS_CORES_PER_NODE,
+        help="nats-server CPU budget per node, for the partitions per stage (default 1 core)",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     rates_mod.add_rate_flags(p)
     p.set_defaults(func=run)
@@ -267,6 +273,12 @@ def run(args: argparse.Namespace) -> int:
             )
         )
         flows = scenario_flows(plan, args.hop, args.stream_replicas, args.results_dir)
+        budget = args.nats_cores_per_node
+        parts = {
+            name: partitionplan.advise_all(fl, args.hop, args.results_dir, budget)
+            for name, fl in flows.items()
+            if (args.results_dir / "streams.json").is_file()  # else: no measured costs
+        }
     except (ValueError, OSError, KeyError) as exc:
         print(f"tagpipe plan: {exc}")
         return 2
@@ -274,18 +286,36 @@ def run(args: argparse.Namespace) -> int:
         out = plan_to_json(plan)
         for sc_out, name in zip(out["scenarios"], flows, strict=True):
             sc_out["streams"] = [asdict(f) | _load_rates(f) for f in flows[name]]
+            if name in parts:
+                sc_out["partitions"] = _partitions_json(parts[name], budget, args.stream_replicas)
         print(json.dumps(out, indent=2))
         return 0
     print(render_table(plan))
     for name, fl in flows.items():
         print(f"\n== flow control and streams at {plan.rate:,.0f} msgs/s peak, {name} ==")
         print("\n".join(streamplan.render_flows(fl)))
+        print(f"\n== partitions per stage, {name} ==")
+        if name not in parts:
+            print(f"  no {args.results_dir / 'streams.json'}: `make bench-streams` measures it")
+            continue
+        print("\n".join(partitionplan.render(parts[name], budget, args.stream_replicas)))
     print(f"\n  inference hop: {args.hop} ({hop_source(args.hop, args.results_dir)})")
     return 0
 
 
 def hop_source(hop: str, results_dir: Path) -> str:
     return streamplan.inference_task_bytes(hop, results_dir)[1]
+
+
+def _partitions_json(
+    advice: list[partitionplan.PartitionAdvice], budget: float, replicas: int
+) -> dict[str, Any]:
+    return {
+        "recommended": max((a.partitions for a in advice), default=1),
+        "nats_cores_per_node": budget,
+        "nats_servers": partitionplan.servers_needed(advice, budget, replicas),
+        "streams": [asdict(a) | {"partitions": a.partitions} for a in advice],
+    }
 
 
 def _load_rates(f: streamplan.StageFlow) -> dict[str, float]:

@@ -251,6 +251,8 @@ class Stack:
             load_settings(CommonSettings, prefix=self.config.prefix)
         )
         policy = replace(policy, replicas=self.stream_replicas)
+        if "TAGPIPE_PARTITIONS" in self.config.env:  # the services' env wins over ours
+            policy = replace(policy, partitions=int(self.config.env["TAGPIPE_PARTITIONS"]))
         urls = self.nats_url.split(",")
 
         async def ensure() -> None:

@@ -12,7 +12,8 @@ on an existing consumer, so whoever applies these limits must replace the
 consumer when it grows.
 
 Where one consumer would have to hold more than `MAX_PER_CONSUMER`, a stage is
-split into partitions (several streams), each with its share.
+split into partitions (several streams, subjects.partition_names), each with its
+share plus `PARTITION_SKEW`: items spread by a hash, never exactly evenly.
 """
 
 from __future__ import annotations
@@ -33,6 +34,12 @@ consumer leader keeps and replicates (R3); beyond this a stage gets partitions
 instead. It is the bound the settings always had (TAGPIPE_MAX_ACK_PENDING)."""
 
 
+PARTITION_SKEW = 1.2
+"""A partition's consumer holds this much more than an even share (capped at
+MAX_PER_CONSUMER): a hash spreads a job's items unevenly, and a tier that finds
+one partition fuller than the others may hold more of it for a while."""
+
+
 @dataclass(frozen=True)
 class ConsumerLimits:
     max_ack_pending: int
@@ -40,17 +47,36 @@ class ConsumerLimits:
     partitions: int = 1
 
 
-def consumer_limits(max_replicas: int, slots: int) -> ConsumerLimits:
-    """Limits for one stage's consumers, and how many partitions it needs.
-
-    `slots`: messages one busy replica holds unacked (downloader concurrency,
-    inference two batches). Each partition's consumer gets an equal share.
-    """
+def in_flight(max_replicas: int, slots: int) -> int:
+    """Messages a stage's tier may hold unacked at its maximum, with headroom."""
     if max_replicas < 1 or slots < 1:
         raise ValueError(f"replicas ({max_replicas}) and slots ({slots}) must be >= 1")
-    need = math.ceil(HEADROOM * max_replicas * slots)
-    partitions = math.ceil(need / MAX_PER_CONSUMER)
+    return math.ceil(HEADROOM * max_replicas * slots)
+
+
+def partitions_needed(max_replicas: int, slots: int) -> int:
+    """The fewest partitions whose consumers hold a stage's in-flight work."""
+    return math.ceil(in_flight(max_replicas, slots) / MAX_PER_CONSUMER)
+
+
+def consumer_limits(max_replicas: int, slots: int, partitions: int | None = None) -> ConsumerLimits:
+    """Limits for each of one stage's consumers (one per partition and lane).
+
+    `slots`: messages one busy replica holds unacked (downloader concurrency,
+    inference two batches). `partitions`: how many the stage has; None, as many
+    as it needs. With one partition the consumer holds the whole stage; with
+    several each holds an even share plus PARTITION_SKEW. Fewer partitions than
+    `partitions_needed` leave a share above MAX_PER_CONSUMER: callers refuse
+    that (operator flow.problems), they never cap it silently.
+    """
+    need = in_flight(max_replicas, slots)
+    if partitions is None:
+        partitions = partitions_needed(max_replicas, slots)
+    if partitions < 1:
+        raise ValueError(f"partitions must be >= 1, got {partitions}")
     share = math.ceil(need / partitions)
+    if partitions > 1:
+        share = max(share, min(MAX_PER_CONSUMER, math.ceil(share * PARTITION_SKEW)))
     return ConsumerLimits(
         max_ack_pending=max(FLOOR_ACK_PENDING, share),
         max_waiting=max(FLOOR_WAITING, share),
@@ -93,8 +119,11 @@ __all__ = [
     "FLOOR_WAITING",
     "HEADROOM",
     "MAX_PER_CONSUMER",
+    "PARTITION_SKEW",
     "ConsumerLimits",
     "StreamLoad",
     "check_override",
     "consumer_limits",
+    "in_flight",
+    "partitions_needed",
 ]

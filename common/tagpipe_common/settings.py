@@ -25,6 +25,7 @@ from tagpipe_common.redis_io import (
 )
 
 ENV_PREFIX = "TAGPIPE_"
+MAX_PARTITIONS = 32
 
 
 class CommonSettings(BaseSettings):
@@ -70,6 +71,10 @@ class CommonSettings(BaseSettings):
     max_msg_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 8 * 1024 * 1024
     stream_max_msgs: Annotated[int, Field(ge=-1)] = -1
     stream_replicas: Annotated[int, Field(ge=1, le=5)] = 1
+    # Streams per stage (subjects.partition_names): publishers spread items over
+    # them by item id, workers pull from every one. Streams, publishers and
+    # workers must agree on it (the operator sets it from spec.nats.partitions).
+    partitions: Annotated[int, Field(ge=1, le=MAX_PARTITIONS)] = 1
     # How long inference's tags answer byte-identical images (tagcache.py); the
     # switch is the downloader's TAGPIPE_CONTENT_DEDUPE.
     content_dedupe_ttl_s: Annotated[int, Field(ge=1, le=30 * 86400)] = 86400

@@ -28,7 +28,7 @@ from nats.js.errors import NotFoundError
 
 from tagpipe_common.flowlimits import ConsumerLimits
 from tagpipe_common.settings import CommonSettings
-from tagpipe_common.subjects import LANES, Lane, Stage, stage_names
+from tagpipe_common.subjects import LANES, Lane, Stage, StageNames, partition_names
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,8 @@ class StreamPolicy:
     max_msg_bytes: int = 8 * 1024 * 1024
     max_msgs: int = -1
     replicas: int = 1
+    # Streams per stage (subjects.partition_names); 1 is the unpartitioned pipeline.
+    partitions: int = 1
     # Downloads can be slow; the downloader also extends leases with in_progress().
     ack_wait_overrides: dict[Stage, float] = field(default_factory=lambda: {Stage.DOWNLOAD: 60.0})
     # Per-stage limits that follow the deployment (flowlimits.consumer_limits); a
@@ -59,10 +61,15 @@ class StreamPolicy:
             max_msg_bytes=s.max_msg_bytes,
             max_msgs=s.stream_max_msgs,
             replicas=s.stream_replicas,
+            partitions=s.partitions,
         )
 
-    def stream_config(self, stage: Stage) -> StreamConfig:
-        names = stage_names(stage, self.prefix)
+    def names(self, stage: Stage) -> list[StageNames]:
+        """Each partition's names for `stage`, partition 0 first."""
+        return partition_names(stage, self.prefix, self.partitions)
+
+    def stream_config(self, stage: Stage, partition: int = 0) -> StreamConfig:
+        names = self.names(stage)[partition]
         return StreamConfig(
             name=names.stream,
             subjects=names.subjects,
@@ -75,8 +82,8 @@ class StreamPolicy:
             num_replicas=self.replicas,
         )
 
-    def consumer_config(self, stage: Stage, lane: Lane) -> ConsumerConfig:
-        names = stage_names(stage, self.prefix)
+    def consumer_config(self, stage: Stage, lane: Lane, partition: int = 0) -> ConsumerConfig:
+        names = self.names(stage)[partition]
         lim = self.limits.get(stage, ConsumerLimits(self.max_ack_pending, self.max_waiting))
         return ConsumerConfig(
             durable_name=names.consumer(lane),
@@ -91,18 +98,21 @@ class StreamPolicy:
 
 
 async def ensure_streams(js: JetStreamContext, policy: StreamPolicy) -> None:
-    """Create or update every stream and durable consumer. Safe to call repeatedly."""
+    """Create or update every partition's stream and durable consumers. Safe to
+    call repeatedly; raising the partition count adds streams, and the workers
+    and publishers that read the same count use them."""
     for stage in Stage:
-        cfg = policy.stream_config(stage)
-        assert cfg.name is not None
-        try:
-            await js.stream_info(cfg.name)
-        except NotFoundError:
-            await js.add_stream(cfg)
-        else:
-            await js.update_stream(cfg)
-        for lane in LANES:
-            await ensure_consumer(js, cfg.name, policy.consumer_config(stage, lane))
+        for part in range(policy.partitions):
+            cfg = policy.stream_config(stage, part)
+            assert cfg.name is not None
+            try:
+                await js.stream_info(cfg.name)
+            except NotFoundError:
+                await js.add_stream(cfg)
+            else:
+                await js.update_stream(cfg)
+            for lane in LANES:
+                await ensure_consumer(js, cfg.name, policy.consumer_config(stage, lane, part))
 
 
 async def ensure_consumer(js: JetStreamContext, stream: str, want: ConsumerConfig) -> None:
@@ -154,34 +164,50 @@ async def replace_consumer(
     await js.add_consumer(stream, want)
 
 
-async def delete_streams(js: JetStreamContext, prefix: str) -> list[str]:
-    """Remove a pipeline's streams (deletionPolicy: Delete). Returns what was deleted."""
+async def delete_streams(js: JetStreamContext, prefix: str, partitions: int = 1) -> list[str]:
+    """Remove a pipeline's streams (deletionPolicy: Delete). Returns what was deleted.
+
+    Past `partitions` it goes on while further partitions exist, so streams left
+    by a higher count set earlier go too."""
     deleted = []
     for stage in Stage:
-        name = stage_names(stage, prefix).stream
-        try:
-            await js.delete_stream(name)
-        except NotFoundError:
-            continue
-        deleted.append(name)
+        k = 0
+        while True:
+            name = partition_names(stage, prefix, k + 1)[k].stream
+            try:
+                await js.delete_stream(name)
+            except NotFoundError:
+                if k >= partitions - 1:
+                    break
+            else:
+                deleted.append(name)
+            k += 1
     return deleted
 
 
-async def consumer_backlog(js: JetStreamContext, stage: Stage, lane: Lane, prefix: str) -> int:
-    """KEDA's lag: pending plus delivered-but-unacked (waiting for redelivery).
+async def consumer_backlog(
+    js: JetStreamContext, stage: Stage, lane: Lane, prefix: str, partitions: int = 1
+) -> int:
+    """KEDA's lag: pending plus delivered-but-unacked (waiting for redelivery),
+    summed over the stage's partitions.
 
     Read through the JetStream API, which the consumer leader answers, never a
     monitoring endpoint of an arbitrary node (stale follower reads, keda#3860).
-    Raises NotFoundError when the consumer is missing: callers must hold, not
+    Raises NotFoundError when a consumer is missing: callers must hold, not
     guess (keda#7668 scaled to max on exactly that).
     """
-    names = stage_names(stage, prefix)
-    info = await js.consumer_info(names.stream, names.consumer(lane))
-    return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+    reads = [
+        js.consumer_info(n.stream, n.consumer(lane))
+        for n in partition_names(stage, prefix, partitions)
+    ]
+    infos = await asyncio.gather(*reads)
+    return sum(int(i.num_pending or 0) + int(i.num_ack_pending or 0) for i in infos)
 
 
-async def stage_backlog(js: JetStreamContext, stage: Stage, prefix: str) -> int:
-    reads = [consumer_backlog(js, stage, lane, prefix) for lane in LANES]
+async def stage_backlog(
+    js: JetStreamContext, stage: Stage, prefix: str, partitions: int = 1
+) -> int:
+    reads = [consumer_backlog(js, stage, lane, prefix, partitions) for lane in LANES]
     return sum(await asyncio.gather(*reads))
 
 
@@ -199,18 +225,23 @@ class StageCounters:
     """Delivered and not yet acked, over the stage's consumers."""
 
 
-async def stage_counters(js: JetStreamContext, stage: Stage, prefix: str) -> StageCounters:
-    """One stream info and the lanes' consumer infos, read concurrently.
+async def stage_counters(
+    js: JetStreamContext, stage: Stage, prefix: str, partitions: int = 1
+) -> StageCounters:
+    """Each partition's stream info and its lanes' consumer infos, read
+    concurrently and summed (a stream's sequence counts only its own messages,
+    so the partitions' counters add up).
 
-    Through the JetStream API, as `consumer_backlog`; raises NotFoundError when the
+    Through the JetStream API, as `consumer_backlog`; raises NotFoundError when a
     stream or a consumer is missing, so callers hold instead of guessing.
     """
-    names = stage_names(stage, prefix)
-    stream, *consumers = await asyncio.gather(
-        js.stream_info(names.stream),
-        *(js.consumer_info(names.stream, names.consumer(lane)) for lane in LANES),
+    names = partition_names(stage, prefix, partitions)
+    streams = await asyncio.gather(*(js.stream_info(n.stream) for n in names))
+    consumers = await asyncio.gather(
+        *(js.consumer_info(n.stream, n.consumer(lane)) for n in names for lane in LANES)
     )
-    last, stored = int(stream.state.last_seq or 0), int(stream.state.messages or 0)
+    last = sum(int(s.state.last_seq or 0) for s in streams)
+    stored = sum(int(s.state.messages or 0) for s in streams)
     return StageCounters(
         published=last,
         removed=last - stored,
@@ -219,19 +250,21 @@ async def stage_counters(js: JetStreamContext, stage: Stage, prefix: str) -> Sta
     )
 
 
-async def lane_backlogs(js: JetStreamContext, prefix: str) -> dict[Lane, int]:
-    """Each lane's backlog summed over every stage (all consumers read concurrently)."""
+async def lane_backlogs(js: JetStreamContext, prefix: str, partitions: int = 1) -> dict[Lane, int]:
+    """Each lane's backlog summed over every stage and partition (read concurrently)."""
     pairs = [(stage, lane) for stage in Stage for lane in LANES]
-    counts = await asyncio.gather(*(consumer_backlog(js, s, ln, prefix) for s, ln in pairs))
+    counts = await asyncio.gather(
+        *(consumer_backlog(js, s, ln, prefix, partitions) for s, ln in pairs)
+    )
     out = dict.fromkeys(LANES, 0)
     for (_, lane), n in zip(pairs, counts, strict=True):
         out[lane] += n
     return out
 
 
-async def pipeline_backlog(js: JetStreamContext, prefix: str) -> int:
+async def pipeline_backlog(js: JetStreamContext, prefix: str, partitions: int = 1) -> int:
     """Every stage's backlog: what a stalled tier anywhere downstream adds up to."""
-    return sum((await lane_backlogs(js, prefix)).values())
+    return sum((await lane_backlogs(js, prefix, partitions)).values())
 
 
 def delivery_count(msg: Msg) -> int:

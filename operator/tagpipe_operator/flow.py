@@ -2,21 +2,31 @@
 
 The TagPipeline is that source: `spec.nats.maxDeliver` and `ackWaitSeconds` go to
 every consumer (`stream_policy`) and, as TAGPIPE_* environment, to every worker
-(`agreed_env`, in the shared ConfigMap). Each stage's consumer limits follow its
-maximum replicas x slots (tagpipe_common.flowlimits), so the tier's in-flight
-work is never capped below what its replicas can hold.
+(`agreed_env`, in the shared ConfigMap); so does `spec.nats.partitions`, the
+streams per stage that the gateway publishes over and every worker pulls from.
+Each stage's consumer limits follow its maximum replicas x slots
+(tagpipe_common.flowlimits), shared over its partitions, so the tier's
+in-flight work is never capped below what its replicas can hold.
 
 A hand-set value that contradicts this is refused, never silently capped
 (`problems`): a stage `env` that sets an agreed setting, an operator environment
-`TAGPIPE_MAX_ACK_PENDING` below what a stage's maxima imply, and maxima that one
-consumer cannot hold (partitions are not rendered yet). Pure: no I/O.
+`TAGPIPE_MAX_ACK_PENDING` below what a stage's maxima imply, and maxima that the
+stage's partitions cannot hold (the condition names the partitions needed).
+Pure: no I/O.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 
-from tagpipe_common.flowlimits import ConsumerLimits, check_override, consumer_limits
+from tagpipe_common.flowlimits import (
+    MAX_PER_CONSUMER,
+    ConsumerLimits,
+    check_override,
+    consumer_limits,
+    in_flight,
+    partitions_needed,
+)
 from tagpipe_common.settings import CommonSettings
 from tagpipe_common.streams import StreamPolicy
 from tagpipe_common.subjects import Stage
@@ -34,6 +44,7 @@ AGREED_ENV = frozenset(
         "TAGPIPE_ACK_WAIT_S",
         "TAGPIPE_MAX_ACK_PENDING",
         "TAGPIPE_STREAM_REPLICAS",
+        "TAGPIPE_PARTITIONS",
     }
 )
 """Settings a stage's `env` may not set: streams and every worker read them alike."""
@@ -47,16 +58,20 @@ def _stages(spec: TagPipelineSpec) -> dict[Stage, tuple[str, StageSpec]]:
 
 
 def stage_limits(spec: TagPipelineSpec, floor: int | None = None) -> dict[Stage, ConsumerLimits]:
-    """Each stage's consumer limits from its maximum replicas x slots; `floor`: a
-    max_ack_pending the operator's environment asks for at least."""
+    """Each stage's consumer limits (each partition's) from its maximum replicas x
+    slots; `floor`: a max_ack_pending the operator's environment asks for at least."""
     out = {}
     for stage, (_, st) in _stages(spec).items():
-        slots = st.in_flight_per_replica() or 1
-        lim = consumer_limits(max(st.replicas.max, st.replicas.min), slots)
+        lim = consumer_limits(*_maxima(st), spec.nats.partitions)
         if floor is not None and floor > lim.max_ack_pending:
             lim = replace(lim, max_ack_pending=floor)
         out[stage] = lim
     return out
+
+
+def _maxima(st: StageSpec) -> tuple[int, int]:
+    """(maximum replicas, slots per replica): what a stage's consumers must hold."""
+    return max(st.replicas.max, st.replicas.min), st.in_flight_per_replica() or 1
 
 
 def _ack_pending_floor(settings: CommonSettings) -> int | None:
@@ -73,6 +88,7 @@ def stream_policy(settings: CommonSettings, spec: TagPipelineSpec) -> StreamPoli
         max_deliver=spec.nats.max_deliver,
         ack_wait_s=ack_wait,
         ack_wait_overrides={Stage.DOWNLOAD: max(float(MIN_DOWNLOAD_ACK_WAIT_S), ack_wait)},
+        partitions=spec.nats.partitions,
         limits=stage_limits(spec, _ack_pending_floor(settings)),
     )
 
@@ -82,6 +98,7 @@ def agreed_env(spec: TagPipelineSpec) -> dict[str, str]:
     return {
         "TAGPIPE_MAX_DELIVER": str(spec.nats.max_deliver),
         "TAGPIPE_ACK_WAIT_S": str(spec.nats.ack_wait_seconds),
+        "TAGPIPE_PARTITIONS": str(spec.nats.partitions),
     }
 
 
@@ -98,11 +115,13 @@ def problems(spec: TagPipelineSpec, settings: CommonSettings) -> list[str]:
             )
     floor = _ack_pending_floor(settings)
     for stage, lim in stage_limits(spec).items():
-        component = _stages(spec)[stage][0]
-        if lim.partitions > 1:
+        component, st = _stages(spec)[stage]
+        if (needed := partitions_needed(*_maxima(st))) > lim.partitions:
             out.append(
-                f"{component}: {lim.partitions * lim.max_ack_pending:,} messages in flight at "
-                f"its maximum replicas exceed one consumer; lower replicas.max or the slots"
+                f"{component}: {in_flight(*_maxima(st)):,} messages in flight at its maximum "
+                f"replicas need {needed} partitions of at most {MAX_PER_CONSUMER:,} each, "
+                f"and spec.nats.partitions is {lim.partitions}: set it to {needed} or more, "
+                f"or lower replicas.max or the slots"
             )
         if floor is not None and (msg := check_override("max_ack_pending", floor, lim)):
             operator_env = "the operator's TAGPIPE_MAX_ACK_PENDING"

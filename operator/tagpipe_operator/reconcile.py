@@ -64,7 +64,7 @@ class Runtime:
     nats: dict[str, Client] = field(default_factory=dict)
     nats_errors: dict[str, str] = field(default_factory=dict)
     """The last connection error per URL: what a bare timeout was really waiting on."""
-    streams_ready: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
+    streams_ready: dict[tuple[str, str], tuple[str, str, int]] = field(default_factory=dict)
     """(namespace, name) -> (url, prefix) whose streams are known to exist."""
     scaling: dict[StateKey, ScalingState] = field(default_factory=dict)
     meters: dict[StateKey, MeterState] = field(default_factory=dict)
@@ -201,7 +201,7 @@ async def ensure_pipeline_streams(
     url = await nats_url(rt, namespace, spec)
     await ensure_streams(await jetstream(rt, url), stream_policy(rt, spec))
     if name is not None:
-        rt.streams_ready[(namespace, name)] = (url, spec.nats.prefix)
+        rt.streams_ready[(namespace, name)] = _streams_key(url, spec)
 
 
 async def try_ensure_streams(rt: Runtime, namespace: str, name: str, spec: TagPipelineSpec) -> str:
@@ -218,9 +218,14 @@ async def try_ensure_streams(rt: Runtime, namespace: str, name: str, spec: TagPi
     return "ensured"
 
 
+def _streams_key(url: str, spec: TagPipelineSpec) -> tuple[str, str, int]:
+    """What the ensured streams depend on: a change re-ensures them (a new partition)."""
+    return url, spec.nats.prefix, spec.nats.partitions
+
+
 async def remove_streams(rt: Runtime, namespace: str, spec: TagPipelineSpec) -> list[str]:
     js = await jetstream(rt, await nats_url(rt, namespace, spec))
-    return await delete_streams(js, spec.nats.prefix)
+    return await delete_streams(js, spec.nats.prefix, spec.nats.partitions)
 
 
 @dataclass(frozen=True)
@@ -246,10 +251,11 @@ async def read_backlogs(
         async with asyncio.timeout(rt.settings.nats_timeout_s * 2):
             url = await nats_url(rt, namespace, spec)
             js = await jetstream(rt, url)
-            if rt.streams_ready.get((namespace, name)) != (url, spec.nats.prefix):
+            if rt.streams_ready.get((namespace, name)) != _streams_key(url, spec):
                 await ensure_pipeline_streams(rt, namespace, spec, name)
-            out["downloader"] = await stage_backlog(js, Stage.DOWNLOAD, spec.nats.prefix)
-            out["inference"] = await stage_backlog(js, Stage.INFER, spec.nats.prefix)
+            parts = spec.nats.partitions
+            out["downloader"] = await stage_backlog(js, Stage.DOWNLOAD, spec.nats.prefix, parts)
+            out["inference"] = await stage_backlog(js, Stage.INFER, spec.nats.prefix, parts)
     except Exception as exc:  # transient or not, the answer is the same: hold and say why
         return Backlogs(out, nats_problem(rt, url, exc))
     # A bucket or report that cannot be read leaves the gateway's load unknown only.
@@ -279,7 +285,7 @@ async def read_rates(
         try:
             async with asyncio.timeout(rt.settings.nats_timeout_s * 2):
                 js = await jetstream(rt, await nats_url(rt, key[0], spec))
-                c = await stage_counters(js, js_stage, spec.nats.prefix)
+                c = await stage_counters(js, js_stage, spec.nats.prefix, spec.nats.partitions)
             reading = Counters(time.monotonic(), c.published, c.removed, c.pending, c.ack_pending)
         except Exception as exc:  # the rates age; decide() ignores them once stale
             log.debug("counter read failed for %s: %s", "/".join(key), describe(exc))

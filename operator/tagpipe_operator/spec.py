@@ -61,6 +61,8 @@ class NatsSpec(_Model):
     credentials_secret_ref: SecretRef | None = None
     prefix: str = "tagpipe"
     stream_replicas: int = 1
+    # Streams per stage (tagpipe_common.subjects.partition_names).
+    partitions: int = 1
     # Settings workers and consumers must agree on: one source (flow.py).
     max_deliver: int = 5
     ack_wait_seconds: int = 30

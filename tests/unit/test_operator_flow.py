@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from tagpipe_common.flowlimits import MAX_PER_CONSUMER
 from tagpipe_common.settings import CommonSettings
 from tagpipe_common.subjects import Lane, Stage
 from tagpipe_operator.flow import problems, stage_limits, stream_policy
@@ -87,4 +88,42 @@ def test_maxima_one_consumer_cannot_hold_are_refused_with_the_reason() -> None:
     # The CRD's own maxima: 1,000 replicas x 1,024 slots.
     s = spec(downloader={"replicas": {"max": 1000}, "limits": {"concurrency": 1024}})
     [reason] = problems(s, CommonSettings())
-    assert reason.startswith("downloader:") and "exceed one consumer" in reason
+    assert reason.startswith("downloader:") and "need 13 partitions" in reason
+    assert "spec.nats.partitions is 1: set it to 13 or more" in reason and "\n" not in reason
+
+
+def test_enough_partitions_accept_those_maxima_with_each_consumer_holding_a_share() -> None:
+    maxima = {"replicas": {"max": 1000}, "limits": {"concurrency": 1024}}
+    too_few = spec(downloader=maxima, nats={"url": "nats://n:4222", "partitions": 12})
+    [reason] = problems(too_few, CommonSettings())
+    assert "need 13 partitions" in reason and "is 12" in reason
+    s = spec(downloader=maxima, nats={"url": "nats://n:4222", "partitions": 13})
+    assert problems(s, CommonSettings()) == []
+    policy = stream_policy(CommonSettings(), s)
+    assert policy.partitions == 13
+    share = MAX_PER_CONSUMER  # ceil(1.25 x 1000 x 1024 / 13) x 1.2, capped at the maximum
+    for part in range(13):
+        cfg = policy.consumer_config(Stage.DOWNLOAD, Lane.BULK, part)
+        assert cfg.max_ack_pending == share
+        assert cfg.durable_name == policy.names(Stage.DOWNLOAD)[part].consumer(Lane.BULK)
+    assert 13 * share >= 1.25 * 1000 * 1024
+
+
+def test_partitions_reach_every_worker_and_the_streams_from_one_field() -> None:
+    s = spec(nats={"url": "nats://n:4222", "partitions": 3})
+    data = config_data(s)
+    assert data["TAGPIPE_PARTITIONS"] == "3"
+    worker = CommonSettings.model_validate(
+        {k.removeprefix("TAGPIPE_").lower(): v for k, v in data.items()}
+    )
+    assert worker.partitions == stream_policy(CommonSettings(), s).partitions == 3
+    bad = spec(gateway={"env": [{"name": "TAGPIPE_PARTITIONS", "value": "2"}]})
+    [reason] = problems(bad, CommonSettings())
+    assert reason.startswith("gateway.env sets TAGPIPE_PARTITIONS")
+
+
+def test_one_partition_is_the_unpartitioned_pipeline() -> None:
+    policy = stream_policy(CommonSettings(), spec())
+    assert policy.partitions == 1
+    assert [n.stream for n in policy.names(Stage.INFER)] == ["TAGPIPE_INFER"]
+    assert config_data(spec())["TAGPIPE_PARTITIONS"] == "1"

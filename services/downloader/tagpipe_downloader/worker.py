@@ -27,6 +27,7 @@ from nats.js.client import JetStreamContext
 from redis.asyncio import Redis
 from tagpipe_common import telemetry
 from tagpipe_common.errors import ErrorCode, PermanentError, RetryableError
+from tagpipe_common.fairpull import FairPull, bind_lane
 from tagpipe_common.keys import RedisKeys
 from tagpipe_common.messages import (
     DownloadTask,
@@ -38,8 +39,16 @@ from tagpipe_common.messages import (
 )
 from tagpipe_common.outage import TRANSIENT_NATS_ERRORS, Outage
 from tagpipe_common.results import ResultStore
-from tagpipe_common.streams import delivery_count, give_back_buffered, is_final_delivery
-from tagpipe_common.subjects import HDR_MSG_ID, HDR_SCHEMA, LANES, Lane, Stage, stage_names
+from tagpipe_common.streams import delivery_count, is_final_delivery
+from tagpipe_common.subjects import (
+    HDR_MSG_ID,
+    HDR_SCHEMA,
+    LANES,
+    Lane,
+    Stage,
+    partition_names,
+    partition_of,
+)
 
 from tagpipe_downloader import metrics
 from tagpipe_downloader.deadline import ItemDeadlines
@@ -110,8 +119,9 @@ class DownloadWorker:
             else crop_decoder(settings.hop_encoding, lane is Lane.REALTIME)
             for lane in LANES
         }
-        self.download = stage_names(Stage.DOWNLOAD, settings.prefix)
-        self.infer = stage_names(Stage.INFER, settings.prefix)
+        # Every partition's names; an item goes on in the partition it came in.
+        self.download = partition_names(Stage.DOWNLOAD, settings.prefix, settings.partitions)
+        self.infer = partition_names(Stage.INFER, settings.prefix, settings.partitions)
         self._slots = asyncio.Semaphore(settings.max_inflight)
         self._publishes = asyncio.Semaphore(settings.max_pending_publishes)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -157,17 +167,18 @@ class DownloadWorker:
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
-        for sub in subs.values():
-            if given := await give_back_buffered(sub):
+        for pull in subs.values():
+            if given := await pull.close():
                 log.info("gave back %d buffered messages", given)
 
-    async def _bind(self) -> dict[Lane, JetStreamContext.PullSubscription] | None:
+    async def _bind(self) -> dict[Lane, FairPull] | None:
         # Bind to the durables the operator created; never invent a consumer
         # with default (wrong) ack_wait / max_deliver.
         while True:
             try:
-                for lane in LANES:
-                    await self.js.consumer_info(self.download.stream, self.download.consumer(lane))
+                for names in self.download:
+                    for lane in LANES:
+                        await self.js.consumer_info(names.stream, names.consumer(lane))
                 break
             except (nats.errors.Error, TimeoutError) as exc:
                 # Not yet created by the operator, or JetStream still starting.
@@ -175,23 +186,17 @@ class DownloadWorker:
                 if self._stopping.is_set():
                     return None
         self.nats_outage.ok()
-        subs = {
-            lane: await self.js.pull_subscribe_bind(
-                durable=self.download.consumer(lane), stream=self.download.stream
-            )
-            for lane in LANES
-        }
+        subs = {lane: await bind_lane(self.js, self.download, lane) for lane in LANES}
         self.bound = True
         return subs
 
-    async def _next_batch(
-        self, subs: dict[Lane, JetStreamContext.PullSubscription], n: int
-    ) -> list[tuple[Msg, Lane]]:
-        """Real-time first: bulk is only asked for when real-time has nothing."""
+    async def _next_batch(self, subs: dict[Lane, FairPull], n: int) -> list[tuple[Msg, Lane]]:
+        """Real-time first: bulk is only asked for when real-time has nothing
+        (in any partition: each lane's FairPull visits them all)."""
         for lane in LANES:
             count, wait = self._poll_plan(lane, n)
             try:
-                msgs = await subs[lane].fetch(count, timeout=wait)
+                msgs = await subs[lane].fetch(count, wait)
             except (nats.errors.TimeoutError, TimeoutError):
                 self._flowing.discard(lane)
                 continue
@@ -388,7 +393,7 @@ class DownloadWorker:
             headers = telemetry.inject_headers({HDR_MSG_ID: task.item_id, HDR_SCHEMA: str(out.v)})
             async with self._publishes:
                 await self.js.publish(
-                    self.infer.subject(lane),
+                    self.infer[partition_of(task.item_id, len(self.infer))].subject(lane),
                     out.to_wire(),
                     timeout=self.s.publish_timeout_s,
                     headers=headers,

@@ -47,7 +47,7 @@ class PipelineView(BaseModel):
 async def _stage(rt: Runtime, stage: Stage) -> StageView:
     backlog = in_flight = None
     try:
-        counters = await stage_counters(rt.js, stage, rt.settings.prefix)
+        counters = await stage_counters(rt.js, stage, rt.settings.prefix, rt.settings.partitions)
         backlog, in_flight = counters.pending, counters.ack_pending
     except NotFoundError:
         pass

@@ -3,6 +3,8 @@ backpressure.
 
 `Nats-Msg-Id` is the item id, so a task published twice inside the stream's
 duplicate window is stored once; the result store's SET NX covers the rest.
+With several partitions an item's stream is a hash of its id
+(subjects.partition_of), so a republish reaches the same stream and its dedupe.
 """
 
 from __future__ import annotations
@@ -18,7 +20,14 @@ from opentelemetry import trace
 from tagpipe_common import telemetry
 from tagpipe_common.messages import SCHEMA_VERSION, DownloadTask
 from tagpipe_common.streams import lane_backlogs, stage_counters
-from tagpipe_common.subjects import HDR_MSG_ID, HDR_SCHEMA, Lane, Stage, stage_names
+from tagpipe_common.subjects import (
+    HDR_MSG_ID,
+    HDR_SCHEMA,
+    Lane,
+    Stage,
+    partition_names,
+    partition_of,
+)
 
 from tagpipe_gateway.admission import DrainRate, Reading
 from tagpipe_gateway.problems import ProblemCode, ProblemError
@@ -39,10 +48,16 @@ class BacklogCache:
     """
 
     def __init__(
-        self, js: JetStreamContext, prefix: str, ttl_s: float, rate_window_s: float = 5.0
+        self,
+        js: JetStreamContext,
+        prefix: str,
+        ttl_s: float,
+        rate_window_s: float = 5.0,
+        partitions: int = 1,
     ) -> None:
         self.js = js
         self.prefix = prefix
+        self.partitions = partitions  # every partition's consumers are summed
         self.ttl_s = ttl_s
         self.drain = DrainRate(rate_window_s)
         # Real-time items of this gateway's requests still waiting for a result, known
@@ -73,7 +88,8 @@ class BacklogCache:
     async def _read(self) -> None:
         self._noted = 0
         lanes, infer = await asyncio.gather(
-            lane_backlogs(self.js, self.prefix), stage_counters(self.js, Stage.INFER, self.prefix)
+            lane_backlogs(self.js, self.prefix, self.partitions),
+            stage_counters(self.js, Stage.INFER, self.prefix, self.partitions),
         )
         self._read_at = time.monotonic()
         backlog = sum(lanes.values())
@@ -99,9 +115,11 @@ class BacklogCache:
 
 
 class Publisher:
-    def __init__(self, js: JetStreamContext, prefix: str, timeout_s: float = 5.0) -> None:
+    def __init__(
+        self, js: JetStreamContext, prefix: str, timeout_s: float = 5.0, partitions: int = 1
+    ) -> None:
         self.js = js
-        self.names = stage_names(Stage.DOWNLOAD, prefix)
+        self.partitions = partition_names(Stage.DOWNLOAD, prefix, partitions)
         self.timeout_s = timeout_s
 
     async def publish(self, task: DownloadTask) -> None:
@@ -121,8 +139,9 @@ class Publisher:
             {HDR_MSG_ID: task.item_id, HDR_SCHEMA: str(SCHEMA_VERSION)}
         )
         try:
+            names = self.partitions[partition_of(task.item_id, len(self.partitions))]
             await self.js.publish(
-                self.names.subject(task.lane),
+                names.subject(task.lane),
                 task.to_json(),
                 timeout=self.timeout_s,
                 headers=headers,

@@ -45,9 +45,13 @@ class Runtime:
         redis = connect_redis(settings.redis_url, settings.redis_timeouts())
         keys = RedisKeys(settings.prefix)
         store = ResultStore.for_settings(redis, settings)
-        publisher = Publisher(js, settings.prefix)
+        publisher = Publisher(js, settings.prefix, partitions=settings.partitions)
         backlog = BacklogCache(
-            js, settings.prefix, settings.backlog_cache_s, settings.drain_rate_window_s
+            js,
+            settings.prefix,
+            settings.backlog_cache_s,
+            settings.drain_rate_window_s,
+            partitions=settings.partitions,
         )
         notifier = Notifier(
             redis, store, keys.notify_channel, dead_after_s=settings.redis_socket_timeout_s

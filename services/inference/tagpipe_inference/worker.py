@@ -29,11 +29,12 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.client import JetStreamContext
 from redis.exceptions import RedisError
 from tagpipe_common.errors import ErrorCode
+from tagpipe_common.fairpull import FairPull, bind_lane
 from tagpipe_common.messages import TagResult
 from tagpipe_common.outage import TRANSIENT_NATS_ERRORS, Outage, is_transient
 from tagpipe_common.results import ResultStore
-from tagpipe_common.streams import give_back_buffered, is_final_delivery
-from tagpipe_common.subjects import LANES, Lane, Stage, stage_names
+from tagpipe_common.streams import is_final_delivery
+from tagpipe_common.subjects import LANES, Lane, Stage, partition_names
 from tagpipe_common.tagcache import CacheEntry, ModelIdentity, TagCache
 from tagpipe_common.telemetry import log_item_timings
 from tagpipe_common.threads import niced_pool
@@ -46,8 +47,6 @@ from tagpipe_inference.settings import InferenceSettings
 from tagpipe_inference.spans import BatchTrace
 
 log = logging.getLogger(__name__)
-
-PullSub = JetStreamContext.PullSubscription
 
 
 @dataclass
@@ -86,7 +85,7 @@ class InferenceWorker:
         self.batches = 0  # batches that reached the model (tests assert on it)
         self.items = 0
         self.duplicates = 0
-        self._subs: list[PullSub] = []
+        self._subs: list[FairPull] = []  # one per lane, LANES order, over every partition
         self._stopping = asyncio.Event()
         # One thread: batches reach the session back to back, never concurrently.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ort")
@@ -103,12 +102,9 @@ class InferenceWorker:
         self.outage = Outage("jetstream", log)
 
     async def subscribe(self) -> None:
-        names = stage_names(Stage.INFER, self.settings.prefix)
+        names = partition_names(Stage.INFER, self.settings.prefix, self.settings.partitions)
         for lane in LANES:  # LANES order is the polling priority
-            sub = await self.js.pull_subscribe_bind(
-                durable=names.consumer(lane), stream=names.stream
-            )
-            self._subs.append(sub)
+            self._subs.append(await bind_lane(self.js, names, lane))
 
     def stop(self) -> None:
         """Stop fetching; the batches in flight are finished and acked."""
@@ -134,8 +130,8 @@ class InferenceWorker:
         finally:
             if self._inflight:
                 await asyncio.gather(*self._inflight, return_exceptions=True)
-            for sub in self._subs:
-                if given := await give_back_buffered(sub):
+            for pull in self._subs:
+                if given := await pull.close():
                     log.info("gave back %d buffered messages", given)
             self._subs.clear()
             self._pool.shutdown(wait=True)
@@ -143,9 +139,9 @@ class InferenceWorker:
 
     # -- fetching ---------------------------------------------------------------
 
-    async def _fetch(self, sub: PullSub, n: int, wait_s: float) -> list[Msg]:
+    async def _fetch(self, sub: FairPull, n: int, wait_s: float) -> list[Msg]:
         try:
-            msgs = await sub.fetch(n, timeout=max(wait_s, 0.001))
+            msgs = await sub.fetch(n, max(wait_s, 0.001))
         except (TimeoutError, NatsTimeoutError):
             msgs = []  # nothing queued (or a reconnect in progress: nc says which)
         except TRANSIENT_NATS_ERRORS as exc:
@@ -192,7 +188,7 @@ class InferenceWorker:
             got += await self._top_up(max_batch - len(got), lanes)
         return got
 
-    async def _top_up(self, room: int, lanes: list[PullSub]) -> list[Msg]:
+    async def _top_up(self, room: int, lanes: list[FairPull]) -> list[Msg]:
         """Wait for the model to be free, then take what `lanes` hold by now.
 
         Like Triton's dynamic batcher, a batch is closed when the model can take it,

@@ -6,7 +6,7 @@ import asyncio
 
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from tagpipe_common.subjects import Stage, stage_names
+from tagpipe_common.subjects import Stage, partition_names
 
 from tagpipe_gateway.deps import RuntimeDep
 from tagpipe_gateway.problems import PROBLEM_MEDIA_TYPE, Problem, ProblemCode, problem_response
@@ -70,8 +70,8 @@ async def dependencies(rt: RuntimeDep) -> Response | Health:
     else:
         checks = {}
         for stage in Stage:
-            name = stage_names(stage, rt.settings.prefix).stream
-            probes.append(_check(f"stream {name}", rt.js.stream_info(name)))
+            for names in partition_names(stage, rt.settings.prefix, rt.settings.partitions):
+                probes.append(_check(f"stream {names.stream}", rt.js.stream_info(names.stream)))
     checks.update(dict(await asyncio.gather(*probes)))
     health = Health(
         status="ok" if all(v == "ok" for v in checks.values()) else "unavailable", checks=checks
