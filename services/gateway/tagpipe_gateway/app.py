@@ -59,6 +59,7 @@ def create_app(settings: GatewaySettings, api_keys: ApiKeys | None = None) -> Fa
     app.include_router(health.router)
     app.include_router(tags.router)
     app.include_router(jobs.router)
+    app.webhooks.include_router(jobs.webhooks)
     app.include_router(manifest_jobs.router)
     app.include_router(pipeline.router)
     openapi.install(app)

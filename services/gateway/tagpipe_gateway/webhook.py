@@ -6,7 +6,8 @@ Delivery is at least once and survives the gateway that created the job:
   that moves their score a lease ahead, so one gateway works on a job at a time
   and a gateway that dies mid-delivery leaves it due again when the lease ends.
 - A job not over yet is looked at again `webhook_poll_s` later (a cancel makes it
-  due at once); per job, never per item.
+  due at once); per job, never per item. A job with an output is over once its
+  `_manifest.json` is written (`manifest_at`), so the event can point at it.
 - The first attempt freezes the event (its body and id) in the job hash, so every
   retry sends the same bytes; receivers dedupe on `Tagpipe-Event-Id`.
 - A failure (connect error, timeout, any answer but 2xx) is retried with
@@ -204,7 +205,7 @@ class Webhooks:
         if status is None or notify is None or notify.state != "pending":
             await self.redis.zrem(self.keys.notify_due, job_id)  # expired, or settled
             return
-        if status.state not in ("completed", "cancelled"):
+        if not await self._ended(job_id, status):
             await self.due_in(job_id, self.s.webhook_poll_s)
             return
         body, event = await self._event(job_id, status)
@@ -221,6 +222,15 @@ class Webhooks:
             return
         await self._settle(job_id, "delivered", K.JOB_NOTIFY_DELIVERED_AT, time.time())
         log.info("webhook of job %s delivered (attempt %d)", job_id, attempt)
+
+    async def _ended(self, job_id: str, status: JobStatus) -> bool:
+        """Over, and for a job with an output its `_manifest.json` written (a cancelled
+        one's too, which its sink writes once the redelivery window has passed)."""
+        if status.state not in ("completed", "cancelled"):
+            return False
+        fields = [K.JOB_OUTPUT, K.JOB_MANIFEST_AT]
+        output, manifest_at = await self.redis.hmget(self.keys.job(job_id), fields)  # type: ignore[misc]
+        return output is None or manifest_at is not None
 
     async def _event(self, job_id: str, status: JobStatus) -> tuple[bytes, JobEvent]:
         """The job's event, frozen at the first attempt so retries send the same body."""

@@ -24,6 +24,7 @@ from tagpipe_gateway.problems import ProblemCode, ProblemError, field_error, pro
 from tagpipe_gateway.runtime import Runtime
 from tagpipe_gateway.schemas import (
     JobCreated,
+    JobEvent,
     JobItem,
     JobList,
     JobResultLine,
@@ -35,6 +36,8 @@ from tagpipe_gateway.schemas import (
 from tagpipe_gateway.webhook import vet_notify_url
 
 router = APIRouter(prefix="/v1/jobs", tags=["bulk"])
+# What the gateway sends, not serves: the OpenAPI document's `webhooks` (app.py).
+webhooks = APIRouter(tags=["bulk"])
 
 _CURSOR = re.compile(r"^\d{1,20}-\d{1,20}$")
 _NDJSON_EXAMPLE = (
@@ -409,3 +412,28 @@ async def cancel_job(job_id: str, rt: RuntimeDep, principal: PrincipalDep) -> Jo
     if status is None:
         raise ProblemError(404, ProblemCode.NOT_FOUND, "Unknown job", f"no job {job_id}")
     return status
+
+
+@webhooks.post(
+    "job-ended",
+    operation_id="job_ended",
+    summary="A job ended (sent to its notify_url)",
+    description=(
+        "POSTed once a job with a `notify_url` is `completed` or `cancelled`, at least "
+        "once: failures (no answer in TAGPIPE_WEBHOOK_TIMEOUT_S, or any status but 2xx) "
+        "are retried with exponential backoff and jitter for TAGPIPE_WEBHOOK_GIVE_UP_S "
+        "(3 days by default), every retry with the same body and `Tagpipe-Event-Id`; "
+        "the job's `notify` field says how it went. Verify `Tagpipe-Signature: "
+        "t=<unix>,v1=<hex>`: hex = HMAC-SHA256(secret, `<t>.<raw body>`), compared in "
+        "constant time, with `t` within 5 minutes of now."
+    ),
+    responses={200: {"description": "Any 2xx acknowledges the event; anything else is retried"}},
+)
+def job_ended(
+    event: JobEvent,
+    tagpipe_signature: Annotated[str, Header(examples=["t=1764072000,v1=5f2b...e1"])],
+    tagpipe_event_id: Annotated[str, Header(description="Dedupe on this")],
+    tagpipe_event: Annotated[str, Header(examples=["job.completed"])],
+    tagpipe_delivery_attempt: Annotated[int, Header(description="1 on the first try")],
+) -> None:
+    """Documentation only: the gateway never serves this path."""
