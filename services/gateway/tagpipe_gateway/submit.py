@@ -48,15 +48,16 @@ log = logging.getLogger(__name__)
 _tracer = telemetry.tracer("tagpipe_gateway")
 
 # Leave `submitting` once everything is published; complete at once if every
-# item already finished (the ResultStore script only completes running jobs).
+# item already finished (the ResultStore script only completes running jobs). A job
+# with an output is completed by its sink only, once `_manifest.json` is written.
 _FINISH_LUA = """
 local s = redis.call('HGET', KEYS[1], 'state')
 redis.call('SREM', KEYS[2], ARGV[2])
 if s ~= 'submitting' then return s end
 redis.call('HSET', KEYS[1], 'state', 'running')
-local h = redis.call('HMGET', KEYS[1], 'total', 'done', 'failed', 'cancelled')
+local h = redis.call('HMGET', KEYS[1], 'total', 'done', 'failed', 'cancelled', 'output')
 local finished = (tonumber(h[2]) or 0) + (tonumber(h[3]) or 0) + (tonumber(h[4]) or 0)
-if finished >= (tonumber(h[1]) or 0) then
+if finished >= (tonumber(h[1]) or 0) and not h[5] then
   redis.call('HSET', KEYS[1], 'state', 'completed', 'finished_at', ARGV[1])
   return 'completed'
 end
