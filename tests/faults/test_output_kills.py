@@ -6,14 +6,14 @@
 - an inline job: kill -9 of the gateway once every item is published (so no gateway
   follows the job any more): its result stream still expires with the job.
 
-The output job is made as the manifest route's contract makes it (job hash with
-`output` and `shard_size`) and its items published to JetStream with their `seq`:
-the real downloaders, inference workers, result store and sink do the rest.
+The output job goes through the real path: a JSONL manifest in a moto S3 server,
+`POST /v1/manifest-jobs`, the gateway's manifest reader, the downloaders, inference
+workers, the result store and the gateway's sink writing shards back to moto.
 """
 
 from __future__ import annotations
 
-import asyncio
+import json
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -22,11 +22,7 @@ import httpx
 import pytest
 from tagpipe_cli.stack import Stack
 from tagpipe_common import keys as K
-from tagpipe_common.messages import DownloadTask
-from tagpipe_common.nats_io import close_nats, connect_nats
 from tagpipe_common.redis_io import connect_redis_sync
-from tagpipe_common.subjects import Lane
-from tagpipe_gateway.queue import Publisher
 
 from bench.imageserver import ImageServer
 from tests.faults.kit import KEYS, image_urls, job_status, service, submit_job, wait_finished
@@ -47,41 +43,15 @@ def s3_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]
         yield env
 
 
-def start_output_job(stack: Stack, job_id: str, urls: list[str]) -> None:
-    """The job hash (running, total known) and its items on the bulk lane."""
-    r = connect_redis_sync(stack.redis_url)
-    try:
-        r.hset(KEYS.job(job_id), mapping={
-            K.JOB_TOTAL: len(urls), K.JOB_DONE: 0, K.JOB_FAILED: 0, K.JOB_CANCELLED: 0,
-            K.JOB_SUBMITTED: len(urls), K.JOB_STATE: K.JOB_STATE_RUNNING,
-            K.JOB_CREATED_AT: time.time(), K.JOB_KIND: K.JOB_KIND_MANIFEST,
-            K.JOB_OUTPUT: f"s3://{BUCKET}/{job_id}/", K.JOB_SHARD_SIZE: SHARD_SIZE,
-        })  # fmt: skip
-        r.expire(KEYS.job(job_id), 3600)
-    finally:
-        r.close()
-    tasks = [
-        DownloadTask(
-            item_id=f"{job_id}-n{seq}",
-            job_id=job_id,
-            seq=seq,
-            lane=Lane.BULK,
-            client_item_id=f"c{seq}",
-            url=url,
-        )
-        for seq, url in enumerate(urls)
-    ]
-
-    async def publish() -> None:
-        nc = await connect_nats(stack.nats_url.split(","), "test-output-kills")
-        try:
-            publisher = Publisher(nc.jetstream(), "tagpipe")
-            for start in range(0, len(tasks), 200):
-                await publisher.publish_many(tasks[start : start + 200])
-        finally:
-            await close_nats(nc)
-
-    asyncio.run(publish())
+def start_output_job(stack: Stack, s3_env: dict[str, str], run: str, urls: list[str]) -> str:
+    """A manifest job through the real route: the manifest in S3, the output beside it."""
+    manifest = "".join(json.dumps({"url": u, "id": f"c{i}"}) + "\n" for i, u in enumerate(urls))
+    s3_client(s3_env).put_object(Bucket=BUCKET, Key=f"in/{run}.jsonl", Body=manifest.encode())
+    body = {"source": f"s3://{BUCKET}/in/{run}.jsonl", "output": f"s3://{BUCKET}/{run}/"}
+    r = httpx.post(f"{stack.gateway_url}/v1/manifest-jobs", json=body, timeout=30)
+    assert r.status_code == 202, r.text
+    job_id: str = r.json()["job_id"]
+    return job_id
 
 
 def job_hash(stack: Stack, job_id: str) -> dict[str, str]:
@@ -108,9 +78,9 @@ def test_kill_9_mid_output_job_leaves_one_line_per_item(
     s3_env: dict[str, str],
     victim: str,
 ) -> None:
-    stack = make_stack(gateway_env=s3_env)
-    job_id = f"out-{victim}"
-    start_output_job(stack, job_id, image_urls(images, N, job_id))
+    stack = make_stack(gateway_env={**s3_env, "TAGPIPE_SHARD_SIZE": str(SHARD_SIZE)})
+    run = f"out-{victim}"
+    job_id = start_output_job(stack, s3_env, run, image_urls(images, N, run))
     # Mid-job: some shards written, most items still to come.
     wait_for(lambda: int(job_hash(stack, job_id)["shards_written"]) >= 1, "a first shard")
     svc = service(stack, victim)
@@ -123,15 +93,15 @@ def test_kill_9_mid_output_job_leaves_one_line_per_item(
     end = job_hash(stack, job_id)
     finished_at_kill = sum(int(at_kill.get(f, 0)) for f in ("done", "failed"))
     assert finished_at_kill < N, "the job ended before the kill: nothing was in flight"
-    lines = all_lines(s3_client(s3_env), f"{job_id}/")
+    lines = all_lines(s3_client(s3_env), f"{run}/")
     seqs = [x["seq"] for x in lines]
     assert sorted(seqs) == list(range(N)), f"{len(seqs)} lines, {len(set(seqs))} distinct"
     assert [x["id"] for x in lines] == [f"c{s}" for s in range(N)]
-    doc = read_manifest(s3_client(s3_env), f"{job_id}/")
+    doc = read_manifest(s3_client(s3_env), f"{run}/")
     assert doc["state"] == "completed" and doc["lines"] == N
     assert doc["counts"]["ok"] == int(end["done"]) == N  # every image is good
     assert len(doc["shards"]) == -(-N // SHARD_SIZE)
-    assert not any(k.startswith("tagpipe:result:out-") for k in result_keys(stack))
+    assert not any(job_id in k for k in result_keys(stack))  # no result key per item
 
 
 def result_keys(stack: Stack) -> list[str]:
