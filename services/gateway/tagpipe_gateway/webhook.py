@@ -170,8 +170,13 @@ class Webhooks:
             log.warning("TAGPIPE_WEBHOOK_SECRET is empty: webhooks are sent unsigned")
         # No proxies from the environment and no redirects: the vetted address is the
         # one dialled (see _send).
+        # No kept-alive connections either: they are pooled by the address dialled, and
+        # one made for a host's TLS name must not carry another host's event.
         self._http = httpx.AsyncClient(
-            trust_env=False, follow_redirects=False, timeout=self.s.webhook_timeout_s
+            trust_env=False,
+            follow_redirects=False,
+            timeout=self.s.webhook_timeout_s,
+            limits=httpx.Limits(max_keepalive_connections=0),
         )
         self._task = asyncio.create_task(self._loop(), name="webhooks")
 
@@ -185,10 +190,16 @@ class Webhooks:
     async def _loop(self) -> None:
         while True:
             try:
-                for raw in await self._claim_due():
-                    await self._handle(raw.decode() if isinstance(raw, bytes) else str(raw))
-            except Exception as exc:  # Redis away: the claimed jobs fall due again later
+                due = await self._claim_due()
+            except Exception as exc:  # Redis away: try again next tick
                 log.warning("webhook round failed: %s", describe(exc))
+                due = []
+            for raw in due:
+                job_id = raw.decode() if isinstance(raw, bytes) else str(raw)
+                try:
+                    await self._handle(job_id)
+                except Exception as exc:  # this job falls due again when its lease ends
+                    log.warning("webhook of job %s: %s", job_id, describe(exc))
             await asyncio.sleep(self.s.webhook_tick_s)
 
     async def _claim_due(self) -> list[bytes | str]:
