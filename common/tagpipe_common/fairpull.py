@@ -7,13 +7,14 @@ the worker's and partitions stay out of its loop. With one partition it is that
 subscription's `fetch`, unchanged.
 
 With several, each partition has at most one fetch in flight (nats.py's fetch is
-not safe to run twice at once on one subscription). A call starts a fetch on
-every partition that has none, and returns as soon as any of them has messages:
-a message arriving on any partition is seen as soon as it would be on one, and
-an empty partition never holds up a full one. A fetch still running when the
-call returns goes on, and what it brings is kept for the next call (`_carry`).
-Messages are handed out partition by partition, starting one further each call,
-so a busy partition cannot starve the others.
+not safe to run twice at once on one subscription), asking for its share of the
+call's `n` (ceil(n / N)), so a call never pulls much more than asked. A call
+starts a fetch on every partition that has none, and returns as soon as any of
+them has messages: a message arriving on any partition is seen as soon as it
+would be on one, and an empty partition never holds up a full one. A fetch still
+running when the call returns goes on, and what it brings is kept for the next
+call (`_carry`). Messages are handed out partition by partition, starting one
+further each call, so a busy partition cannot starve the others.
 """
 
 from __future__ import annotations
@@ -56,9 +57,10 @@ class FairPull:
             self.taken[0] += len(msgs)
             return msgs
         if not self._carried():
+            share = -(-n // len(self.subs))  # ceil(n / N)
             for i, sub in enumerate(self.subs):
                 if i not in self._inflight:
-                    self._inflight[i] = asyncio.create_task(_fetch(sub, n, wait_s))
+                    self._inflight[i] = asyncio.create_task(_fetch(sub, share, wait_s))
             await asyncio.wait(
                 self._inflight.values(), timeout=wait_s, return_when=asyncio.FIRST_COMPLETED
             )

@@ -187,6 +187,44 @@ async def test_realtime_stays_ahead_of_bulk_across_partitions(
             await pull.close()
 
 
+async def test_the_downloader_takes_realtime_first_across_partitions(
+    js: JetStreamContext,
+    store: ResultStore,
+    model: Model,
+    nats_proc: ServerProcess,
+    redis_proc: ServerProcess,
+    model_dir: Path,
+) -> None:
+    url = "https://photos.example.com/x.jpg"
+    bulk = [
+        DownloadTask(item_id=i, job_id="job-b", lane=Lane.BULK, url=url)
+        for ids in ids_per_partition(2)
+        for i in ids
+    ]
+    realtime = [
+        DownloadTask(item_id=ids[0], request_id="r", lane=Lane.REALTIME, url=url)
+        for ids in ids_per_partition(1)
+    ]
+    publisher = Publisher(js, "tagpipe", partitions=PARTS)
+    await publisher.publish_many(bulk)
+    await publisher.publish_many(realtime)
+    args = (nats_proc, redis_proc, model_dir, model, js, store)
+    async with RunningWorkers(*args, run=False) as w:
+        subs = await w.downloader._bind()
+        assert subs is not None
+        order: list[tuple[Lane, str]] = []
+        while len(order) < len(bulk) + len(realtime):
+            for msg, lane in await w.downloader._next_batch(subs, 4):
+                order.append((lane, DownloadTask.from_json(msg.data).item_id))
+                await msg.ack()
+        for pull in subs.values():
+            await pull.close()
+    # The real-time item of every partition before any bulk item.
+    first = order[: len(realtime)]
+    assert {i for _, i in first} == {t.item_id for t in realtime}
+    assert {lane for lane, _ in first} == {Lane.REALTIME}
+
+
 def inference_settings(
     nats_proc: ServerProcess, redis_proc: ServerProcess, model_dir: Path, **kw: Any
 ) -> InferenceSettings:
@@ -280,8 +318,10 @@ class RunningWorkers:
         model: Model,
         js: JetStreamContext,
         store: ResultStore,
+        run: bool = True,  # False: built, not running (a test drives them)
     ) -> None:
         self.args = (nats_proc, redis_proc, model_dir, model, js, store)
+        self.run = run
         self.tasks: list[asyncio.Task[None]] = []
 
     async def __aenter__(self) -> RunningWorkers:
@@ -302,6 +342,8 @@ class RunningWorkers:
         self.downloader = DownloadWorker(ds, self.nc, self.redis, self.fetcher, self.pool)
         inf = inference_settings(nats_proc, redis_proc, model_dir)
         self.inference = InferenceWorker(inf, model, js, store)
+        if not self.run:
+            return self
         await self.inference.subscribe()
         self.tasks = [
             asyncio.create_task(self.downloader.run()),
