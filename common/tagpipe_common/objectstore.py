@@ -8,7 +8,8 @@ S3 is configured the standard AWS way: the endpoint from `AWS_ENDPOINT_URL`, the
 credentials from the boto3 chain (environment, shared files, web identity, instance
 role). `https://` is read with httpx, which takes a private CA from `SSL_CERT_FILE`;
 redirects are not followed, because the caller vetted the host it named, not
-wherever a redirect points (see netguard.py).
+wherever a redirect points, and a caller that vetted the host's addresses passes
+one as `dial` so the connection goes where it was vetted (netguard.py).
 
 Everything here is blocking (boto3 is): async callers use `asyncio.to_thread`.
 Failures raise ObjectError, whose `kind` tells a missing object from refused
@@ -126,12 +127,14 @@ def check_writable(prefix: str) -> None:
     delete(probe)
 
 
-def read_stream(url: str, offset: int = 0) -> Iterator[bytes]:
-    """The object's bytes from `offset` on, in chunks; nothing past its end."""
+def read_stream(url: str, offset: int = 0, dial: str | None = None) -> Iterator[bytes]:
+    """The object's bytes from `offset` on, in chunks; nothing past its end. `dial`:
+    for https, the address to connect to (one the caller vetted) instead of a fresh
+    DNS answer; the Host header and TLS name stay the URL's."""
     target = parse(url)
     if target.scheme == "s3":
         return _s3_stream(url, target, offset)
-    return _https_stream(url, offset)
+    return _https_stream(url, offset, dial)
 
 
 def _s3_stream(url: str, target: ObjectURL, offset: int) -> Iterator[bytes]:
@@ -157,13 +160,18 @@ def _s3_stream(url: str, target: ObjectURL, offset: int) -> Iterator[bytes]:
         body.close()
 
 
-def _https_stream(url: str, offset: int) -> Iterator[bytes]:
+def _https_stream(url: str, offset: int, dial: str | None) -> Iterator[bytes]:
     headers = {"Range": f"bytes={offset}-"} if offset > 0 else {}
-    # trust_env: a private CA comes in through SSL_CERT_FILE, proxies through HTTPS_PROXY.
+    request_url, extensions = httpx.URL(url), {}
+    if dial is not None and dial != request_url.host:
+        headers["Host"] = request_url.netloc.decode("ascii")
+        extensions["sni_hostname"] = request_url.host  # also the name the cert must match
+        request_url = request_url.copy_with(host=dial)
+    # trust_env: a private CA comes in through SSL_CERT_FILE (a proxy would not see `dial`).
     try:
         with (
             httpx.Client(timeout=httpx.Timeout(30.0), follow_redirects=False) as client,
-            client.stream("GET", url, headers=headers) as resp,
+            client.stream("GET", request_url, headers=headers, extensions=extensions) as resp,
         ):
             if resp.status_code == 416:
                 return  # the offset is the object's end

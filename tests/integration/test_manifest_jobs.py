@@ -269,3 +269,40 @@ async def test_a_reader_that_loses_its_lease_is_resumed_by_another_gateway(
     seqs = by_seq(tasks)
     assert sorted(seqs) == list(range(n))
     assert all(seqs[s].client_item_id == str(s) for s in seqs)
+
+
+async def test_a_manifest_that_breaks_mid_read_ends_the_job_with_a_reason(
+    client: httpx.AsyncClient, js: JetStreamContext, redis: Redis, s3: Any
+) -> None:
+    whole = gzip.compress(("\n".join(urls(10, "b")) + "\n").encode())
+    s3.put_object(Bucket="src", Key="cut.gz", Body=whole[:-8])  # its trailer cut off
+    job_id = await submit(client, "s3://src/cut.gz")
+    await wait_status(client, job_id, total=11, state="running", failed=1)
+    assert sorted(by_seq(await pull_tasks(js, Lane.BULK, 10))) == list(range(10))
+    staged = await redis.hget(KEYS.job_shard(job_id, 0), "10")  # type: ignore[misc]
+    line = json.loads(staged)
+    assert line["status"] == "error" and line["code"] == "manifest_unreadable", line
+    assert "truncated" in line["message"]
+
+
+async def test_a_cancelled_manifest_job_stops_reading(
+    nats_proc: ServerProcess, redis_proc: ServerProcess, js: JetStreamContext, redis: Redis,
+    s3: Any,
+) -> None:  # fmt: skip
+    s3.put_object(Bucket="src", Key="long.txt", Body=("\n".join(urls(200, "c"))).encode())
+    paced = {"bulk_backlog_limit": 8, "realtime_backlog_limit": 8}
+    async with gateway(nats_proc, redis_proc, **paced) as c:
+        job_id = await submit(c, "s3://src/long.txt")
+        for _ in range(200):
+            if (await c.get(f"/v1/jobs/{job_id}")).json()["submitted"] >= 5:
+                break
+            await asyncio.sleep(0.05)
+        assert (await c.delete(f"/v1/jobs/{job_id}")).json()["state"] == "cancelled"
+        for _ in range(200):  # the reader notices at its next chunk and stops
+            if not await redis.sismember(KEYS.submitting_jobs, job_id):  # type: ignore[misc]
+                break
+            await asyncio.sleep(0.05)
+        total = int(await redis.hget(KEYS.job(job_id), "total"))  # type: ignore[misc]
+        assert 5 <= total < 200
+        assert len(by_seq(await pull_tasks(js, Lane.BULK, total))) == total
+        await no_more_tasks(js)

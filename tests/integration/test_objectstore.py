@@ -1,8 +1,17 @@
-"""tagpipe_common.objectstore against a real S3-compatible store (moto server, auth on)."""
+"""tagpipe_common.objectstore against a real S3-compatible store (moto server, auth on)
+and a local HTTPS server."""
 
 from __future__ import annotations
 
+import ssl
+import threading
+from collections.abc import Iterator
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
 import pytest
+import trustme
 from tagpipe_common import objectstore
 
 from tests.s3kit import moto_s3, s3_client
@@ -56,3 +65,36 @@ def test_bad_credentials_are_denied(s3: dict[str, str], monkeypatch: pytest.Monk
     with pytest.raises(objectstore.ObjectError) as err:
         objectstore.put_bytes("s3://objs/y", b"y", "text/plain")
     assert err.value.kind == objectstore.DENIED_KIND
+
+
+@pytest.fixture
+def https_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[int, Path]]:
+    """(port, served directory) of an HTTPS server on 127.0.0.1 whose certificate names
+    only `tagpipe.test`, a host no DNS knows; the client trusts its CA."""
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("tagpipe.test").configure_cert(ctx)
+    handler = partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1], tmp_path
+    server.shutdown()
+    server.server_close()
+
+
+def test_https_reads_dial_the_vetted_address_under_the_urls_name(
+    https_named: tuple[int, Path],
+) -> None:
+    port, served = https_named
+    (served / "m.txt").write_bytes(b"0123456789" * 1000)
+    url = f"https://tagpipe.test:{port}/m.txt"
+    # Only through `dial`: the name does not resolve, the certificate is checked against it.
+    assert b"".join(objectstore.read_stream(url, 0, dial="127.0.0.1")) == b"0123456789" * 1000
+    assert b"".join(objectstore.read_stream(url, 9995, dial="127.0.0.1")) == b"56789"
+    with pytest.raises(objectstore.ObjectError, match="HTTP 404"):
+        b"".join(objectstore.read_stream(f"https://tagpipe.test:{port}/none", 0, "127.0.0.1"))
+    with pytest.raises(objectstore.ObjectError, match="CERTIFICATE_VERIFY_FAILED"):
+        b"".join(objectstore.read_stream(f"https://127.0.0.1:{port}/m.txt"))

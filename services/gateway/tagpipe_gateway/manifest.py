@@ -37,7 +37,7 @@ from urllib.parse import urlsplit
 
 from tagpipe_common import keys as K
 from tagpipe_common import objectstore
-from tagpipe_common.errors import ErrorCode
+from tagpipe_common.errors import ErrorCode, PermanentError
 from tagpipe_common.messages import DownloadTask, ItemRef, TagResult, TaskOptions
 from tagpipe_common.netguard import parse_cidrs, resolve_vetted
 from tagpipe_common.subjects import Lane
@@ -70,27 +70,31 @@ class UrlWindow:
         return None
 
 
-def open_source(source: str, seq: int, offset: int) -> tuple[bool, Iterator[bytes]]:
+def open_source(
+    source: str, seq: int, offset: int, dial: str | None = None
+) -> tuple[bool, Iterator[bytes]]:
     """(gzip?, the bytes to parse): from `offset` for a plain source, else from 0.
 
     A checkpoint with an offset is a plain source's; otherwise the first bytes tell
     (gzip's magic), whatever the name says."""
     if offset > 0:
-        return False, objectstore.read_stream(source, offset)
-    chunks = objectstore.read_stream(source, 0)
+        return False, objectstore.read_stream(source, offset, dial)
+    chunks = objectstore.read_stream(source, 0, dial)
     first = next(chunks, b"")
     gz = first.startswith(GZIP_MAGIC) or urlsplit(source).path.endswith(".gz")
     return gz, itertools.chain([first], chunks)
 
 
-async def vet_https(url: str, allow_cidrs: str, timeout_s: float = 5.0) -> None:
-    """The SSRF guard for a URL the gateway itself fetches or calls: its host must
-    resolve to public addresses only (or ones `allow_cidrs` lists). Raises
-    PermanentError (blocked_address, dns_error) or RetryableError."""
+async def vet_https(url: str, allow_cidrs: str, timeout_s: float = 5.0) -> str:
+    """The SSRF guard for a manifest the gateway reads: its host must resolve to public
+    addresses only (or ones `allow_cidrs` lists). Returns the address to dial (so a
+    second DNS answer cannot point the read elsewhere). Raises PermanentError
+    (blocked_address, dns_error, invalid_url) or RetryableError."""
     parts = urlsplit(url)
     host = (parts.hostname or "").lower()
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    await resolve_vetted(host, port, parse_cidrs(allow_cidrs.split(",")), timeout_s)
+    addrs = await resolve_vetted(host, port, parse_cidrs(allow_cidrs.split(",")), timeout_s)
+    return str(addrs[0])
 
 
 class ManifestReader:
@@ -121,7 +125,7 @@ class ManifestReader:
                 if it is None:
                     it = await self._open(source, seq, offset)
                 batch = await self._take(job_id, it)
-            except (objectstore.ObjectError, ManifestError) as exc:
+            except (objectstore.ObjectError, ManifestError, PermanentError) as exc:
                 if isinstance(exc, objectstore.ObjectError) and exc.kind == "failed":
                     raise  # maybe transient: the job resumes from its checkpoint
                 await self._broken(job_id, seq, source, str(exc))
@@ -136,9 +140,10 @@ class ManifestReader:
         return await self._finish(job_id, seq)
 
     async def _open(self, source: str, seq: int, offset: int) -> Iterator[Entry]:
+        dial = None
         if source.startswith("https://"):
-            await vet_https(source, self.s.allow_cidrs)
-        gz, chunks = await asyncio.to_thread(open_source, source, seq, offset)
+            dial = await vet_https(source, self.s.allow_cidrs)
+        gz, chunks = await asyncio.to_thread(open_source, source, seq, offset, dial)
         return entries(chunks, gz, seq, offset, self.s.max_url_length)
 
     async def _take(self, job_id: str, it: Iterator[Entry]) -> list[Entry]:

@@ -51,8 +51,8 @@ _STORE_CODES = {
 }
 
 
-def _first_bytes(url: str) -> bytes:
-    chunks = objectstore.read_stream(url)
+def _first_bytes(url: str, dial: str | None) -> bytes:
+    chunks = objectstore.read_stream(url, 0, dial)
     try:
         return next(chunks, b"")
     finally:
@@ -66,9 +66,8 @@ def _refused(code: ProblemCode, title: str, detail: str) -> ProblemError:
 async def check_source(url: str, allow_cidrs: str) -> None:
     """The manifest exists and these credentials read it (its first bytes)."""
     try:
-        if url.startswith("https://"):
-            await vet_https(url, allow_cidrs)
-        head = await asyncio.to_thread(_first_bytes, url)
+        dial = await vet_https(url, allow_cidrs) if url.startswith("https://") else None
+        head = await asyncio.to_thread(_first_bytes, url, dial)
     except objectstore.ObjectError as exc:
         raise _refused(_STORE_CODES[exc.kind], "Manifest not readable", str(exc)) from None
     except (PermanentError, RetryableError) as exc:
