@@ -174,3 +174,7 @@ def test_cancel_midway_accounts_for_every_item(http: httpx.Client, images: Image
     assert status["total"] == 1500
     assert status["done"] + status["failed"] + status["cancelled"] == 1500
     assert status["cancelled"] > 0 and status["done"] >= 20
+    # Cancel writes nothing per item: the results are those of the items that ran.
+    results = [json.loads(line) for line in http.get(f"/v1/jobs/{job_id}/results").iter_lines()]
+    assert 20 <= len(results) < 1500
+    assert not [r for r in results if r.get("code") == "cancelled"]
