@@ -71,6 +71,9 @@ class CommonSettings(BaseSettings):
     max_msg_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 8 * 1024 * 1024
     stream_max_msgs: Annotated[int, Field(ge=-1)] = -1
     stream_replicas: Annotated[int, Field(ge=1, le=5)] = 1
+    # How often (jittered) a worker reads its stage's MAX_DELIVERIES advisories, to
+    # settle items whose last delivery died with a worker (stranded.py).
+    stranded_poll_s: Annotated[float, Field(gt=0, le=600)] = 5.0
     # Streams per stage (subjects.partition_names): publishers spread items over
     # them by item id, workers pull from every one. Streams, publishers and
     # workers must agree on it (the operator sets it from spec.nats.partitions).

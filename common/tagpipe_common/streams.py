@@ -26,6 +26,7 @@ from nats.js.api import (
 from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 
+from tagpipe_common.advisories import delete_advisories, ensure_advisories
 from tagpipe_common.flowlimits import ConsumerLimits
 from tagpipe_common.settings import CommonSettings
 from tagpipe_common.subjects import LANES, Lane, Stage, StageNames, partition_names
@@ -113,6 +114,8 @@ async def ensure_streams(js: JetStreamContext, policy: StreamPolicy) -> None:
                 await js.update_stream(cfg)
             for lane in LANES:
                 await ensure_consumer(js, cfg.name, policy.consumer_config(stage, lane, part))
+    # Where a message whose last delivery died is announced (advisories.py, stranded.py).
+    await ensure_advisories(js, policy)
 
 
 async def ensure_consumer(js: JetStreamContext, stream: str, want: ConsumerConfig) -> None:
@@ -165,7 +168,8 @@ async def replace_consumer(
 
 
 async def delete_streams(js: JetStreamContext, prefix: str, partitions: int = 1) -> list[str]:
-    """Remove a pipeline's streams (deletionPolicy: Delete). Returns what was deleted.
+    """Remove a pipeline's streams, its advisory stream last (deletionPolicy:
+    Delete). Returns what was deleted.
 
     Past `partitions` it goes on while further partitions exist, so streams left
     by a higher count set earlier go too."""
@@ -182,7 +186,7 @@ async def delete_streams(js: JetStreamContext, prefix: str, partitions: int = 1)
             else:
                 deleted.append(name)
             k += 1
-    return deleted
+    return deleted + await delete_advisories(js, prefix)
 
 
 async def consumer_backlog(

@@ -145,7 +145,8 @@ async def test_stage_counters_feed_the_rate_term(js: JetStreamContext) -> None:
 
 
 async def test_missing_consumer_raises_rather_than_guessing(js: JetStreamContext) -> None:
-    assert await delete_streams(js, "tagpipe") == ["TAGPIPE_DOWNLOAD", "TAGPIPE_INFER"]
+    deleted = await delete_streams(js, "tagpipe")
+    assert deleted == ["TAGPIPE_DOWNLOAD", "TAGPIPE_INFER", "TAGPIPE_ADVISORIES"]
     with pytest.raises(NotFoundError):
         await stage_backlog(js, Stage.DOWNLOAD, "tagpipe")
     with pytest.raises(NotFoundError):

@@ -21,6 +21,7 @@ from tagpipe_common.nats_io import close_nats, connect_nats, require_nats
 from tagpipe_common.pulse import beating
 from tagpipe_common.redis_io import connect_redis, require_redis
 from tagpipe_common.settings import load_settings
+from tagpipe_common.stranded import sweeping
 from tagpipe_common.subjects import Stage
 from tagpipe_common.threads import niced_pool
 
@@ -74,8 +75,12 @@ async def serve(settings: DownloaderSettings) -> None:
                 runner = web.AppRunner(health_app(worker), access_log=None)
                 await runner.setup()
                 await web.TCPSite(runner, settings.health_host, settings.health_port).start()
+            poll_s = settings.stranded_poll_s
             log.info("downloader started", extra={"fields": {"geometry": str(worker.geometry)}})
-            async with beating(redis_client, settings.prefix, Stage.DOWNLOAD):
+            async with (
+                beating(redis_client, settings.prefix, Stage.DOWNLOAD),
+                sweeping(worker.js, worker.store, Stage.DOWNLOAD, settings.prefix, poll_s),
+            ):
                 await worker.run()
             log.info("downloader stopped cleanly")
     finally:

@@ -247,6 +247,9 @@ class DownloadWorker:
         item_token = telemetry.item_id_var.set(task.item_id)
         request_token = telemetry.request_id_var.set(task.request_id)
         job_token = telemetry.job_id_var.set(task.job_id)
+        # One line per delivery taken: the poison-item fault test finds its victim here.
+        fields = {"event": "taken", "delivery": delivery_count(msg), "lane": lane.value}
+        log.debug("took item", extra={"fields": fields})
         keepalive = asyncio.create_task(self._keep_alive(msg))
         ctx = telemetry.extract_context(msg.headers)
         try:

@@ -20,6 +20,7 @@ from tagpipe_common.pulse import beating
 from tagpipe_common.redis_io import connect_redis, require_redis
 from tagpipe_common.results import ResultStore
 from tagpipe_common.settings import load_settings
+from tagpipe_common.stranded import sweeping
 from tagpipe_common.subjects import Stage
 from tagpipe_common.telemetry import setup_logging, setup_tracing
 
@@ -68,7 +69,10 @@ async def serve(settings: InferenceSettings, model: Model, decoder: BatchDecoder
     try:
         await worker.subscribe()
         log.info("consuming", extra={"fields": {"event": "started", "prefix": settings.prefix}})
-        async with beating(redis, settings.prefix, Stage.INFER):
+        async with (
+            beating(redis, settings.prefix, Stage.INFER),
+            sweeping(worker.js, store, Stage.INFER, settings.prefix, settings.stranded_poll_s),
+        ):
             await worker.run()
     finally:
         if runner is not None:
