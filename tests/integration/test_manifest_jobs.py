@@ -306,3 +306,16 @@ async def test_a_cancelled_manifest_job_stops_reading(
         assert 5 <= total < 200
         assert len(by_seq(await pull_tasks(js, Lane.BULK, total))) == total
         await no_more_tasks(js)
+
+
+async def test_an_empty_manifest_completes_with_an_empty_output(
+    client: httpx.AsyncClient, s3: Any
+) -> None:
+    s3.put_object(Bucket="src", Key="empty.txt", Body=b"\n\n")
+    body = {"source": "s3://src/empty.txt", "output": "s3://dst/empty"}
+    r = await client.post("/v1/manifest-jobs", json=body)
+    assert r.status_code == 202, r.text
+    status = await wait_status(client, r.json()["job_id"], state="completed")
+    assert (status["total"], status["finished"]) == (0, 0)
+    summary = json.loads(s3.get_object(Bucket="dst", Key="empty/_manifest.json")["Body"].read())
+    assert (summary["total"], summary["shards"]) == (0, [])
