@@ -304,6 +304,8 @@ async def test_a_cancelled_manifest_job_stops_reading(
             await asyncio.sleep(0.05)
         total = int(await redis.hget(KEYS.job(job_id), "total"))  # type: ignore[misc]
         assert 5 <= total < 200
+        # The sink writes its _manifest.json after the redelivery window, results or not.
+        assert await redis.sismember(KEYS.sinking_jobs, job_id)  # type: ignore[misc]
         assert len(by_seq(await pull_tasks(js, Lane.BULK, total))) == total
         await no_more_tasks(js)
 
