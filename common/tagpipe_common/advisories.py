@@ -45,10 +45,11 @@ ADVISORY_TYPE = "io.nats.jetstream.advisory.v1.max_deliver"
 
 # Kept after they are handled (limits retention): a week of "which items were
 # stranded" to read with `nats stream view`, and a stage with no worker running
-# for days still finds its advisories. Bounded in count too: a crash loop on a
-# bad release must not grow the stream without end.
+# for days still finds its advisories. Bounded in count and bytes too: a crash
+# loop on a bad release must not grow the stream without end.
 ADVISORY_MAX_AGE_S = 7 * 86400.0
 ADVISORY_MAX_MSGS = 1_000_000
+ADVISORY_MAX_BYTES = 64 * 1024 * 1024  # ~250 bytes an advisory
 # A handled advisory is acked; one whose handling failed (Redis away) is NAKed and
 # comes back after this delay, for as long as it takes: giving up would strand
 # the item again, and handling one is cheap (a read, a result write, a delete).
@@ -85,6 +86,7 @@ def advisory_stream_config(policy: StreamPolicy) -> StreamConfig:
         discard=DiscardPolicy.OLD,
         max_age=ADVISORY_MAX_AGE_S,
         max_msgs=ADVISORY_MAX_MSGS,
+        max_bytes=ADVISORY_MAX_BYTES,
         num_replicas=policy.replicas,
     )
 

@@ -37,6 +37,7 @@ import nats.errors
 from nats.aio.msg import Msg
 from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
+from prometheus_client import Counter
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
@@ -48,6 +49,15 @@ from tagpipe_common.results import ResultStore
 from tagpipe_common.subjects import Stage
 
 log = logging.getLogger("tagpipe.stranded")
+
+# Stranded items mean workers die on items: worth an alert. On the metrics port of
+# whichever worker settled them (downloader or inference).
+SETTLED = Counter(
+    "tagpipe_stranded_items_total",
+    "Messages whose last delivery died with its worker, settled from their advisory, by "
+    "stage and outcome (recorded, duplicate, gone, cancelled, undecodable)",
+    ["stage", "outcome"],
+)
 
 # Each stage reads its own message type; the source is what the result names.
 Decode = Callable[[bytes], tuple[ItemRef, str | None]]
@@ -156,6 +166,7 @@ class StrandedSweeper:
         try:
             raw = await self.js.get_msg(advisory.stream, advisory.stream_seq)
         except NotFoundError:
+            SETTLED.labels(self.stage.value, "gone").inc()
             return "gone"  # acked late (that delivery succeeded), or settled already
         data = raw.data or b""
         try:
@@ -166,6 +177,7 @@ class StrandedSweeper:
             outcome = await self._record(advisory, ref, source)
         with contextlib.suppress(NotFoundError):  # another sweeper was quicker
             await self.js.delete_msg(advisory.stream, advisory.stream_seq)
+        SETTLED.labels(self.stage.value, outcome).inc()
         return outcome
 
     async def _record(self, advisory: MaxDeliveries, ref: ItemRef, source: str | None) -> str:

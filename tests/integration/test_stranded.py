@@ -17,6 +17,7 @@ from dataclasses import replace
 import pytest
 from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
+from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 from tagpipe_common.advisories import (
     MaxDeliveries,
@@ -76,6 +77,11 @@ async def dying_worker(js: JetStreamContext, stream: str, durable: str) -> Async
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+def settled_count(outcome: str) -> float:
+    labels = {"stage": "download", "outcome": outcome}
+    return REGISTRY.get_sample_value("tagpipe_stranded_items_total", labels) or 0.0
 
 
 async def job(redis: Redis, job_id: str, total: int) -> None:
@@ -141,8 +147,10 @@ async def test_an_advisory_handled_twice_leaves_one_result(
     advisory = MaxDeliveries(DL.stream, DL.consumer(Lane.BULK), ack.seq, 2)
     a = StrandedSweeper(js, store, Stage.DOWNLOAD, "tagpipe")
     b = StrandedSweeper(js, store, Stage.DOWNLOAD, "tagpipe")
+    gone_before = settled_count("gone")
     assert await a.settle(advisory) == "recorded"
     assert await b.settle(advisory) == "gone"  # deleted by the first
+    assert settled_count("gone") == gone_before + 1
     assert await redis.xlen("tagpipe:job:job-t:results") == 1
     # A message whose item already has a result (its final delivery succeeded, its
     # ack was lost): no second result, and the message still goes.
