@@ -22,7 +22,7 @@ from tagpipe_gateway.deps import PrincipalDep, RuntimeDep
 from tagpipe_gateway.manifest import vet_https
 from tagpipe_gateway.manifest_lines import GZIP_MAGIC
 from tagpipe_gateway.problems import ProblemCode, ProblemError, field_error, problem_responses
-from tagpipe_gateway.routes.jobs import _created, _job_id
+from tagpipe_gateway.routes.jobs import _created, _holding, _job_id
 from tagpipe_gateway.runtime import Runtime
 from tagpipe_gateway.schemas import JobCreated, ManifestJobRequest
 from tagpipe_gateway.webhook import vet_notify_url
@@ -136,7 +136,8 @@ async def submit_manifest_job(
         response.status_code = 200
         return _created(status, reused=True)
     try:
-        await _check(body, rt)
+        async with _holding(rt, idem, lock_ms):  # as long as the checks take (a slow store)
+            await _check(body, rt)
     except BaseException:
         if idem is not None:
             await rt.redis.delete(idem)
@@ -151,6 +152,7 @@ async def submit_manifest_job(
     await rt.jobs.create(
         job_id, None, options, principal, body.notify_url, fields, idempotency=idem
     )
+    await rt.sink.watch(job_id)  # its output: shards, then _manifest.json (sink.py)
     await rt.jobs.submit(job_id)
     await rt.store.durability.confirm(rt.redis)  # a 202 survives the primary's loss
     status = await rt.jobs.status(job_id)
