@@ -189,6 +189,24 @@ async def delete_streams(js: JetStreamContext, prefix: str, partitions: int = 1)
     return deleted + await delete_advisories(js, prefix)
 
 
+async def unread_partitions(js: JetStreamContext, policy: StreamPolicy) -> dict[str, int]:
+    """Streams past the policy's partition count that still hold messages: left by
+    a higher count, read by no worker now. {stream: messages}; {} when none."""
+    out = {}
+    for stage in Stage:
+        k = policy.partitions
+        while True:
+            name = partition_names(stage, policy.prefix, k + 1)[k].stream
+            try:
+                info = await js.stream_info(name)
+            except NotFoundError:
+                break
+            if info.state.messages:
+                out[name] = int(info.state.messages)
+            k += 1
+    return out
+
+
 async def consumer_backlog(
     js: JetStreamContext, stage: Stage, lane: Lane, prefix: str, partitions: int = 1
 ) -> int:

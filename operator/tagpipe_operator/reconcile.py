@@ -29,6 +29,7 @@ from tagpipe_common.streams import (
     ensure_streams,
     stage_backlog,
     stage_counters,
+    unread_partitions,
 )
 from tagpipe_common.subjects import Stage
 
@@ -197,11 +198,15 @@ def stream_policy(rt: Runtime, spec: TagPipelineSpec) -> StreamPolicy:
 
 async def ensure_pipeline_streams(
     rt: Runtime, namespace: str, spec: TagPipelineSpec, name: str | None = None
-) -> None:
+) -> dict[str, int]:
+    """Ensure the streams; returns the partitions past spec.nats.partitions that
+    still hold messages (a lowered count), which no worker reads."""
     url = await nats_url(rt, namespace, spec)
-    await ensure_streams(await jetstream(rt, url), stream_policy(rt, spec))
+    js, policy = await jetstream(rt, url), stream_policy(rt, spec)
+    await ensure_streams(js, policy)
     if name is not None:
         rt.streams_ready[(namespace, name)] = _streams_key(url, spec)
+    return await unread_partitions(js, policy)
 
 
 async def try_ensure_streams(rt: Runtime, namespace: str, name: str, spec: TagPipelineSpec) -> str:
@@ -210,11 +215,19 @@ async def try_ensure_streams(rt: Runtime, namespace: str, name: str, spec: TagPi
     kopf would log at ERROR on every retry."""
     try:
         async with asyncio.timeout(rt.settings.nats_timeout_s * 2):
-            await ensure_pipeline_streams(rt, namespace, spec, name)
+            unread = await ensure_pipeline_streams(rt, namespace, spec, name)
     except Exception as exc:
         problem = nats_problem(rt, spec.nats.url, exc)
         log.warning("TagPipeline %s/%s: streams not ensured yet, %s", namespace, name, problem)
         return f"pending: {problem}"
+    if unread:
+        held = ", ".join(f"{s} ({n:,})" for s, n in sorted(unread.items()))
+        msg = (
+            f"ensured; streams past spec.nats.partitions={spec.nats.partitions} still hold "
+            f"messages no worker reads: {held}; raise partitions until they drain"
+        )
+        log.warning("TagPipeline %s/%s: %s", namespace, name, msg)
+        return msg
     return "ensured"
 
 

@@ -13,6 +13,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from tagpipe_common.keys import RedisKeys
 from tagpipe_common.messages import DownloadTask, InferenceTask
 from tagpipe_common.nats_io import close_nats, connect_nats
 from tagpipe_common.results import ResultStore
-from tagpipe_common.streams import StreamPolicy, stage_backlog
+from tagpipe_common.streams import StreamPolicy, ensure_streams, stage_backlog, unread_partitions
 from tagpipe_common.subjects import HDR_MSG_ID, Lane, Stage, partition_of
 from tagpipe_downloader.fetch import Fetcher
 from tagpipe_downloader.settings import DownloaderSettings
@@ -150,6 +151,19 @@ async def test_the_publisher_spreads_by_item_id_and_dedupes_within_a_partition(
     assert await stage_backlog(js, Stage.DOWNLOAD, "tagpipe") == stored[0]
     cache = BacklogCache(js, "tagpipe", ttl_s=0.0, partitions=PARTS)
     assert await cache.get() == 60
+
+
+async def test_streams_past_a_lowered_count_that_still_hold_work_are_named(
+    js: JetStreamContext, policy: StreamPolicy
+) -> None:
+    [_, _, held] = ids_per_partition(2)
+    for item_id in held:
+        await publish_raw(js, policy, item_id, Lane.BULK)
+    assert await unread_partitions(js, policy) == {}
+    lowered = replace(policy, partitions=1)
+    await ensure_streams(js, lowered)
+    # The operator puts this in status.streams: no worker reads TAGPIPE_INFER_P2 now.
+    assert await unread_partitions(js, lowered) == {"TAGPIPE_INFER_P2": 2}
 
 
 async def test_realtime_stays_ahead_of_bulk_across_partitions(
