@@ -31,6 +31,7 @@ import contextlib
 import json
 import logging
 import random
+import struct
 from collections.abc import AsyncIterator, Callable
 
 import nats.errors
@@ -74,16 +75,18 @@ def _infer(data: bytes) -> tuple[ItemRef, str | None]:
 
 
 DECODERS: dict[Stage, Decode] = {Stage.DOWNLOAD: _download, Stage.INFER: _infer}
+_FRAME_MAGIC = b"TPI1"
 
 
 def loose_ref(data: bytes) -> ItemRef | None:
     """The routing fields of a message that does not decode as its type, if any:
     the JSON body of a download task, or the JSON header of an inference frame."""
-    start = data.find(b"{")
-    if start < 0:
-        return None
+    if data.startswith(_FRAME_MAGIC) and len(data) >= 8:
+        # messages.py's frame: magic, a big-endian u32 header length, the header.
+        (length,) = struct.unpack_from(">I", data, 4)
+        data = data[8 : 8 + length]
     with contextlib.suppress(ValueError, TypeError):
-        doc, _ = json.JSONDecoder().raw_decode(data[start:].decode(errors="replace"))
+        doc = json.loads(data)
         if isinstance(doc, dict):
             doc.pop("v", None)  # a newer schema's item is still this item
             with contextlib.suppress(ValidationError):
