@@ -33,6 +33,8 @@ class ErrorCode(StrEnum):
     INFERENCE_ERROR = "inference_error"
     # Lifecycle
     RETRIES_EXHAUSTED = "retries_exhausted"
+    # No item is written with it any more (a cancelled job counts its items without a
+    # result as cancelled); kept so results stored before that still read, and counted.
     CANCELLED = "cancelled"
     # Real-time: the caller's deadline passed before the item was served; skipped.
     DEADLINE_EXCEEDED = "deadline_exceeded"
