@@ -118,7 +118,7 @@ async def test_a_jsonl_manifest_publishes_each_line_once_with_its_seq(
         "manifest",
         "s3://src/m.jsonl",
         "s3://dst/r/",
-        "10000",
+        "1000",
     )
     # No copy of the item list in Redis: no items stream, no URL marks.
     keys = {k.decode() async for k in redis.scan_iter(f"*{job_id}*")}

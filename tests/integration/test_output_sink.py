@@ -187,3 +187,19 @@ async def test_a_cancelled_output_job_writes_what_it_has_and_says_cancelled(
     # A line landing after the cancelled job's output is written is refused.
     assert await store.record(result("j4", 9)) is False  # its shard (8-11) went out partial
     assert await redis.hlen(keys.job_shards("j4")) == 3  # type: ignore[misc]
+
+
+async def test_an_output_job_with_no_items_still_gets_its_manifest(
+    redis: Redis, s3: Any, sink: Sink
+) -> None:
+    keys = RedisKeys()
+    await create_output_job(redis, keys, "j5", f"s3://{BUCKET}/j5/", shard_size=4, total=0)
+    await sink.watch("j5")  # as the manifest route does at creation
+
+    async def completed() -> bool:
+        state = await redis.hget(keys.job("j5"), K.JOB_STATE)  # type: ignore[misc]
+        return bool(state == b"completed")
+
+    await eventually(completed, within=30)
+    doc = read_manifest(s3, "j5/")
+    assert doc["shards"] == [] and doc["lines"] == 0 and doc["total"] == 0

@@ -69,7 +69,8 @@ async def check_source(url: str, allow_cidrs: str) -> None:
         dial = await vet_https(url, allow_cidrs) if url.startswith("https://") else None
         head = await asyncio.to_thread(_first_bytes, url, dial)
     except objectstore.ObjectError as exc:
-        raise _refused(_STORE_CODES[exc.kind], "Manifest not readable", str(exc)) from None
+        code = _STORE_CODES.get(exc.kind, ProblemCode.SOURCE_UNREADABLE)
+        raise _refused(code, "Manifest not readable", str(exc)) from None
     except (PermanentError, RetryableError) as exc:
         code = ProblemCode.BLOCKED_ADDRESS
         if exc.code != ErrorCode.BLOCKED_ADDRESS:
