@@ -8,6 +8,7 @@ through the real queue and ResultStore, and receives the webhook with aiohttp.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -142,6 +143,31 @@ async def test_a_cancelled_job_notifies_at_once(
     assert event["type"] == "job.cancelled"
     job = event["job"]
     assert job["state"] == "cancelled" and job["cancelled"] == 8 and job["finished"] == 8
+
+
+async def test_another_gateway_delivers_when_the_first_is_gone(
+    nats_proc: ServerProcess,
+    redis_proc: ServerProcess,
+    js: JetStreamContext,
+    store: ResultStore,
+    redis: Redis,
+    receiver: Receiver,
+) -> None:
+    receiver.fail_first = 0
+    settings = {**FAST, "allow_cidrs": "127.0.0.0/8"}
+    async with gateway_client(nats_proc, redis_proc, ["hook-key-0123"], **settings) as first:
+        r = await first.post(
+            "/v1/jobs", json=["http://img.example/a.jpg"], params={"notify_url": receiver.url}
+        )
+        job_id = r.json()["job_id"]
+        await wait_status(first, job_id, submitted=1)
+        # A claim this gateway will never finish: it dies holding the job for 1 s.
+        await redis.zadd(RedisKeys().notify_due, {job_id: time.time() + 1.0})
+    (task,) = await pull_tasks(js, Lane.BULK, 1)
+    await store.record(ok(task))  # the job ends with no gateway running
+    async with gateway_client(nats_proc, redis_proc, ["hook-key-0123"], **settings) as second:
+        notify = await notify_of(second, job_id, "delivered")
+    assert notify["attempts"] == 1 and len(receiver.got) == 1
 
 
 async def test_retries_end_after_the_give_up_time_and_the_job_says_so(
