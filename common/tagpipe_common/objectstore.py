@@ -29,18 +29,21 @@ from urllib.parse import urlsplit
 import httpx
 
 CHUNK = 1 << 20
+WINDOW = 4 << 20  # bytes per ranged GET of a read (read_stream)
 SCHEMES = ("s3", "https")
 # S3 error codes that mean "these credentials may not do this", as opposed to "no such object".
 DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"}
 MISSING = {"NoSuchKey", "NoSuchBucket", "404"}
 MISSING_KIND, DENIED_KIND, FAILED_KIND = "missing", "denied", "failed"
+CHANGED_KIND = "changed"  # the object was replaced in the middle of a read
 
 _clients: dict[tuple[str | None, ...], Any] = {}
 _clients_lock = threading.Lock()
 
 
 class ObjectError(RuntimeError):
-    """An object cannot be read or written; `kind` is missing, denied or failed."""
+    """An object cannot be read or written; `kind` is missing, denied, changed or failed
+    (only `failed` may be transient)."""
 
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
@@ -128,64 +131,103 @@ def check_writable(prefix: str) -> None:
 
 
 def read_stream(url: str, offset: int = 0, dial: str | None = None) -> Iterator[bytes]:
-    """The object's bytes from `offset` on, in chunks; nothing past its end. `dial`:
-    for https, the address to connect to (one the caller vetted) instead of a fresh
-    DNS answer; the Host header and TLS name stay the URL's."""
+    """The object's bytes from `offset` on, in chunks; nothing past its end.
+
+    Read as a series of ranged GETs of WINDOW bytes, each made when the previous one is
+    used up, so no connection sits idle while the caller pauses (a manifest reader held
+    by backpressure may not read for minutes, and stores drop idle downloads). S3 reads
+    are pinned to the first answer's ETag: an object replaced mid-read fails (`changed`)
+    rather than mixing two versions. `dial`: for https, the address to connect to (one
+    the caller vetted) instead of a fresh DNS answer; Host header and TLS name stay the
+    URL's."""
     target = parse(url)
     if target.scheme == "s3":
         return _s3_stream(url, target, offset)
     return _https_stream(url, offset, dial)
 
 
-def _s3_stream(url: str, target: ObjectURL, offset: int) -> Iterator[bytes]:
+def _s3_window(url: str, target: ObjectURL, start: int, etag: str | None) -> tuple[bytes, int, str]:
+    """(bytes from `start`, the object's size, its ETag); empty at the end."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    kwargs: dict[str, str] = {"Bucket": target.bucket, "Key": target.key}
-    if offset > 0:
-        kwargs["Range"] = f"bytes={offset}-"
-    client = s3_client()
+    kwargs = {
+        "Bucket": target.bucket,
+        "Key": target.key,
+        "Range": f"bytes={start}-{start + WINDOW - 1}",
+    }
+    if etag is not None:
+        kwargs["IfMatch"] = etag
     try:
-        body = client.get_object(**kwargs)["Body"]
+        got = s3_client().get_object(**kwargs)
+        data: bytes = got["Body"].read()
     except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") == "InvalidRange":
-            return  # the offset is the object's end: nothing left
+        code = exc.response.get("Error", {}).get("Code")
+        if code == "InvalidRange":
+            return b"", start, etag or ""  # `start` is the object's end
+        if code in ("PreconditionFailed", "412"):
+            raise ObjectError(CHANGED_KIND, f"{url} was replaced while being read") from exc
         raise _s3_error(exc, url, "read") from exc
     except BotoCoreError as exc:
         raise _s3_error(exc, url, "read") from exc
-    try:
-        yield from body.iter_chunks(CHUNK)
-    except (ClientError, BotoCoreError) as exc:
-        raise _s3_error(exc, url, "read") from exc
-    finally:
-        body.close()
+    size = int(str(got.get("ContentRange", "")).rpartition("/")[2] or start + len(data))
+    return data, size, str(got.get("ETag", ""))
+
+
+def _s3_stream(url: str, target: ObjectURL, offset: int) -> Iterator[bytes]:
+    pos, etag = offset, None
+    while True:
+        data, size, etag = _s3_window(url, target, pos, etag)
+        yield from _pieces(data)
+        pos += len(data)
+        if not data or pos >= size:
+            return
+
+
+def _pieces(data: bytes) -> Iterator[bytes]:
+    for i in range(0, len(data), CHUNK):
+        yield data[i : i + CHUNK]
 
 
 def _https_stream(url: str, offset: int, dial: str | None) -> Iterator[bytes]:
-    headers = {"Range": f"bytes={offset}-"} if offset > 0 else {}
-    request_url, extensions = httpx.URL(url), {}
+    request_url, headers, extensions = httpx.URL(url), {}, {}
     if dial is not None and dial != request_url.host:
         headers["Host"] = request_url.netloc.decode("ascii")
         extensions["sni_hostname"] = request_url.host  # also the name the cert must match
         request_url = request_url.copy_with(host=dial)
     # trust_env: a private CA comes in through SSL_CERT_FILE (a proxy would not see `dial`).
+    client = httpx.Client(timeout=httpx.Timeout(30.0), follow_redirects=False)
+    pos = offset
     try:
-        with (
-            httpx.Client(timeout=httpx.Timeout(30.0), follow_redirects=False) as client,
-            client.stream("GET", request_url, headers=headers, extensions=extensions) as resp,
-        ):
-            if resp.status_code == 416:
-                return  # the offset is the object's end
-            _check_status(url, resp.status_code)
-            # A server that ignores Range sends it all: skip what was read before.
-            skip = offset if resp.status_code == 200 else 0
-            for chunk in resp.iter_bytes(CHUNK):
-                if skip >= len(chunk):
-                    skip -= len(chunk)
-                    continue
-                yield chunk[skip:]
-                skip = 0
+        with client:
+            while True:
+                window = {**headers, "Range": f"bytes={pos}-{pos + WINDOW - 1}"}
+                with client.stream(
+                    "GET", request_url, headers=window, extensions=extensions
+                ) as resp:
+                    if resp.status_code == 416:
+                        return  # `pos` is the object's end
+                    _check_status(url, resp.status_code)
+                    if resp.status_code == 200:
+                        # No ranges here: the whole body, once, from `pos` on.
+                        yield from _skip(resp.iter_bytes(CHUNK), pos)
+                        return
+                    size = int(resp.headers.get("content-range", "").rpartition("/")[2] or 0)
+                    data = resp.read()
+                yield from _pieces(data)
+                pos += len(data)
+                if not data or (size and pos >= size) or len(data) < WINDOW:
+                    return
     except httpx.HTTPError as exc:
         raise ObjectError(FAILED_KIND, f"cannot read {url}: {exc!r}") from exc
+
+
+def _skip(chunks: Iterator[bytes], skip: int) -> Iterator[bytes]:
+    for chunk in chunks:
+        if skip >= len(chunk):
+            skip -= len(chunk)
+            continue
+        yield chunk[skip:]
+        skip = 0
 
 
 def _check_status(url: str, status: int) -> None:

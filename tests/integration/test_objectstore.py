@@ -3,6 +3,7 @@ and a local HTTPS server."""
 
 from __future__ import annotations
 
+import re
 import ssl
 import threading
 from collections.abc import Iterator
@@ -67,8 +68,45 @@ def test_bad_credentials_are_denied(s3: dict[str, str], monkeypatch: pytest.Monk
     assert err.value.kind == objectstore.DENIED_KIND
 
 
-@pytest.fixture
-def https_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[int, Path]]:
+def test_an_object_replaced_mid_read_fails_rather_than_mixing_versions(s3: dict[str, str]) -> None:
+    size = objectstore.WINDOW + 1000  # two ranged GETs
+    objectstore.put_bytes("s3://objs/v", b"a" * size, "text/plain")
+    chunks = objectstore.read_stream("s3://objs/v")
+    assert next(chunks) == b"a" * objectstore.CHUNK
+    objectstore.put_bytes("s3://objs/v", b"b" * size, "text/plain")
+    with pytest.raises(objectstore.ObjectError) as err:
+        b"".join(chunks)
+    assert err.value.kind == objectstore.CHANGED_KIND
+
+
+class RangeHandler(SimpleHTTPRequestHandler):
+    """http.server with `Range: bytes=a-b` (it ignores ranges): 206 or 416."""
+
+    def do_GET(self) -> None:
+        ranged = re.fullmatch(r"bytes=(\d+)-(\d+)", self.headers.get("Range", ""))
+        path = Path(self.translate_path(self.path))
+        if ranged is None or not path.is_file():
+            super().do_GET()
+            return
+        data = path.read_bytes()
+        start, end = int(ranged[1]), min(int(ranged[2]), len(data) - 1)
+        if start >= len(data):
+            self.send_response(416)
+            self.send_header("Content-Range", f"bytes */{len(data)}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        self.send_response(206)
+        self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+        self.send_header("Content-Length", str(end - start + 1))
+        self.end_headers()
+        self.wfile.write(data[start : end + 1])
+
+
+@pytest.fixture(params=[SimpleHTTPRequestHandler, RangeHandler], ids=["no-ranges", "ranges"])
+def https_named(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[int, Path]]:
     """(port, served directory) of an HTTPS server on 127.0.0.1 whose certificate names
     only `tagpipe.test`, a host no DNS knows; the client trusts its CA."""
     ca = trustme.CA()
@@ -76,7 +114,7 @@ def https_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tup
     monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("tagpipe.test").configure_cert(ctx)
-    handler = partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler = partial(request.param, directory=str(tmp_path))
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.socket = ctx.wrap_socket(server.socket, server_side=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -89,11 +127,13 @@ def test_https_reads_dial_the_vetted_address_under_the_urls_name(
     https_named: tuple[int, Path],
 ) -> None:
     port, served = https_named
-    (served / "m.txt").write_bytes(b"0123456789" * 1000)
+    data = b"0123456789" * (objectstore.WINDOW // 4)  # two and a half windows
+    (served / "m.txt").write_bytes(data)
     url = f"https://tagpipe.test:{port}/m.txt"
     # Only through `dial`: the name does not resolve, the certificate is checked against it.
-    assert b"".join(objectstore.read_stream(url, 0, dial="127.0.0.1")) == b"0123456789" * 1000
-    assert b"".join(objectstore.read_stream(url, 9995, dial="127.0.0.1")) == b"56789"
+    assert b"".join(objectstore.read_stream(url, 0, dial="127.0.0.1")) == data
+    assert b"".join(objectstore.read_stream(url, len(data) - 5, dial="127.0.0.1")) == b"56789"
+    assert b"".join(objectstore.read_stream(url, len(data), dial="127.0.0.1")) == b""
     with pytest.raises(objectstore.ObjectError, match="HTTP 404"):
         b"".join(objectstore.read_stream(f"https://tagpipe.test:{port}/none", 0, "127.0.0.1"))
     with pytest.raises(objectstore.ObjectError, match="CERTIFICATE_VERIFY_FAILED"):
