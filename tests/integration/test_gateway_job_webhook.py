@@ -8,13 +8,16 @@ through the real queue and ResultStore, and receives the webhook with aiohttp.
 from __future__ import annotations
 
 import json
+import ssl
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import trustme
 from aiohttp import web
 from nats.js.client import JetStreamContext
 from redis.asyncio import Redis
@@ -168,6 +171,41 @@ async def test_another_gateway_delivers_when_the_first_is_gone(
     async with gateway_client(nats_proc, redis_proc, ["hook-key-0123"], **settings) as second:
         notify = await notify_of(second, job_id, "delivered")
     assert notify["attempts"] == 1 and len(receiver.got) == 1
+
+
+async def test_an_https_receiver_is_dialled_at_its_vetted_address_under_its_name(
+    nats_proc: ServerProcess,
+    redis_proc: ServerProcess,
+    js: JetStreamContext,
+    store: ResultStore,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """TLS to `localhost` (the name the certificate holds) at the address the guard
+    vetted, whichever of ::1 and 127.0.0.1 comes first; the CA from SSL_CERT_FILE."""
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(tls)
+    rec = Receiver()
+    app = web.Application()
+    app.router.add_post("/hook", rec.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=tls).start()
+    settings = {**FAST, "allow_cidrs": "127.0.0.0/8,::1/128"}
+    try:
+        async with gateway_client(nats_proc, redis_proc, ["hook-key-0123"], **settings) as c:
+            job_id = await finish_job(c, js, store, f"https://localhost:{port}/hook")
+            notify = await notify_of(c, job_id, "delivered")
+    finally:
+        await runner.cleanup()
+    assert notify["attempts"] == 1
+    ((headers, body),) = rec.got
+    assert headers["Host"] == f"localhost:{port}"
+    assert verify(SECRET.encode(), headers["Tagpipe-Signature"], body)
 
 
 async def test_retries_end_after_the_give_up_time_and_the_job_says_so(

@@ -26,7 +26,9 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import os
 import random
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -38,7 +40,6 @@ from tagpipe_common.errors import ErrorCode, PermanentError, RetryableError
 from tagpipe_common.keys import RedisKeys
 from tagpipe_common.nats_io import cancel_until_done
 from tagpipe_common.netguard import (
-    IPAddress,
     IPNetwork,
     literal_ip,
     parse_cidrs,
@@ -137,6 +138,14 @@ def notify_from_hash(h: dict[str, str]) -> JobNotify | None:
     )
 
 
+def _tls() -> ssl.SSLContext | bool:
+    """Certificates to trust: a private CA from SSL_CERT_FILE (as the manifest reader
+    takes it), else httpx's default bundle. The rest of the environment (proxies) is not
+    read: a proxy would dial the host again, unvetted."""
+    cafile = os.environ.get("SSL_CERT_FILE")
+    return ssl.create_default_context(cafile=cafile) if cafile else True
+
+
 class DeliveryFailed(Exception):
     def __init__(self, message: str, final: bool = False) -> None:
         super().__init__(message)
@@ -173,6 +182,7 @@ class Webhooks:
         # No kept-alive connections either: they are pooled by the address dialled, and
         # one made for a host's TLS name must not carry another host's event.
         self._http = httpx.AsyncClient(
+            verify=_tls(),
             trust_env=False,
             follow_redirects=False,
             timeout=self.s.webhook_timeout_s,
@@ -258,8 +268,7 @@ class Webhooks:
         return frozen, JobEvent.model_validate_json(frozen)
 
     async def _send(self, url: str, body: bytes, event: JobEvent, attempt: int) -> None:
-        target, host_header, sni = await self._vetted(url)
-        now = int(time.time())
+        targets, host_header, sni = await self._vetted(url)
         headers = {
             "Host": host_header,
             "Content-Type": "application/json",
@@ -269,19 +278,27 @@ class Webhooks:
             ATTEMPT_HEADER: str(attempt),
         }
         if self._secret:
-            headers[SIGNATURE_HEADER] = sign(self._secret, now, body)
+            headers[SIGNATURE_HEADER] = sign(self._secret, int(time.time()), body)
         extensions = {"sni_hostname": sni} if sni else None
         assert self._http is not None
-        try:
-            r = await self._http.post(target, content=body, headers=headers, extensions=extensions)
-        except httpx.HTTPError as exc:
-            raise DeliveryFailed(f"{type(exc).__name__}: {exc}") from None
-        if not r.is_success:
-            raise DeliveryFailed(f"HTTP {r.status_code}")
+        for n, target in enumerate(targets):
+            try:
+                r = await self._http.post(
+                    target, content=body, headers=headers, extensions=extensions
+                )
+            except httpx.ConnectError as exc:
+                if n + 1 < len(targets):
+                    continue  # the host's next vetted address (IPv6 first, say, and down)
+                raise DeliveryFailed(f"ConnectError: {exc}") from None
+            except httpx.HTTPError as exc:
+                raise DeliveryFailed(f"{type(exc).__name__}: {exc}") from None
+            if not r.is_success:
+                raise DeliveryFailed(f"HTTP {r.status_code}")
+            return
 
-    async def _vetted(self, url: str) -> tuple[httpx.URL, str, str | None]:
-        """Resolve now and check every address (SSRF guard); the URL to dial (the
-        first vetted address), its Host header and the TLS server name."""
+    async def _vetted(self, url: str) -> tuple[list[httpx.URL], str, str | None]:
+        """Resolve now and check every address (SSRF guard): the URLs to dial (one per
+        vetted address, in the resolver's order), the Host header and the TLS name."""
         try:
             parsed = check_notify_url(url)
             port = parsed.port or (443 if parsed.scheme == "https" else 80)
@@ -290,11 +307,9 @@ class Webhooks:
             raise DeliveryFailed(f"{exc.code}: {exc.message}", final=True) from None
         except RetryableError as exc:
             raise DeliveryFailed(f"{exc.code}: {exc.message}") from None
-        ip: IPAddress = addrs[0]
-        dial = parsed.copy_with(host=str(ip))
         host_header = parsed.netloc.decode("ascii")
         sni = parsed.host if parsed.scheme == "https" and literal_ip(parsed.host) is None else None
-        return dial, host_header, sni
+        return [parsed.copy_with(host=str(ip)) for ip in addrs], host_header, sni
 
     async def _failed(self, job_id: str, attempt: int, since: float, exc: DeliveryFailed) -> None:
         job = self.keys.job(job_id)
