@@ -18,17 +18,24 @@ credentials from anything else, so callers can answer each one clearly.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
 
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
 CHUNK = 1 << 20
+RETRY_DELAYS_S = (1.0, 2.0, 4.0, 8.0, 16.0)  # a window's retries, then the error
 WINDOW = 4 << 20  # bytes per ranged GET of a read (read_stream)
 SCHEMES = ("s3", "https")
 # S3 error codes that mean "these credentials may not do this", as opposed to "no such object".
@@ -130,7 +137,9 @@ def check_writable(prefix: str) -> None:
     delete(probe)
 
 
-def read_stream(url: str, offset: int = 0, dial: str | None = None) -> Iterator[bytes]:
+def read_stream(
+    url: str, offset: int = 0, dial: str | None = None, retry: bool = True
+) -> Iterator[bytes]:
     """The object's bytes from `offset` on, in chunks; nothing past its end.
 
     Read as a series of ranged GETs of WINDOW bytes, each made when the previous one is
@@ -139,10 +148,11 @@ def read_stream(url: str, offset: int = 0, dial: str | None = None) -> Iterator[
     are pinned to the first answer's ETag: an object replaced mid-read fails (`changed`)
     rather than mixing two versions. `dial`: for https, the address to connect to (one
     the caller vetted) instead of a fresh DNS answer; Host header and TLS name stay the
-    URL's."""
+    URL's. `retry`: an S3 window that fails in a way that may pass is tried again
+    (RETRY_DELAYS_S) before the error is raised."""
     target = parse(url)
     if target.scheme == "s3":
-        return _s3_stream(url, target, offset)
+        return _s3_stream(url, target, offset, RETRY_DELAYS_S if retry else ())
     return _https_stream(url, offset, dial)
 
 
@@ -173,14 +183,31 @@ def _s3_window(url: str, target: ObjectURL, start: int, etag: str | None) -> tup
     return data, size, str(got.get("ETag", ""))
 
 
-def _s3_stream(url: str, target: ObjectURL, offset: int) -> Iterator[bytes]:
+def _s3_stream(
+    url: str, target: ObjectURL, offset: int, delays: tuple[float, ...]
+) -> Iterator[bytes]:
     pos, etag = offset, None
     while True:
-        data, size, etag = _s3_window(url, target, pos, etag)
+        data, size, etag = _retrying(partial(_s3_window, url, target, pos, etag), delays)
         yield from _pieces(data)
         pos += len(data)
         if not data or pos >= size:
             return
+
+
+def _retrying(window: Callable[[], T], delays: tuple[float, ...]) -> T:
+    """A window again after a failure that may pass (a dropped connection, a 5xx past
+    boto3's own retries): a window is idempotent, and a reader that gave up here would
+    have to start over (a gzip manifest from its first byte)."""
+    for delay in delays:
+        try:
+            return window()
+        except ObjectError as exc:
+            if exc.kind != FAILED_KIND:
+                raise
+            log.warning("%s; again in %.0f s", exc, delay)
+            time.sleep(delay)
+    return window()
 
 
 def _pieces(data: bytes) -> Iterator[bytes]:

@@ -138,3 +138,23 @@ def test_https_reads_dial_the_vetted_address_under_the_urls_name(
         b"".join(objectstore.read_stream(f"https://tagpipe.test:{port}/none", 0, "127.0.0.1"))
     with pytest.raises(objectstore.ObjectError, match="CERTIFICATE_VERIFY_FAILED"):
         b"".join(objectstore.read_stream(f"https://127.0.0.1:{port}/m.txt"))
+
+
+def test_a_window_is_tried_again_only_after_a_failure_that_may_pass() -> None:
+    calls: list[str] = []
+
+    def flaky(kinds: list[str]) -> bytes:
+        calls.append("x")
+        if kinds:
+            raise objectstore.ObjectError(kinds.pop(0), "boom")
+        return b"ok"
+
+    failed = [objectstore.FAILED_KIND, objectstore.FAILED_KIND]
+    assert objectstore._retrying(lambda: flaky(failed), (0.0, 0.0, 0.0)) == b"ok"
+    assert len(calls) == 3
+    with pytest.raises(objectstore.ObjectError):  # retries spent: the error
+        objectstore._retrying(lambda: flaky([objectstore.FAILED_KIND] * 3), (0.0, 0.0))
+    calls.clear()
+    with pytest.raises(objectstore.ObjectError):  # missing: at once
+        objectstore._retrying(lambda: flaky([objectstore.MISSING_KIND]), (0.0, 0.0))
+    assert len(calls) == 1
