@@ -6,7 +6,7 @@ shards) and check that a prefix is writable before a job is accepted.
 
 S3 is configured the standard AWS way: the endpoint from `AWS_ENDPOINT_URL`, the
 credentials from the boto3 chain (environment, shared files, web identity, instance
-role). `https://` is read with httpx, which takes a private CA from `SSL_CERT_FILE`;
+role). `https://` is read with httpx, with a private CA from `SSL_CERT_FILE` (no proxy);
 redirects are not followed, because the caller vetted the host it named, not
 wherever a redirect points, and a caller that vetted the host's addresses passes
 one as `dial` so the connection goes where it was vetted (netguard.py).
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 import threading
 import time
 import uuid
@@ -221,8 +222,9 @@ def _https_stream(url: str, offset: int, dial: str | None) -> Iterator[bytes]:
         headers["Host"] = request_url.netloc.decode("ascii")
         extensions["sni_hostname"] = request_url.host  # also the name the cert must match
         request_url = request_url.copy_with(host=dial)
-    # trust_env: a private CA comes in through SSL_CERT_FILE (a proxy would not see `dial`).
-    client = httpx.Client(timeout=httpx.Timeout(30.0), follow_redirects=False)
+    client = httpx.Client(
+        timeout=httpx.Timeout(30.0), follow_redirects=False, verify=_tls(), trust_env=False
+    )
     pos = offset
     try:
         with client:
@@ -246,6 +248,13 @@ def _https_stream(url: str, offset: int, dial: str | None) -> Iterator[bytes]:
                     return
     except httpx.HTTPError as exc:
         raise ObjectError(FAILED_KIND, f"cannot read {url}: {exc!r}") from exc
+
+
+def _tls() -> ssl.SSLContext | bool:
+    """A private CA from SSL_CERT_FILE, else httpx's bundle. Nothing else is taken from
+    the environment: a proxy would dial the host again, unvetted."""
+    cafile = os.environ.get("SSL_CERT_FILE")
+    return ssl.create_default_context(cafile=cafile) if cafile else True
 
 
 def _skip(chunks: Iterator[bytes], skip: int) -> Iterator[bytes]:
