@@ -194,9 +194,5 @@ class ManifestReader:
         await aw(self.redis.hset(job, mapping={K.JOB_TOTAL: total, K.JOB_SUBMITTED: total}))
         args: list[str | float] = [time.time(), job_id]
         state = text(await self.sub._finish(keys=[job, self.keys.submitting_jobs], args=args))
-        if total == 0 or state == K.JOB_STATE_CANCELLED:
-            # No result may ever put this job in the sink's set (none read, or a cancel
-            # whose workers drop its items): the sink still owes it its `_manifest.json`.
-            await aw(self.redis.sadd(self.keys.sinking_jobs, job_id))
         await self.redis.delete(self.keys.job_lease(job_id))
         return state
