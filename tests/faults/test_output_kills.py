@@ -13,10 +13,9 @@ workers, the result store and the gateway's sink writing shards back to moto.
 
 from __future__ import annotations
 
-import json
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -26,49 +25,16 @@ from tagpipe_common.redis_io import connect_redis_sync
 
 from bench.imageserver import ImageServer
 from tests.faults.kit import KEYS, image_urls, job_status, service, submit_job, wait_finished
-from tests.integration.output_kit import BUCKET, all_lines, read_manifest
-from tests.s3kit import moto_server, s3_client, s3_user
+from tests.faults.outputkit import job_hash, redis_keys, s3_env, start_output_job, wait_for
+from tests.integration.output_kit import all_lines, read_manifest
+from tests.s3kit import s3_client
+
+__all__ = ["s3_env"]  # the fixture, imported for pytest
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 N = 1500
 SHARD_SIZE = 200
-
-
-@pytest.fixture(scope="module")
-def s3_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    with moto_server(tmp_path_factory.mktemp("moto"), 3) as endpoint:
-        env = s3_user(endpoint)
-        s3_client(env).create_bucket(Bucket=BUCKET)
-        yield env
-
-
-def start_output_job(stack: Stack, s3_env: dict[str, str], run: str, urls: list[str]) -> str:
-    """A manifest job through the real route: the manifest in S3, the output beside it."""
-    manifest = "".join(json.dumps({"url": u, "id": f"c{i}"}) + "\n" for i, u in enumerate(urls))
-    s3_client(s3_env).put_object(Bucket=BUCKET, Key=f"in/{run}.jsonl", Body=manifest.encode())
-    body = {"source": f"s3://{BUCKET}/in/{run}.jsonl", "output": f"s3://{BUCKET}/{run}/"}
-    r = httpx.post(f"{stack.gateway_url}/v1/manifest-jobs", json=body, timeout=30)
-    assert r.status_code == 202, r.text
-    job_id: str = r.json()["job_id"]
-    return job_id
-
-
-def job_hash(stack: Stack, job_id: str) -> dict[str, str]:
-    r = connect_redis_sync(stack.redis_url)
-    try:
-        raw: dict[bytes, bytes] = r.hgetall(KEYS.job(job_id))  # type: ignore[assignment]
-        shards = int(r.hlen(KEYS.job_shards(job_id)))  # type: ignore[arg-type]
-    finally:
-        r.close()
-    return {k.decode(): v.decode() for k, v in raw.items()} | {"shards_written": str(shards)}
-
-
-def wait_for(check: Callable[[], bool], what: str, timeout_s: float = 240) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.3)
 
 
 @pytest.mark.parametrize("victim", ["inference-0", "gateway"])
@@ -104,14 +70,6 @@ def test_kill_9_mid_output_job_leaves_one_line_per_item(
     # Nothing per item stays: only the fetch deadlines of redelivered items (deadline.py).
     per_item = [k for k in redis_keys(stack) if f"{job_id}-n" in k]
     assert all(k.startswith("tagpipe:deadline:") for k in per_item), per_item[:5]
-
-
-def redis_keys(stack: Stack) -> list[str]:
-    r = connect_redis_sync(stack.redis_url)
-    try:
-        return [k.decode() for k in r.scan_iter(match="tagpipe:*")]
-    finally:
-        r.close()
 
 
 def test_inline_result_stream_expires_with_the_job_after_its_gateway_died(
