@@ -9,6 +9,8 @@ The workers are modelled, not run (the real model on 25,000 items is minutes of 
 2-core box): results are fed to the real ResultStore as the inference workers
 record them, in batches of 100 at about 1,000 items/s, out of order within a
 window of 1,000 items in flight, with 2 % of them recorded twice (redeliveries).
+The next window starts only while the sink keeps up, by the reader's own rule
+(manifest.sink_has_room).
 Everything else is real: Redis, the gateway's sink in-process, a moto S3 server.
 """
 
@@ -25,6 +27,7 @@ from tagpipe_common import keys as K
 from tagpipe_common.keys import RedisKeys
 from tagpipe_common.messages import Tag, TagResult
 from tagpipe_common.results import ResultStore
+from tagpipe_gateway.manifest import sink_has_room
 from tagpipe_gateway.settings import GatewaySettings
 from tagpipe_gateway.sink import Sink
 
@@ -39,6 +42,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SHARD_SIZE = 1000
 IN_FLIGHT = 1000
+MAX_READY = GatewaySettings.model_fields["sink_max_ready_shards"].default
 BATCH = 100
 BATCH_EVERY_S = 0.1
 ACK_WAIT_S, MAX_DELIVER = 0.5, 2  # the redelivery window: 1 s
@@ -88,6 +92,10 @@ async def run_job(redis: Redis, store: ResultStore, job_id: str, n: int) -> dict
     rng = random.Random(n)
     peak = before
     for start in range(0, n, IN_FLIGHT):
+        # The reader publishes the next window only while the sink keeps up (as
+        # ManifestReader does): on a busy box the sink lags, and without this the
+        # staged lines would grow with the job.
+        await eventually(lambda: sink_has_room(redis, keys, job_id, MAX_READY), within=120)
         window = list(range(start, min(start + IN_FLIGHT, n)))
         rng.shuffle(window)  # items in flight finish in any order
         for b in range(0, len(window), BATCH):

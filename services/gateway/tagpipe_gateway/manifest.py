@@ -35,14 +35,17 @@ from collections import deque
 from collections.abc import Iterator
 from urllib.parse import urlsplit
 
+from redis.asyncio import Redis
 from tagpipe_common import keys as K
 from tagpipe_common import objectstore
 from tagpipe_common.errors import ErrorCode, PermanentError
+from tagpipe_common.keys import RedisKeys
 from tagpipe_common.messages import DownloadTask, ItemRef, TagResult, TaskOptions
 from tagpipe_common.netguard import parse_cidrs, resolve_vetted
 from tagpipe_common.subjects import Lane
 
 from tagpipe_gateway.manifest_lines import GZIP_MAGIC, Entry, ManifestError, entries, take
+from tagpipe_gateway.metrics import BACKPRESSURE
 from tagpipe_gateway.submit import Submitter, aw, text
 
 log = logging.getLogger(__name__)
@@ -97,6 +100,13 @@ async def vet_https(url: str, allow_cidrs: str, timeout_s: float = 5.0) -> str:
     return str(addrs[0])
 
 
+async def sink_has_room(redis: Redis, keys: RedisKeys, job_id: str, max_ready: int) -> bool:
+    """Whether at most `max_ready` complete shards of the job wait for the sink. Items
+    in flight are bounded by the bulk backpressure; this bounds the lines staged in
+    Redis behind them, so a job's Redis peak follows what is in flight, not its size."""
+    return int(await aw(redis.scard(keys.job_ready(job_id)))) <= max_ready
+
+
 class ManifestReader:
     """Publishes a manifest job's items; the Submitter lends its lease and pacing."""
 
@@ -119,6 +129,7 @@ class ManifestReader:
         window = UrlWindow(self.s.manifest_dedupe_window)
         it: Iterator[Entry] | None = None
         while True:
+            await self._wait_for_sink(job_id)
             if await self.sub._wait_for_room(job_id) == K.JOB_STATE_CANCELLED:
                 break  # the rest is never published: those items do not exist
             try:
@@ -138,6 +149,16 @@ class ManifestReader:
             mapping = {K.JOB_READ_SEQ: seq, K.JOB_READ_OFFSET: offset, K.JOB_SUBMITTED: seq}
             await aw(self.redis.hset(job, mapping=mapping))
         return await self._finish(job_id, seq)
+
+    async def _wait_for_sink(self, job_id: str) -> None:
+        """Pause while the sink is behind (`sink_has_room`), holding the lease."""
+        paused = False
+        while not await sink_has_room(self.redis, self.keys, job_id, self.s.sink_max_ready_shards):
+            if not paused:
+                BACKPRESSURE.labels("sink_pause").inc()
+                paused = True
+            await self.sub._keep_lease(job_id)
+            await asyncio.sleep(max(self.s.backlog_cache_s, 0.2))
 
     async def _open(self, source: str, seq: int, offset: int) -> Iterator[Entry]:
         dial = None

@@ -69,6 +69,10 @@ class GatewaySettings(CommonSettings):
     # job's peak within 1.2x of a 5,000-item one's (10,000 would hold 4 MB per open
     # shard, and a job's peak would grow with the job up to 10,000 items).
     shard_size: Annotated[int, Field(ge=1, le=10_000_000)] = 1000
+    # The reader pauses while more complete shards than this wait for the sink: a sink
+    # slower than the workers (a slow object store, a busy gateway) would otherwise let
+    # a job's staged lines in Redis grow with the job instead of with what is in flight.
+    sink_max_ready_shards: Annotated[int, Field(ge=1, le=10_000)] = 4
 
     # An Idempotency-Key is held while its upload runs (renewed every third of this,
     # so a long upload keeps it and a gateway dying mid-upload frees it this soon),
