@@ -13,8 +13,9 @@ every append, so it expires with the job even when no gateway follows the job.
 A job with an output (its hash has `shard_size`) keeps nothing per item past its
 shard: `_OUTPUT_LUA` stages the item's output line (output.py) in its shard's hash
 `HSETNX seq line` until the gateway's sink writes the shard to the object store,
-then the shard's record in the job's shards hash refuses any later repeat. Those two
-are its exactly-once guard, so there is no result key and no stream entry per item.
+then the shard's record in the job's shards hash refuses any later repeat, and once
+`_manifest.json` is written (`manifest_at`) every later result is refused. Those are
+its exactly-once guard, so there is no result key and no stream entry per item.
 
 With replicas (Sentinel), `durability` adds a WAIT to the same round trip: a batch
 counts as stored (and its messages are acked) only once enough replicas have it, so
@@ -70,8 +71,11 @@ return 1
 # An output job's result. KEYS: job hash, shard staging hash, staged set, ready set,
 # shards hash, sinking set. ARGV: seq, line, counter field, shard size, shard, job id.
 # The job never completes here: the sink does, once `_manifest.json` is written.
+# Refused once its shard is written, or once `_manifest.json` is (`manifest_at`): a
+# late result (a cancelled job's) would otherwise start a shard that no manifest lists.
 _OUTPUT_LUA = """
-if redis.call('HEXISTS', KEYS[5], ARGV[5]) == 1 then
+if redis.call('HEXISTS', KEYS[5], ARGV[5]) == 1
+    or redis.call('HEXISTS', KEYS[1], 'manifest_at') == 1 then
   return 0
 end
 if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 0 then

@@ -19,7 +19,7 @@ from tagpipe_common.keys import RedisKeys
 from tagpipe_common.output import encode_shard
 from tagpipe_common.results import ResultStore
 from tagpipe_gateway.settings import GatewaySettings
-from tagpipe_gateway.sink import Sink
+from tagpipe_gateway.sink import _FIELDS, OutputJob, Sink, _job
 
 from tests.integration.output_kit import (
     BUCKET,
@@ -203,3 +203,82 @@ async def test_an_output_job_with_no_items_still_gets_its_manifest(
     await eventually(completed, within=30)
     doc = read_manifest(s3, "j5/")
     assert doc["shards"] == [] and doc["lines"] == 0 and doc["total"] == 0
+
+
+async def manifest_written(redis: Redis, keys: RedisKeys, job_id: str) -> bool:
+    return bool(await redis.hget(keys.job(job_id), K.JOB_MANIFEST_AT))  # type: ignore[misc]
+
+
+async def test_a_late_line_in_a_shard_never_written_is_refused_after_the_manifest(
+    redis: Redis, store: ResultStore, s3: Any, sink: Sink
+) -> None:
+    """A cancelled job's item still in flight past the redelivery window (an inference
+    backlog) must not start a shard that the written _manifest.json does not list."""
+    keys = RedisKeys()
+    await create_output_job(redis, keys, "j6", f"s3://{BUCKET}/j6/", shard_size=4, total=20)
+    await store.record_many([result("j6", s) for s in (0, 1, 2)])
+    await redis.hset(keys.job("j6"), mapping={"state": "cancelled", "cancelled_at": time.time()})  # type: ignore[misc]
+    await eventually(lambda: manifest_written(redis, keys, "j6"), within=30)
+    before = await redis.hgetall(keys.job("j6"))  # type: ignore[misc]
+    assert await store.record(result("j6", 17)) is False  # shard 4: never staged, never written
+    assert await redis.hgetall(keys.job("j6")) == before  # type: ignore[misc]  # no counter moved
+    assert not await redis.exists(keys.job_shard("j6", 4), keys.job_staged("j6"))
+    assert not await redis.sismember(keys.sinking_jobs, "j6")  # type: ignore[misc]
+    assert read_manifest(s3, "j6/")["lines"] == 3
+
+
+async def seen_by_sink(redis: Redis, keys: RedisKeys, job_id: str) -> tuple[Sink, OutputJob]:
+    """A sink holding the job's lease, and the job as its round read it."""
+    sink = Sink(redis, keys, sink_settings(redis))
+    assert await sink._acquire(job_id)
+    seen = _job(job_id, await redis.hmget(keys.job(job_id), _FIELDS))  # type: ignore[misc]
+    assert seen is not None
+    return sink, seen
+
+
+async def test_a_cancel_while_the_manifest_is_written_makes_it_again(
+    redis: Redis, store: ResultStore, s3: Any
+) -> None:
+    """Every item settled, the sink wrote a "completed" manifest, and the job was
+    cancelled before that was recorded: manifest and job must agree (cancelled)."""
+    keys = RedisKeys()
+    await create_output_job(redis, keys, "j7", f"s3://{BUCKET}/j7/", shard_size=4, total=6)
+    await store.record_many([result("j7", s) for s in range(6)])
+    sink, seen = await seen_by_sink(redis, keys, "j7")
+    assert seen.state == "running" and seen.settled(sink.window_s, time.time())
+    for shard in (0, 1):
+        assert await sink.write_shard(seen, shard)
+    await redis.hset(keys.job("j7"), mapping={"state": "cancelled", "cancelled_at": time.time()})  # type: ignore[misc]
+    assert await sink.finish(seen) is False
+    assert not await manifest_written(redis, keys, "j7")
+    await sink.run_job("j7")
+    assert read_manifest(s3, "j7/")["state"] == "cancelled"
+    job = await redis.hgetall(keys.job("j7"))  # type: ignore[misc]
+    assert job[b"state"] == b"cancelled" and b"manifest_at" in job
+
+
+async def test_a_line_staged_while_the_manifest_is_written_is_listed(
+    redis: Redis, store: ResultStore, s3: Any
+) -> None:
+    """A cancelled job past its window: the sink wrote the staged shards and found
+    none left, then a late line landed before the manifest was recorded. It must be in
+    the output (its counter moved), not dropped with the staging keys."""
+    keys = RedisKeys()
+    await create_output_job(redis, keys, "j8", f"s3://{BUCKET}/j8/", shard_size=4, total=12)
+    await store.record_many([result("j8", s) for s in range(6)])
+    long_ago = {"state": "cancelled", "cancelled_at": time.time() - 60}  # its window is over
+    await redis.hset(keys.job("j8"), mapping=long_ago)  # type: ignore[misc]
+    sink, seen = await seen_by_sink(redis, keys, "j8")
+    assert seen.settled(sink.window_s, time.time())
+    for shard in (0, 1):
+        assert await sink.write_shard(seen, shard)
+    assert await store.record(result("j8", 9))  # shard 2, late
+    assert await sink.finish(seen) is False
+    assert not await manifest_written(redis, keys, "j8")
+    await sink.run_job("j8")
+    doc = read_manifest(s3, "j8/")
+    assert doc["state"] == "cancelled" and doc["lines"] == 7, doc
+    assert [x["seq"] for x in all_lines(s3, "j8/")] == [0, 1, 2, 3, 4, 5, 9]
+    job = await redis.hgetall(keys.job("j8"))  # type: ignore[misc]
+    assert int(job[b"done"]) + int(job[b"failed"]) == 7  # the counters equal the lines
+    assert await keys_left(redis, "tagpipe") == [keys.job("j8"), keys.job_shards("j8")]

@@ -64,11 +64,20 @@ redis.call('SREM', KEYS[4], ARGV[1])
 return 1
 """
 
-# KEYS: job hash, sinking set. ARGV: now, job id. After `_manifest.json` is written.
+# KEYS: job hash, sinking set, staged set. ARGV: now, job id, the state `_manifest.json`
+# says. After it is written. 0, nothing changed: a line was staged, or the job was
+# cancelled, since the manifest was made; the next round writes both again. Once
+# `manifest_at` is set the result store refuses every later line (results.py).
 _FINISH_LUA = """
 local s = redis.call('HGET', KEYS[1], 'state')
+if not s then
+  redis.call('SREM', KEYS[2], ARGV[2])
+  return false
+end
+if redis.call('SCARD', KEYS[3]) > 0 or (s == 'cancelled') ~= (ARGV[3] == 'cancelled') then
+  return 0
+end
 redis.call('SREM', KEYS[2], ARGV[2])
-if not s then return false end
 redis.call('HSET', KEYS[1], 'manifest_at', ARGV[1])
 if s == 'cancelled' then
   redis.call('HSETNX', KEYS[1], 'finished_at', ARGV[1])
@@ -218,8 +227,7 @@ class Sink:
             await self._keep_lease(job_id)
         if await self._members(self.keys.job_staged(job_id)):
             return False  # a late line arrived: that shard again next round
-        await self.finish(job)
-        return True
+        return await self.finish(job)
 
     async def _members(self, key: str) -> list[int]:
         return sorted(int(m) for m in await aw(self.redis.smembers(key)))
@@ -234,6 +242,9 @@ class Sink:
             return True
         data, record = await asyncio.to_thread(encode_shard, shard, staged)
         url = job.output + record.name
+        # Only the lease holder writes: a stale sink could replace a shard that another
+        # one wrote (with a late line more) by its older lines.
+        await self._keep_lease(job.job_id)
         await asyncio.to_thread(put_bytes, url, data, SHARD_CONTENT_TYPE)
         keys_ = [
             self.keys.job_shards(job.job_id),
@@ -253,16 +264,21 @@ class Sink:
             pipe.srem(self.keys.job_ready(job_id), shard)
             await pipe.execute()
 
-    async def finish(self, job: OutputJob) -> None:
-        """`_manifest.json`, then the job's final state, then the job's working keys go."""
+    async def finish(self, job: OutputJob) -> bool:
+        """`_manifest.json`, then the job's final state, then the job's working keys go.
+        False if a line was staged or the job cancelled meanwhile (written again next round)."""
         raw = await aw(self.redis.hvals(self.keys.job_shards(job.job_id)))
         shards = [Shard.from_json(v) for v in raw]
         state = K.JOB_STATE_CANCELLED if job.state == K.JOB_STATE_CANCELLED else "completed"
         body = manifest(job.job_id, state, job.total, job.shard_size, shards)
+        await self._keep_lease(job.job_id)  # a sink that lost its lease writes nothing more
         await asyncio.to_thread(put_bytes, job.output + MANIFEST_NAME, body, MANIFEST_CONTENT_TYPE)
-        await self._finish(
-            keys=[self.keys.job(job.job_id), self.keys.sinking_jobs], args=[time.time(), job.job_id]
-        )
+        job_key, staged = self.keys.job(job.job_id), self.keys.job_staged(job.job_id)
+        keys_ = [job_key, self.keys.sinking_jobs, staged]
+        ended = await self._finish(keys=keys_, args=[time.time(), job.job_id, state])
+        if ended == 0:
+            log.info("job %s: a line or a cancel came meanwhile; its manifest again", job.job_id)
+            return False
         await self.redis.delete(
             self.keys.job_urls(job.job_id),
             self.keys.job_staged(job.job_id),
@@ -270,3 +286,4 @@ class Sink:
             self.keys.job_sink_lease(job.job_id),
         )
         log.info("job %s: output complete, %d shard(s), state %s", job.job_id, len(shards), state)
+        return True
