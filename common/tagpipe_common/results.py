@@ -51,9 +51,11 @@ if #KEYS >= 3 then
   -- the stream lives as long as the job, whoever (if anyone) follows the job
   local ttl = redis.call('PTTL', KEYS[2])
   if ttl > 0 then redis.call('PEXPIRE', KEYS[3], ttl) end
-  local h = redis.call('HMGET', KEYS[2], 'total', 'done', 'failed', 'cancelled', 'state')
+  local h = redis.call('HMGET', KEYS[2], 'total', 'done', 'failed', 'cancelled', 'state', 'output')
   local finished = (tonumber(h[2]) or 0) + (tonumber(h[3]) or 0) + (tonumber(h[4]) or 0)
-  if h[1] and finished >= tonumber(h[1]) then
+  -- a job with an output ends only with its _manifest.json (the sink): here only a
+  -- result without a seq, e.g. from a worker of a release before seq existed
+  if h[1] and not h[6] and finished >= tonumber(h[1]) then
     if h[5] == 'running' then
       redis.call('HSET', KEYS[2], 'state', 'completed', 'finished_at', ARGV[6])
     elseif h[5] == 'cancelled' then

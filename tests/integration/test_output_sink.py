@@ -282,3 +282,15 @@ async def test_a_line_staged_while_the_manifest_is_written_is_listed(
     job = await redis.hgetall(keys.job("j8"))  # type: ignore[misc]
     assert int(job[b"done"]) + int(job[b"failed"]) == 7  # the counters equal the lines
     assert await keys_left(redis, "tagpipe") == [keys.job("j8"), keys.job_shards("j8")]
+
+
+async def test_a_result_without_a_seq_never_completes_an_output_job(
+    redis: Redis, store: ResultStore
+) -> None:
+    """A worker of a release before `seq` (messages ignore unknown fields, so it drops
+    the field) writes through the inline script: that must not complete the job
+    before its _manifest.json exists."""
+    keys = RedisKeys()
+    await create_output_job(redis, keys, "j9", f"s3://{BUCKET}/j9/", shard_size=4, total=1)
+    assert await store.record(result("j9", 0).model_copy(update={"seq": None}))
+    assert await redis.hget(keys.job("j9"), K.JOB_STATE) == b"running"  # type: ignore[misc]
