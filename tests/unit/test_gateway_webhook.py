@@ -7,8 +7,18 @@ import hmac
 import time
 
 import pytest
+from redis.asyncio import Redis
 from tagpipe_common.errors import PermanentError
-from tagpipe_gateway.webhook import backoff_s, check_notify_url, sign, verify
+from tagpipe_common.keys import RedisKeys
+from tagpipe_gateway.settings import GatewaySettings
+from tagpipe_gateway.webhook import (
+    DeliveryFailed,
+    Webhooks,
+    backoff_s,
+    check_notify_url,
+    sign,
+    verify,
+)
 
 SECRET = b"whsec-unit"
 
@@ -61,3 +71,19 @@ def test_malformed_notify_urls_are_invalid(url: str) -> None:
 def test_a_plain_https_url_passes_the_syntax_check() -> None:
     parsed = check_notify_url("https://hooks.example.com:8443/tagpipe?x=1")
     assert (parsed.host, parsed.port) == ("hooks.example.com", 8443)
+
+
+async def test_a_host_that_does_not_resolve_at_send_time_is_retried_not_failed() -> None:
+    """Submission lets a DNS failure through ("resolved again at every send"), so at
+    send time it must be retried like a connect error; a refused address is final."""
+    hooks = Webhooks(Redis(), RedisKeys(), GatewaySettings(), status=_no_status)
+    with pytest.raises(DeliveryFailed) as caught:
+        await hooks._vetted("https://no-such-host.invalid/hook")  # RFC 6761: never resolves
+    assert "dns_error" in str(caught.value) and not caught.value.final
+    with pytest.raises(DeliveryFailed) as caught:
+        await hooks._vetted("http://127.0.0.1:8080/hook")
+    assert "blocked_address" in str(caught.value) and caught.value.final
+
+
+async def _no_status(job_id: str) -> None:
+    return None

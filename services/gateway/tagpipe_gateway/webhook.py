@@ -13,7 +13,8 @@ Delivery is at least once and survives the gateway that created the job:
 - A failure (connect error, timeout, any answer but 2xx) is retried with
   exponential backoff and full jitter until `webhook_give_up_s` after the first
   attempt; then the job records `notify.state = failed`. A URL the SSRF guard
-  refuses (checked again at every send, after a fresh DNS lookup) fails at once.
+  refuses (checked again at every send, after a fresh DNS lookup) fails at once; a
+  host that does not resolve is retried.
 
 Signature (Stripe's scheme): `Tagpipe-Signature: t=<unix seconds>,v1=<hex>` where
 `hex = HMAC-SHA256(secret, f"{t}.{body}")`, the secret being `TAGPIPE_WEBHOOK_SECRET`.
@@ -304,7 +305,10 @@ class Webhooks:
             port = parsed.port or (443 if parsed.scheme == "https" else 80)
             addrs = await resolve_vetted(parsed.host, port, self.allow, self.s.webhook_timeout_s)
         except PermanentError as exc:
-            raise DeliveryFailed(f"{exc.code}: {exc.message}", final=True) from None
+            # A name that does not resolve now may later (the submission let a DNS
+            # failure through for that): only a refused address or URL ends it at once.
+            final = exc.code != ErrorCode.DNS_ERROR
+            raise DeliveryFailed(f"{exc.code}: {exc.message}", final=final) from None
         except RetryableError as exc:
             raise DeliveryFailed(f"{exc.code}: {exc.message}") from None
         host_header = parsed.netloc.decode("ascii")
