@@ -15,6 +15,13 @@ would be on one, and an empty partition never holds up a full one. A fetch still
 running when the call returns goes on, and what it brings is kept for the next
 call (`_carry`). Messages are handed out partition by partition, starting one
 further each call, so a busy partition cannot starve the others.
+
+What is held that way was delivered, and its ack wait runs, but the worker may not
+ask again for a long time: real-time work keeps it off this (bulk) lane, or every
+slot is busy. So while anything is held its lease is renewed (`in_progress`,
+which does not count a delivery, as a NAK would) every third of the consumers'
+ack wait: without that it would be delivered again, to be worked twice, and
+could reach MaxDeliver in a queue. Stopping gives it back (`close`).
 """
 
 from __future__ import annotations
@@ -32,6 +39,10 @@ from tagpipe_common.subjects import Lane, StageNames
 
 PullSub = JetStreamContext.PullSubscription
 
+# The longest `close` waits for fetches in flight to end by themselves.
+CLOSE_WAIT_S = 2.0
+DEFAULT_ACK_WAIT_S = 30.0  # JetStream's, until the consumers' own is read
+
 
 class FairPull:
     """Fetch from N pull subscriptions (one lane's consumer in each partition)."""
@@ -40,7 +51,10 @@ class FairPull:
         if not subs:
             raise ValueError("FairPull needs at least one subscription")
         self.subs = subs
+        self.renew_s: float | None = None  # a third of the ack wait, read when first needed
         self._inflight: dict[int, asyncio.Task[list[Msg]]] = {}
+        self._deadline = 0.0  # loop time by which every fetch in flight has ended
+        self._keeper: asyncio.Task[None] | None = None
         self._carry: list[deque[Msg]] = [deque() for _ in subs]
         self._start = 0  # the partition handed out first on the next call
         self.taken = [0] * len(subs)  # messages handed out per partition (tests, metrics)
@@ -61,11 +75,48 @@ class FairPull:
             for i, sub in enumerate(self.subs):
                 if i not in self._inflight:
                     self._inflight[i] = asyncio.create_task(_fetch(sub, share, wait_s))
+                    self._deadline = max(self._deadline, _now() + wait_s)
             await asyncio.wait(
                 self._inflight.values(), timeout=wait_s, return_when=asyncio.FIRST_COMPLETED
             )
         self._harvest()
-        return self._hand_out(n)
+        out = self._hand_out(n)
+        if self._keeper is None and (self._inflight or any(self._carry)):
+            self._keeper = asyncio.create_task(self._keep())
+        return out
+
+    def _held(self) -> list[Msg]:
+        """Delivered and not handed out: the carry and finished fetches' messages."""
+        held = [m for carry in self._carry for m in carry]
+        for task in self._inflight.values():
+            if task.done() and not task.cancelled() and task.exception() is None:
+                held += task.result()
+        return held
+
+    async def _keep(self) -> None:
+        """Renew the lease of what is held until nothing is (or `close`)."""
+        try:
+            while self._inflight or any(self._carry):
+                await asyncio.sleep(self.renew_s or await self._renew_interval())
+                for msg in self._held():
+                    with contextlib.suppress(Exception):  # acked meanwhile, or NATS away
+                        await msg.in_progress()
+        finally:
+            self._keeper = None
+
+    async def _renew_interval(self) -> float:
+        """A third of the shortest ack wait among the lane's consumers (the same
+        policy sets them all); until it can be read, a third of the default."""
+        waits = []
+        for sub in self.subs:
+            with contextlib.suppress(Exception):  # NATS away: try again next time
+                waits.append(
+                    float((await sub.consumer_info()).config.ack_wait or DEFAULT_ACK_WAIT_S)
+                )
+        if len(waits) < len(self.subs):
+            return DEFAULT_ACK_WAIT_S / 3
+        self.renew_s = min(waits) / 3
+        return self.renew_s
 
     def _carried(self) -> bool:
         self._harvest()
@@ -101,20 +152,35 @@ class FairPull:
 
     async def close(self) -> int:
         """Stop: NAK what is held unread (carried or buffered by nats.py), so another
-        replica takes it now, and unsubscribe. Returns how many were given back."""
+        replica takes it now, and unsubscribe. Returns how many were given back.
+
+        Fetches in flight are let finish first (each ends by its own wait, at most
+        CLOSE_WAIT_S here): a cancelled one would drop what it had already
+        received, held by nobody until its ack wait ran out."""
+        if self._keeper is not None:
+            self._keeper.cancel()
+            await asyncio.gather(self._keeper, return_exceptions=True)
+        if self._inflight:
+            left = min(CLOSE_WAIT_S, self._deadline - _now() + 0.5)
+            await asyncio.wait(self._inflight.values(), timeout=max(left, 0.01))
         for task in self._inflight.values():
             task.cancel()
         await asyncio.gather(*self._inflight.values(), return_exceptions=True)
-        self._inflight.clear()
         given = 0
+        for msg in self._held():
+            with contextlib.suppress(Exception):
+                await msg.nak()
+                given += 1
+        self._inflight.clear()
         for carry in self._carry:
-            while carry:
-                with contextlib.suppress(Exception):
-                    await carry.popleft().nak()
-                    given += 1
+            carry.clear()
         for sub in self.subs:
             given += await give_back_buffered(sub)
         return given
+
+
+def _now() -> float:
+    return asyncio.get_running_loop().time()
 
 
 async def _fetch(sub: PullSub, n: int, wait_s: float) -> list[Msg]:
