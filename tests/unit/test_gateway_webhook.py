@@ -40,6 +40,7 @@ def test_verify_refuses_other_bodies_secrets_stale_times_and_garbage() -> None:
     assert not verify(SECRET, sign(SECRET, now - 3600, body), body)  # a replay
     assert not verify(SECRET, header.replace("t=", "x="), body)
     assert not verify(SECRET, "t=abc,v1=00", body)
+    assert not verify(SECRET, header[:-1] + "\u00e9", body)  # refused, not a TypeError
 
 
 def test_backoff_grows_exponentially_under_its_cap_with_full_jitter() -> None:

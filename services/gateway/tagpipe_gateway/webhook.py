@@ -87,7 +87,8 @@ def verify(secret: bytes, header: str, body: bytes, tolerance_s: float = 300.0) 
         return False
     if abs(time.time() - timestamp) > tolerance_s:
         return False
-    return hmac.compare_digest(sign(secret, timestamp, body), header)
+    # As bytes: compare_digest raises on a str with non-ASCII characters (a forged header).
+    return hmac.compare_digest(sign(secret, timestamp, body).encode(), header.encode())
 
 
 def backoff_s(attempt: int, base_s: float, max_s: float) -> float:
