@@ -6,6 +6,10 @@ cannot; JetStream then never delivers the message again and leaves it in the wor
 stream. Its MAX_DELIVERIES advisory, kept in the advisory stream (advisories.py),
 is read here by one of the stage's workers, which, in this order:
 
+0. waits until the advisory is one ack wait old. JetStream sends it when the last
+   delivery's ack wait runs out, which a worker that is slow but alive can outlast
+   (its event loop stalled, NATS away while it sent its progress): it still ends the
+   item and acks, and its result, not retries_exhausted, should stand;
 1. reads the message by stream sequence (a work-queue stream keeps it until it
    is acked, deleted or termed); gone: a late ack of the final delivery removed
    it, so that delivery succeeded and nothing is to be done;
@@ -32,6 +36,7 @@ import json
 import logging
 import random
 import struct
+import time
 from collections.abc import AsyncIterator, Callable
 
 import nats.errors
@@ -112,6 +117,7 @@ class StrandedSweeper:
         self.decode = DECODERS[stage]
         self.poll_s, self.batch = poll_s, batch
         self.settled = 0  # items this sweeper wrote a retries_exhausted result for
+        self._ack_waits: dict[tuple[str, str], float] = {}  # per work stream and consumer
 
     async def run(self, stop: asyncio.Event) -> None:
         """Poll until `stop`; a short poll every `poll_s` (jittered), not a standing
@@ -148,6 +154,8 @@ class StrandedSweeper:
         advisory = MaxDeliveries.parse(msg.data)
         try:
             if advisory is not None:
+                if (wait := await self._grace_left(msg, advisory)) > 0:
+                    return await self._later(msg, wait)  # step 0
                 await self.settle(advisory)
         except (RedisError, OSError, nats.errors.Error, TimeoutError) as exc:
             log.warning("stranded item not settled yet, retrying later: %r", exc)
@@ -159,10 +167,22 @@ class StrandedSweeper:
         await msg.ack()
         return 1
 
-    async def _later(self, msg: Msg) -> int:
+    async def _later(self, msg: Msg, delay_s: float | None = None) -> int:
         with contextlib.suppress(Exception):
-            await msg.nak(delay=self.poll_s)
+            await msg.nak(delay=self.poll_s if delay_s is None else delay_s)
         return 0
+
+    async def _grace_left(self, msg: Msg, advisory: MaxDeliveries) -> float:
+        """Seconds until the advisory is one ack wait (of the consumer it names) old."""
+        key = (advisory.stream, advisory.consumer)
+        if key not in self._ack_waits:
+            try:
+                info = await self.js.consumer_info(advisory.stream, advisory.consumer)
+                self._ack_waits[key] = float(info.config.ack_wait or 0.0)
+            except NotFoundError:  # the consumer is gone, and its workers with it
+                self._ack_waits[key] = 0.0
+        sent = msg.metadata.timestamp.timestamp()  # when the advisory was stored
+        return sent + self._ack_waits[key] - time.time()
 
     async def settle(self, advisory: MaxDeliveries) -> str:
         """Steps 1-3 above for one advisory. Returns what happened (for logs, tests)."""

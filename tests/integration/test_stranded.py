@@ -25,7 +25,7 @@ from tagpipe_common.advisories import (
     advisory_stream,
     ensure_advisories,
 )
-from tagpipe_common.messages import DownloadTask, InferenceTask
+from tagpipe_common.messages import DownloadTask, InferenceTask, Tag, TagResult
 from tagpipe_common.results import ResultStore
 from tagpipe_common.stranded import StrandedSweeper, loose_ref
 from tagpipe_common.streams import StreamPolicy, ensure_streams
@@ -226,3 +226,53 @@ async def test_an_item_of_a_cancelled_job_gets_no_result(
     assert await sweeper.settle(advisory) == "cancelled"
     assert await store.get("dropped") is None
     assert await stream_empty(js, DL.stream)
+
+
+SLOW = StreamPolicy(
+    prefix="tagpipe", ack_wait_s=4.0, max_deliver=2, ack_wait_overrides={Stage.DOWNLOAD: 4.0}
+)
+
+
+async def advisories_stored(js: JetStreamContext) -> bool:
+    return (await js.stream_info(advisory_stream("tagpipe"))).state.messages > 0
+
+
+async def slow_last_delivery(js: JetStreamContext, store: ResultStore) -> None:
+    """Drop the first delivery (a worker killed on it); hold the last one past its ack
+    wait (a stalled worker, not a dead one: the advisory comes), then finish it as a
+    worker does, its result first, then the ack. Pulls go on meanwhile, as the other
+    workers' would: JetStream gives up on a message at a pull."""
+    sub = await js.pull_subscribe_bind(DL.consumer(Lane.BULK), stream=DL.stream)
+    held = None
+    while held is None:
+        with contextlib.suppress(TimeoutError):
+            for msg in await sub.fetch(1, timeout=0.5):
+                if msg.metadata.num_delivered >= 2:
+                    held = msg
+    while not await advisories_stored(js):
+        with contextlib.suppress(TimeoutError):
+            await sub.fetch(1, timeout=0.5)
+    await asyncio.sleep(1.0)  # a sweeper polls every 0.2 s: without a grace it is done
+    task = DownloadTask.from_json(held.data)
+    ok = TagResult(**task.ref(), status="ok", tags=[Tag(label="cat", score=0.9)])
+    await store.record(ok)
+    await held.ack()
+
+
+@pytest.mark.parametrize("policy", [SLOW])
+async def test_a_last_delivery_that_is_slow_not_dead_keeps_its_own_result(
+    js: JetStreamContext,
+    store: ResultStore,
+    redis: Redis,
+    sweepers: dict[Stage, StrandedSweeper],
+) -> None:
+    await job(redis, "job-w", 1)
+    task = DownloadTask(item_id="slow", job_id="job-w", lane=Lane.BULK, url="http://x/w")
+    await js.publish(DL.subject(Lane.BULK), task.to_json())
+    await asyncio.wait_for(slow_last_delivery(js, store), 60)
+    await eventually(lambda: stream_empty(js, DL.stream), within=60)
+    await asyncio.sleep(SLOW.ack_wait_s + 1)  # past the grace: the sweeper has looked
+    result = await store.get("slow")
+    assert result is not None and result.status == "ok", result
+    assert await redis.hget("tagpipe:job:job-w", "failed") is None  # type: ignore[misc]
+    assert sweepers[Stage.DOWNLOAD].settled == 0
