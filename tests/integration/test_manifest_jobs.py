@@ -274,12 +274,13 @@ async def test_a_reader_that_loses_its_lease_is_resumed_by_another_gateway(
 async def test_a_manifest_that_breaks_mid_read_ends_the_job_with_a_reason(
     client: httpx.AsyncClient, js: JetStreamContext, redis: Redis, s3: Any
 ) -> None:
-    whole = gzip.compress(("\n".join(urls(10, "b")) + "\n").encode())
+    whole = gzip.compress(("\n".join(urls(12, "b")) + "\n").encode())
     s3.put_object(Bucket="src", Key="cut.gz", Body=whole[:-8])  # its trailer cut off
     job_id = await submit(client, "s3://src/cut.gz")
-    await wait_status(client, job_id, total=11, state="running", failed=1)
-    assert sorted(by_seq(await pull_tasks(js, Lane.BULK, 10))) == list(range(10))
-    staged = await redis.hget(KEYS.job_shard(job_id, 0), "10")  # type: ignore[misc]
+    # Chunks of 5: the third holds lines 10 and 11, then the break; those two are items.
+    await wait_status(client, job_id, total=13, state="running", failed=1)
+    assert sorted(by_seq(await pull_tasks(js, Lane.BULK, 12))) == list(range(12))
+    staged = await redis.hget(KEYS.job_shard(job_id, 0), "12")  # type: ignore[misc]
     line = json.loads(staged)
     assert line["status"] == "error" and line["code"] == "manifest_unreadable", line
     assert "truncated" in line["message"]

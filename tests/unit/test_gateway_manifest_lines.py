@@ -102,7 +102,16 @@ def test_take_reads_a_chunk_at_a_time() -> None:
         0,
         4096,
     )
-    assert [len(take(it, 3)) for _ in range(4)] == [3, 3, 1, 0]
+    assert [len(take(it, 3)[0]) for _ in range(4)] == [3, 3, 1, 0]
+
+
+def test_take_keeps_the_entries_read_before_a_break() -> None:
+    whole = gzip.compress(b"".join(json.dumps(f"https://a/{i}").encode() + b"\n" for i in range(5)))
+    it = entries(iter([whole[:-8]]), True, 0, 0, 4096)  # the gzip trailer cut off
+    got, broke = take(it, 10)
+    assert [e.seq for e in got] == [0, 1, 2, 3, 4]
+    assert isinstance(broke, ManifestError) and "truncated" in str(broke)
+    assert take(it, 10) == ([], None)
 
 
 def test_the_duplicate_window_is_bounded() -> None:

@@ -50,6 +50,9 @@ from tagpipe_gateway.submit import Submitter, aw, text
 
 log = logging.getLogger(__name__)
 
+# A source that cannot be read on (unless an ObjectError says "failed": maybe transient).
+_UNREADABLE = (objectstore.ObjectError, ManifestError, PermanentError)
+
 
 class UrlWindow:
     """The last `size` distinct URLs of a job: digest -> seq of the item that had it first."""
@@ -132,22 +135,28 @@ class ManifestReader:
             await self._wait_for_sink(job_id)
             if await self.sub._wait_for_room(job_id) == K.JOB_STATE_CANCELLED:
                 break  # the rest is never published: those items do not exist
+            broke: Exception | None = None
             try:
                 if it is None:
                     it = await self._open(source, seq, offset)
-                batch = await self._take(job_id, it)
-            except (objectstore.ObjectError, ManifestError, PermanentError) as exc:
-                if isinstance(exc, objectstore.ObjectError) and exc.kind == "failed":
-                    raise  # maybe transient: the job resumes from its checkpoint
-                await self._broken(job_id, seq, source, str(exc))
+                batch, broke = await self._take(job_id, it)
+            except _UNREADABLE as exc:
+                batch, broke = [], exc
+            if batch:  # the lines read before a break too: they are items
+                await self._publish_chunk(job_id, batch, options, window)
+                seq, offset = batch[-1].seq + 1, batch[-1].end
+                mapping = {K.JOB_READ_SEQ: seq, K.JOB_READ_OFFSET: offset, K.JOB_SUBMITTED: seq}
+                await aw(self.redis.hset(job, mapping=mapping))
+            if broke is not None:
+                if not isinstance(broke, _UNREADABLE) or (
+                    isinstance(broke, objectstore.ObjectError) and broke.kind == "failed"
+                ):
+                    raise broke  # maybe transient: the job resumes from its checkpoint
+                await self._broken(job_id, seq, source, str(broke))
                 seq += 1
                 break
             if not batch:
                 break
-            await self._publish_chunk(job_id, batch, options, window)
-            seq, offset = batch[-1].seq + 1, batch[-1].end
-            mapping = {K.JOB_READ_SEQ: seq, K.JOB_READ_OFFSET: offset, K.JOB_SUBMITTED: seq}
-            await aw(self.redis.hset(job, mapping=mapping))
         return await self._finish(job_id, seq)
 
     async def _wait_for_sink(self, job_id: str) -> None:
@@ -167,9 +176,10 @@ class ManifestReader:
         gz, chunks = await asyncio.to_thread(open_source, source, seq, offset, dial)
         return entries(chunks, gz, seq, offset, self.s.max_url_length)
 
-    async def _take(self, job_id: str, it: Iterator[Entry]) -> list[Entry]:
-        """The next chunk, read in a worker thread; the lease is renewed meanwhile,
-        since a resumed gzip source may first skip a long way."""
+    async def _take(self, job_id: str, it: Iterator[Entry]) -> tuple[list[Entry], Exception | None]:
+        """The next chunk (and the error that cut it short, if any), read in a worker
+        thread; the lease is renewed meanwhile, since a resumed gzip source may first
+        skip a long way."""
         work = asyncio.ensure_future(asyncio.to_thread(take, it, self.s.manifest_chunk_items))
         while True:
             done, _ = await asyncio.wait({work}, timeout=self.s.lease_s / 3)

@@ -131,11 +131,15 @@ def entries(
         seq += 1
 
 
-def take(it: Iterator[Entry], n: int) -> list[Entry]:
-    """Up to `n` entries (fewer only at the end): one worker-thread hop per chunk."""
+def take(it: Iterator[Entry], n: int) -> tuple[list[Entry], Exception | None]:
+    """Up to `n` entries (fewer only at the end): one worker-thread hop per chunk. With
+    the error that ended the read early, if one did: the entries before it are items."""
     out: list[Entry] = []
-    for entry in it:
-        out.append(entry)
-        if len(out) >= n:
-            break
-    return out
+    try:
+        for entry in it:
+            out.append(entry)
+            if len(out) >= n:
+                break
+    except Exception as exc:  # the caller decides; the iterator is finished either way
+        return out, exc
+    return out, None
