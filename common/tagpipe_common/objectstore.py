@@ -223,7 +223,7 @@ def _https_stream(url: str, offset: int, dial: str | None) -> Iterator[bytes]:
         extensions["sni_hostname"] = request_url.host  # also the name the cert must match
         request_url = request_url.copy_with(host=dial)
     client = httpx.Client(
-        timeout=httpx.Timeout(30.0), follow_redirects=False, verify=_tls(), trust_env=False
+        timeout=httpx.Timeout(30.0), follow_redirects=False, verify=tls_verify(), trust_env=False
     )
     pos = offset
     try:
@@ -250,9 +250,10 @@ def _https_stream(url: str, offset: int, dial: str | None) -> Iterator[bytes]:
         raise ObjectError(FAILED_KIND, f"cannot read {url}: {exc!r}") from exc
 
 
-def _tls() -> ssl.SSLContext | bool:
-    """A private CA from SSL_CERT_FILE, else httpx's bundle. Nothing else is taken from
-    the environment: a proxy would dial the host again, unvetted."""
+def tls_verify() -> ssl.SSLContext | bool:
+    """httpx's `verify` for a vetted address (here and the gateway's webhook sender): a
+    private CA from SSL_CERT_FILE, else httpx's bundle. Nothing else is taken from the
+    environment: a proxy would dial the host again, unvetted."""
     cafile = os.environ.get("SSL_CERT_FILE")
     return ssl.create_default_context(cafile=cafile) if cafile else True
 

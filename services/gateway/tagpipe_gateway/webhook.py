@@ -27,9 +27,7 @@ import contextlib
 import hashlib
 import hmac
 import logging
-import os
 import random
-import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -46,6 +44,7 @@ from tagpipe_common.netguard import (
     parse_cidrs,
     resolve_vetted,
 )
+from tagpipe_common.objectstore import tls_verify
 from tagpipe_common.outage import describe
 
 from tagpipe_gateway import __version__
@@ -140,14 +139,6 @@ def notify_from_hash(h: dict[str, str]) -> JobNotify | None:
     )
 
 
-def _tls() -> ssl.SSLContext | bool:
-    """Certificates to trust: a private CA from SSL_CERT_FILE (as the manifest reader
-    takes it), else httpx's default bundle. The rest of the environment (proxies) is not
-    read: a proxy would dial the host again, unvetted."""
-    cafile = os.environ.get("SSL_CERT_FILE")
-    return ssl.create_default_context(cafile=cafile) if cafile else True
-
-
 class DeliveryFailed(Exception):
     def __init__(self, message: str, final: bool = False) -> None:
         super().__init__(message)
@@ -184,7 +175,7 @@ class Webhooks:
         # No kept-alive connections either: they are pooled by the address dialled, and
         # one made for a host's TLS name must not carry another host's event.
         self._http = httpx.AsyncClient(
-            verify=_tls(),
+            verify=tls_verify(),
             trust_env=False,
             follow_redirects=False,
             timeout=self.s.webhook_timeout_s,
