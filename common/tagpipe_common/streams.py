@@ -138,6 +138,11 @@ async def ensure_consumer(js: JetStreamContext, stream: str, want: ConsumerConfi
     await js.add_consumer(stream, want)
 
 
+# A replaced consumer's pause outlasts its drain by this much: were the replacement
+# cut off, delivery resumes by itself.
+PAUSE_SLACK_S = 60.0
+
+
 async def replace_consumer(
     js: JetStreamContext, stream: str, want: ConsumerConfig, drain_timeout_s: float
 ) -> None:
@@ -151,13 +156,25 @@ async def replace_consumer(
     message was acked or NAKed. Should workers hold past `drain_timeout_s` (one
     ack wait), it goes ahead: those messages are redelivered once, and results
     stay exactly-once (results.py), as after any ack-wait expiry.
+
+    A call cut off while it drains (the operator's NATS calls have a timeout of a
+    few seconds) leaves the consumer paused; the next call keeps that pause's
+    deadline instead of starting a new one. A paused consumer redelivers nothing,
+    so a message held by a dead worker stays pending for good: with a deadline
+    renewed on every call it would never be replaced, and stay paused.
     """
     name = want.durable_name
     assert name is not None
-    until = datetime.now(UTC) + timedelta(seconds=drain_timeout_s + 60)
-    await js.pause_consumer(stream, name, until.strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + drain_timeout_s
+    info = await js.consumer_info(stream, name)
+    if info.paused and info.pause_remaining is not None:
+        # nanoseconds; PAUSE_SLACK_S of the pause is past the drain deadline
+        left = float(info.pause_remaining) / 1e9 - PAUSE_SLACK_S
+    else:
+        until = datetime.now(UTC) + timedelta(seconds=drain_timeout_s + PAUSE_SLACK_S)
+        await js.pause_consumer(stream, name, until.strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
+        left = drain_timeout_s
+    deadline = loop.time() + left
     while loop.time() < deadline:
         info = await js.consumer_info(stream, name)
         if not info.num_ack_pending:
