@@ -154,7 +154,7 @@ async def test_a_shard_is_the_same_bytes_whoever_writes_it_in_whatever_order(
         if run == 0:
             staged = await redis.hgetall(keys.job_shard("j3", 0))  # type: ignore[misc]
         sink = Sink(redis, keys, settings)
-        assert await sink._acquire("j3")
+        assert await sink.lease.acquire("j3")
         await sink.run_job("j3")
     objects = {}
     for prefix in ["a", "b"]:
@@ -230,7 +230,7 @@ async def test_a_late_line_in_a_shard_never_written_is_refused_after_the_manifes
 async def seen_by_sink(redis: Redis, keys: RedisKeys, job_id: str) -> tuple[Sink, OutputJob]:
     """A sink holding the job's lease, and the job as its round read it."""
     sink = Sink(redis, keys, sink_settings(redis))
-    assert await sink._acquire(job_id)
+    assert await sink.lease.acquire(job_id)
     seen = _job(job_id, await redis.hmget(keys.job(job_id), _FIELDS))  # type: ignore[misc]
     assert seen is not None
     return sink, seen

@@ -20,12 +20,13 @@ from tagpipe_common.outage import describe, is_transient
 from tagpipe_common.redis_io import XREAD_BLOCK_MS
 from tagpipe_common.results import ResultStore
 
+from tagpipe_gateway.lease import LeaseLost
 from tagpipe_gateway.manifest import ManifestReader
 from tagpipe_gateway.metrics import observe_item
 from tagpipe_gateway.queue import BacklogCache, Publisher
 from tagpipe_gateway.schemas import JobStatus
 from tagpipe_gateway.settings import GatewaySettings
-from tagpipe_gateway.submit import LeaseLost, Submitter, aw, text
+from tagpipe_gateway.submit import Submitter, aw, text
 from tagpipe_gateway.webhook import Webhooks, notify_from_hash
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
@@ -41,8 +40,9 @@ from tagpipe_common.output import (
     manifest,
 )
 
+from tagpipe_gateway.lease import LeaseLost, Leases
 from tagpipe_gateway.settings import GatewaySettings
-from tagpipe_gateway.submit import _RELEASE_LUA, _RENEW_LUA, LeaseLost, aw, text
+from tagpipe_gateway.submit import aw, text
 
 log = logging.getLogger(__name__)
 
@@ -134,12 +134,10 @@ class Sink:
 
     def __init__(self, redis: Redis, keys: RedisKeys, settings: GatewaySettings) -> None:
         self.redis, self.keys, self.s = redis, keys, settings
-        self.owner = uuid.uuid4().hex
+        self.lease = Leases(redis, keys.job_sink_lease, settings.lease_s)
         # After a cancel, in-flight items may still land for this long (max deliver x
         # ack wait); a cancelled job's partial shards are written after it.
         self.window_s = settings.max_deliver * settings.ack_wait_s
-        self._renew = redis.register_script(_RENEW_LUA)
-        self._release = redis.register_script(_RELEASE_LUA)
         self._commit = redis.register_script(_COMMIT_LUA)
         self._finish = redis.register_script(_FINISH_LUA)
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -158,7 +156,7 @@ class Sink:
             await cancel_until_done(task, CLOSE_TIMEOUT_S)
         for job_id in jobs:  # another gateway takes over without waiting for the lease
             with contextlib.suppress(Exception):
-                await self._release(keys=[self.keys.job_sink_lease(job_id)], args=[self.owner])
+                await self.lease.release(job_id)
 
     async def watch(self, job_id: str) -> None:
         """Follow a new output job from its creation (the result store adds it at its
@@ -170,7 +168,7 @@ class Sink:
             try:
                 for raw in await aw(self.redis.smembers(self.keys.sinking_jobs)):
                     job_id = text(raw)
-                    if job_id not in self._tasks and await self._acquire(job_id):
+                    if job_id not in self._tasks and await self.lease.acquire(job_id):
                         self._spawn(job_id)
             except Exception as exc:  # Redis away: next round
                 log.warning("sink scan failed: %s", describe(exc))
@@ -181,15 +179,6 @@ class Sink:
         self._tasks[job_id] = task
         task.add_done_callback(lambda _: self._tasks.pop(job_id, None))
 
-    async def _acquire(self, job_id: str) -> bool:
-        lease = self.keys.job_sink_lease(job_id)
-        return bool(await self.redis.set(lease, self.owner, nx=True, ex=self.s.lease_s))
-
-    async def _keep_lease(self, job_id: str) -> None:
-        lease = self.keys.job_sink_lease(job_id)
-        if not await self._renew(keys=[lease], args=[self.owner, self.s.lease_s]):
-            raise LeaseLost(job_id)
-
     async def _run(self, job_id: str) -> None:
         try:
             await self.run_job(job_id)
@@ -199,7 +188,7 @@ class Sink:
     async def run_job(self, job_id: str) -> None:
         """Write the job's shards as they fill, then its manifest; returns when done."""
         while True:
-            await self._keep_lease(job_id)
+            await self.lease.keep(job_id)
             try:
                 if await self._round(job_id):
                     return
@@ -219,12 +208,12 @@ class Sink:
             return True
         for shard in await self._members(self.keys.job_ready(job_id)):
             await self.write_shard(job, shard)
-            await self._keep_lease(job_id)
+            await self.lease.keep(job_id)
         if not job.settled(self.window_s, time.time()):
             return False
         for shard in await self._members(self.keys.job_staged(job_id)):
             await self.write_shard(job, shard)
-            await self._keep_lease(job_id)
+            await self.lease.keep(job_id)
         if await self._members(self.keys.job_staged(job_id)):
             return False  # a late line arrived: that shard again next round
         return await self.finish(job)
@@ -244,7 +233,7 @@ class Sink:
         url = job.output + record.name
         # Only the lease holder writes: a stale sink could replace a shard that another
         # one wrote (with a late line more) by its older lines.
-        await self._keep_lease(job.job_id)
+        await self.lease.keep(job.job_id)
         await asyncio.to_thread(put_bytes, url, data, SHARD_CONTENT_TYPE)
         keys_ = [
             self.keys.job_shards(job.job_id),
@@ -271,7 +260,7 @@ class Sink:
         shards = [Shard.from_json(v) for v in raw]
         state = K.JOB_STATE_CANCELLED if job.state == K.JOB_STATE_CANCELLED else "completed"
         body = manifest(job.job_id, state, job.total, job.shard_size, shards)
-        await self._keep_lease(job.job_id)  # a sink that lost its lease writes nothing more
+        await self.lease.keep(job.job_id)  # a sink that lost its lease writes nothing more
         await asyncio.to_thread(put_bytes, job.output + MANIFEST_NAME, body, MANIFEST_CONTENT_TYPE)
         job_key, staged = self.keys.job(job.job_id), self.keys.job_staged(job.job_id)
         keys_ = [job_key, self.keys.sinking_jobs, staged]

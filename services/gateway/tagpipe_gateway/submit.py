@@ -25,7 +25,6 @@ import hashlib
 import json
 import logging
 import time
-import uuid
 from collections.abc import Awaitable
 from typing import TypeVar, cast
 
@@ -40,6 +39,7 @@ from tagpipe_common.results import ResultStore
 from tagpipe_common.subjects import Lane
 
 from tagpipe_gateway.admission import bulk_limit
+from tagpipe_gateway.lease import Leases
 from tagpipe_gateway.metrics import BACKPRESSURE
 from tagpipe_gateway.queue import BacklogCache, Publisher
 from tagpipe_gateway.settings import GatewaySettings
@@ -64,21 +64,6 @@ end
 return 'running'
 """
 
-# Renew the lease only while we still hold it.
-_RENEW_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('EXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
-
-_RELEASE_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
-
 T = TypeVar("T")
 
 
@@ -101,10 +86,6 @@ def _url_field(url: str) -> str:
     return "u:" + hashlib.sha256(url.encode()).hexdigest()[:24]
 
 
-class LeaseLost(Exception):
-    """Another gateway took the job over (we stalled past the lease)."""
-
-
 class Submitter:
     def __init__(
         self,
@@ -117,10 +98,8 @@ class Submitter:
     ) -> None:
         self.redis, self.store, self.keys = redis, store, keys
         self.publisher, self.backlog, self.s = publisher, backlog, settings
-        self.owner = uuid.uuid4().hex  # this process, as a lease holder
+        self.lease = Leases(redis, keys.job_lease, settings.lease_s)  # publishing a job
         self._finish = redis.register_script(_FINISH_LUA)
-        self._renew = redis.register_script(_RENEW_LUA)
-        self._release = redis.register_script(_RELEASE_LUA)
         # JetStream away (restart, leader change): publishing waits it out, lease held.
         self.outage = Outage("jetstream (job submission)", log)
 
@@ -136,19 +115,14 @@ class Submitter:
         await self.redis.delete(self.keys.job_items(job_id))
 
     async def acquire(self, job_id: str) -> bool:
-        lease = self.keys.job_lease(job_id)
-        return bool(await self.redis.set(lease, self.owner, nx=True, ex=self.s.lease_s))
+        return await self.lease.acquire(job_id)
 
     async def release(self, job_id: str) -> None:
         """Give the job up at shutdown, so another gateway resumes it without waiting."""
-        await self._release(keys=[self.keys.job_lease(job_id)], args=[self.owner])
+        await self.lease.release(job_id)
 
     async def _keep_lease(self, job_id: str) -> None:
-        ok = await self._renew(
-            keys=[self.keys.job_lease(job_id)], args=[self.owner, self.s.lease_s]
-        )
-        if not ok:
-            raise LeaseLost(job_id)
+        await self.lease.keep(job_id)
 
     async def run(self, job_id: str) -> str:
         """Publish every item not yet published; returns the job state afterwards."""
