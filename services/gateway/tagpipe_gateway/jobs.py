@@ -109,6 +109,10 @@ class JobManager:
             self.index(pipe, job_id, owner, now)
             if notify_url:
                 self.webhooks.watch(pipe, job_id, notify_url)
+            if K.JOB_OUTPUT in fields:
+                # Its sink follows it from here (sink.py), in the same transaction: a job
+                # that never gets a result (no items) still gets its _manifest.json.
+                pipe.sadd(self.keys.sinking_jobs, job_id)
             if idempotency is not None:
                 pipe.set(idempotency, job_id, ex=self.settings.job_ttl_s)
             await pipe.execute()

@@ -158,11 +158,6 @@ class Sink:
             with contextlib.suppress(Exception):
                 await self.lease.release(job_id)
 
-    async def watch(self, job_id: str) -> None:
-        """Follow a new output job from its creation (the result store adds it at its
-        first result anyway; this covers a job that never gets one: no items)."""
-        await aw(self.redis.sadd(self.keys.sinking_jobs, job_id))
-
     async def _scan(self) -> None:
         while True:
             try:

@@ -153,7 +153,6 @@ async def submit_manifest_job(
     await rt.jobs.create(
         job_id, None, options, principal, body.notify_url, fields, idempotency=idem
     )
-    await rt.sink.watch(job_id)  # its output: shards, then _manifest.json (sink.py)
     await rt.jobs.submit(job_id)
     await rt.store.durability.confirm(rt.redis)  # a 202 survives the primary's loss
     status = await rt.jobs.status(job_id)
