@@ -34,6 +34,7 @@ from nats.js.api import (
 from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 
+from tagpipe_common.nats_io import ensure_stream
 from tagpipe_common.settings import MAX_PARTITIONS
 from tagpipe_common.subjects import Stage, partition_names
 
@@ -107,12 +108,7 @@ async def ensure_advisories(js: JetStreamContext, policy: StreamPolicy) -> None:
     """Create or update the advisory stream and a durable consumer per stage."""
     cfg = advisory_stream_config(policy)
     assert cfg.name is not None
-    try:
-        await js.stream_info(cfg.name)
-    except NotFoundError:
-        await js.add_stream(cfg)
-    else:
-        await js.update_stream(cfg)
+    await ensure_stream(js, cfg)
     for stage in Stage:
         # CONSUMER.CREATE on an existing durable updates it (filter subjects included).
         await js.add_consumer(cfg.name, advisory_consumer_config(policy, stage))

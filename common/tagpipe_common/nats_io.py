@@ -22,6 +22,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import nats
 from nats.aio.client import Client
+from nats.js.api import StreamConfig
+from nats.js.client import JetStreamContext
+from nats.js.errors import NotFoundError
 
 from tagpipe_common.outage import describe, is_transient
 
@@ -204,3 +207,15 @@ def redact(url: str) -> str:
     host = u.hostname or ""
     netloc = f"{host}:{u.port}" if u.port else host
     return urlunsplit((u.scheme, netloc, u.path, u.query, u.fragment))
+
+
+async def ensure_stream(js: JetStreamContext, cfg: StreamConfig) -> None:
+    """Create a stream, or update it to `cfg` where it exists (the operator and
+    `tagpipe up` run this on every start)."""
+    assert cfg.name is not None
+    try:
+        await js.stream_info(cfg.name)
+    except NotFoundError:
+        await js.add_stream(cfg)
+    else:
+        await js.update_stream(cfg)

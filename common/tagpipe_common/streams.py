@@ -28,6 +28,7 @@ from nats.js.errors import NotFoundError
 
 from tagpipe_common.advisories import delete_advisories, ensure_advisories
 from tagpipe_common.flowlimits import ConsumerLimits
+from tagpipe_common.nats_io import ensure_stream
 from tagpipe_common.settings import CommonSettings
 from tagpipe_common.subjects import LANES, Lane, Stage, StageNames, partition_names
 
@@ -106,12 +107,7 @@ async def ensure_streams(js: JetStreamContext, policy: StreamPolicy) -> None:
         for part in range(policy.partitions):
             cfg = policy.stream_config(stage, part)
             assert cfg.name is not None
-            try:
-                await js.stream_info(cfg.name)
-            except NotFoundError:
-                await js.add_stream(cfg)
-            else:
-                await js.update_stream(cfg)
+            await ensure_stream(js, cfg)
             for lane in LANES:
                 await ensure_consumer(js, cfg.name, policy.consumer_config(stage, lane, part))
     # Where a message whose last delivery died is announced (advisories.py, stranded.py).
