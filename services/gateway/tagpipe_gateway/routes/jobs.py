@@ -8,6 +8,7 @@ import hashlib
 import re
 import secrets
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -202,28 +203,12 @@ async def submit_job(
 ) -> JobCreated:
     if notify_url is not None:
         await _vet_notify_url(rt, notify_url)
-    job_id = _job_id(principal, idempotency_key)
-    idem = rt.keys.idempotency(f"{principal}:{idempotency_key}") if idempotency_key else None
-    # Held while the upload runs, then for the job's life (JobManager.create).
-    lock_ms = int(rt.settings.idempotency_upload_lock_s * 1000)
-    if idem is not None and not await rt.redis.set(idem, job_id, nx=True, px=lock_ms):
-        status = await rt.jobs.status(job_id, principal)
-        if status is None:
-            raise ProblemError(
-                409,
-                ProblemCode.CONFLICT,
-                "Submission in progress",
-                "a submission with this Idempotency-Key is still uploading",
-            )
-        response.status_code = 200
-        return _created(status, reused=True)
-    try:
-        async with _holding(rt, idem, lock_ms):
-            total = await _read_items(request, rt, job_id)
-    except BaseException:
-        if idem is not None:
-            await rt.redis.delete(idem)
-        raise
+    claim = await claim_job(rt, principal, idempotency_key, response, "uploading")
+    if isinstance(claim, JobCreated):
+        return claim
+    job_id, idem = claim.job_id, claim.key
+    async with _holding(rt, claim):
+        total = await _read_items(request, rt, job_id)
     options = TaskOptions(top_k=top_k, min_score=min_score)
     await rt.jobs.create(job_id, total, options, principal, notify_url, idempotency=idem)
     await rt.jobs.submit(job_id)
@@ -233,10 +218,45 @@ async def submit_job(
     return _created(status, reused=False)
 
 
+@dataclass(frozen=True)
+class Claim:
+    """A new job's id, and its Idempotency-Key's Redis key (if any) locked for it."""
+
+    job_id: str
+    key: str | None
+    lock_ms: int
+
+
+async def claim_job(
+    rt: Runtime, principal: str, idempotency_key: str | None, response: Response, busy: str
+) -> Claim | JobCreated:
+    """The id for a new job, its Idempotency-Key locked for it; or, for a retry of a key
+    that made a job, that job (200, `reused`). 409 while the key's first request is
+    still `busy` (uploading, being checked)."""
+    job_id = _job_id(principal, idempotency_key)
+    idem = rt.keys.idempotency(f"{principal}:{idempotency_key}") if idempotency_key else None
+    # Held while the request runs (_holding), then for the job's life (JobManager.create).
+    lock_ms = int(rt.settings.idempotency_upload_lock_s * 1000)
+    if idem is not None and not await rt.redis.set(idem, job_id, nx=True, px=lock_ms):
+        status = await rt.jobs.status(job_id, principal)
+        if status is None:
+            raise ProblemError(
+                409,
+                ProblemCode.CONFLICT,
+                "Submission in progress",
+                f"a submission with this Idempotency-Key is still {busy}",
+            )
+        response.status_code = 200
+        return _created(status, reused=True)
+    return Claim(job_id, idem, lock_ms)
+
+
 @contextlib.asynccontextmanager
-async def _holding(rt: Runtime, idem: str | None, lock_ms: int) -> AsyncIterator[None]:
-    """Keep an Idempotency-Key locked while an upload of any length runs; a gateway
-    that dies mid-upload stops renewing, and the key frees `lock_ms` later."""
+async def _holding(rt: Runtime, claim: Claim) -> AsyncIterator[None]:
+    """Keep a claim's Idempotency-Key locked while a request of any length runs (a
+    gateway that dies mid-way stops renewing, and the key frees `lock_ms` later);
+    free it at once if the request fails."""
+    idem, lock_ms = claim.key, claim.lock_ms
 
     async def renew() -> None:
         assert idem is not None
@@ -248,6 +268,10 @@ async def _holding(rt: Runtime, idem: str | None, lock_ms: int) -> AsyncIterator
     task = asyncio.create_task(renew()) if idem is not None else None
     try:
         yield
+    except BaseException:
+        if idem is not None:
+            await rt.redis.delete(idem)
+        raise
     finally:
         if task is not None:
             task.cancel()

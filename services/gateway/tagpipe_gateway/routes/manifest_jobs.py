@@ -22,7 +22,7 @@ from tagpipe_gateway.deps import PrincipalDep, RuntimeDep
 from tagpipe_gateway.manifest import vet_https
 from tagpipe_gateway.manifest_lines import GZIP_MAGIC
 from tagpipe_gateway.problems import ProblemCode, ProblemError, field_error, problem_responses
-from tagpipe_gateway.routes.jobs import _created, _holding, _job_id
+from tagpipe_gateway.routes.jobs import _created, _holding, claim_job
 from tagpipe_gateway.runtime import Runtime
 from tagpipe_gateway.schemas import JobCreated, ManifestJobRequest
 from tagpipe_gateway.webhook import vet_notify_url
@@ -121,28 +121,12 @@ async def submit_manifest_job(
     top_k: Annotated[int, Query(ge=1, le=100)] = 5,
     min_score: Annotated[float, Query(ge=0.0, le=1.0)] = 0.0,
 ) -> JobCreated:
-    job_id = _job_id(principal, idempotency_key)
-    idem = rt.keys.idempotency(f"{principal}:{idempotency_key}") if idempotency_key else None
-    # Held while the checks run, then for the job's life (JobManager.create).
-    lock_ms = int(rt.settings.idempotency_upload_lock_s * 1000)
-    if idem is not None and not await rt.redis.set(idem, job_id, nx=True, px=lock_ms):
-        status = await rt.jobs.status(job_id, principal)
-        if status is None:
-            raise ProblemError(
-                409,
-                ProblemCode.CONFLICT,
-                "Submission in progress",
-                "a submission with this Idempotency-Key is still being checked",
-            )
-        response.status_code = 200
-        return _created(status, reused=True)
-    try:
-        async with _holding(rt, idem, lock_ms):  # as long as the checks take (a slow store)
-            await _check(body, rt)
-    except BaseException:
-        if idem is not None:
-            await rt.redis.delete(idem)
-        raise
+    claim = await claim_job(rt, principal, idempotency_key, response, "being checked")
+    if isinstance(claim, JobCreated):
+        return claim
+    job_id, idem = claim.job_id, claim.key
+    async with _holding(rt, claim):  # as long as the checks take (a slow store)
+        await _check(body, rt)
     fields: dict[str, str | int] = {
         K.JOB_KIND: K.JOB_KIND_MANIFEST,
         K.JOB_SOURCE: body.source,
