@@ -227,7 +227,7 @@ async def test_items_arriving_while_the_model_is_busy_join_one_batch(
     batches of one."""
     gate = threading.Event()
     w = make_worker(max_batch=8, top_up_ms=250)  # a starved box's reply may take long
-    w._pool.submit(gate.wait)  # the model's one thread is busy until the gate opens
+    w._threads.realtime.pool.submit(gate.wait)  # real-time's model thread: busy until the gate
     try:
         async with running(w):
             await publish(js, make_task("r0", noise(20), Lane.REALTIME))  # batch 1: waits
@@ -243,6 +243,36 @@ async def test_items_arriving_while_the_model_is_busy_join_one_batch(
         gate.set()
     assert {r.status for r in results} == {"ok"}
     assert (w.batches, w.items) == (2, 6)  # r0, then r1-r5 together
+
+
+async def test_a_realtime_item_is_answered_while_bulk_batches_hold_the_model(
+    js: JetStreamContext, store: ResultStore, make_worker: Callable[..., InferenceWorker]
+) -> None:
+    """Real-time batches have their own model thread and slot (lanes.py): with the bulk
+    model thread blocked and every general slot holding a full bulk batch, a real-time
+    item is still fetched, run and stored. With one model thread and no reserve it
+    waited for both bulk batches."""
+    gate = threading.Event()
+    w = make_worker(max_batch=2, pipeline_depth=2)
+    w._threads.bulk.pool.submit(gate.wait)  # the bulk model thread is busy until the gate
+    bulk = [make_task(f"b{i}", noise(60 + i)) for i in range(6)]
+    try:
+        for t in bulk:
+            await publish(js, t)
+        async with running(w):
+
+            async def slots_full() -> bool:  # two full bulk batches wait for the model
+                return w._slots.general.locked()
+
+            await wait_until(slots_full)
+            await publish(js, make_task("rt", noise(70), Lane.REALTIME))
+            (answer,) = await results_for(store, ["rt"])
+            assert answer.status == "ok"
+            assert [r for r in await store.get_many([t.item_id for t in bulk]) if r] == []
+            gate.set()
+            assert len(await results_for(store, [t.item_id for t in bulk])) == 6
+    finally:
+        gate.set()
 
 
 async def _zero(n: Awaitable[int]) -> bool:

@@ -20,8 +20,6 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from nats.aio.msg import Msg
@@ -42,6 +40,7 @@ from tagpipe_common.threads import niced_pool
 from tagpipe_inference import metrics
 from tagpipe_inference.decoders import BatchDecoder, DecodeFailed, PillowDecoder, decode_each
 from tagpipe_inference.items import Decoded, Rejected, decode, error_result, ok_result, stack
+from tagpipe_inference.lanes import ModelThreads, Slots
 from tagpipe_inference.model import F32, Model
 from tagpipe_inference.settings import InferenceSettings
 from tagpipe_inference.spans import BatchTrace
@@ -87,17 +86,12 @@ class InferenceWorker:
         self.duplicates = 0
         self._subs: list[FairPull] = []  # one per lane, LANES order, over every partition
         self._stopping = asyncio.Event()
-        # One thread: batches reach the session back to back, never concurrently.
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ort")
-        # Forwarded originals of bulk batches decode below the model's priority.
+        # Real-time batches have their own model thread and slot (lanes.py); bulk
+        # batches and forwarded bulk originals run below the real-time work's priority.
+        self._threads = ModelThreads(settings.bulk_decode_nice)
         self._bulk_decodes = niced_pool(settings.pipeline_depth, settings.bulk_decode_nice)
         self._inflight: set[asyncio.Task[None]] = set()
-        self._slots = asyncio.Semaphore(settings.pipeline_depth)
-        # Set while no batch is in the model (preprocess + run): a batch collected
-        # meanwhile cannot start anyway, so it keeps what arrives until then.
-        self._model_idle = asyncio.Event()
-        self._model_idle.set()
-        self._in_model = 0
+        self._slots = Slots(settings.pipeline_depth)
         # A JetStream outage (restart, leader change) is waited out, never fatal.
         self.outage = Outage("jetstream", log)
 
@@ -119,12 +113,13 @@ class InferenceWorker:
             await self.subscribe()
         try:
             while not self._stopping.is_set():
-                await self._slots.acquire()
-                msgs = await self._collect()
+                slot = await self._slots.take()
+                reserve = slot is self._slots.reserve
+                msgs = await (self._collect_realtime() if reserve else self._collect())
                 if not msgs:
-                    self._slots.release()
+                    self._slots.give(slot)
                     continue
-                task = asyncio.create_task(self._handle(msgs))
+                task = asyncio.create_task(self._handle(msgs, slot))
                 self._inflight.add(task)
                 task.add_done_callback(self._inflight.discard)
         finally:
@@ -134,7 +129,7 @@ class InferenceWorker:
                 if given := await pull.close():
                     log.info("gave back %d buffered messages", given)
             self._subs.clear()
-            self._pool.shutdown(wait=True)
+            self._threads.shutdown()
             self._bulk_decodes.shutdown(wait=True)
 
     # -- fetching ---------------------------------------------------------------
@@ -183,19 +178,29 @@ class InferenceWorker:
             peek_only = False
             if deadline is not None and time.monotonic() >= deadline:
                 break
-        if got and len(got) < max_batch and not self._model_idle.is_set():
+        if got and len(got) < max_batch and not self._threads.of(realtime).idle.is_set():
             lanes = self._subs[:1] if realtime and not self.settings.mix_lanes else self._subs
-            got += await self._top_up(max_batch - len(got), lanes)
+            got += await self._top_up(max_batch - len(got), lanes, realtime)
         return got
 
-    async def _top_up(self, room: int, lanes: list[FairPull]) -> list[Msg]:
+    async def _collect_realtime(self) -> list[Msg]:
+        """With the reserve slot: what the real-time lane holds within one batch
+        window, nothing else (an empty answer frees the reserve again)."""
+        wait = max(self.settings.max_wait_ms, self.settings.lane_peek_ms) / 1000.0
+        got = await self._fetch(self._subs[0], self.settings.max_batch, wait)
+        room = self.settings.max_batch - len(got)
+        if got and room > 0 and not self._threads.realtime.idle.is_set():
+            got += await self._top_up(room, self._subs[:1], realtime=True)
+        return got
+
+    async def _top_up(self, room: int, lanes: list[FairPull], realtime: bool) -> list[Msg]:
         """Wait for the model to be free, then take what `lanes` hold by now.
 
         Like Triton's dynamic batcher, a batch is closed when the model can take it,
         not when its first item came: under load (real-time items arriving one by one
         while a batch runs) batches of 1-2 became batches near max_batch, with no
         item waiting longer than it would have for the busy model."""
-        await self._model_idle.wait()
+        await self._threads.of(realtime).idle.wait()
         wait_s = self.settings.top_up_ms / 1000.0
         more: list[Msg] = []
         for sub in lanes:  # real-time first, as everywhere
@@ -206,7 +211,7 @@ class InferenceWorker:
 
     # -- one batch ----------------------------------------------------------------
 
-    async def _handle(self, msgs: list[Msg]) -> None:
+    async def _handle(self, msgs: list[Msg], slot: asyncio.Semaphore) -> None:
         metrics.INFLIGHT.inc(len(msgs))
         try:
             await self._process(Batch(msgs, fetched_at=time.time()))
@@ -220,7 +225,7 @@ class InferenceWorker:
                     await m.nak(delay=self.settings.nak_delay_s)
         finally:
             metrics.INFLIGHT.dec(len(msgs))
-            self._slots.release()
+            self._slots.give(slot)
 
     async def _process(self, batch: Batch) -> None:
         crop = self.model.manifest.preprocess.crop
@@ -284,18 +289,6 @@ class InferenceWorker:
                 d.pixels = px
         batch.good = [(m, d) for m, d in batch.good if id(m) not in failed]
 
-    @contextlib.contextmanager
-    def _model_busy(self) -> Iterator[None]:
-        """A batch's preprocess and run: `_model_idle` is clear while any is inside."""
-        self._in_model += 1
-        self._model_idle.clear()
-        try:
-            yield
-        finally:
-            self._in_model -= 1
-            if not self._in_model:
-                self._model_idle.set()
-
     def _rejections(self, batch: Batch) -> list[tuple[Msg, TagResult]]:
         now = time.time()
         out = []
@@ -312,11 +305,13 @@ class InferenceWorker:
         """Run the good items; returns (results to store, messages to NAK)."""
         loop = asyncio.get_running_loop()
         pixels = stack([d for _, d in batch.good])
-        with self._model_busy():
+        realtime = any(d.task.lane is Lane.REALTIME for _, d in batch.good)
+        thread = self._threads.of(realtime)
+        with thread.busy():
             x = await asyncio.to_thread(self.model.preprocess, pixels)  # overlaps a running batch
             try:
                 scores, infer_ms, started = await loop.run_in_executor(
-                    self._pool, self._timed_run, x
+                    thread.pool, self._timed_run, x
                 )
             except Exception as exc:  # onnxruntime's errors are untyped
                 log.error("inference failed for a batch of %d: %s", len(batch.good), exc)
