@@ -160,9 +160,13 @@ class ManifestReader:
         return await self._finish(job_id, seq)
 
     async def _wait_for_sink(self, job_id: str) -> None:
-        """Pause while the sink is behind (`sink_has_room`), holding the lease."""
+        """Pause while the sink is behind (`sink_has_room`), holding the lease; a
+        cancel ends the pause (the caller then finds the job cancelled)."""
         paused = False
         while not await sink_has_room(self.redis, self.keys, job_id, self.s.sink_max_ready_shards):
+            state = await aw(self.redis.hget(self.keys.job(job_id), K.JOB_STATE))
+            if state is not None and text(state) == K.JOB_STATE_CANCELLED:
+                return
             if not paused:
                 BACKPRESSURE.labels("sink_pause").inc()
                 paused = True
