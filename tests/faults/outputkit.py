@@ -62,9 +62,24 @@ def redis_keys(stack: Stack) -> list[str]:
         r.close()
 
 
-def used_memory(stack: Stack) -> int:
+def used_memory(stack: Stack, clients: bool = True) -> int:
+    """Redis `used_memory`; with `clients=False`, less the clients' query and output
+    buffers, which follow what each connection did last (a worker's pipelined batch
+    leaves tens of KB that Redis shrinks lazily), not what Redis keeps."""
     r = connect_redis_sync(stack.redis_url)
     try:
-        return int(r.info("memory")["used_memory"])  # type: ignore[index]
+        info = r.info("memory")
+        held = 0 if clients else int(info.get("mem_clients_normal", 0))  # type: ignore[union-attr]
+        return int(info["used_memory"]) - held  # type: ignore[index]
+    finally:
+        r.close()
+
+
+def per_item_keys(stack: Stack) -> dict[str, int]:
+    """Keys that exist once per item (result, fetch deadline, blob), by kind."""
+    r = connect_redis_sync(stack.redis_url)
+    try:
+        return {kind: sum(1 for _ in r.scan_iter(f"*:{kind}:*", count=1000))
+                for kind in ("result", "deadline", "blob")}  # fmt: skip
     finally:
         r.close()

@@ -9,7 +9,10 @@ Real path end to end: a JSONL manifest in a moto S3 server, `POST /v1/manifest-j
 the gateway's reader, 2 downloaders and 2 inference workers on the real model, the
 result store and the gateway's sink writing shards back to moto, at the default
 shard size. Kept cheap by tiny images (96x72 JPEGs; the model still sees 224x224).
-`used_memory` is sampled every 50 ms in a thread while each job runs.
+`used_memory` is sampled every 50 ms in a thread while each job runs, less the
+clients' query and output buffers (`mem_clients_normal`): those follow what each
+connection did last, some 100-300 KB up or down between two reads on a busy box,
+whatever the job's size, which is what this test weighs.
 """
 
 from __future__ import annotations
@@ -25,7 +28,14 @@ from tagpipe_common import keys as K
 
 from bench.imageserver import ImageServer
 from tests.faults.kit import image_urls
-from tests.faults.outputkit import job_hash, s3_env, start_output_job, used_memory, wait_for
+from tests.faults.outputkit import (
+    job_hash,
+    per_item_keys,
+    s3_env,
+    start_output_job,
+    used_memory,
+    wait_for,
+)
 from tests.integration.output_kit import read_manifest
 from tests.s3kit import s3_client
 
@@ -55,12 +65,12 @@ class Peak:
 
     def _run(self) -> None:
         while not self._stop.wait(0.05):
-            self.value = max(self.value, used_memory(self.stack))
+            self.value = max(self.value, used_memory(self.stack, clients=False))
 
 
 def run_job(stack: Stack, s3_env: dict[str, str], images: ImageServer, n: int) -> dict[str, Any]:
     run = f"mem-{n}"
-    before = used_memory(stack)
+    before = used_memory(stack, clients=False)
     started = time.monotonic()
     with Peak(stack) as peak:
         job_id = start_output_job(stack, s3_env, run, image_urls(images, n, run, "96x72"))
@@ -68,10 +78,12 @@ def run_job(stack: Stack, s3_env: dict[str, str], images: ImageServer, n: int) -
         wait_for(done, f"{n}-item job", timeout_s=900)
     seconds = time.monotonic() - started
     time.sleep(WINDOW_S + 1)  # the redelivery window
-    after = used_memory(stack)
+    after = used_memory(stack, clients=False)
     doc = read_manifest(s3_client(s3_env), f"{run}/")
     assert doc["lines"] == n and doc["counts"]["ok"] == n, doc["counts"]
-    return {"before": before, "peak": peak.value, "after": after, "seconds": round(seconds)}
+    keys = per_item_keys(stack)
+    return {"before": before, "peak": peak.value, "after": after, "seconds": round(seconds),
+            "per_item_keys": keys}  # fmt: skip
 
 
 def test_redis_holds_what_is_in_flight_not_the_job(

@@ -16,6 +16,8 @@ from tagpipe_common.keys import RedisKeys
 from tagpipe_downloader.deadline import ItemDeadlines
 from tagpipe_downloader.fetch import FetchConfig, Fetcher
 from tagpipe_downloader.guard import parse_cidrs
+from tagpipe_downloader.settings import DownloaderSettings
+from tagpipe_downloader.worker import redelivery_window_s
 
 from bench.imageserver import ImageServer, make_jpeg
 
@@ -105,3 +107,13 @@ async def test_a_redelivery_with_nothing_kept_starts_one_deadline_for_the_rest(
     assert await deadlines.deadline("b", delivery=3) == second
     ttl = await redis.ttl(RedisKeys().fetch_deadline("b"))
     assert ttl > 100  # outlives the deadline, to refuse late redeliveries
+
+
+async def test_a_kept_deadline_expires_with_the_redelivery_window(redis: Redis) -> None:
+    # No key per item outlives the item's deliveries (issue #29: nothing per item stays
+    # in Redis once the redelivery window has passed).
+    window = redelivery_window_s(DownloaderSettings(max_deliver=3, transient_nak_delay_s=1.0))
+    assert window == 3 * 60.0  # the download ack wait (60 s) and Retry-After cap (60 s)
+    deadlines = ItemDeadlines(redis, RedisKeys(), budget_s=100.0, keep_after_s=window)
+    await deadlines.keep("c", await deadlines.deadline("c", delivery=2))
+    assert 100 < await redis.ttl(RedisKeys().fetch_deadline("c")) <= 100 + window + 1

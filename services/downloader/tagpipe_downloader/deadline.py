@@ -19,19 +19,28 @@ import time
 from redis.asyncio import Redis
 from tagpipe_common.keys import RedisKeys
 
-# How long a stored deadline is kept: past its deadline it still has to refuse
-# late redeliveries (NAK delays, a crashed worker's ack_wait), then it expires.
-KEEP_AFTER_DEADLINE_S = 3600
+# How long a stored deadline is kept past its budget, unless the worker says: it
+# still has to refuse late redeliveries (NAK delays, a crashed worker's ack wait),
+# which all come within the redelivery window (max deliver x the longest of ack wait
+# and NAK delay); then it expires, so no key per item outlives the item's deliveries.
+KEEP_AFTER_DEADLINE_S = 3600.0
 
 
 class ItemDeadlines:
-    def __init__(self, redis: Redis, keys: RedisKeys, budget_s: float) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        keys: RedisKeys,
+        budget_s: float,
+        keep_after_s: float = KEEP_AFTER_DEADLINE_S,
+    ) -> None:
         self.redis = redis
         self.keys = keys
         self.budget_s = budget_s
+        self.keep_after_s = keep_after_s
 
     def _ttl(self) -> int:
-        return int(self.budget_s) + KEEP_AFTER_DEADLINE_S
+        return int(self.budget_s + self.keep_after_s) + 1
 
     async def deadline(self, item_id: str, delivery: int) -> float:
         """Epoch seconds by which every attempt at `item_id` must be over."""

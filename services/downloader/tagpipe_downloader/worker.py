@@ -39,7 +39,7 @@ from tagpipe_common.messages import (
 )
 from tagpipe_common.outage import TRANSIENT_NATS_ERRORS, Outage
 from tagpipe_common.results import ResultStore
-from tagpipe_common.streams import delivery_count, is_final_delivery
+from tagpipe_common.streams import StreamPolicy, delivery_count, is_final_delivery
 from tagpipe_common.subjects import (
     HDR_MSG_ID,
     HDR_SCHEMA,
@@ -75,6 +75,14 @@ _INFRA_ERRORS = (
 _FETCH_ERRORS: tuple[type[Exception], ...] = (*TRANSIENT_NATS_ERRORS, nats.errors.Error)
 
 
+def redelivery_window_s(s: DownloaderSettings) -> float:
+    """The longest a download may still be redelivered after its first delivery ends:
+    max deliver x the longest of the download ack wait and the NAK delays."""
+    ack_wait = StreamPolicy.from_settings(s).consumer_config(Stage.DOWNLOAD, Lane.BULK).ack_wait
+    longest = max(float(ack_wait or s.ack_wait_s), s.retry_after_max_s, s.transient_nak_delay_s)
+    return s.max_deliver * longest
+
+
 def _check_deadline(task: DownloadTask, where: str) -> None:
     """Nobody waits for an item past its deadline: no more work is spent on it."""
     if task.expired():
@@ -105,7 +113,9 @@ class DownloadWorker:
         self.redis = redis_client
         self.keys = RedisKeys(settings.prefix)
         self.store = ResultStore.for_settings(redis_client, settings)
-        self.deadlines = ItemDeadlines(redis_client, self.keys, settings.item_deadline_s)
+        self.deadlines = ItemDeadlines(
+            redis_client, self.keys, settings.item_deadline_s, redelivery_window_s(settings)
+        )
         self.dedupe = Dedupe.from_settings(settings, redis_client, self.keys)
         self.fetcher = fetcher
         self.pool = pool
