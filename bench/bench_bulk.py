@@ -11,7 +11,7 @@ JPEG q90, served by a local image server with a WAN-like latency; each item has 
 URL (`?n=`), and content dedupe is off (the default), so every item is fetched, decoded
 and inferred. Writes bench/results/bulk.json.
 
-    python -m bench.bench_bulk --sizes 2000,8000
+    python -m bench.bench_bulk --sizes 2000,6000
 """
 
 from __future__ import annotations
@@ -267,7 +267,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sizes", default="2000,8000", type=lambda v: [int(x) for x in v.split(",")])
+    ap.add_argument("--sizes", default="2000,6000", type=lambda v: [int(x) for x in v.split(",")])
     ap.add_argument("--latency-ms", type=float, default=20.0, help="image server latency")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "bulk.json")
     args = ap.parse_args()
