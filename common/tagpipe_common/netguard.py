@@ -32,6 +32,15 @@ def parse_cidrs(values: Iterable[str]) -> tuple[IPNetwork, ...]:
     return tuple(ipaddress.ip_network(v.strip(), strict=False) for v in values if v.strip())
 
 
+def checked_cidr_list(v: str) -> str:
+    """A settings validator's check of a comma-separated CIDR allowlist."""
+    try:
+        parse_cidrs(v.split(","))
+    except ValueError as exc:
+        raise ValueError(f"not a list of CIDRs: {exc}") from None
+    return v
+
+
 def literal_ip(host: str) -> IPAddress | None:
     """The address a host names directly, in any spelling resolvers accept."""
     try:

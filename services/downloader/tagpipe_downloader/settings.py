@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
-from tagpipe_common.netguard import parse_cidrs
+from tagpipe_common.netguard import checked_cidr_list, parse_cidrs
 from tagpipe_common.settings import CommonSettings
 
 from tagpipe_downloader.decode import Geometry
@@ -106,11 +106,7 @@ class DownloaderSettings(CommonSettings):
     @field_validator("allow_cidrs")
     @classmethod
     def _cidrs(cls, v: str) -> str:
-        try:
-            parse_cidrs(v.split(","))
-        except ValueError as exc:
-            raise ValueError(f"not a list of CIDRs: {exc}") from None
-        return v
+        return checked_cidr_list(v)
 
     def geometry(self) -> Geometry:
         path = self.manifest_path or self.model_dir

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from tagpipe_common.netguard import parse_cidrs
+from tagpipe_common.netguard import checked_cidr_list
 from tagpipe_common.settings import CommonSettings
 
 
@@ -102,11 +102,7 @@ class GatewaySettings(CommonSettings):
     @field_validator("allow_cidrs")
     @classmethod
     def _cidrs(cls, v: str) -> str:
-        try:
-            parse_cidrs(v.split(","))
-        except ValueError as exc:
-            raise ValueError(f"not a list of CIDRs: {exc}") from None
-        return v
+        return checked_cidr_list(v)
 
     @model_validator(mode="after")
     def _default_deadline_within_the_maximum(self) -> GatewaySettings:
