@@ -55,6 +55,7 @@ class FairPull:
         self._inflight: dict[int, asyncio.Task[list[Msg]]] = {}
         self._deadline = 0.0  # loop time by which every fetch in flight has ended
         self._keeper: asyncio.Task[None] | None = None
+        self._closing = False  # set by close: the keeper stops on it, not on cancel alone
         self._carry: list[deque[Msg]] = [deque() for _ in subs]
         self._start = 0  # the partition handed out first on the next call
         self.taken = [0] * len(subs)  # messages handed out per partition (tests, metrics)
@@ -96,8 +97,10 @@ class FairPull:
     async def _keep(self) -> None:
         """Renew the lease of what is held until nothing is (or `close`)."""
         try:
-            while self._inflight or any(self._carry):
+            while not self._closing and (self._inflight or any(self._carry)):
                 await asyncio.sleep(self.renew_s or await self._renew_interval())
+                if self._closing:
+                    return
                 for msg in self._held():
                     with contextlib.suppress(Exception):  # acked meanwhile, or NATS away
                         await msg.in_progress()
@@ -157,9 +160,14 @@ class FairPull:
         Fetches in flight are let finish first (each ends by its own wait, at most
         CLOSE_WAIT_S here): a cancelled one would drop what it had already
         received, held by nobody until its ack wait ran out."""
-        if self._keeper is not None:
-            self._keeper.cancel()
-            await asyncio.gather(self._keeper, return_exceptions=True)
+        # The keeper may be inside nats.py (a publish, a request) when cancelled,
+        # and nats.py swallows CancelledError in places (its flush), so the flag
+        # ends its loop and the wait for it is bounded: a close that waited on
+        # cancel alone hung once in CI (the keeper renewing every ack wait / 3).
+        self._closing = True
+        if (keeper := self._keeper) is not None:
+            keeper.cancel()
+            await asyncio.wait([keeper], timeout=CLOSE_WAIT_S)
         if self._inflight:
             left = min(CLOSE_WAIT_S, self._deadline - _now() + 0.5)
             await asyncio.wait(self._inflight.values(), timeout=max(left, 0.01))

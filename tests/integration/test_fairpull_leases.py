@@ -7,6 +7,7 @@ flight had received.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 
 import pytest
@@ -91,3 +92,31 @@ async def test_stopping_gives_back_what_its_fetches_received(js: JetStreamContex
             await m.ack()
     finally:
         await other.close()
+
+
+async def test_stopping_ends_a_keeper_that_swallowed_its_cancel(
+    js: JetStreamContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """nats.py swallows CancelledError in places (its flush on publish), so a
+    cancel sent while the keeper renews can be lost; close must end anyway. It
+    once hung CI for 300 s: the keeper went on renewing, close waited on it."""
+    names = await short_lease(js)
+    await one_per_partition(js, names)
+    renewing = asyncio.Event()
+    in_progress = Msg.in_progress
+
+    async def swallowing_in_progress(msg: Msg) -> None:
+        renewing.set()
+        with contextlib.suppress(asyncio.CancelledError):  # as nats.py's flush does
+            await asyncio.sleep(0.5)
+        await in_progress(msg)
+
+    monkeypatch.setattr(Msg, "in_progress", swallowing_in_progress)
+    pull = await bind_lane(js, names, Lane.BULK)
+    taken = await pull.fetch(1, 5.0)
+    await taken[0].ack()
+    if pull._inflight:
+        await asyncio.wait(list(pull._inflight.values()), timeout=10.0)
+    await asyncio.wait_for(renewing.wait(), timeout=10 * ACK_WAIT_S)
+    # a hang guard, not a speed bound: the old close never returned
+    assert await asyncio.wait_for(pull.close(), timeout=60.0) == PARTS - 1
