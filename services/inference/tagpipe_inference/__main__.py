@@ -25,6 +25,7 @@ from tagpipe_common.subjects import Stage
 from tagpipe_common.telemetry import setup_logging, setup_tracing
 
 from tagpipe_inference.decoders import BatchDecoder, make_decoder
+from tagpipe_inference.lanes import ModelThreads
 from tagpipe_inference.model import Model, ModelLoadError, load_model
 from tagpipe_inference.providers import GpuUnavailable
 from tagpipe_inference.settings import InferenceSettings
@@ -49,11 +50,22 @@ def load(settings: InferenceSettings) -> Model:
     return model
 
 
-async def serve(settings: InferenceSettings, model: Model, decoder: BatchDecoder) -> None:
+def load_realtime(settings: InferenceSettings, bulk: Model) -> Model:
+    """Real-time batches' own session on the CPU: one thread, no arena (lanes.py)."""
+    if not bulk.on_host_threads:
+        return bulk
+    model = load_model(settings.model_dir, intra_op_threads=1, mem_arena=False)
+    model.warm_up(1)
+    return model
+
+
+async def serve(
+    settings: InferenceSettings, model: Model, decoder: BatchDecoder, threads: ModelThreads
+) -> None:
     nc = await connect_nats(settings.nats_servers, "tagpipe-inference", settings.nats_liveness())
     redis = connect_redis(settings.redis_url, settings.redis_timeouts())
     store = ResultStore.for_settings(redis, settings)
-    worker = InferenceWorker(settings, model, nc.jetstream(), store, decoder)
+    worker = InferenceWorker(settings, model, nc.jetstream(), store, decoder, threads)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)
@@ -89,8 +101,9 @@ def main() -> None:
     setup_tracing("tagpipe-inference")
     if settings.metrics_port:
         start_http_server(settings.metrics_port)
+    threads = ModelThreads(settings.bulk_decode_nice)
     try:
-        model = load(settings)
+        model = threads.load(lambda: load(settings), lambda bulk: load_realtime(settings, bulk))
         decoder = make_decoder(
             settings.decode,
             model.manifest.preprocess.resize,
@@ -110,7 +123,7 @@ def main() -> None:
     # GPU is named as such even while NATS or Redis is away.
     require_redis(settings.redis_url, "InferenceSettings", settings.redis_startup_timeout_s)
     require_nats(settings.nats_servers, "InferenceSettings", settings.nats_startup_timeout_s)
-    eventloop.run(serve(settings, model, decoder))
+    eventloop.run(serve(settings, model, decoder, threads))
 
 
 if __name__ == "__main__":

@@ -9,18 +9,30 @@ originals), then for the model thread behind them. So:
   batches on one at `bulk_decode_nice` (as bulk decodes): a real-time batch starts at
   once, and the kernel gives it the core before the bulk batch running beside it.
   onnxruntime sessions take concurrent runs; the torch runtime serialises its own.
-- one slot is kept for real-time batches: while bulk batches fill the general slots
-  the worker still fetches the real-time lane, and only it, with the reserve.
+- on the CPU each thread has its own session, loaded on that thread: the threads an
+  onnxruntime session starts for itself (its intra-op pool) are born at their
+  creator's nice value, so the bulk session's pool runs at the bulk priority too.
+  The real-time session runs on its caller's thread alone (intra-op 1) and without
+  a memory arena (its batches are small; an arena warmed at the largest batch would
+  keep about 300 MiB more). With one session shared, its pool ran bulk at normal
+  priority beside real-time runs: a real-time item's `inference_ms` had a p95 of
+  77-121 ms during `make bench`'s bulk run (batches of 32, 2 cores); apart, 22-35
+  ms. A GPU or torch model is
+  shared by both threads: its work is not on the host's threads.
+- each lane's loop has its own slots (collect.py), so a real-time item never waits
+  for a slot that bulk batches hold.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 from tagpipe_common.threads import niced_pool
+
+from tagpipe_inference.model import Model
 
 
 class ModelThread:
@@ -30,9 +42,16 @@ class ModelThread:
 
     def __init__(self, pool: ThreadPoolExecutor) -> None:
         self.pool = pool
+        self._model: Model | None = None
         self.idle = asyncio.Event()
         self.idle.set()
         self._inside = 0
+
+    @property
+    def model(self) -> Model:
+        if self._model is None:
+            raise RuntimeError("no model loaded on this thread (ModelThreads.load or .use)")
+        return self._model
 
     @contextlib.contextmanager
     def busy(self) -> Iterator[None]:
@@ -53,6 +72,17 @@ class ModelThreads:
         self.realtime = ModelThread(ThreadPoolExecutor(1, thread_name_prefix="ort-rt"))
         self.bulk = ModelThread(niced_pool(1, bulk_nice, name="ort"))
 
+    def load(self, bulk: Callable[[], Model], realtime: Callable[[Model], Model]) -> Model:
+        """Load the bulk model on the bulk thread, then the real-time one (given the
+        bulk model, which it may share) on the real-time thread; returns the bulk one."""
+        self.bulk._model = self.bulk.pool.submit(bulk).result()
+        self.realtime._model = self.realtime.pool.submit(realtime, self.bulk.model).result()
+        return self.bulk.model
+
+    def use(self, model: Model) -> None:
+        """One model, loaded elsewhere, for both threads (tests, benches)."""
+        self.bulk._model = self.realtime._model = model
+
     def of(self, realtime: bool) -> ModelThread:
         return self.realtime if realtime else self.bulk
 
@@ -62,24 +92,9 @@ class ModelThreads:
 
 
 class Slots:
-    """`depth` general slots (batches in flight) and one reserve for real-time."""
+    """Batches in flight: `depth` for the bulk loop and `depth` for the real-time
+    loop (collect.py), so a real-time item never waits for a bulk batch's slot."""
 
     def __init__(self, depth: int) -> None:
         self.general = asyncio.Semaphore(depth)
-        self.reserve = asyncio.Semaphore(1)
-        self._freed = asyncio.Event()
-
-    async def take(self) -> asyncio.Semaphore:
-        """A general slot when one is free, else the real-time reserve (whose batch
-        may hold real-time items only); waits while both are taken."""
-        while True:
-            for sem in (self.general, self.reserve):
-                if not sem.locked():
-                    await sem.acquire()
-                    return sem
-            self._freed.clear()
-            await self._freed.wait()
-
-    def give(self, sem: asyncio.Semaphore) -> None:
-        sem.release()
-        self._freed.set()
+        self.realtime = asyncio.Semaphore(depth)

@@ -92,9 +92,14 @@ def verify_file(model_dir: Path, manifest: ModelManifest, variant: str | None = 
 
 
 def session_options(
-    intra_op: int, inter_op: int, allow_spinning: bool, mem_pattern: bool = False
+    intra_op: int,
+    inter_op: int,
+    allow_spinning: bool,
+    mem_pattern: bool = False,
+    mem_arena: bool = True,
 ) -> ort.SessionOptions:
     opts = ort.SessionOptions()
+    opts.enable_cpu_mem_arena = mem_arena
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # A memory pattern is one contiguous block planned per input shape. Under dynamic
     # batches every new size asks the CPU arena for another such block, and the arena
@@ -194,6 +199,14 @@ class Model:
             if scores[i] >= min_score
         ]
 
+    @property
+    def on_host_threads(self) -> bool:
+        """Whether runs do their work on this process's threads (onnxruntime on the
+        CPU), where an OS priority applies to them."""
+        return isinstance(self.session, ort.InferenceSession) and self.providers == [
+            "CPUExecutionProvider"
+        ]
+
     def warm_up(self, batch_size: int = 1) -> None:
         """Run one batch so the first real request does not pay for lazy init; then ready."""
         h, w = self.input_hw
@@ -279,6 +292,7 @@ def load_model(
     gpu: GpuOptions | None = None,
     mem_pattern: bool = False,
     runtime: Runtime = "onnxruntime",
+    mem_arena: bool = True,
 ) -> Model:
     """Load and check a model directory; raises ModelLoadError with the reason, or
     GpuUnavailable when `gpu.require_gpu` and no GPU provider came up."""
@@ -292,7 +306,9 @@ def load_model(
     profile = trt_profile(manifest.input.name, manifest.preprocess.crop, gpu.max_batch)
     plan = plan_providers(requested, ort.get_available_providers(), gpu, profile)
     variant = pick_variant(manifest, [n for n, _ in plan], gpu.fp16)
-    opts = session_options(intra_op_threads, inter_op_threads, allow_spinning, mem_pattern)
+    opts = session_options(
+        intra_op_threads, inter_op_threads, allow_spinning, mem_pattern, mem_arena
+    )
     session = _open(verify_file(model_dir, manifest, variant), opts, list(plan))
     used = list(session.get_providers())
     warning = gpu_outcome(requested, used, gpu.require_gpu)

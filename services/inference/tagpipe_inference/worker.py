@@ -1,7 +1,8 @@
 """The inference worker: JetStream in, dynamic batches through the model, Redis out.
 
-- One durable pull consumer per lane, shared by every replica; the real-time lane
-  is always polled first, so real-time items jump the bulk queue.
+- One durable pull consumer per lane, shared by every replica. Real-time items
+  have their own loop, slots and model thread (collect.py, lanes.py), so they jump
+  the bulk queue and never wait for a bulk batch.
 - Dynamic batching: up to `max_batch` images, waiting at most `max_wait_ms` after
   the first one arrives for more to join.
 - Pipelining: the session runs in its own single thread while the event loop
@@ -20,16 +21,16 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.client import JetStreamContext
 from redis.exceptions import RedisError
 from tagpipe_common.errors import ErrorCode
-from tagpipe_common.fairpull import FairPull, bind_lane
+from tagpipe_common.fairpull import bind_lane
 from tagpipe_common.messages import TagResult
-from tagpipe_common.outage import TRANSIENT_NATS_ERRORS, Outage, is_transient
+from tagpipe_common.outage import Outage, is_transient
 from tagpipe_common.results import ResultStore
 from tagpipe_common.streams import is_final_delivery
 from tagpipe_common.subjects import LANES, Lane, Stage, partition_names
@@ -38,6 +39,7 @@ from tagpipe_common.telemetry import log_item_timings
 from tagpipe_common.threads import niced_pool
 
 from tagpipe_inference import metrics
+from tagpipe_inference.collect import Collector
 from tagpipe_inference.decoders import BatchDecoder, DecodeFailed, PillowDecoder, decode_each
 from tagpipe_inference.items import Decoded, Rejected, decode, error_result, ok_result, stack
 from tagpipe_inference.lanes import ModelThreads, Slots
@@ -48,13 +50,16 @@ from tagpipe_inference.spans import BatchTrace
 log = logging.getLogger(__name__)
 
 
+Item = tuple[Msg, Decoded]
+
+
 @dataclass
 class Batch:
     msgs: list[Msg]
     fetched_at: float
-    good: list[tuple[Msg, Decoded]] = field(default_factory=list)
+    good: list[Item] = field(default_factory=list)
     bad: list[tuple[Msg, Rejected]] = field(default_factory=list)
-    expired: list[tuple[Msg, Decoded]] = field(default_factory=list)  # caller gave up
+    expired: list[Item] = field(default_factory=list)  # caller gave up
     remember: list[CacheEntry] = field(default_factory=list)  # tags for the content cache
     trace: BatchTrace = field(default_factory=BatchTrace)
 
@@ -71,6 +76,7 @@ class InferenceWorker:
         js: JetStreamContext,
         store: ResultStore,
         decoder: BatchDecoder | None = None,
+        threads: ModelThreads | None = None,
     ) -> None:
         self.settings = settings
         self.model = model
@@ -84,21 +90,25 @@ class InferenceWorker:
         self.batches = 0  # batches that reached the model (tests assert on it)
         self.items = 0
         self.duplicates = 0
-        self._subs: list[FairPull] = []  # one per lane, LANES order, over every partition
         self._stopping = asyncio.Event()
         # Real-time batches have their own model thread and slot (lanes.py); bulk
         # batches and forwarded bulk originals run below the real-time work's priority.
-        self._threads = ModelThreads(settings.bulk_decode_nice)
+        # `threads` holds each lane's model when they were loaded apart (ModelThreads.load).
+        if threads is None:
+            threads = ModelThreads(settings.bulk_decode_nice)
+            threads.use(model)
+        self._threads = threads
         self._bulk_decodes = niced_pool(settings.pipeline_depth, settings.bulk_decode_nice)
         self._inflight: set[asyncio.Task[None]] = set()
         self._slots = Slots(settings.pipeline_depth)
         # A JetStream outage (restart, leader change) is waited out, never fatal.
         self.outage = Outage("jetstream", log)
+        self._collector = Collector(settings, self._threads, self.outage, self._stopping)
 
     async def subscribe(self) -> None:
         names = partition_names(Stage.INFER, self.settings.prefix, self.settings.partitions)
-        for lane in LANES:  # LANES order is the polling priority
-            self._subs.append(await bind_lane(self.js, names, lane))
+        lanes = [await bind_lane(self.js, names, lane) for lane in LANES]  # polling order
+        self._collector.bind(lanes, await bind_lane(self.js, names, Lane.REALTIME))
 
     def stop(self) -> None:
         """Stop fetching; the batches in flight are finished and acked."""
@@ -109,105 +119,38 @@ class InferenceWorker:
         return self._stopping.is_set()
 
     async def run(self) -> None:
-        if not self._subs:
+        if not self._collector.lanes:
             await self.subscribe()
+        collect = self._collector
+        loops = [self._loop(self._slots.general, collect.bulk_batch)]
+        if not self.settings.mix_lanes:  # mixed: one loop, real-time first, shared batches
+            loops.append(self._loop(self._slots.realtime, collect.realtime_batch))
+        tasks = [asyncio.create_task(loop) for loop in loops]
         try:
-            while not self._stopping.is_set():
-                slot = await self._slots.take()
-                reserve = slot is self._slots.reserve
-                msgs = await (self._collect_realtime() if reserve else self._collect())
-                if not msgs:
-                    self._slots.give(slot)
-                    continue
-                task = asyncio.create_task(self._handle(msgs, slot))
-                self._inflight.add(task)
-                task.add_done_callback(self._inflight.discard)
+            await asyncio.gather(*tasks)
         finally:
+            self._stopping.set()  # every loop, however one ended
+            await asyncio.gather(*tasks, return_exceptions=True)
             if self._inflight:
                 await asyncio.gather(*self._inflight, return_exceptions=True)
-            for pull in self._subs:
-                if given := await pull.close():
-                    log.info("gave back %d buffered messages", given)
-            self._subs.clear()
+            if given := await collect.close():
+                log.info("gave back %d buffered messages", given)
             self._threads.shutdown()
             self._bulk_decodes.shutdown(wait=True)
 
-    # -- fetching ---------------------------------------------------------------
-
-    async def _fetch(self, sub: FairPull, n: int, wait_s: float) -> list[Msg]:
-        try:
-            msgs = await sub.fetch(n, max(wait_s, 0.001))
-        except (TimeoutError, NatsTimeoutError):
-            msgs = []  # nothing queued (or a reconnect in progress: nc says which)
-        except TRANSIENT_NATS_ERRORS as exc:
-            await self.outage.pause(exc, self._stopping)
-            return []
-        self.outage.ok()
-        return msgs
-
-    async def _collect(self) -> list[Msg]:
-        """Up to max_batch messages, real-time first, waiting max_wait after the first
-        (none when the first lane, real-time, had any; such a batch takes bulk items
-        along only with `mix_lanes`)."""
-        max_batch = self.settings.max_batch
-        max_wait = self.settings.max_wait_ms / 1000.0
-        peek = self.settings.lane_peek_ms / 1000.0
-        top_up = self.settings.top_up_ms / 1000.0
-        got: list[Msg] = []
-        deadline: float | None = None
-        realtime = False
-        peek_only = True  # first peek at every lane, so a busy bulk lane never waits on idle rt
-        while len(got) < max_batch and not self._stopping.is_set():
-            for sub in self._subs:
-                need = max_batch - len(got)
-                if need <= 0:
-                    break
-                if deadline is None:
-                    wait = peek if peek_only else max(max_wait, peek)
-                else:  # what is there by now: at least a reply's time (top_up_ms)
-                    wait = max(min(deadline - time.monotonic(), peek), top_up)
-                msgs = await self._fetch(sub, need, wait)
-                got.extend(msgs)
-                if msgs and sub is self._subs[0]:
-                    # Real-time items wait for no batch window (p95 in docs/benchmarks.md).
-                    deadline, realtime = time.monotonic(), True
-                    if not self.settings.mix_lanes:
-                        break
-                elif msgs and deadline is None:
-                    deadline = time.monotonic() + max_wait
-            peek_only = False
-            if deadline is not None and time.monotonic() >= deadline:
-                break
-        if got and len(got) < max_batch and not self._threads.of(realtime).idle.is_set():
-            lanes = self._subs[:1] if realtime and not self.settings.mix_lanes else self._subs
-            got += await self._top_up(max_batch - len(got), lanes, realtime)
-        return got
-
-    async def _collect_realtime(self) -> list[Msg]:
-        """With the reserve slot: what the real-time lane holds within one batch
-        window, nothing else (an empty answer frees the reserve again)."""
-        wait = max(self.settings.max_wait_ms, self.settings.lane_peek_ms) / 1000.0
-        got = await self._fetch(self._subs[0], self.settings.max_batch, wait)
-        room = self.settings.max_batch - len(got)
-        if got and room > 0 and not self._threads.realtime.idle.is_set():
-            got += await self._top_up(room, self._subs[:1], realtime=True)
-        return got
-
-    async def _top_up(self, room: int, lanes: list[FairPull], realtime: bool) -> list[Msg]:
-        """Wait for the model to be free, then take what `lanes` hold by now.
-
-        Like Triton's dynamic batcher, a batch is closed when the model can take it,
-        not when its first item came: under load (real-time items arriving one by one
-        while a batch runs) batches of 1-2 became batches near max_batch, with no
-        item waiting longer than it would have for the busy model."""
-        await self._threads.of(realtime).idle.wait()
-        wait_s = self.settings.top_up_ms / 1000.0
-        more: list[Msg] = []
-        for sub in lanes:  # real-time first, as everywhere
-            if room - len(more) <= 0 or self._stopping.is_set():
-                break
-            more += await self._fetch(sub, room - len(more), wait_s)
-        return more
+    async def _loop(
+        self, slots: asyncio.Semaphore, collect: Callable[[], Awaitable[list[Msg]]]
+    ) -> None:
+        """Fill batches while a slot is free (collect.py: the two loops)."""
+        while not self._stopping.is_set():
+            await slots.acquire()
+            msgs = await collect()
+            if not msgs:
+                slots.release()
+                continue
+            task = asyncio.create_task(self._handle(msgs, slots))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
 
     # -- one batch ----------------------------------------------------------------
 
@@ -225,7 +168,7 @@ class InferenceWorker:
                     await m.nak(delay=self.settings.nak_delay_s)
         finally:
             metrics.INFLIGHT.dec(len(msgs))
-            self._slots.give(slot)
+            slot.release()
 
     async def _process(self, batch: Batch) -> None:
         crop = self.model.manifest.preprocess.crop
@@ -303,34 +246,42 @@ class InferenceWorker:
 
     async def _infer(self, batch: Batch) -> tuple[list[tuple[Msg, TagResult]], list[Msg]]:
         """Run the good items; returns (results to store, messages to NAK)."""
-        loop = asyncio.get_running_loop()
-        pixels = stack([d for _, d in batch.good])
         realtime = any(d.task.lane is Lane.REALTIME for _, d in batch.good)
-        thread = self._threads.of(realtime)
-        with thread.busy():
-            x = await asyncio.to_thread(self.model.preprocess, pixels)  # overlaps a running batch
-            try:
-                scores, infer_ms, started = await loop.run_in_executor(
-                    thread.pool, self._timed_run, x
-                )
-            except Exception as exc:  # onnxruntime's errors are untyped
-                log.error("inference failed for a batch of %d: %s", len(batch.good), exc)
-                metrics.INFER_FAILURES.inc()
-                return self._inference_failed(batch, str(exc))
+        try:
+            scores, infer_ms, started = await self._run(realtime, batch.good)
+        except Exception as exc:  # onnxruntime's errors are untyped
+            log.error("inference failed for a batch of %d: %s", len(batch.good), exc)
+            metrics.INFER_FAILURES.inc()
+            return self._inference_failed(batch, str(exc))
         ids = [d.task.item_id for _, d in batch.good]
         batch.trace.inference(ids, started, started + infer_ms / 1000.0)
+        return self._tagged(batch, batch.good, scores, infer_ms), []
+
+    async def _run(self, realtime: bool, items: list[Item]) -> tuple[F32, float, float]:
+        """(scores, model ms, start time) of one run on the lane's model thread."""
+        thread = self._threads.of(realtime)
+        with thread.busy():
+            pixels = stack([d for _, d in items])
+            x = await asyncio.to_thread(thread.model.preprocess, pixels)  # overlaps a run
+            return await asyncio.get_running_loop().run_in_executor(
+                thread.pool, self._timed_run, thread.model, x
+            )
+
+    def _tagged(
+        self, batch: Batch, items: list[Item], scores: F32, infer_ms: float
+    ) -> list[tuple[Msg, TagResult]]:
         self.batches += 1
-        self.items += len(batch.good)
+        self.items += len(items)
         metrics.BATCHES.inc()
-        metrics.BATCH_SIZE.observe(len(batch.good))
+        metrics.BATCH_SIZE.observe(len(items))
         metrics.BATCH_SECONDS.observe(infer_ms / 1000.0)
         log.info(
             "batch done",
-            extra={"fields": {"event": "batch", "size": len(batch.good), "inference_ms": infer_ms}},
+            extra={"fields": {"event": "batch", "size": len(items), "inference_ms": infer_ms}},
         )
         done = time.time()
         out = []
-        for (m, d), row in zip(batch.good, scores, strict=True):
+        for (m, d), row in zip(items, scores, strict=True):
             opts = d.task.options
             tags = self.model.top_k(row, opts.top_k, opts.min_score)
             result = ok_result(
@@ -346,7 +297,7 @@ class InferenceWorker:
             if d.task.content_sha256 is not None:  # the downloader dedupes: keep unfiltered tags
                 full = tags if opts.min_score == 0 else self.model.top_k(row, opts.top_k)
                 batch.remember.append(CacheEntry(d.task.content_sha256, opts.top_k, full))
-        return out, []
+        return out
 
     async def _remember(self, entries: list[CacheEntry]) -> None:
         """After the results are stored: a lost entry only costs a later cache miss,
@@ -356,10 +307,10 @@ class InferenceWorker:
         except (RedisError, OSError) as exc:
             log.warning("tag cache not updated for %d items: %s", len(entries), exc)
 
-    def _timed_run(self, x: F32) -> tuple[F32, float, float]:
+    def _timed_run(self, model: Model, x: F32) -> tuple[F32, float, float]:
         # Timed on the session thread: time queued behind the previous batch is not inference.
         started, t0 = time.time(), time.perf_counter()
-        scores = self.model.run_at_most(x, self.settings.max_batch)
+        scores = model.run_at_most(x, self.settings.max_batch)
         return scores, (time.perf_counter() - t0) * 1000.0, started
 
     def _inference_failed(
