@@ -167,7 +167,7 @@ async def test_streams_past_a_lowered_count_that_still_hold_work_are_named(
     assert await unread_partitions(js, lowered) == {"TAGPIPE_INFER_P2": 2}
 
 
-async def test_realtime_stays_ahead_of_bulk_across_partitions(
+async def test_the_realtime_pull_reaches_every_partition_with_bulk_queued(
     js: JetStreamContext,
     policy: StreamPolicy,
     store: ResultStore,
@@ -189,8 +189,8 @@ async def test_realtime_stays_ahead_of_bulk_across_partitions(
     await worker.subscribe()
     collect = worker._collector
     try:
-        # The real-time loop's pull reaches every partition's real-time item, with the
-        # bulk lanes full; the bulk loop's batches hold bulk items only.
+        # The real-time loop's own pull reaches every partition's real-time item,
+        # bulk queued ahead of them in every partition; the bulk loop then gets the rest.
         got_rt: list[str] = []
         for _ in range(20):
             got_rt += [
@@ -203,7 +203,6 @@ async def test_realtime_stays_ahead_of_bulk_across_partitions(
         got_bulk: list[str] = []
         while len(got_bulk) < len(bulk):
             batch = await ack_all(await collect.bulk_batch())
-            assert {InferenceTask.from_wire(m.data).lane for m in batch} <= {Lane.BULK}
             got_bulk += [InferenceTask.from_wire(m.data).item_id for m in batch]
         assert sorted(got_bulk) == sorted(bulk)
     finally:

@@ -34,7 +34,9 @@ from tagpipe_inference.worker import InferenceWorker
 log = logging.getLogger("tagpipe_inference")
 
 
-def load(settings: InferenceSettings) -> Model:
+def load(settings: InferenceSettings, realtime: bool = False) -> Model:
+    """The model as configured; the real-time lane's copy without a CPU arena (its
+    batches are small: an arena warmed at the largest batch keeps ~300 MiB)."""
     model = load_model(
         settings.model_dir,
         providers=settings.provider_list,
@@ -44,18 +46,10 @@ def load(settings: InferenceSettings) -> Model:
         gpu=settings.gpu_options,
         mem_pattern=settings.mem_pattern,
         runtime=settings.runtime,
+        mem_arena=not realtime,
     )
     # Warm up at the largest batch: the first real one must not pay for allocations.
     model.warm_up(settings.max_batch)
-    return model
-
-
-def load_realtime(settings: InferenceSettings, bulk: Model) -> Model:
-    """Real-time batches' own session on the CPU: one thread, no arena (lanes.py)."""
-    if not bulk.on_host_threads:
-        return bulk
-    model = load_model(settings.model_dir, intra_op_threads=1, mem_arena=False)
-    model.warm_up(1)
     return model
 
 
@@ -103,7 +97,8 @@ def main() -> None:
         start_http_server(settings.metrics_port)
     threads = ModelThreads(settings.bulk_decode_nice)
     try:
-        model = threads.load(lambda: load(settings), lambda bulk: load_realtime(settings, bulk))
+        # Lanes that share batches (mix_lanes) share one model too.
+        model = threads.load(lambda rt: load(settings, rt), apart=not settings.mix_lanes)
         decoder = make_decoder(
             settings.decode,
             model.manifest.preprocess.resize,

@@ -11,14 +11,14 @@ originals), then for the model thread behind them. So:
   onnxruntime sessions take concurrent runs; the torch runtime serialises its own.
 - on the CPU each thread has its own session, loaded on that thread: the threads an
   onnxruntime session starts for itself (its intra-op pool) are born at their
-  creator's nice value, so the bulk session's pool runs at the bulk priority too.
-  The real-time session runs on its caller's thread alone (intra-op 1) and without
-  a memory arena (its batches are small; an arena warmed at the largest batch would
-  keep about 300 MiB more). With one session shared, its pool ran bulk at normal
-  priority beside real-time runs: a real-time item's `inference_ms` had a p95 of
-  77-121 ms during `make bench`'s bulk run (batches of 32, 2 cores); apart, 22-35
-  ms. A GPU or torch model is
-  shared by both threads: its work is not on the host's threads.
+  creator's nice value, so the bulk session's pool runs at the bulk priority and the
+  real-time session's at normal priority. The real-time one has no memory arena (its
+  batches are small; an arena warmed at the largest batch keeps about 300 MiB).
+  With one session shared, its pool ran bulk at normal priority beside real-time
+  runs: a real-time item's `inference_ms` had a p95 of 77-121 ms during `make
+  bench`'s bulk run (batches of 32, 2 cores); apart, 22-45 ms. A GPU session, or
+  the torch runtime (whose threads are the process's, and which runs one batch at
+  a time), is loaded once, on the real-time thread, and shared.
 - each lane's loop has its own slots (collect.py), so a real-time item never waits
   for a slot that bulk batches hold.
 """
@@ -72,12 +72,14 @@ class ModelThreads:
         self.realtime = ModelThread(ThreadPoolExecutor(1, thread_name_prefix="ort-rt"))
         self.bulk = ModelThread(niced_pool(1, bulk_nice, name="ort"))
 
-    def load(self, bulk: Callable[[], Model], realtime: Callable[[Model], Model]) -> Model:
-        """Load the bulk model on the bulk thread, then the real-time one (given the
-        bulk model, which it may share) on the real-time thread; returns the bulk one."""
-        self.bulk._model = self.bulk.pool.submit(bulk).result()
-        self.realtime._model = self.realtime.pool.submit(realtime, self.bulk.model).result()
-        return self.bulk.model
+    def load(self, loader: Callable[[bool], Model], apart: bool = True) -> Model:
+        """Load the real-time model (`loader(True)`) on the real-time thread; where its
+        runs are on the host's threads and `apart`, the bulk one (`loader(False)`) on
+        the bulk thread, else the same model serves both. Returns the bulk one."""
+        rt = self.realtime.pool.submit(loader, True).result()
+        bulk = self.bulk.pool.submit(loader, False).result() if apart and rt.on_host_threads else rt
+        self.realtime._model, self.bulk._model = rt, bulk
+        return bulk
 
     def use(self, model: Model) -> None:
         """One model, loaded elsewhere, for both threads (tests, benches)."""

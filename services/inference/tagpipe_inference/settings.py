@@ -50,8 +50,9 @@ class InferenceSettings(CommonSettings):
     lane_peek_ms: Annotated[float, Field(ge=0.5, le=1000)] = 10.0
     # A real-time batch also takes the bulk items waiting: free on a GPU, where a batch
     # of 8 costs about what one does; on a CPU every bulk item adds its own model time
-    # to the real-time answers (~10 ms each here), so off by default. On, one loop
-    # serves both lanes in shared batches; off, real-time has its own (collect.py).
+    # to the real-time answers (~10 ms each here), so off by default. On, one loop and
+    # one model serve both lanes in shared batches, and a real-time item waits for a
+    # free batch slot like a bulk one; off, real-time has its own (collect.py).
     mix_lanes: bool = False
     # A batch that waited for a busy model takes what each lane holds when the model
     # frees, with one fetch of this wait per lane (also the least any "what is there by
