@@ -15,8 +15,9 @@ originals), then for the model thread behind them. So:
   real-time session's at normal priority. The real-time one has no memory arena (its
   batches are small; an arena warmed at the largest batch keeps about 300 MiB).
   With one session shared, its pool ran bulk at normal priority beside real-time
-  runs: a real-time item's `inference_ms` had a p95 of 77-121 ms during `make
-  bench`'s bulk run (batches of 32, 2 cores); apart, 22-45 ms. A GPU session, or
+  runs: a real-time item's `inference_ms` had a p95 of 116-230 ms during `make
+  bench`'s bulk run (batches of 32, 2 cores); apart, 16-27 ms (docs/benchmarks.md,
+  "Real-time apart from bulk in inference"). A GPU session, or
   the torch runtime (whose threads are the process's, and which runs one batch at
   a time), is loaded once, on the real-time thread, and shared.
 - each lane's loop has its own slots (collect.py), so a real-time item never waits
