@@ -68,8 +68,10 @@ class Peak:
             self.value = max(self.value, used_memory(self.stack, clients=False))
 
 
-def run_job(stack: Stack, s3_env: dict[str, str], images: ImageServer, n: int) -> dict[str, Any]:
-    run = f"mem-{n}"
+def run_job(
+    stack: Stack, s3_env: dict[str, str], images: ImageServer, n: int, tag: str = ""
+) -> dict[str, Any]:
+    run = f"mem-{n}{tag}"
     before = used_memory(stack, clients=False)
     started = time.monotonic()
     with Peak(stack) as peak:
@@ -90,9 +92,13 @@ def test_redis_holds_what_is_in_flight_not_the_job(
     make_stack: Callable[..., Stack], images: ImageServer, s3_env: dict[str, str]
 ) -> None:
     stack = make_stack(gateway_env=s3_env, max_deliver=MAX_DELIVER)
-    small = run_job(stack, s3_env, images, 5000)
+    # A peak is a maximum, and a maximum over a longer run is higher by chance alone:
+    # one 5,000-item job (~40 s) once peaked at 2.1 MB where another peaked at 2.6,
+    # as the 20,000-item job (~160 s) did. So the small job's peak is the higher of
+    # two runs (~80 s observed), which is what it reaches, not what one run caught.
+    smalls = [run_job(stack, s3_env, images, 5000, f"a{i}") for i in range(2)]
     large = run_job(stack, s3_env, images, 20000)
-    print(f"redis used_memory 5k: {small}, 20k: {large}")
+    print(f"redis used_memory 5k: {smalls}, 20k: {large}")
     per_item = (large["after"] - large["before"]) / 20000
     assert per_item <= 16, f"{per_item:.1f} B per item stayed in Redis: {large}"
-    assert large["peak"] <= 1.2 * small["peak"], (small, large)
+    assert large["peak"] <= 1.2 * max(s["peak"] for s in smalls), (smalls, large)
