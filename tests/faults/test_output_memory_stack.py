@@ -41,7 +41,7 @@ from tests.s3kit import s3_client
 
 __all__ = ["s3_env"]  # the fixture, imported for pytest
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
 
 MAX_DELIVER = 3
 WINDOW_S = MAX_DELIVER * 6.0  # x the longest ack wait of the fault stack (downloads)
