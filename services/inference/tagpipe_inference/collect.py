@@ -3,7 +3,7 @@
 Two loops fill batches, each with its own slots (batches in flight) and model
 thread (lanes.py):
 
-- the real-time loop has its own pull of the real-time lane and waits on it (a long
+- the real-time loop has the real-time lane's pull to itself and waits on it (a long
   poll that returns at the first item), so a real-time item is fetched the moment
   it comes, whatever the bulk side is doing. When the bulk side also polled the
   real-time lane, an item that came while it waited for the busy bulk model to top
@@ -48,11 +48,10 @@ class Collector:
         self.threads = threads
         self.outage = outage
         self.stopping = stopping
-        self.lanes: list[FairPull] = []  # LANES order: real-time, bulk
-        self.realtime: FairPull | None = None  # the real-time loop's own pull
-
-    def bind(self, lanes: list[FairPull], realtime: FairPull) -> None:
-        self.lanes, self.realtime = lanes, realtime
+        # One pull per lane, LANES order (real-time, bulk). Without mix_lanes the
+        # real-time one is the real-time loop's alone, the bulk one the bulk loop's;
+        # with it there is one loop. So no pull is ever fetched from twice at once.
+        self.lanes: list[FairPull] = []
 
     async def fetch(
         self, sub: FairPull, n: int, wait_s: float, ends_outage: bool = True
@@ -75,12 +74,11 @@ class Collector:
     async def realtime_batch(self) -> list[Msg]:
         """The real-time loop's batch: its first item as soon as it comes (within
         REALTIME_POLL_S), and what the lane holds when the model thread is free."""
-        if self.realtime is None:
-            return []
-        got = await self.fetch(self.realtime, 1, REALTIME_POLL_S, ends_outage=False)
+        pull = self.lanes[0]
+        got = await self.fetch(pull, 1, REALTIME_POLL_S, ends_outage=False)
         if got and self.s.max_batch > 1:
             room = self.s.max_batch - 1
-            got += await self._top_up(room, [self.realtime], realtime=True, ends_outage=False)
+            got += await self._top_up(room, [pull], realtime=True, ends_outage=False)
         return got
 
     async def bulk_batch(self) -> list[Msg]:
@@ -137,7 +135,7 @@ class Collector:
     async def close(self) -> int:
         """Give back what the pulls hold unread; returns how many."""
         given = 0
-        for pull in [*self.lanes, *([self.realtime] if self.realtime else [])]:
+        for pull in self.lanes:
             given += await pull.close()
-        self.lanes, self.realtime = [], None
+        self.lanes = []
         return given

@@ -107,8 +107,7 @@ class InferenceWorker:
 
     async def subscribe(self) -> None:
         names = partition_names(Stage.INFER, self.settings.prefix, self.settings.partitions)
-        lanes = [await bind_lane(self.js, names, lane) for lane in LANES]  # polling order
-        self._collector.bind(lanes, await bind_lane(self.js, names, Lane.REALTIME))
+        self._collector.lanes = [await bind_lane(self.js, names, lane) for lane in LANES]
 
     def stop(self) -> None:
         """Stop fetching; the batches in flight are finished and acked."""
@@ -255,7 +254,7 @@ class InferenceWorker:
             return self._inference_failed(batch, str(exc))
         ids = [d.task.item_id for _, d in batch.good]
         batch.trace.inference(ids, started, started + infer_ms / 1000.0)
-        return self._tagged(batch, batch.good, scores, infer_ms), []
+        return self._tagged(batch, scores, infer_ms), []
 
     async def _run(self, realtime: bool, items: list[Item]) -> tuple[F32, float, float]:
         """(scores, model ms, start time) of one run on the lane's model thread."""
@@ -267,9 +266,8 @@ class InferenceWorker:
                 thread.pool, self._timed_run, thread.model, x
             )
 
-    def _tagged(
-        self, batch: Batch, items: list[Item], scores: F32, infer_ms: float
-    ) -> list[tuple[Msg, TagResult]]:
+    def _tagged(self, batch: Batch, scores: F32, infer_ms: float) -> list[tuple[Msg, TagResult]]:
+        items = batch.good
         self.batches += 1
         self.items += len(items)
         metrics.BATCHES.inc()
